@@ -1,0 +1,67 @@
+// swift-tools-version: 6.0
+// snapshotd: in-memory fault tolerance for large distributed training jobs.
+// Module map and the reasons for each module's boundaries: README.md ("Layout").
+import PackageDescription
+
+/// Swift 6 language mode is the default for tools 6.0; strict concurrency comes with it.
+let strictSettings: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("InternalImportsByDefault"),
+]
+
+let package = Package(
+    name: "snapshotd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "ErasureCoding", targets: ["ErasureCoding"]),
+        .library(name: "SnapshotProtocol", targets: ["SnapshotProtocol"]),
+        .library(name: "SnapshotDaemon", targets: ["SnapshotDaemon"]),
+        .library(name: "SnapshotClient", targets: ["SnapshotClient"]),
+        .executable(name: "snapshotd", targets: ["snapshotd"]),
+        .executable(name: "snapshotctl", targets: ["snapshotctl"]),
+        .executable(name: "snapshot-bench", targets: ["snapshot-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // System libraries (Debian: libisal-dev, libibverbs-dev, librdmacm-dev).
+        .systemLibrary(name: "CISAL", pkgConfig: "libisal", providers: [.apt(["libisal-dev"])]),
+        .systemLibrary(name: "CRDMA", pkgConfig: "libibverbs", providers: [.apt(["libibverbs-dev", "librdmacm-dev"])]),
+
+        // Reed-Solomon, CRCs and the stripe layout. Pure computation, no I/O.
+        .target(name: "ErasureCoding", dependencies: ["CISAL"], swiftSettings: strictSettings),
+        // Wire format, identifiers, manifest, limits. Pure value types, no I/O.
+        .target(name: "SnapshotProtocol", dependencies: ["ErasureCoding"], swiftSettings: strictSettings),
+        // The daemon as a library.
+        .target(
+            name: "SnapshotDaemon",
+            dependencies: ["ErasureCoding", "SnapshotProtocol", "CRDMA"],
+            swiftSettings: strictSettings
+        ),
+        // The trainer-side library.
+        .target(name: "SnapshotClient", dependencies: ["SnapshotProtocol"], swiftSettings: strictSettings),
+
+        .executableTarget(
+            name: "snapshotd",
+            dependencies: ["SnapshotDaemon", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strictSettings
+        ),
+        .executableTarget(
+            name: "snapshotctl",
+            dependencies: ["SnapshotProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strictSettings
+        ),
+
+        // Benchmarks: the C reference calls ISA-L directly so Swift can be compared in the same run.
+        .target(name: "CISALReference", dependencies: ["CISAL"], cSettings: [.unsafeFlags(["-O3"])]),
+        .executableTarget(
+            name: "snapshot-bench",
+            dependencies: ["ErasureCoding", "CISALReference", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strictSettings
+        ),
+
+        .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding"], swiftSettings: strictSettings),
+        .testTarget(name: "SnapshotProtocolTests", dependencies: ["SnapshotProtocol"], swiftSettings: strictSettings),
+    ]
+)

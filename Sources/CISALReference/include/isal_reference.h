@@ -1,0 +1,3 @@
+#pragma once
+#include <stddef.h>
+void isal_reference_placeholder(void);
