@@ -1,0 +1,350 @@
+/// One decoded control message.
+public enum Message: Hashable, Sendable {
+    case challenge(Challenge)
+    case authenticate(Authenticate)
+    case hello(Hello)
+    case welcome(Welcome)
+    case beginSave(BeginSave)
+    case saveReady(SaveReady)
+    case putTensor(PutTensor)
+    case commitSave(CommitSave)
+    case saveAccepted(SaveAccepted)
+    case abortSave(StepRequest)
+    case latestCommitted
+    case latestCommittedReply(LatestCommittedReply)
+    case waitCommitted(WaitCommitted)
+    case restore(Restore)
+    case restoreReady(RestoreReady)
+    case releaseRestore(StepRequest)
+    case status(StatusRequest)
+    case statusReply(StatusReply)
+    case fragmentPut(FragmentPut)
+    case fragmentAck(FragmentAck)
+    case fragmentGet(FragmentGet)
+    case fragmentData(FragmentData)
+    case heartbeat(Heartbeat)
+    case error(ErrorReply)
+    case ok
+
+    public var type: MessageType {
+        switch self {
+        case .challenge: .challenge
+        case .authenticate: .authenticate
+        case .hello: .hello
+        case .welcome: .welcome
+        case .beginSave: .beginSave
+        case .saveReady: .saveReady
+        case .putTensor: .putTensor
+        case .commitSave: .commitSave
+        case .saveAccepted: .saveAccepted
+        case .abortSave: .abortSave
+        case .latestCommitted: .latestCommitted
+        case .latestCommittedReply: .latestCommittedReply
+        case .waitCommitted: .waitCommitted
+        case .restore: .restore
+        case .restoreReady: .restoreReady
+        case .releaseRestore: .releaseRestore
+        case .status: .status
+        case .statusReply: .statusReply
+        case .fragmentPut: .fragmentPut
+        case .fragmentAck: .fragmentAck
+        case .fragmentGet: .fragmentGet
+        case .fragmentData: .fragmentData
+        case .heartbeat: .heartbeat
+        case .error: .error
+        case .ok: .ok
+        }
+    }
+
+    // MARK: Encoding
+
+    public func encodedPayload() -> [UInt8] {
+        var w = ByteWriter()
+        switch self {
+        case .challenge(let m): w.write(raw: m.nonce)
+        case .authenticate(let m): w.write(raw: m.tag)
+        case .hello(let m):
+            w.write(m.role.rawValue)
+            w.write(m.job != nil)
+            if let job = m.job { w.write(job) }
+            w.write(m.rank)
+            w.write(m.world)
+            w.write(m.topology)
+            w.write(m.nodeID)
+        case .welcome(let m):
+            w.write(m.nodeID)
+            w.write(m.daemonVersion)
+        case .beginSave(let m):
+            w.write(m.step)
+            w.write(m.transport.rawValue)
+            w.write(m.tensors)
+        case .saveReady(let m):
+            w.write(m.step)
+            w.write(m.segmentSizeBytes)
+            w.writeOffsets(m.tensorOffsets)
+        case .putTensor(let m):
+            w.write(m.step)
+            w.write(m.tensorIndex)
+            w.write(m.offsetBytes)
+        case .commitSave(let m):
+            w.write(m.step)
+            w.write(m.checksums != nil)
+            if let checksums = m.checksums {
+                w.writeCount(checksums.count)
+                for c in checksums { w.write(c) }
+            }
+            w.writeOptional(m.gradientNorm?.bitPattern)
+            w.write(blob: m.metadata)
+        case .saveAccepted(let m):
+            w.write(m.step)
+            w.write(m.state.rawValue)
+        case .abortSave(let m), .releaseRestore(let m): w.write(m.step)
+        case .latestCommitted, .ok: break
+        case .latestCommittedReply(let m): w.writeOptional(m.step)
+        case .waitCommitted(let m):
+            w.write(m.step)
+            w.write(m.timeoutMilliseconds)
+        case .restore(let m):
+            w.writeOptional(m.step)
+            w.write(m.transport.rawValue)
+        case .restoreReady(let m):
+            w.write(m.step)
+            w.writeCount(m.entries.count)
+            for e in m.entries { w.write(e) }
+            w.writeOffsets(m.tensorOffsets)
+            w.write(m.segmentSizeBytes)
+            w.writeOptional(m.gradientNorm?.bitPattern)
+            w.write(blob: m.metadata)
+        case .status(let m):
+            w.write(m.job != nil)
+            if let job = m.job { w.write(job) }
+        case .statusReply(let m): w.write(m)
+        case .fragmentPut(let m):
+            w.write(m.fragment)
+            w.write(m.sourceNode)
+            w.write(m.fragmentSizeBytes)
+            w.write(m.crc32c)
+        case .fragmentAck(let m):
+            w.write(m.fragment)
+            w.write(m.holderNode)
+        case .fragmentGet(let m): w.write(m.fragment)
+        case .fragmentData(let m):
+            w.write(m.fragment)
+            w.write(m.fragmentSizeBytes)
+            w.write(m.crc32c)
+        case .heartbeat(let m):
+            w.write(m.nodeID)
+            w.write(m.incarnation)
+            w.writeCount(m.liveNodes.count)
+            for node in m.liveNodes { w.write(node) }
+        case .error(let m):
+            w.write(m.code.rawValue)
+            w.write(m.message)
+        }
+        return w.bytes
+    }
+
+    // MARK: Decoding
+
+    /// Decodes and validates a control payload; every byte must be consumed.
+    public init(type: MessageType, payload: [UInt8]) throws(ProtocolError) {
+        var r = ByteReader(payload)
+        self = try Self.decode(type, &r)
+        try r.finish()
+    }
+
+    private static func decode(_ type: MessageType, _ r: inout ByteReader) throws(ProtocolError) -> Message {
+        switch type {
+        case .challenge:
+            return .challenge(Challenge(nonce: try r.readRaw(count: ProtocolLimits.authenticationNonceBytes, "nonce")))
+        case .authenticate:
+            return .authenticate(Authenticate(tag: try r.readRaw(count: ProtocolLimits.authenticationTagBytes, "tag")))
+        case .hello: return .hello(try r.readHello())
+        case .welcome:
+            return .welcome(Welcome(nodeID: try r.read(NodeID.self, "nodeID"), daemonVersion: try r.readString("daemonVersion", limitBytes: ProtocolLimits.maximumNameBytes)))
+        case .beginSave:
+            let step = try r.read(Step.self, "step")
+            let transport = try r.readEnum(DataTransport.self, "transport")
+            return .beginSave(BeginSave(step: step, transport: transport, tensors: try r.readTensorSpecs()))
+        case .saveReady:
+            let step = try r.read(Step.self, "step")
+            let size = try r.read(UInt64.self, "segmentSizeBytes")
+            return .saveReady(SaveReady(step: step, segmentSizeBytes: size, tensorOffsets: try r.readOffsets()))
+        case .putTensor:
+            return .putTensor(PutTensor(step: try r.read(Step.self, "step"), tensorIndex: try r.read(UInt32.self, "tensorIndex"), offsetBytes: try r.read(UInt64.self, "offsetBytes")))
+        case .commitSave: return .commitSave(try r.readCommitSave())
+        case .saveAccepted:
+            return .saveAccepted(SaveAccepted(step: try r.read(Step.self, "step"), state: try r.readEnum(ShardState.self, "state")))
+        case .abortSave: return .abortSave(StepRequest(step: try r.read(Step.self, "step")))
+        case .releaseRestore: return .releaseRestore(StepRequest(step: try r.read(Step.self, "step")))
+        case .latestCommitted: return .latestCommitted
+        case .ok: return .ok
+        case .latestCommittedReply: return .latestCommittedReply(LatestCommittedReply(step: try r.readOptional(Step.self, "step")))
+        case .waitCommitted:
+            return .waitCommitted(WaitCommitted(step: try r.read(Step.self, "step"), timeoutMilliseconds: try r.read(UInt32.self, "timeoutMilliseconds")))
+        case .restore:
+            return .restore(Restore(step: try r.readOptional(Step.self, "step"), transport: try r.readEnum(DataTransport.self, "transport")))
+        case .restoreReady: return .restoreReady(try r.readRestoreReady())
+        case .status: return .status(StatusRequest(job: try r.readBool("hasJob") ? try r.readJobID() : nil))
+        case .statusReply: return .statusReply(try r.readStatusReply())
+        case .fragmentPut:
+            return .fragmentPut(FragmentPut(
+                fragment: try r.readFragmentID(), sourceNode: try r.read(NodeID.self, "sourceNode"),
+                fragmentSizeBytes: try r.read(UInt64.self, "fragmentSizeBytes"), crc32c: try r.read(UInt32.self, "crc32c")))
+        case .fragmentAck:
+            return .fragmentAck(FragmentAck(fragment: try r.readFragmentID(), holderNode: try r.read(NodeID.self, "holderNode")))
+        case .fragmentGet: return .fragmentGet(FragmentGet(fragment: try r.readFragmentID()))
+        case .fragmentData:
+            return .fragmentData(FragmentData(
+                fragment: try r.readFragmentID(), fragmentSizeBytes: try r.read(UInt64.self, "fragmentSizeBytes"),
+                crc32c: try r.read(UInt32.self, "crc32c")))
+        case .heartbeat:
+            let node = try r.read(NodeID.self, "nodeID")
+            let incarnation = try r.read(UInt64.self, "incarnation")
+            let count = try r.readCount("liveNodes", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 4)
+            var live: [NodeID] = []
+            live.reserveCapacity(count)
+            for _ in 0..<count { live.append(try r.read(NodeID.self, "liveNodes")) }
+            return .heartbeat(Heartbeat(nodeID: node, incarnation: incarnation, liveNodes: live))
+        case .error:
+            let code = try r.readEnum(ErrorCode.self, "code")
+            return .error(ErrorReply(code: code, message: try r.readString("message", limitBytes: ProtocolLimits.maximumMessageBytes, allowEmpty: true)))
+        }
+    }
+}
+
+// MARK: - Field helpers
+
+extension ByteWriter {
+    mutating func writeOffsets(_ offsets: [UInt64]) {
+        writeCount(offsets.count)
+        for o in offsets { write(o) }
+    }
+
+    mutating func write(_ id: FragmentID) {
+        write(id.job)
+        write(id.step)
+        write(id.stripe)
+        write(id.index)
+    }
+
+    mutating func write(_ m: StatusReply) {
+        write(m.nodeID)
+        write(m.daemonVersion)
+        write(m.budgetBytes)
+        write(m.usedBytes)
+        writeCount(m.jobs.count)
+        for job in m.jobs {
+            write(job.job)
+            write(job.world)
+            write(job.localRanks)
+            writeCount(job.steps.count)
+            for s in job.steps {
+                write(s.step)
+                write(s.committed)
+                write(s.completeRanks)
+                write(s.bytes)
+            }
+        }
+    }
+}
+
+extension ByteReader {
+    mutating func readEnum<E: RawRepresentable>(_: E.Type, _ field: String) throws(ProtocolError) -> E where E.RawValue: FixedWidthInteger {
+        let raw = try read(E.RawValue.self, field)
+        guard let value = E(rawValue: raw) else { throw .invalidValue(field: field, reason: "unknown value \(raw)") }
+        return value
+    }
+
+    mutating func readOffsets() throws(ProtocolError) -> [UInt64] {
+        let count = try readCount("tensorOffsets", limit: ProtocolLimits.maximumTensorsPerShard, minimumElementBytes: 8)
+        var offsets: [UInt64] = []
+        offsets.reserveCapacity(count)
+        for _ in 0..<count { offsets.append(try read(UInt64.self, "tensorOffsets")) }
+        return offsets
+    }
+
+    mutating func readFragmentID() throws(ProtocolError) -> FragmentID {
+        FragmentID(job: try readJobID(), step: try read(Step.self, "step"), stripe: try read(UInt16.self, "stripe"), index: try read(UInt16.self, "index"))
+    }
+
+    mutating func readHello() throws(ProtocolError) -> Hello {
+        let role = try readEnum(PeerRole.self, "role")
+        let job = try readBool("hasJob") ? try readJobID() : nil
+        let rank = try read(Rank.self, "rank")
+        let world = try read(UInt32.self, "world")
+        let topology = try readTopology()
+        let node = try read(NodeID.self, "nodeID")
+        if role == .trainer {
+            guard job != nil else { throw .emptyField("job") }
+            guard world >= 1, world <= ProtocolLimits.maximumWorldSize else {
+                throw .invalidValue(field: "world", reason: "must be 1...\(ProtocolLimits.maximumWorldSize), got \(world)")
+            }
+            guard rank < world else { throw .invalidValue(field: "rank", reason: "rank \(rank) is not below world \(world)") }
+        }
+        return Hello(role: role, job: job, rank: rank, world: world, topology: topology, nodeID: node)
+    }
+
+    mutating func readCommitSave() throws(ProtocolError) -> CommitSave {
+        let step = try read(Step.self, "step")
+        var checksums: [UInt32]?
+        if try readBool("hasChecksums") {
+            let count = try readCount("checksums", limit: ProtocolLimits.maximumTensorsPerShard, minimumElementBytes: 4)
+            var values: [UInt32] = []
+            values.reserveCapacity(count)
+            for _ in 0..<count { values.append(try read(UInt32.self, "checksums")) }
+            checksums = values
+        }
+        let norm = try readGradientNorm()
+        let metadata = try readBlob("metadata", limitBytes: ProtocolLimits.maximumMetadataBytes)
+        return CommitSave(step: step, checksums: checksums, gradientNorm: norm, metadata: metadata)
+    }
+
+    mutating func readGradientNorm() throws(ProtocolError) -> Double? {
+        guard let bits = try readOptional(UInt64.self, "gradientNorm") else { return nil }
+        let norm = Double(bitPattern: bits)
+        guard norm.isFinite, norm >= 0 else { throw .invalidValue(field: "gradientNorm", reason: "must be finite and ≥ 0, got \(norm)") }
+        return norm
+    }
+
+    mutating func readRestoreReady() throws(ProtocolError) -> RestoreReady {
+        let step = try read(Step.self, "step")
+        let count = try readCount("entries", limit: ProtocolLimits.maximumTensorsPerShard, minimumElementBytes: Self.minimumSpecBytes + 4)
+        var entries: [ManifestEntry] = []
+        entries.reserveCapacity(count)
+        for _ in 0..<count { entries.append(try readManifestEntry()) }
+        let offsets = try readOffsets()
+        guard offsets.count == entries.count else {
+            throw .invalidValue(field: "tensorOffsets", reason: "\(offsets.count) offsets for \(entries.count) tensors")
+        }
+        let size = try read(UInt64.self, "segmentSizeBytes")
+        let norm = try readGradientNorm()
+        let metadata = try readBlob("metadata", limitBytes: ProtocolLimits.maximumMetadataBytes)
+        return RestoreReady(step: step, entries: entries, tensorOffsets: offsets, segmentSizeBytes: size, gradientNorm: norm, metadata: metadata)
+    }
+
+    mutating func readStatusReply() throws(ProtocolError) -> StatusReply {
+        let node = try read(NodeID.self, "nodeID")
+        let version = try readString("daemonVersion", limitBytes: ProtocolLimits.maximumNameBytes)
+        let budget = try read(UInt64.self, "budgetBytes")
+        let used = try read(UInt64.self, "usedBytes")
+        let jobCount = try readCount("jobs", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 15)
+        var jobs: [JobStatus] = []
+        jobs.reserveCapacity(jobCount)
+        for _ in 0..<jobCount {
+            let job = try readJobID()
+            let world = try read(UInt32.self, "world")
+            let local = try read(UInt32.self, "localRanks")
+            let stepCount = try readCount("steps", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 21)
+            var steps: [StepStatus] = []
+            steps.reserveCapacity(stepCount)
+            for _ in 0..<stepCount {
+                steps.append(StepStatus(
+                    step: try read(Step.self, "step"), committed: try readBool("committed"),
+                    completeRanks: try read(UInt32.self, "completeRanks"), bytes: try read(UInt64.self, "bytes")))
+            }
+            jobs.append(JobStatus(job: job, world: world, localRanks: local, steps: steps))
+        }
+        return StatusReply(nodeID: node, daemonVersion: version, budgetBytes: budget, usedBytes: used, jobs: jobs)
+    }
+}

@@ -1,0 +1,128 @@
+/// Every message on the wire. Values are part of the protocol: never reuse one.
+public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+    // Session set-up.
+    case challenge = 1
+    case authenticate = 2
+    case hello = 3
+    case welcome = 4
+    // Saving a shard.
+    case beginSave = 10
+    case saveReady = 11
+    case putTensor = 12
+    case commitSave = 13
+    case saveAccepted = 14
+    case abortSave = 15
+    // Commit state.
+    case latestCommitted = 20
+    case latestCommittedReply = 21
+    case waitCommitted = 22
+    // Restoring a shard.
+    case restore = 30
+    case restoreReady = 31
+    case releaseRestore = 32
+    // Operators.
+    case status = 40
+    case statusReply = 41
+    // Between daemons: fragments and liveness.
+    case fragmentPut = 50
+    case fragmentAck = 51
+    case fragmentGet = 52
+    case fragmentData = 53
+    case heartbeat = 54
+    // Generic replies.
+    case error = 60
+    case ok = 61
+
+    /// Types that may be followed by bulk bytes (tensor or fragment data).
+    public var carriesBulk: Bool {
+        switch self {
+        case .putTensor, .restoreReady, .fragmentPut, .fragmentData: true
+        default: false
+        }
+    }
+
+    public var description: String { "\(name)(\(rawValue))" }
+
+    private var name: String {
+        switch self {
+        case .challenge: "challenge"
+        case .authenticate: "authenticate"
+        case .hello: "hello"
+        case .welcome: "welcome"
+        case .beginSave: "beginSave"
+        case .saveReady: "saveReady"
+        case .putTensor: "putTensor"
+        case .commitSave: "commitSave"
+        case .saveAccepted: "saveAccepted"
+        case .abortSave: "abortSave"
+        case .latestCommitted: "latestCommitted"
+        case .latestCommittedReply: "latestCommittedReply"
+        case .waitCommitted: "waitCommitted"
+        case .restore: "restore"
+        case .restoreReady: "restoreReady"
+        case .releaseRestore: "releaseRestore"
+        case .status: "status"
+        case .statusReply: "statusReply"
+        case .fragmentPut: "fragmentPut"
+        case .fragmentAck: "fragmentAck"
+        case .fragmentGet: "fragmentGet"
+        case .fragmentData: "fragmentData"
+        case .heartbeat: "heartbeat"
+        case .error: "error"
+        case .ok: "ok"
+        }
+    }
+}
+
+/// Error codes carried by `error` replies, so clients can react without parsing text.
+public enum ErrorCode: UInt16, Sendable, CaseIterable {
+    case malformedFrame = 1
+    case unauthenticated = 2
+    case helloRequired = 3
+    case invalidRequest = 4
+    case wrongJob = 5
+    case duplicateRank = 6
+    case unknownStep = 7
+    case overBudget = 8
+    case checksumMismatch = 9
+    case notCommitted = 10
+    case saveInProgress = 11
+    case tooManyConnections = 12
+    case timeout = 13
+    case unrecoverable = 14
+    case shuttingDown = 15
+    case internalError = 16
+}
+
+/// How tensor bytes travel: through arena file descriptors passed over the
+/// Unix socket (zero copy), or as bulk bytes on the stream (TCP).
+public enum DataTransport: UInt8, Sendable, CaseIterable {
+    case sharedMemory = 0
+    case stream = 1
+}
+
+/// Who is on the other end of a session.
+public enum PeerRole: UInt8, Sendable, CaseIterable {
+    case trainer = 0
+    case peer = 1
+    case operatorTool = 2
+}
+
+/// Life of a rank's shard on a node (DESIGN.md): receiving → local-complete → protected.
+public enum ShardState: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+    case receiving = 0
+    case sealing = 1
+    case localComplete = 2
+    case protected = 3
+    case corrupted = 4
+
+    public var description: String {
+        switch self {
+        case .receiving: "receiving"
+        case .sealing: "sealing"
+        case .localComplete: "local-complete"
+        case .protected: "protected"
+        case .corrupted: "corrupted"
+        }
+    }
+}

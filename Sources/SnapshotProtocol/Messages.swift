@@ -1,0 +1,281 @@
+/// Payloads of every message type. Each decodes with full validation; the
+/// enum ``Message`` ties them to their ``MessageType``.
+
+public struct Challenge: Hashable, Sendable {
+    public var nonce: [UInt8]
+    public init(nonce: [UInt8]) { self.nonce = nonce }
+}
+
+public struct Authenticate: Hashable, Sendable {
+    /// HMAC-SHA256(secret, nonce).
+    public var tag: [UInt8]
+    public init(tag: [UInt8]) { self.tag = tag }
+}
+
+public struct Hello: Hashable, Sendable {
+    public var role: PeerRole
+    /// Required for trainers: the only job this session may touch.
+    public var job: JobID?
+    public var rank: Rank
+    public var world: UInt32
+    public var topology: Topology
+    /// For peers: the sending daemon's node id.
+    public var nodeID: NodeID
+
+    public init(role: PeerRole, job: JobID?, rank: Rank = 0, world: UInt32 = 0, topology: Topology = Topology(), nodeID: NodeID = 0) {
+        self.role = role
+        self.job = job
+        self.rank = rank
+        self.world = world
+        self.topology = topology
+        self.nodeID = nodeID
+    }
+}
+
+public struct Welcome: Hashable, Sendable {
+    public var nodeID: NodeID
+    public var daemonVersion: String
+    public init(nodeID: NodeID, daemonVersion: String) {
+        self.nodeID = nodeID
+        self.daemonVersion = daemonVersion
+    }
+}
+
+public struct BeginSave: Hashable, Sendable {
+    public var step: Step
+    public var transport: DataTransport
+    public var tensors: [TensorSpec]
+    public init(step: Step, transport: DataTransport, tensors: [TensorSpec]) {
+        self.step = step
+        self.transport = transport
+        self.tensors = tensors
+    }
+}
+
+/// Where each tensor goes inside the shard's arena segment. With shared
+/// memory, the segment's file descriptor travels with this frame (SCM_RIGHTS).
+public struct SaveReady: Hashable, Sendable {
+    public var step: Step
+    public var segmentSizeBytes: UInt64
+    public var tensorOffsets: [UInt64]
+    public init(step: Step, segmentSizeBytes: UInt64, tensorOffsets: [UInt64]) {
+        self.step = step
+        self.segmentSizeBytes = segmentSizeBytes
+        self.tensorOffsets = tensorOffsets
+    }
+}
+
+/// Bytes `offsetBytes ..< offsetBytes + bulkLength` of tensor `tensorIndex`, as bulk.
+public struct PutTensor: Hashable, Sendable {
+    public var step: Step
+    public var tensorIndex: UInt32
+    public var offsetBytes: UInt64
+    public init(step: Step, tensorIndex: UInt32, offsetBytes: UInt64) {
+        self.step = step
+        self.tensorIndex = tensorIndex
+        self.offsetBytes = offsetBytes
+    }
+}
+
+public struct CommitSave: Hashable, Sendable {
+    public var step: Step
+    /// Optional client-computed CRC-32C per tensor; the daemon verifies them.
+    public var checksums: [UInt32]?
+    /// L2 norm of the rank's last gradient, for CheckFree stage reconstruction.
+    public var gradientNorm: Double?
+    public var metadata: [UInt8]
+    public init(step: Step, checksums: [UInt32]? = nil, gradientNorm: Double? = nil, metadata: [UInt8] = []) {
+        self.step = step
+        self.checksums = checksums
+        self.gradientNorm = gradientNorm
+        self.metadata = metadata
+    }
+}
+
+public struct SaveAccepted: Hashable, Sendable {
+    public var step: Step
+    public var state: ShardState
+    public init(step: Step, state: ShardState) {
+        self.step = step
+        self.state = state
+    }
+}
+
+public struct StepRequest: Hashable, Sendable {
+    public var step: Step
+    public init(step: Step) { self.step = step }
+}
+
+public struct WaitCommitted: Hashable, Sendable {
+    public var step: Step
+    public var timeoutMilliseconds: UInt32
+    public init(step: Step, timeoutMilliseconds: UInt32) {
+        self.step = step
+        self.timeoutMilliseconds = timeoutMilliseconds
+    }
+}
+
+public struct LatestCommittedReply: Hashable, Sendable {
+    public var step: Step?
+    public init(step: Step?) { self.step = step }
+}
+
+public struct Restore: Hashable, Sendable {
+    /// nil: the newest committed step.
+    public var step: Step?
+    public var transport: DataTransport
+    public init(step: Step?, transport: DataTransport) {
+        self.step = step
+        self.transport = transport
+    }
+}
+
+/// A shard ready to read. Stream transport: the tensors follow as bulk bytes in
+/// manifest order. Shared memory: a read-only segment descriptor comes along.
+public struct RestoreReady: Hashable, Sendable {
+    public var step: Step
+    public var entries: [ManifestEntry]
+    public var tensorOffsets: [UInt64]
+    public var segmentSizeBytes: UInt64
+    public var gradientNorm: Double?
+    public var metadata: [UInt8]
+    public init(step: Step, entries: [ManifestEntry], tensorOffsets: [UInt64], segmentSizeBytes: UInt64, gradientNorm: Double?, metadata: [UInt8]) {
+        self.step = step
+        self.entries = entries
+        self.tensorOffsets = tensorOffsets
+        self.segmentSizeBytes = segmentSizeBytes
+        self.gradientNorm = gradientNorm
+        self.metadata = metadata
+    }
+}
+
+public struct StatusRequest: Hashable, Sendable {
+    public var job: JobID?
+    public init(job: JobID?) { self.job = job }
+}
+
+public struct StepStatus: Hashable, Sendable {
+    public var step: Step
+    public var committed: Bool
+    public var completeRanks: UInt32
+    public var bytes: UInt64
+    public init(step: Step, committed: Bool, completeRanks: UInt32, bytes: UInt64) {
+        self.step = step
+        self.committed = committed
+        self.completeRanks = completeRanks
+        self.bytes = bytes
+    }
+}
+
+public struct JobStatus: Hashable, Sendable {
+    public var job: JobID
+    public var world: UInt32
+    public var localRanks: UInt32
+    public var steps: [StepStatus]
+    public init(job: JobID, world: UInt32, localRanks: UInt32, steps: [StepStatus]) {
+        self.job = job
+        self.world = world
+        self.localRanks = localRanks
+        self.steps = steps
+    }
+}
+
+public struct StatusReply: Hashable, Sendable {
+    public var nodeID: NodeID
+    public var daemonVersion: String
+    public var budgetBytes: UInt64
+    public var usedBytes: UInt64
+    public var jobs: [JobStatus]
+    public init(nodeID: NodeID, daemonVersion: String, budgetBytes: UInt64, usedBytes: UInt64, jobs: [JobStatus]) {
+        self.nodeID = nodeID
+        self.daemonVersion = daemonVersion
+        self.budgetBytes = budgetBytes
+        self.usedBytes = usedBytes
+        self.jobs = jobs
+    }
+}
+
+/// Identifies one fragment of one stripe of a node's step data.
+/// `index` is the RS fragment index: `0..<k` data slots, `k..<k+m` parity rows.
+public struct FragmentID: Hashable, Sendable {
+    public var job: JobID
+    public var step: Step
+    public var stripe: UInt16
+    public var index: UInt16
+    public init(job: JobID, step: Step, stripe: UInt16, index: UInt16) {
+        self.job = job
+        self.step = step
+        self.stripe = stripe
+        self.index = index
+    }
+}
+
+/// A data fragment on its way to a parity holder (bulk = the fragment).
+public struct FragmentPut: Hashable, Sendable {
+    public var fragment: FragmentID
+    public var sourceNode: NodeID
+    public var fragmentSizeBytes: UInt64
+    public var crc32c: UInt32
+    public init(fragment: FragmentID, sourceNode: NodeID, fragmentSizeBytes: UInt64, crc32c: UInt32) {
+        self.fragment = fragment
+        self.sourceNode = sourceNode
+        self.fragmentSizeBytes = fragmentSizeBytes
+        self.crc32c = crc32c
+    }
+}
+
+public struct FragmentAck: Hashable, Sendable {
+    public var fragment: FragmentID
+    public var holderNode: NodeID
+    public init(fragment: FragmentID, holderNode: NodeID) {
+        self.fragment = fragment
+        self.holderNode = holderNode
+    }
+}
+
+public struct FragmentGet: Hashable, Sendable {
+    public var fragment: FragmentID
+    public init(fragment: FragmentID) { self.fragment = fragment }
+}
+
+/// A fragment served for a rebuild (bulk = the fragment).
+public struct FragmentData: Hashable, Sendable {
+    public var fragment: FragmentID
+    public var fragmentSizeBytes: UInt64
+    public var crc32c: UInt32
+    public init(fragment: FragmentID, fragmentSizeBytes: UInt64, crc32c: UInt32) {
+        self.fragment = fragment
+        self.fragmentSizeBytes = fragmentSizeBytes
+        self.crc32c = crc32c
+    }
+}
+
+public struct Heartbeat: Hashable, Sendable {
+    public var nodeID: NodeID
+    /// Incarnation of the sender: changes on every daemon start, so a node that
+    /// came back is told apart from one that never left.
+    public var incarnation: UInt64
+    public var liveNodes: [NodeID]
+    public init(nodeID: NodeID, incarnation: UInt64, liveNodes: [NodeID]) {
+        self.nodeID = nodeID
+        self.incarnation = incarnation
+        self.liveNodes = liveNodes
+    }
+}
+
+public struct ErrorReply: Hashable, Sendable, Error, CustomStringConvertible {
+    public var code: ErrorCode
+    public var message: String
+    public init(code: ErrorCode, message: String) {
+        self.code = code
+        // Truncate on a character boundary so the message always fits the protocol limit.
+        var bounded = ""
+        for character in message {
+            if bounded.utf8.count + character.utf8.count > ProtocolLimits.maximumMessageBytes { break }
+            bounded.append(character)
+        }
+        self.message = bounded
+    }
+
+    public var description: String { "\(code): \(message)" }
+}

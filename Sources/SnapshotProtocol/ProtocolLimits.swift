@@ -1,0 +1,24 @@
+/// Hard limits of the wire protocol. Every length the decoder reads is checked
+/// against one of these before anything is allocated, so no input, however
+/// hostile, makes a peer allocate more than these bounds.
+public enum ProtocolLimits {
+    public static let version: UInt8 = 1
+    /// Control payload of one frame (manifests, status). Bulk bytes are separate.
+    public static let maximumControlPayloadBytes = 8 << 20
+    /// Bulk bytes following one frame's payload (a tensor or a fragment).
+    public static let maximumBulkBytes: UInt64 = 1 << 40
+    /// Tensor names, job ids and other identifiers, in UTF-8 bytes.
+    public static let maximumNameBytes = 256
+    public static let maximumJobIDBytes = 128
+    /// Human-readable messages (errors, warnings).
+    public static let maximumMessageBytes = 4096
+    public static let maximumTensorsPerShard = 16_384
+    public static let maximumShapeRank = 16
+    /// Opaque trainer metadata attached to a save (e.g. data-loader position).
+    public static let maximumMetadataBytes = 64 << 10
+    public static let maximumWorldSize: UInt32 = 1 << 20
+    /// Entries in list replies (jobs, steps, nodes, ranks).
+    public static let maximumListEntries = 65_536
+    public static let authenticationNonceBytes = 32
+    public static let authenticationTagBytes = 32
+}
