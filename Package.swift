@@ -6,7 +6,6 @@ import PackageDescription
 /// Swift 6 language mode is the default for tools 6.0; strict concurrency comes with it.
 let strictSettings: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
-    .enableUpcomingFeature("InternalImportsByDefault"),
 ]
 
 let package = Package(
@@ -20,9 +19,14 @@ let package = Package(
         .executable(name: "snapshotd", targets: ["snapshotd"]),
         .executable(name: "snapshotctl", targets: ["snapshotctl"]),
         .executable(name: "snapshot-bench", targets: ["snapshot-bench"]),
+        .executable(name: "snapshot-trainer", targets: ["snapshot-trainer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.6.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
     ],
     targets: [
         // System libraries (Debian: libisal-dev, libibverbs-dev, librdmacm-dev).
@@ -33,23 +37,48 @@ let package = Package(
         .target(name: "ErasureCoding", dependencies: ["CISAL"], swiftSettings: strictSettings),
         // Wire format, identifiers, manifest, limits. Pure value types, no I/O.
         .target(name: "SnapshotProtocol", dependencies: ["ErasureCoding"], swiftSettings: strictSettings),
+        // Sockets, framed connections, fd passing, mapped segments, HMAC auth:
+        // the I/O shared by daemon, client and CLI.
+        .target(name: "CSocketShim"),
+        .target(
+            name: "SnapshotIO",
+            dependencies: ["CSocketShim", "SnapshotProtocol", .product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: strictSettings
+        ),
         // The daemon as a library.
         .target(
             name: "SnapshotDaemon",
-            dependencies: ["ErasureCoding", "SnapshotProtocol", "CRDMA"],
+            dependencies: [
+                "ErasureCoding", "SnapshotProtocol", "SnapshotIO", "CRDMA",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+            ],
             swiftSettings: strictSettings
         ),
         // The trainer-side library.
-        .target(name: "SnapshotClient", dependencies: ["SnapshotProtocol"], swiftSettings: strictSettings),
+        .target(name: "SnapshotClient", dependencies: ["SnapshotProtocol", "SnapshotIO"], swiftSettings: strictSettings),
 
         .executableTarget(
             name: "snapshotd",
-            dependencies: ["SnapshotDaemon", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: [
+                "SnapshotDaemon",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
             swiftSettings: strictSettings
         ),
         .executableTarget(
             name: "snapshotctl",
-            dependencies: ["SnapshotProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["SnapshotClient", "SnapshotProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strictSettings
+        ),
+
+        // A synthetic trainer rank for tests and the demo.
+        .executableTarget(
+            name: "snapshot-trainer",
+            dependencies: ["SnapshotClient", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strictSettings
         ),
 

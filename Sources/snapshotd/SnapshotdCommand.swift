@@ -1,14 +1,72 @@
 import ArgumentParser
+import Foundation
+import Logging
+import ServiceLifecycle
 import SnapshotDaemon
 
+/// Thin executable: configuration in, the daemon run under a service group
+/// (SIGTERM/SIGINT → graceful stop), logs to stderr (journald picks them up).
 @main
-struct SnapshotdCommand: ParsableCommand {
+struct SnapshotdCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "snapshotd",
         abstract: "In-memory snapshot daemon for distributed training jobs.",
-        version: SnapshotDaemonVersion.string)
+        version: SnapshotServer.version)
 
-    func run() throws {
-        print("snapshotd \(SnapshotDaemonVersion.string)")
+    @Option(help: "TOML configuration file; flags override its values.") var config: String?
+    @Option(help: "This node's id.") var nodeId: UInt32?
+    @Option(help: "Unix socket for local trainers.") var unixSocket: String?
+    @Option(help: "TCP listen address host:port for remote clients (needs --shared-secret-file).") var tcpListen: String?
+    @Option(help: "Arena directory on a tmpfs.") var arenaDirectory: String?
+    @Option(help: "Memory budget, e.g. 64GiB.") var memoryBudget: String?
+    @Option(help: "Committed snapshots kept per job.") var keep: Int?
+    @Option(help: "File holding the shared secret for TCP authentication.") var sharedSecretFile: String?
+    @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
+
+    func run() async throws {
+        let settings: DaemonConfiguration
+        do {
+            settings = try resolve()
+            try settings.validate()
+        } catch let error as ConfigurationError {
+            throw ValidationError(error.description)
+        }
+        let level = settings.logLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        var logger = Logger(label: "snapshotd")
+        logger[metadataKey: "node"] = "\(settings.nodeID)"
+        let server: SnapshotServer
+        do {
+            server = try SnapshotServer(configuration: settings, logger: logger)
+        } catch {
+            logger.critical("snapshotd cannot start", metadata: ["error": "\(error)"])
+            throw ExitCode.failure
+        }
+        let group = ServiceGroup(
+            configuration: .init(services: [server], gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
+    }
+
+    private func resolve() throws -> DaemonConfiguration {
+        var settings = DaemonConfiguration()
+        if let config {
+            guard let text = try? String(contentsOfFile: config, encoding: .utf8) else {
+                throw ConfigurationError("cannot read config file \(config)")
+            }
+            settings = try DaemonConfiguration.load(tomlText: text)
+        }
+        if let nodeId { settings.nodeID = nodeId }
+        if let unixSocket { settings.unixSocketPath = unixSocket }
+        if let tcpListen { settings.tcpListen = tcpListen }
+        if let arenaDirectory { settings.arenaDirectory = arenaDirectory }
+        if let memoryBudget { settings.memoryBudgetBytes = try DaemonConfiguration.parseByteSize(memoryBudget) }
+        if let keep { settings.snapshotsKeptPerJob = keep }
+        if let sharedSecretFile { settings.sharedSecretFile = sharedSecretFile }
+        if let logLevel { settings.logLevel = try DaemonConfiguration.parseLogLevel(logLevel) }
+        return settings
     }
 }

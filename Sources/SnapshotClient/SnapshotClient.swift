@@ -1,0 +1,282 @@
+import ErasureCoding
+import Foundation
+import Glibc
+public import SnapshotIO
+public import SnapshotProtocol
+
+/// Where the daemon is.
+public enum Endpoint: Sendable {
+    /// Local daemon: tensors go through shared memory, zero copy.
+    case unix(path: String)
+    /// Remote daemon: tensors stream over TCP; the shared secret authenticates.
+    case tcp(host: String, port: UInt16, secret: [UInt8])
+}
+
+/// An error from the daemon (with its code) or from the connection.
+public struct SnapshotClientError: Error, Equatable, CustomStringConvertible {
+    public let code: ErrorCode?
+    public let message: String
+
+    public init(code: ErrorCode?, message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { code.map { "\($0): \(message)" } ?? message }
+}
+
+/// One tensor to save: its description and where its bytes are (host memory
+/// the caller keeps valid for the duration of the call).
+public struct TensorData: @unchecked Sendable {
+    public var spec: TensorSpec
+    public var bytes: UnsafeRawBufferPointer
+
+    public init(spec: TensorSpec, bytes: UnsafeRawBufferPointer) {
+        precondition(UInt64(bytes.count) == spec.byteLength, "tensor '\(spec.name)': \(bytes.count) bytes for a \(spec.byteLength)-byte spec")
+        self.spec = spec
+        self.bytes = bytes
+    }
+}
+
+/// A trainer rank's connection to its snapshot daemon. Calls are serialized;
+/// one client per rank.
+public final class SnapshotClient: @unchecked Sendable {
+    public let job: JobID
+    public let rank: Rank
+    public let world: UInt32
+    public let endpoint: Endpoint
+    public private(set) var daemonNodeID: NodeID = 0
+
+    let connection: FramedConnection
+    let lock = NSLock()
+    var nextRequestID: UInt64 = 1
+    /// Segments this client has mapped, by file identity: when the daemon hands
+    /// back a pooled segment this client used before, the mapping (and its page
+    /// tables) is reused, so steady-state saves are a plain memcpy.
+    var mappings: [(identity: FileIdentity, segment: MappedSegment)] = []
+    static let mappingCacheLimit = 4
+
+    public var usesSharedMemory: Bool {
+        if case .unix = endpoint { return true }
+        return false
+    }
+
+    public init(endpoint: Endpoint, job: JobID, rank: Rank, world: UInt32, topology: Topology = Topology()) throws {
+        self.job = job
+        self.rank = rank
+        self.world = world
+        self.endpoint = endpoint
+        switch endpoint {
+        case .unix(let path):
+            connection = FramedConnection(socket: try Socket.connectUnix(path: path))
+        case .tcp(let host, let port, let secret):
+            connection = FramedConnection(socket: try Socket.connectTCP(host: host, port: port))
+            try authenticate(secret: secret)
+        }
+        let welcome = try call(.hello(Hello(role: .trainer, job: job, rank: rank, world: world, topology: topology)))
+        guard case .welcome(let w) = welcome else { throw unexpected(welcome) }
+        daemonNodeID = w.nodeID
+    }
+
+    deinit { connection.close() }
+
+    // MARK: Saving
+
+    /// Saves this rank's shard of `step`. Returns once the bytes are in the
+    /// daemon's memory; checksums and protection continue in the background.
+    /// Use ``waitCommitted(step:timeoutMilliseconds:)`` for the job-wide commit.
+    public func save(
+        step: Step, tensors: [TensorData], gradientNorm: Double? = nil, metadata: [UInt8] = [], sendChecksums: Bool = false
+    ) throws {
+        let pending = try beginSave(step: step, specs: tensors.map(\.spec))
+        for (index, tensor) in tensors.enumerated() { try pending.write(tensorIndex: index, from: tensor.bytes) }
+        let checksums = sendChecksums ? tensors.map { CRC32C.checksum($0.bytes) } : nil
+        try pending.commit(gradientNorm: gradientNorm, metadata: metadata, checksums: checksums)
+    }
+
+    /// Starts a save; write each tensor (or fill ``PendingSave/destination(tensorIndex:)``
+    /// directly, e.g. with a device-to-host copy), then commit.
+    public func beginSave(step: Step, specs: [TensorSpec]) throws -> PendingSave {
+        try lock.withLock {
+            var descriptors: [Int32] = []
+            let transport: DataTransport = usesSharedMemory ? .sharedMemory : .stream
+            let reply = try callLocked(.beginSave(BeginSave(step: step, transport: transport, tensors: specs)), collecting: &descriptors)
+            guard case .saveReady(let ready) = reply, ready.tensorOffsets.count == specs.count else {
+                descriptors.forEach { _ = close($0) }
+                throw unexpected(reply)
+            }
+            var segment: MappedSegment?
+            if usesSharedMemory {
+                guard descriptors.count == 1 else {
+                    descriptors.forEach { _ = close($0) }
+                    throw SnapshotClientError(code: nil, message: "daemon sent \(descriptors.count) descriptors for the save segment, expected 1")
+                }
+                segment = try mapping(for: descriptors[0], sizeBytes: Int(ready.segmentSizeBytes))
+            }
+            return PendingSave(client: self, step: step, specs: specs, offsets: ready.tensorOffsets, segment: segment)
+        }
+    }
+
+    private func mapping(for fd: Int32, sizeBytes: Int) throws -> MappedSegment {
+        if let identity = FileIdentity(fd: fd), let index = mappings.firstIndex(where: { $0.identity == identity && $0.segment.sizeBytes == sizeBytes }) {
+            close(fd)
+            let entry = mappings.remove(at: index)
+            mappings.append(entry)
+            return entry.segment
+        }
+        let segment = try MappedSegment(fd: fd, sizeBytes: sizeBytes, writable: true, populate: true)
+        if let identity = FileIdentity(fd: fd) {
+            mappings.append((identity, segment))
+            if mappings.count > Self.mappingCacheLimit { mappings.removeFirst() }
+        }
+        return segment
+    }
+
+    func put(step: Step, tensorIndex: Int, offsetBytes: UInt64, bytes: UnsafeRawBufferPointer) throws {
+        try lock.withLock {
+            let message = PutTensor(step: step, tensorIndex: UInt32(tensorIndex), offsetBytes: offsetBytes)
+            try connection.send(.putTensor(message), requestID: takeRequestID(), bulkLength: UInt64(bytes.count))
+            if let base = bytes.baseAddress { try connection.socket.writeAll(base, count: bytes.count) }
+        }
+    }
+
+    func commit(step: Step, checksums: [UInt32]?, gradientNorm: Double?, metadata: [UInt8]) throws {
+        let reply = try call(.commitSave(CommitSave(step: step, checksums: checksums, gradientNorm: gradientNorm, metadata: metadata)))
+        guard case .saveAccepted = reply else { throw unexpected(reply) }
+    }
+
+    public func abortSave(step: Step) throws {
+        let reply = try call(.abortSave(StepRequest(step: step)))
+        guard case .ok = reply else { throw unexpected(reply) }
+    }
+
+    // MARK: Commit state
+
+    public func latestCommittedStep() throws -> Step? {
+        let reply = try call(.latestCommitted)
+        guard case .latestCommittedReply(let r) = reply else { throw unexpected(reply) }
+        return r.step
+    }
+
+    /// Blocks until `step` (or a newer one) is committed for the whole job.
+    @discardableResult
+    public func waitCommitted(step: Step, timeoutMilliseconds: UInt32 = 60_000) throws -> Step {
+        let reply = try call(.waitCommitted(WaitCommitted(step: step, timeoutMilliseconds: timeoutMilliseconds)))
+        guard case .latestCommittedReply(let r) = reply, let committed = r.step else { throw unexpected(reply) }
+        return committed
+    }
+
+    public func status() throws -> StatusReply {
+        let reply = try call(.status(StatusRequest(job: job)))
+        guard case .statusReply(let r) = reply else { throw unexpected(reply) }
+        return r
+    }
+
+    // MARK: Restoring
+
+    /// Restores this rank's shard of the newest committed step (or `step`).
+    /// Locally the tensors are read-only views of the daemon's memory (zero
+    /// copy); remotely they arrive over TCP and are checked against their CRCs.
+    public func restore(step: Step? = nil) throws -> RestoredShard {
+        try lock.withLock {
+            var descriptors: [Int32] = []
+            let transport: DataTransport = usesSharedMemory ? .sharedMemory : .stream
+            let requestID = takeRequestID()
+            try connection.send(.restore(Restore(step: step, transport: transport)), requestID: requestID)
+            let (header, reply) = try receiveReply(collecting: &descriptors)
+            guard case .restoreReady(let ready) = reply else {
+                descriptors.forEach { _ = close($0) }
+                throw unexpected(reply)
+            }
+            if usesSharedMemory {
+                guard descriptors.count == 1 else {
+                    descriptors.forEach { _ = close($0) }
+                    throw SnapshotClientError(code: nil, message: "daemon sent \(descriptors.count) descriptors for the restore, expected 1")
+                }
+                let segment = try MappedSegment(fd: descriptors[0], sizeBytes: Int(ready.segmentSizeBytes), writable: false)
+                try RestoredShard.validate(ready, owned: nil)
+                return RestoredShard(client: self, ready: ready, segment: segment, owned: nil)
+            }
+            let expected = ready.entries.reduce(UInt64(0)) { $0 + $1.spec.byteLength }
+            guard header.bulkLength == expected else {
+                throw SnapshotClientError(code: nil, message: "restore carries \(header.bulkLength) bytes, manifest says \(expected)")
+            }
+            let owned = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, Int(expected)), alignment: 64)
+            do {
+                if expected > 0 {
+                    try connection.socket.readExact(into: owned.baseAddress!, count: Int(expected), deadlineMilliseconds: connection.deadline() + Int64(expected >> 20) * 10)
+                }
+                try RestoredShard.validate(ready, owned: owned)
+            } catch {
+                owned.deallocate()
+                throw error
+            }
+            return RestoredShard(client: self, ready: ready, segment: nil, owned: owned)
+        }
+    }
+
+    func releaseRestore(step: Step) {
+        _ = try? call(.releaseRestore(StepRequest(step: step)))
+    }
+
+    // MARK: Plumbing
+
+    private func authenticate(secret: [UInt8]) throws {
+        let (_, challenge) = try receiveFrame()
+        guard case .challenge(let c) = challenge else { throw unexpected(challenge) }
+        let reply = try call(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: c.nonce))))
+        guard case .ok = reply else { throw unexpected(reply) }
+    }
+
+    private func takeRequestID() -> UInt64 {
+        defer { nextRequestID += 1 }
+        return nextRequestID
+    }
+
+    func call(_ message: Message) throws -> Message {
+        try lock.withLock {
+            var descriptors: [Int32] = []
+            let reply = try callLocked(message, collecting: &descriptors)
+            descriptors.forEach { _ = close($0) }
+            return reply
+        }
+    }
+
+    private func callLocked(_ message: Message, collecting descriptors: inout [Int32]) throws -> Message {
+        try connection.send(message, requestID: takeRequestID())
+        return try receiveReply(collecting: &descriptors).message
+    }
+
+    /// The next reply; an error reply (possibly for an earlier put) is thrown.
+    private func receiveReply(collecting descriptors: inout [Int32]) throws -> (header: FrameHeader, message: Message) {
+        let (header, message) = try receiveFrame(collecting: &descriptors)
+        if case .error(let e) = message {
+            descriptors.forEach { _ = close($0) }
+            descriptors = []
+            throw SnapshotClientError(code: e.code, message: e.message)
+        }
+        return (header, message)
+    }
+
+    private func receiveFrame() throws -> (header: FrameHeader, message: Message) {
+        var descriptors: [Int32] = []
+        let frame = try receiveFrame(collecting: &descriptors)
+        descriptors.forEach { _ = close($0) }
+        return frame
+    }
+
+    private func receiveFrame(collecting descriptors: inout [Int32]) throws -> (header: FrameHeader, message: Message) {
+        do {
+            return try connection.receive(collecting: &descriptors, acceptDescriptors: usesSharedMemory)
+        } catch {
+            switch error {
+            case .io(let e): throw SnapshotClientError(code: nil, message: "connection to snapshotd lost: \(e)")
+            case .malformed(let e, _, _): throw SnapshotClientError(code: .malformedFrame, message: "bad frame from snapshotd: \(e)")
+            }
+        }
+    }
+
+    func unexpected(_ message: Message) -> SnapshotClientError {
+        SnapshotClientError(code: nil, message: "unexpected reply \(message.type) from snapshotd")
+    }
+}

@@ -1,0 +1,231 @@
+import Foundation
+import Glibc
+import Logging
+public import SnapshotIO
+public import SnapshotProtocol
+
+/// Snapshot memory as files on a tmpfs (default /dev/shm), owned by the daemon:
+///
+///     <root>/jobs/<job>/<step, 20 digits>/rank-<r>.seg        tensor bytes
+///     <root>/jobs/<job>/<step, 20 digits>/rank-<r>.manifest   sealed manifest
+///     <root>/jobs/<job>/<step, 20 digits>/COMMITTED           the step is committed
+///     <root>/pool/<capacity>-<n>.seg                          freed, resident, reusable
+///
+/// Files, not anonymous memory, so a restarted daemon re-attaches to every
+/// snapshot. The COMMITTED marker is written only after all manifests, and
+/// removed before anything of the step is freed, so a crash at any point
+/// leaves either a whole committed step or one that restart discards.
+///
+/// Freed segments go to a pool instead of being unlinked: their pages stay
+/// resident, so the next step's save writes into memory that is already
+/// allocated (no page faults, no zeroing) and, when the same file comes back
+/// to the same rank, the client can even keep its mapping. Not thread-safe:
+/// the server calls it under its state lock.
+public final class Arena: @unchecked Sendable {
+    public let root: String
+    let logger: Logger
+    private var pool: [UInt64: [String]] = [:]  // capacity → files
+    public private(set) var pooledBytes: UInt64 = 0
+    private var poolCounter = 0
+
+    public init(root: String, logger: Logger) throws {
+        self.root = root
+        self.logger = logger
+        for directory in [root, root + "/jobs", root + "/pool"] {
+            if mkdir(directory, 0o700) != 0 && errno != EEXIST { throw IOError("mkdir(\(directory))") }
+        }
+        var info = stat()
+        guard stat(root, &info) == 0 else { throw IOError("stat(\(root))") }
+        guard info.st_uid == geteuid() else {
+            throw IOError("arena directory \(root) is owned by uid \(info.st_uid), not this daemon (\(geteuid()))", errno: EPERM)
+        }
+        chmod(root, 0o700)
+        adoptPool()
+    }
+
+    // MARK: Paths
+
+    func stepDirectory(_ job: JobID, _ step: Step) -> String {
+        "\(root)/jobs/\(job)/" + String(repeating: "0", count: max(0, 20 - String(step).count)) + String(step)
+    }
+
+    func segmentPath(_ key: ShardKey) -> String { stepDirectory(key.job, key.step) + "/rank-\(key.rank).seg" }
+    func manifestPath(_ key: ShardKey) -> String { stepDirectory(key.job, key.step) + "/rank-\(key.rank).manifest" }
+    func markerPath(_ job: JobID, _ step: Step) -> String { stepDirectory(job, step) + "/COMMITTED" }
+
+    // MARK: Segments
+
+    /// A writable mapping of a fresh or pooled segment of exactly `sizeBytes`.
+    public func createSegment(_ key: ShardKey, sizeBytes: UInt64) throws -> MappedSegment {
+        try makeDirectories(key.job, key.step)
+        let path = segmentPath(key)
+        unlink(path)
+        if let pooled = pool[sizeBytes]?.popLast() {
+            pooledBytes -= sizeBytes
+            guard rename(pooled, path) == 0 else { throw IOError("rename(\(pooled))") }
+        } else {
+            let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw IOError("create(\(path))") }
+            defer { close(fd) }
+            // Reserve the memory now: a full tmpfs fails here, with a clear
+            // error, instead of as SIGBUS inside the trainer's memcpy.
+            let result = posix_fallocate(fd, 0, off_t(sizeBytes))
+            guard result == 0 else {
+                unlink(path)
+                throw IOError("reserve \(sizeBytes) bytes for \(path)", errno: result)
+            }
+        }
+        return try mapSegment(path: path, sizeBytes: Int(sizeBytes), writable: true)
+    }
+
+    public func mapSegment(_ key: ShardKey, sizeBytes: UInt64) throws -> MappedSegment {
+        try mapSegment(path: segmentPath(key), sizeBytes: Int(sizeBytes), writable: true)
+    }
+
+    private func mapSegment(path: String, sizeBytes: Int, writable: Bool) throws -> MappedSegment {
+        let fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
+        guard fd >= 0 else { throw IOError("open(\(path))") }
+        var info = stat()
+        guard fstat(fd, &info) == 0, Int(info.st_size) == sizeBytes else {
+            close(fd)
+            throw IOError("segment \(path) is not \(sizeBytes) bytes", errno: EINVAL)
+        }
+        return try MappedSegment(fd: fd, sizeBytes: sizeBytes, writable: writable)
+    }
+
+    /// A read-only descriptor for a restoring client (it cannot write through it).
+    public func openReadOnly(_ key: ShardKey) throws -> Int32 {
+        let fd = open(segmentPath(key), O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw IOError("open(\(segmentPath(key)))") }
+        return fd
+    }
+
+    /// Frees a shard's files: the segment goes to the pool while the pool and
+    /// the held bytes fit the budget, else it is unlinked.
+    public func release(_ key: ShardKey, sizeBytes: UInt64, poolLimitBytes: UInt64) {
+        unlink(manifestPath(key))
+        let path = segmentPath(key)
+        if pooledBytes + sizeBytes <= poolLimitBytes {
+            poolCounter += 1
+            let pooled = "\(root)/pool/\(sizeBytes)-\(getpid())-\(poolCounter).seg"
+            if rename(path, pooled) == 0 {
+                pool[sizeBytes, default: []].append(pooled)
+                pooledBytes += sizeBytes
+            }
+        } else {
+            unlink(path)
+        }
+        rmdir(stepDirectory(key.job, key.step))  // only succeeds once empty
+    }
+
+    /// Drops pooled segments until at most `limitBytes` remain pooled.
+    public func trimPool(toBytes limitBytes: UInt64) {
+        for capacity in pool.keys.sorted(by: >) where pooledBytes > limitBytes {
+            while pooledBytes > limitBytes, let path = pool[capacity]?.popLast() {
+                unlink(path)
+                pooledBytes -= capacity
+            }
+        }
+    }
+
+    private func adoptPool() {
+        let directory = root + "/pool"
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] {
+            let path = directory + "/" + name
+            guard let capacity = name.split(separator: "-").first.flatMap({ UInt64($0) }),
+                capacity > 0, capacity % SegmentLayout.segmentGranularityBytes == 0
+            else {
+                unlink(path)
+                continue
+            }
+            pool[capacity, default: []].append(path)
+            pooledBytes += capacity
+        }
+    }
+
+    // MARK: Manifests and markers
+
+    public func writeManifest(_ manifest: ManifestFile) throws {
+        try writeAtomically(manifest.encoded(), to: manifestPath(manifest.key))
+    }
+
+    public func writeCommitMarker(job: JobID, step: Step, world: UInt32) throws {
+        try writeAtomically(Array("world=\(world)\n".utf8), to: markerPath(job, step))
+    }
+
+    public func removeCommitMarker(job: JobID, step: Step) {
+        unlink(markerPath(job, step))
+    }
+
+    private func writeAtomically(_ bytes: [UInt8], to path: String) throws {
+        let temporary = path + ".tmp"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw IOError("create(\(temporary))") }
+        let socket = Socket(fd: fd)
+        defer { socket.close() }
+        try bytes.withUnsafeBytes { b in
+            var done = 0
+            while done < b.count {
+                let n = write(fd, b.baseAddress! + done, b.count - done)
+                guard n > 0 else { throw IOError("write(\(temporary))") }
+                done += n
+            }
+        }
+        guard rename(temporary, path) == 0 else { throw IOError("rename(\(temporary))") }
+    }
+
+    private func makeDirectories(_ job: JobID, _ step: Step) throws {
+        for directory in ["\(root)/jobs/\(job)", stepDirectory(job, step)] {
+            if mkdir(directory, 0o700) != 0 && errno != EEXIST { throw IOError("mkdir(\(directory))") }
+        }
+    }
+
+    // MARK: Restart
+
+    /// A committed step found on disk.
+    public struct RecoveredStep: Sendable {
+        public var job: JobID
+        public var step: Step
+        public var world: UInt32
+        public var shards: [Rank: ShardRecord]
+    }
+
+    /// Finds every committed step; discards steps without a COMMITTED marker
+    /// (half-written before a crash) and committed steps with missing or
+    /// unreadable manifests.
+    public func scan() -> [RecoveredStep] {
+        var recovered: [RecoveredStep] = []
+        let jobsDirectory = root + "/jobs"
+        for jobName in ((try? FileManager.default.contentsOfDirectory(atPath: jobsDirectory)) ?? []).sorted() {
+            guard let job = try? JobID(jobName) else { continue }
+            for stepName in ((try? FileManager.default.contentsOfDirectory(atPath: "\(jobsDirectory)/\(jobName)")) ?? []).sorted() {
+                guard let step = Step(stepName) else { continue }
+                if let found = recoverStep(job, step) {
+                    recovered.append(found)
+                } else {
+                    logger.warning("discarding uncommitted or incomplete step found at start", metadata: ["job": "\(job)", "step": "\(step)"])
+                    try? FileManager.default.removeItem(atPath: stepDirectory(job, step))
+                }
+            }
+        }
+        return recovered
+    }
+
+    private func recoverStep(_ job: JobID, _ step: Step) -> RecoveredStep? {
+        guard let marker = FileManager.default.contents(atPath: markerPath(job, step)),
+            let text = String(data: marker, encoding: .utf8), text.hasPrefix("world="),
+            let world = UInt32(text.dropFirst(6).trimmingCharacters(in: .whitespacesAndNewlines)), world > 0
+        else { return nil }
+        var shards: [Rank: ShardRecord] = [:]
+        for rank in 0..<world {
+            let key = ShardKey(job: job, step: step, rank: rank)
+            guard let data = FileManager.default.contents(atPath: manifestPath(key)),
+                let manifest = try? ManifestFile(decoding: Array(data)), manifest.key == key, manifest.world == world
+            else { return nil }
+            var info = stat()
+            guard stat(segmentPath(key), &info) == 0, UInt64(info.st_size) == manifest.shard.segmentSizeBytes else { return nil }
+            shards[rank] = manifest.shard
+        }
+        return RecoveredStep(job: job, step: step, world: world, shards: shards)
+    }
+}

@@ -1,0 +1,117 @@
+import Foundation
+public import Logging
+public import SnapshotProtocol
+import TOMLKit
+
+/// Everything `snapshotd` is told, from the TOML file and/or flags (flags win).
+public struct DaemonConfiguration: Sendable, Equatable {
+    public var nodeID: NodeID = 0
+    public var unixSocketPath = "/run/snapshotd/snapshotd.sock"
+    /// "host:port" for remote clients; nil: no TCP listener.
+    public var tcpListen: String?
+    public var arenaDirectory = "/dev/shm/snapshotd"
+    public var memoryBudgetBytes: UInt64 = 8 << 30
+    public var snapshotsKeptPerJob = 2
+    public var sharedSecretFile: String?
+    public var logLevel: Logger.Level = .info
+    /// Bound on concurrent client sessions (each is a thread).
+    public var maximumConnections = 1024
+    /// A frame, once started, must arrive within this time.
+    public var frameTimeoutMilliseconds: Int64 = 30_000
+
+    public init() {}
+
+    static let knownKeys: Set<String> = [
+        "node_id", "unix_socket", "tcp_listen", "arena_directory", "memory_budget", "snapshots_kept_per_job",
+        "shared_secret_file", "log_level", "max_connections", "frame_timeout_ms",
+    ]
+
+    /// Reads a TOML file over the defaults. Unknown keys are errors: a typo
+    /// must not silently fall back to a default.
+    public static func load(tomlText: String, over base: DaemonConfiguration = DaemonConfiguration()) throws -> DaemonConfiguration {
+        let table = try TOMLTable(string: tomlText)
+        var config = base
+        for key in table.keys where !knownKeys.contains(key) {
+            throw ConfigurationError("unknown key '\(key)' in config (known: \(knownKeys.sorted().joined(separator: ", ")))")
+        }
+        if let v = table["node_id"] { config.nodeID = try NodeID(exactly: integer(v, "node_id")).orThrow("node_id out of range") }
+        if let v = table["unix_socket"] { config.unixSocketPath = try string(v, "unix_socket") }
+        if let v = table["tcp_listen"] { config.tcpListen = try string(v, "tcp_listen") }
+        if let v = table["arena_directory"] { config.arenaDirectory = try string(v, "arena_directory") }
+        if let v = table["memory_budget"] {
+            if let text = v.string { config.memoryBudgetBytes = try parseByteSize(text) } else { config.memoryBudgetBytes = UInt64(try integer(v, "memory_budget")) }
+        }
+        if let v = table["snapshots_kept_per_job"] { config.snapshotsKeptPerJob = try integer(v, "snapshots_kept_per_job") }
+        if let v = table["shared_secret_file"] { config.sharedSecretFile = try string(v, "shared_secret_file") }
+        if let v = table["log_level"] { config.logLevel = try parseLogLevel(try string(v, "log_level")) }
+        if let v = table["max_connections"] { config.maximumConnections = try integer(v, "max_connections") }
+        if let v = table["frame_timeout_ms"] { config.frameTimeoutMilliseconds = Int64(try integer(v, "frame_timeout_ms")) }
+        return config
+    }
+
+    /// Checks that the configuration can work, with errors that say what to change.
+    public func validate() throws {
+        guard snapshotsKeptPerJob >= 1 else { throw ConfigurationError("snapshots_kept_per_job must be at least 1") }
+        guard memoryBudgetBytes >= 1 << 20 else { throw ConfigurationError("memory_budget must be at least 1 MiB") }
+        guard maximumConnections >= 1 else { throw ConfigurationError("max_connections must be at least 1") }
+        guard frameTimeoutMilliseconds >= 100 else { throw ConfigurationError("frame_timeout_ms must be at least 100") }
+        if let tcpListen {
+            _ = try Self.parseHostPort(tcpListen)
+            guard sharedSecretFile != nil else {
+                throw ConfigurationError("tcp_listen is set but shared_secret_file is not: TCP clients must authenticate")
+            }
+        }
+    }
+
+    public static func parseHostPort(_ text: String) throws -> (host: String, port: UInt16) {
+        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else {
+            throw ConfigurationError("'\(text)' is not host:port")
+        }
+        return (String(text[..<colon]), port)
+    }
+
+    /// "64GiB", "512MiB", "1.5TiB", "100MB" or a plain byte count.
+    public static func parseByteSize(_ text: String) throws -> UInt64 {
+        let units: [(String, Double)] = [
+            ("TiB", 1099511627776), ("GiB", 1073741824), ("MiB", 1048576), ("KiB", 1024),
+            ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1),
+        ]
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        for (suffix, factor) in units where trimmed.hasSuffix(suffix) {
+            let number = trimmed.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)
+            guard let value = Double(number), value >= 0, value * factor < 1.8e19 else { break }
+            return UInt64(value * factor)
+        }
+        guard let bytes = UInt64(trimmed) else { throw ConfigurationError("'\(text)' is not a size (e.g. 64GiB)") }
+        return bytes
+    }
+
+    public static func parseLogLevel(_ text: String) throws -> Logger.Level {
+        guard let level = Logger.Level(rawValue: text.lowercased()) else {
+            throw ConfigurationError("log level '\(text)' is not one of trace, debug, info, notice, warning, error, critical")
+        }
+        return level
+    }
+
+    private static func string(_ value: any TOMLValueConvertible, _ key: String) throws -> String {
+        guard let s = value.string else { throw ConfigurationError("\(key) must be a string") }
+        return s
+    }
+
+    private static func integer(_ value: any TOMLValueConvertible, _ key: String) throws -> Int {
+        guard let i = value.int else { throw ConfigurationError("\(key) must be an integer") }
+        return i
+    }
+}
+
+public struct ConfigurationError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+}
+
+extension Optional {
+    func orThrow(_ message: String) throws -> Wrapped {
+        guard let self else { throw ConfigurationError(message) }
+        return self
+    }
+}

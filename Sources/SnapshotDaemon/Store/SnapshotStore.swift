@@ -1,0 +1,275 @@
+public import SnapshotProtocol
+
+/// The daemon's bookkeeping as a deterministic state machine: calls in,
+/// decisions out. No I/O, no clock, no threads: the server applies the
+/// decisions (create/free segment files, write markers) around it, and tests
+/// drive every interleaving directly.
+///
+/// Invariants (checked by ``checkInvariants()``):
+/// - `heldBytes` is the sum of the segment sizes of all shards held.
+/// - The newest committed step of a job is never freed before a newer one commits.
+/// - Only committed steps are restorable; every rank restores the same step.
+public struct SnapshotStore: Sendable {
+    public let budgetBytes: UInt64
+    public let snapshotsKeptPerJob: Int
+
+    public private(set) var jobs: [JobID: JobRecord] = [:]
+    public private(set) var heldBytes: UInt64 = 0
+    /// Shards still mapped by restoring clients: freed only when the count drops to 0.
+    public private(set) var restorePins: [ShardKey: Int] = [:]
+    /// Shards retention released while pinned; freed on the last unpin.
+    public private(set) var doomed: Set<ShardKey> = []
+
+    public struct JobRecord: Sendable, Equatable {
+        public var world: UInt32
+        public var steps: [Step: [Rank: ShardRecord]] = [:]
+        public var committedSteps: [Step] = []  // ascending
+        public var sessions: [Rank: SessionID] = [:]
+
+        public var latestCommitted: Step? { committedSteps.last }
+    }
+
+    /// What the server must do after a call.
+    public struct Effects: Sendable, Equatable {
+        /// Segments to release (files to unlink or pool).
+        public var freed: [ShardKey] = []
+        /// Steps that just became committed (write the marker).
+        public var committed: [(job: JobID, step: Step, world: UInt32)] = []
+        /// Steps whose committed marker must go before their files are freed.
+        public var uncommitted: [(job: JobID, step: Step)] = []
+
+        public static func == (a: Effects, b: Effects) -> Bool {
+            a.freed == b.freed && a.committed.map { "\($0.job)/\($0.step)" } == b.committed.map { "\($0.job)/\($0.step)" }
+                && a.uncommitted.map { "\($0.job)/\($0.step)" } == b.uncommitted.map { "\($0.job)/\($0.step)" }
+        }
+    }
+
+    public init(budgetBytes: UInt64, snapshotsKeptPerJob: Int) {
+        precondition(snapshotsKeptPerJob >= 1, "at least the newest committed step is kept")
+        self.budgetBytes = budgetBytes
+        self.snapshotsKeptPerJob = snapshotsKeptPerJob
+    }
+
+    public var freeBytes: UInt64 { budgetBytes > heldBytes ? budgetBytes - heldBytes : 0 }
+
+    // MARK: Sessions
+
+    /// A trainer session claims (job, rank). A rank has one live session.
+    public mutating func attach(session: SessionID, job: JobID, rank: Rank, world: UInt32) throws(StoreError) {
+        if let record = jobs[job] {
+            guard record.world == world else {
+                throw StoreError(.wrongJob, "job \(job) has world size \(record.world), this session says \(world)")
+            }
+            if let other = record.sessions[rank], other != session {
+                throw StoreError(.duplicateRank, "rank \(rank) of job \(job) is already connected (session \(other))")
+            }
+        } else {
+            jobs[job] = JobRecord(world: world)
+        }
+        jobs[job]!.sessions[rank] = session
+    }
+
+    /// The session ended (cleanly or not): shards it was still writing are
+    /// discarded, never restored.
+    public mutating func detach(session: SessionID) -> Effects {
+        var effects = Effects()
+        for (job, record) in jobs {
+            for (rank, owner) in record.sessions where owner == session { jobs[job]!.sessions[rank] = nil }
+            for (step, shards) in record.steps {
+                for (rank, shard) in shards where shard.writer == session && shard.state == .receiving {
+                    effects.freed.append(removeShard(ShardKey(job: job, step: step, rank: rank)))
+                }
+            }
+        }
+        return effects
+    }
+
+    // MARK: Saving
+
+    /// Reserves memory for a shard. Refused up front, touching nothing held,
+    /// when over budget; a rank re-saving an uncommitted step replaces its shard.
+    public mutating func beginSave(
+        session: SessionID, key: ShardKey, specs: [TensorSpec], topology: Topology
+    ) throws(StoreError) -> (record: ShardRecord, effects: Effects) {
+        guard let record = jobs[key.job], record.sessions[key.rank] == session else {
+            throw StoreError(.helloRequired, "session is not attached to \(key.job) rank \(key.rank)")
+        }
+        if let latest = record.latestCommitted, key.step <= latest {
+            throw StoreError(.invalidRequest, "step \(key.step) is not newer than committed step \(latest) of job \(key.job)")
+        }
+        var effects = Effects()
+        var reclaimable: UInt64 = 0
+        if let existing = record.steps[key.step]?[key.rank] {
+            guard existing.writer == nil || existing.writer == session || existing.state != .receiving else {
+                throw StoreError(.saveInProgress, "\(key) is being written by another session")
+            }
+            reclaimable = existing.segmentSizeBytes
+        }
+        let layout = SegmentLayout.offsets(for: specs)
+        let available = freeBytes + reclaimable
+        guard layout.segmentSizeBytes <= available else {
+            throw StoreError(.overBudget, "save of \(key) needs \(layout.segmentSizeBytes) bytes; \(freeBytes) of \(budgetBytes) budget bytes are free")
+        }
+        if reclaimable > 0 { effects.freed.append(removeShard(key)) }
+        let shard = ShardRecord(
+            state: .receiving, specs: specs, tensorOffsets: layout.offsets, segmentSizeBytes: layout.segmentSizeBytes,
+            topology: topology, checksums: nil, gradientNorm: nil, metadata: [], writer: session)
+        jobs[key.job]!.steps[key.step, default: [:]][key.rank] = shard
+        heldBytes += shard.segmentSizeBytes
+        return (shard, effects)
+    }
+
+    /// The writer says the bytes are in: the shard goes to sealing.
+    public mutating func commit(
+        session: SessionID, key: ShardKey, clientChecksums: [UInt32]?, gradientNorm: Double?, metadata: [UInt8]
+    ) throws(StoreError) -> ShardRecord {
+        guard var shard = jobs[key.job]?.steps[key.step]?[key.rank] else {
+            throw StoreError(.unknownStep, "commit of \(key) without a begin-save")
+        }
+        guard shard.writer == session, shard.state == .receiving else {
+            throw StoreError(.invalidRequest, "\(key) is \(shard.state), not being written by this session")
+        }
+        if let clientChecksums, clientChecksums.count != shard.specs.count {
+            throw StoreError(.invalidRequest, "\(clientChecksums.count) checksums for \(shard.specs.count) tensors")
+        }
+        shard.state = .sealing
+        shard.writer = nil
+        shard.gradientNorm = gradientNorm
+        shard.metadata = metadata
+        jobs[key.job]!.steps[key.step]![key.rank] = shard
+        return shard
+    }
+
+    /// The writer gave up on a save.
+    public mutating func abort(session: SessionID, key: ShardKey) throws(StoreError) -> Effects {
+        guard let shard = jobs[key.job]?.steps[key.step]?[key.rank], shard.writer == session else {
+            throw StoreError(.unknownStep, "no save of \(key) in progress on this session")
+        }
+        return Effects(freed: [removeShard(key)])
+    }
+
+    /// Checksums computed: the shard is local-complete. Commits the step when
+    /// every rank's shard is, then applies retention.
+    public mutating func sealed(key: ShardKey, checksums: [UInt32]) -> Effects {
+        guard var shard = jobs[key.job]?.steps[key.step]?[key.rank], shard.state == .sealing else { return Effects() }
+        precondition(checksums.count == shard.specs.count)
+        shard.state = .localComplete
+        shard.checksums = checksums
+        jobs[key.job]!.steps[key.step]![key.rank] = shard
+        return commitIfComplete(job: key.job, step: key.step)
+    }
+
+    /// Sealing found the bytes did not match the client's checksums.
+    public mutating func sealFailed(key: ShardKey) {
+        guard jobs[key.job]?.steps[key.step]?[key.rank] != nil else { return }
+        jobs[key.job]!.steps[key.step]![key.rank]!.state = .corrupted
+    }
+
+    private mutating func commitIfComplete(job: JobID, step: Step) -> Effects {
+        guard let record = jobs[job], let shards = record.steps[step], shards.count == Int(record.world),
+            shards.values.allSatisfy({ $0.state == .localComplete || $0.state == .protected })
+        else { return Effects() }
+        var effects = Effects()
+        jobs[job]!.committedSteps.append(step)
+        jobs[job]!.committedSteps.sort()
+        effects.committed.append((job, step, record.world))
+        applyRetention(job: job, into: &effects)
+        return effects
+    }
+
+    /// Keeps the newest `snapshotsKeptPerJob` committed steps; frees older
+    /// committed steps and any uncommitted step older than the newest commit
+    /// (it can no longer become the newest).
+    private mutating func applyRetention(job: JobID, into effects: inout Effects) {
+        guard let record = jobs[job], let newest = record.latestCommitted else { return }
+        let kept = Set(record.committedSteps.suffix(snapshotsKeptPerJob))
+        for step in record.steps.keys.sorted() where !kept.contains(step) && step < newest {
+            if record.committedSteps.contains(step) { effects.uncommitted.append((job, step)) }
+            jobs[job]!.committedSteps.removeAll { $0 == step }
+            for rank in record.steps[step]!.keys.sorted() {
+                let key = ShardKey(job: job, step: step, rank: rank)
+                if restorePins[key, default: 0] > 0 {
+                    doomed.insert(key)
+                } else {
+                    effects.freed.append(removeShard(key))
+                }
+            }
+        }
+    }
+
+    // MARK: Restoring
+
+    public func latestCommitted(job: JobID) -> Step? { jobs[job]?.latestCommitted }
+
+    public func isCommitted(job: JobID, step: Step) -> Bool { jobs[job]?.committedSteps.contains(step) ?? false }
+
+    /// The shard a rank restores: a committed step only (the latest by default).
+    public func restorable(job: JobID, rank: Rank, step: Step?) throws(StoreError) -> (step: Step, shard: ShardRecord) {
+        guard let record = jobs[job] else { throw StoreError(.unknownStep, "no snapshots of job \(job)") }
+        guard let chosen = step ?? record.latestCommitted else {
+            throw StoreError(.notCommitted, "job \(job) has no committed step yet")
+        }
+        guard record.committedSteps.contains(chosen), !doomed.contains(ShardKey(job: job, step: chosen, rank: rank)) else {
+            throw StoreError(.notCommitted, "step \(chosen) of job \(job) is not committed (committed: \(record.committedSteps))")
+        }
+        guard let shard = record.steps[chosen]?[rank] else {
+            throw StoreError(.unknownStep, "step \(chosen) of job \(job) has no shard for rank \(rank)")
+        }
+        return (chosen, shard)
+    }
+
+    public mutating func pin(_ key: ShardKey) { restorePins[key, default: 0] += 1 }
+
+    public mutating func unpin(_ key: ShardKey) -> Effects {
+        guard let count = restorePins[key] else { return Effects() }
+        if count > 1 {
+            restorePins[key] = count - 1
+            return Effects()
+        }
+        restorePins[key] = nil
+        guard doomed.remove(key) != nil else { return Effects() }
+        return Effects(freed: [removeShard(key)])
+    }
+
+    // MARK: Restart
+
+    /// Re-adopts a committed step found in the arena after a restart.
+    public mutating func adoptCommitted(job: JobID, step: Step, world: UInt32, shards: [Rank: ShardRecord]) {
+        if jobs[job] == nil { jobs[job] = JobRecord(world: world) }
+        for (rank, shard) in shards {
+            jobs[job]!.steps[step, default: [:]][rank] = shard
+            heldBytes += shard.segmentSizeBytes
+        }
+        jobs[job]!.committedSteps.append(step)
+        jobs[job]!.committedSteps.sort()
+    }
+
+    // MARK: Internals
+
+    private mutating func removeShard(_ key: ShardKey) -> ShardKey {
+        guard let shard = jobs[key.job]?.steps[key.step]?.removeValue(forKey: key.rank) else { return key }
+        if jobs[key.job]!.steps[key.step]!.isEmpty { jobs[key.job]!.steps[key.step] = nil }
+        precondition(heldBytes >= shard.segmentSizeBytes, "held bytes underflow")
+        heldBytes -= shard.segmentSizeBytes
+        return key
+    }
+
+    /// For tests and debug builds: recomputes what the store tracks incrementally.
+    public func checkInvariants() -> [String] {
+        var problems: [String] = []
+        var total: UInt64 = 0
+        for (job, record) in jobs {
+            for (step, shards) in record.steps {
+                for (_, shard) in shards { total += shard.segmentSizeBytes }
+                if record.committedSteps.contains(step), shards.count != Int(record.world) {
+                    problems.append("\(job) step \(step) committed with \(shards.count) of \(record.world) shards")
+                }
+            }
+            for step in record.committedSteps where record.steps[step] == nil {
+                problems.append("\(job) committed step \(step) has no shards")
+            }
+        }
+        if total != heldBytes { problems.append("heldBytes \(heldBytes) but shards sum to \(total)") }
+        return problems
+    }
+}

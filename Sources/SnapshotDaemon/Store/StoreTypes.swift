@@ -1,0 +1,76 @@
+public import SnapshotProtocol
+
+/// One rank's shard of one step.
+public struct ShardKey: Hashable, Sendable, CustomStringConvertible {
+    public let job: JobID
+    public let step: Step
+    public let rank: Rank
+
+    public init(job: JobID, step: Step, rank: Rank) {
+        self.job = job
+        self.step = step
+        self.rank = rank
+    }
+
+    public var description: String { "\(job)/step \(step)/rank \(rank)" }
+}
+
+/// Identifies a client connection inside the daemon.
+public typealias SessionID = UInt64
+
+/// Everything the daemon knows about a shard.
+public struct ShardRecord: Sendable, Equatable {
+    public var state: ShardState
+    public var specs: [TensorSpec]
+    public var tensorOffsets: [UInt64]
+    public var segmentSizeBytes: UInt64
+    public var topology: Topology
+    /// Set once sealed: CRC-32C of each tensor, computed by the daemon.
+    public var checksums: [UInt32]?
+    public var gradientNorm: Double?
+    public var metadata: [UInt8]
+    /// The session writing the shard while it is `receiving`.
+    public var writer: SessionID?
+
+    public var manifest: [ManifestEntry] {
+        guard let checksums else { return [] }
+        return zip(specs, checksums).map { ManifestEntry(spec: $0, crc32c: $1) }
+    }
+}
+
+/// Why the store refused something; each maps to a wire error code.
+public struct StoreError: Error, Equatable, Sendable, CustomStringConvertible {
+    public let code: ErrorCode
+    public let message: String
+
+    public init(_ code: ErrorCode, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    public var description: String { message }
+}
+
+/// Tensor layout inside a segment: each tensor starts on a 256-byte boundary
+/// (wide enough for any vector load), and the segment's size is rounded up to
+/// a whole MiB so segments of one rank are interchangeable from step to step
+/// and can be reused without reallocation.
+public enum SegmentLayout {
+    public static let tensorAlignmentBytes: UInt64 = 256
+    public static let segmentGranularityBytes: UInt64 = 1 << 20
+
+    public static func offsets(for specs: [TensorSpec]) -> (offsets: [UInt64], segmentSizeBytes: UInt64) {
+        var offsets: [UInt64] = []
+        offsets.reserveCapacity(specs.count)
+        var cursor: UInt64 = 0
+        for spec in specs {
+            offsets.append(cursor)
+            cursor = roundUp(cursor + spec.byteLength, to: tensorAlignmentBytes)
+        }
+        return (offsets, max(segmentGranularityBytes, roundUp(cursor, to: segmentGranularityBytes)))
+    }
+
+    public static func roundUp(_ value: UInt64, to multiple: UInt64) -> UInt64 {
+        (value + multiple - 1) / multiple * multiple
+    }
+}

@@ -1,0 +1,83 @@
+import Glibc
+import SnapshotProtocol
+
+/// Why receiving a frame failed. `framingIntact` tells whether the stream is
+/// still positioned at a frame boundary (the bad frame was fully consumed), so
+/// the session can answer with an error and keep serving, or must close.
+public enum ConnectionError: Error, Sendable, CustomStringConvertible {
+    case io(IOError)
+    case malformed(ProtocolError, framingIntact: Bool, requestID: UInt64)
+
+    public var description: String {
+        switch self {
+        case .io(let error): "\(error)"
+        case .malformed(let error, _, _): "\(error)"
+        }
+    }
+}
+
+/// Frames over a ``Socket``: header and control payload; bulk bytes are moved
+/// by the caller straight between the socket and their final memory.
+public struct FramedConnection: Sendable {
+    public let socket: Socket
+    /// Once a frame has started, the rest of it must arrive within this time.
+    public let frameTimeoutMilliseconds: Int64
+
+    public init(socket: Socket, frameTimeoutMilliseconds: Int64 = 30_000) {
+        self.socket = socket
+        self.frameTimeoutMilliseconds = frameTimeoutMilliseconds
+    }
+
+    public func send(_ message: Message, requestID: UInt64, bulkLength: UInt64 = 0, passing descriptors: [Int32] = []) throws {
+        try socket.writeAll(Frame.encode(message, requestID: requestID, bulkLength: bulkLength), passing: descriptors)
+    }
+
+    /// Waits (without limit) for the next frame, then reads it under the frame deadline.
+    public func receive() throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+        var ignored: [Int32] = []
+        return try receive(collecting: &ignored, acceptDescriptors: false)
+    }
+
+    /// As ``receive()``, also collecting file descriptors passed with the frame.
+    public func receive(collecting descriptors: inout [Int32], acceptDescriptors: Bool = true) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+        let headerBytes: [UInt8]
+        do {
+            headerBytes = acceptDescriptors
+                ? try socket.readExact(count: FrameHeader.sizeBytes, collecting: &descriptors)
+                : try readHeaderBytes()
+        } catch { throw .io(Self.ioError(error)) }
+        let header: FrameHeader
+        do {
+            header = try FrameHeader(decoding: headerBytes)
+        } catch { throw .malformed(error, framingIntact: false, requestID: 0) }
+        let payload: [UInt8]
+        do {
+            payload = try socket.readExact(count: Int(header.payloadLength), deadlineMilliseconds: deadline())
+        } catch { throw .io(Self.ioError(error)) }
+        do {
+            try header.validatePayload(payload)
+            return (header, try Message(type: header.type, payload: payload))
+        } catch {
+            throw .malformed(error, framingIntact: header.bulkLength == 0, requestID: header.requestID)
+        }
+    }
+
+    /// First byte waits as long as it takes (an idle trainer between saves);
+    /// the rest of the header must follow promptly.
+    private func readHeaderBytes() throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: FrameHeader.sizeBytes)
+        try bytes.withUnsafeMutableBytes { (b) throws in
+            try socket.readExact(into: b.baseAddress!, count: 1)
+            try socket.readExact(into: b.baseAddress! + 1, count: FrameHeader.sizeBytes - 1, deadlineMilliseconds: deadline())
+        }
+        return bytes
+    }
+
+    private static func ioError(_ error: any Error) -> IOError {
+        error as? IOError ?? IOError("\(error)", errno: EIO)
+    }
+
+    public func deadline() -> Int64 { monotonicMilliseconds() + frameTimeoutMilliseconds }
+
+    public func close() { socket.close() }
+}

@@ -1,0 +1,60 @@
+import Glibc
+
+/// A memory mapping of a whole segment file. Owns the descriptor and the
+/// mapping; both go when the object does.
+public final class MappedSegment: @unchecked Sendable {
+    public let fd: Int32
+    public let sizeBytes: Int
+    public let base: UnsafeMutableRawPointer?
+    public let writable: Bool
+
+    /// - Parameter populate: pre-fault the page tables (MAP_POPULATE), so the
+    ///   first writes into an already-resident tmpfs page do not fault one by one.
+    public init(fd: Int32, sizeBytes: Int, writable: Bool, populate: Bool = false) throws {
+        self.fd = fd
+        self.sizeBytes = sizeBytes
+        self.writable = writable
+        guard sizeBytes > 0 else {
+            base = nil
+            return
+        }
+        let protection = writable ? PROT_READ | PROT_WRITE : PROT_READ
+        let flags = MAP_SHARED | (populate ? MAP_POPULATE : 0)
+        let pointer = mmap(nil, sizeBytes, protection, flags, fd, 0)
+        guard let pointer, pointer != MAP_FAILED else {
+            let error = IOError("mmap(\(sizeBytes) bytes)")
+            Glibc.close(fd)
+            throw error
+        }
+        base = pointer
+    }
+
+    public func bytes(offset: Int, count: Int) -> UnsafeMutableRawBufferPointer {
+        precondition(offset >= 0 && count >= 0 && offset + count <= sizeBytes, "range outside the segment")
+        guard let base else { return UnsafeMutableRawBufferPointer(start: nil, count: 0) }
+        return UnsafeMutableRawBufferPointer(start: base + offset, count: count)
+    }
+
+    /// (device, inode): identifies the file behind the mapping, so a client can
+    /// keep a mapping across steps when the daemon hands it the same segment again.
+    public func fileIdentity() -> FileIdentity? { FileIdentity(fd: fd) }
+
+    deinit {
+        if let base { munmap(base, sizeBytes) }
+        Glibc.close(fd)
+    }
+}
+
+public struct FileIdentity: Hashable, Sendable {
+    public let device: UInt64
+    public let inode: UInt64
+    public let sizeBytes: Int
+
+    public init?(fd: Int32) {
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { return nil }
+        device = UInt64(info.st_dev)
+        inode = UInt64(info.st_ino)
+        sizeBytes = Int(info.st_size)
+    }
+}

@@ -1,0 +1,253 @@
+import CSocketShim
+import Glibc
+
+/// A blocking stream socket (Unix or TCP). A value: copying it does not dup
+/// the descriptor; exactly one owner calls ``close()``.
+public struct Socket: Sendable {
+    public let fd: Int32
+    /// Bound on descriptors one message may carry (mirrors the C shim).
+    public static let maximumPassedDescriptors = 16
+
+    public init(fd: Int32) { self.fd = fd }
+
+    public func close() { _ = Glibc.close(fd) }
+
+    // MARK: Connecting and listening
+
+    public static func connectUnix(path: String) throws -> Socket {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IOError("socket(AF_UNIX)") }
+        var address = try unixAddress(path)
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard result == 0 else {
+            let error = IOError("connect(\(path))")
+            _ = Glibc.close(fd)
+            throw error
+        }
+        return Socket(fd: fd)
+    }
+
+    public static func connectTCP(host: String, port: UInt16) throws -> Socket {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IOError("socket(AF_INET)") }
+        var address = try inetAddress(host: host, port: port)
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard result == 0 else {
+            let error = IOError("connect(\(host):\(port))")
+            _ = Glibc.close(fd)
+            throw error
+        }
+        let socket = Socket(fd: fd)
+        socket.tuneForBulkTransfer()
+        return socket
+    }
+
+    /// Listens on a Unix socket path with the given file mode (permissions are
+    /// the access control for local clients). A stale socket file is replaced.
+    public static func listenUnix(path: String, mode: mode_t, backlog: Int32 = 128) throws -> Socket {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IOError("socket(AF_UNIX)") }
+        var address = try unixAddress(path)
+        unlink(path)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, chmod(path, mode) == 0, listen(fd, backlog) == 0 else {
+            let error = IOError("listen(\(path))")
+            _ = Glibc.close(fd)
+            throw error
+        }
+        return Socket(fd: fd)
+    }
+
+    public static func listenTCP(host: String, port: UInt16, backlog: Int32 = 128) throws -> Socket {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IOError("socket(AF_INET)") }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var address = try inetAddress(host: host, port: port)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        guard bound == 0, listen(fd, backlog) == 0 else {
+            let error = IOError("listen(\(host):\(port))")
+            _ = Glibc.close(fd)
+            throw error
+        }
+        return Socket(fd: fd)
+    }
+
+    /// The bound TCP port (useful after listening on port 0).
+    public func localPort() -> UInt16? {
+        var address = sockaddr_in()
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let result = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        return result == 0 ? UInt16(bigEndian: address.sin_port) : nil
+    }
+
+    public func accept() throws -> Socket {
+        while true {
+            let client = Glibc.accept(fd, nil, nil)
+            if client >= 0 {
+                _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+                return Socket(fd: client)
+            }
+            if errno == EINTR || errno == ECONNABORTED { continue }
+            throw IOError("accept")
+        }
+    }
+
+    /// Unblocks a thread sitting in accept() or read() on this socket.
+    public func shutdownBoth() { _ = shutdown(fd, Int32(SHUT_RDWR)) }
+
+    /// Big buffers for multi-megabyte payloads; no Nagle delay for small replies.
+    public func tuneForBulkTransfer() {
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    // MARK: Reading and writing
+
+    /// Reads exactly `count` bytes. With a deadline (monotonic ms), a peer that
+    /// stalls mid-message is cut off instead of holding the session forever.
+    public func readExact(into buffer: UnsafeMutableRawPointer, count: Int, deadlineMilliseconds: Int64? = nil) throws {
+        var done = 0
+        while done < count {
+            if let deadline = deadlineMilliseconds { try waitReadable(until: deadline) }
+            let n = Glibc.read(fd, buffer + done, min(count - done, 1 << 30))
+            if n > 0 {
+                done += n
+            } else if n == 0 {
+                throw IOError.closed("read")
+            } else if errno != EINTR {
+                throw IOError("read")
+            }
+        }
+    }
+
+    public func readExact(count: Int, deadlineMilliseconds: Int64? = nil) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        try bytes.withUnsafeMutableBytes { (b) throws in
+            if count > 0 { try readExact(into: b.baseAddress!, count: count, deadlineMilliseconds: deadlineMilliseconds) }
+        }
+        return bytes
+    }
+
+    /// Reads and throws away `count` bytes.
+    public func discard(count: UInt64, deadlineMilliseconds: Int64? = nil) throws {
+        var left = count
+        var scratch = [UInt8](repeating: 0, count: 64 << 10)
+        try scratch.withUnsafeMutableBytes { (b) throws in
+            while left > 0 {
+                let chunk = Int(min(left, UInt64(b.count)))
+                try readExact(into: b.baseAddress!, count: chunk, deadlineMilliseconds: deadlineMilliseconds)
+                left -= UInt64(chunk)
+            }
+        }
+    }
+
+    public func writeAll(_ buffer: UnsafeRawPointer, count: Int) throws {
+        var done = 0
+        while done < count {
+            let n = send(fd, buffer + done, min(count - done, 1 << 30), Int32(MSG_NOSIGNAL))
+            if n > 0 {
+                done += n
+            } else if n < 0 && errno != EINTR {
+                throw IOError("write")
+            }
+        }
+    }
+
+    public func writeAll(_ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { (b) throws in
+            if !b.isEmpty { try writeAll(b.baseAddress!, count: b.count) }
+        }
+    }
+
+    /// Writes `bytes` with file descriptors attached to the first byte.
+    public func writeAll(_ bytes: [UInt8], passing descriptors: [Int32]) throws {
+        guard !descriptors.isEmpty else { return try writeAll(bytes) }
+        precondition(!bytes.isEmpty && descriptors.count <= Self.maximumPassedDescriptors)
+        let sent = bytes.withUnsafeBytes { b in
+            descriptors.withUnsafeBufferPointer { d in
+                snapshotd_send_with_fds(fd, b.baseAddress!, b.count, d.baseAddress!, Int32(d.count))
+            }
+        }
+        guard sent > 0 else { throw IOError("sendmsg(SCM_RIGHTS)") }
+        if sent < bytes.count { try writeAll(Array(bytes[sent...])) }
+    }
+
+    /// Reads exactly `count` bytes, collecting any descriptors that arrive with them.
+    public func readExact(count: Int, collecting descriptors: inout [Int32]) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var done = 0
+        var received = [Int32](repeating: -1, count: Self.maximumPassedDescriptors)
+        while done < count {
+            var fdCount: Int32 = 0
+            let n = bytes.withUnsafeMutableBytes { b in
+                received.withUnsafeMutableBufferPointer { r in
+                    snapshotd_recv_with_fds(fd, b.baseAddress! + done, count - done, r.baseAddress!, Int32(r.count), &fdCount)
+                }
+            }
+            descriptors.append(contentsOf: received.prefix(Int(fdCount)))
+            if n > 0 {
+                done += n
+            } else if n == 0 {
+                throw IOError.closed("recvmsg")
+            } else {
+                throw IOError("recvmsg")
+            }
+        }
+        return bytes
+    }
+
+    // MARK: Helpers
+
+    private func waitReadable(until deadlineMilliseconds: Int64) throws {
+        while true {
+            let left = deadlineMilliseconds - monotonicMilliseconds()
+            guard left > 0 else { throw IOError.timedOut("read") }
+            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&poller, 1, Int32(min(left, Int64(Int32.max))))
+            if ready > 0 { return }
+            if ready < 0 && errno != EINTR { throw IOError("poll") }
+        }
+    }
+
+    private static func unixAddress(_ path: String) throws -> sockaddr_un {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        let capacity = MemoryLayout.size(ofValue: address.sun_path)
+        guard bytes.count < capacity else { throw IOError("socket path too long (\(bytes.count) bytes)", errno: ENAMETOOLONG) }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        return address
+    }
+
+    private static func inetAddress(host: String, port: UInt16) throws -> sockaddr_in {
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_port = port.bigEndian
+        let resolved = host == "localhost" ? "127.0.0.1" : host
+        guard inet_pton(AF_INET, resolved, &address.sin_addr) == 1 else {
+            throw IOError("'\(host)' is not an IPv4 address", errno: EINVAL)
+        }
+        return address
+    }
+}
+
+/// Monotonic clock in milliseconds, for deadlines.
+public func monotonicMilliseconds() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+}
