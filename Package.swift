@@ -92,5 +92,12 @@ let package = Package(
 
         .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding"], swiftSettings: strictSettings),
         .testTarget(name: "SnapshotProtocolTests", dependencies: ["SnapshotProtocol"], swiftSettings: strictSettings),
+        .testTarget(name: "SnapshotDaemonTests", dependencies: ["SnapshotDaemon"], swiftSettings: strictSettings),
+        // Real processes: depends on the executables so `swift test` builds them.
+        .testTarget(
+            name: "SnapshotIntegrationTests",
+            dependencies: ["SnapshotClient", "SnapshotIO", "snapshotd", "snapshot-trainer"],
+            swiftSettings: strictSettings
+        ),
     ]
 )

@@ -1,0 +1,155 @@
+import ErasureCoding
+import Foundation
+import Glibc
+import SnapshotClient
+import SnapshotIO
+import SnapshotProtocol
+import Testing
+
+/// Hostile and broken clients on the Unix socket and on TCP: each gets its
+/// specific error and a log line; the daemon keeps serving and loses nothing.
+@Suite("Bad input on both sockets", .serialized)
+struct BadInputTests {
+    static let sizes: [(String, DType, Int)] = [("rng.state", .bytes, 7), ("w", .bfloat16, 1 << 20)]
+
+    /// A raw connection that speaks frames by hand.
+    struct Raw {
+        let connection: FramedConnection
+
+        static func unix(_ daemon: DaemonProcess) throws -> Raw {
+            Raw(connection: FramedConnection(socket: try Socket.connectUnix(path: daemon.socketPath), frameTimeoutMilliseconds: 5000))
+        }
+
+        /// TCP, authenticated with `secret` (nil: skip the answer entirely).
+        static func tcp(_ daemon: DaemonProcess, secret: [UInt8]?) throws -> (Raw, Message?) {
+            let raw = Raw(connection: FramedConnection(socket: try Socket.connectTCP(host: "127.0.0.1", port: daemon.tcpPort), frameTimeoutMilliseconds: 5000))
+            guard case .challenge(let challenge) = try raw.connection.receive().message else { throw HarnessError("no challenge") }
+            guard let secret else { return (raw, nil) }
+            try raw.connection.send(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: challenge.nonce))), requestID: 1)
+            return (raw, try? raw.connection.receive().message)
+        }
+
+        func send(bytes: [UInt8]) throws { try connection.socket.writeAll(bytes) }
+
+        func call(_ message: Message) throws -> Message {
+            try connection.send(message, requestID: 77)
+            return try connection.receive().message
+        }
+
+        /// The next reply, or nil when the daemon closed the connection.
+        func reply() -> Message? { try? connection.receive().message }
+
+        func close() { connection.close() }
+    }
+
+    func errorCode(_ message: Message?) -> ErrorCode? {
+        if case .error(let e) = message { return e.code }
+        return nil
+    }
+
+    @Test func everyKindOfBadInputIsRefusedAndNothingIsLost() throws {
+        let daemon = try DaemonProcess()
+        let job = try JobID("bad-input")
+        let good = try daemon.unixClient(job: job, rank: 0, world: 2)
+        let other = try daemon.tcpClient(job: job, rank: 1, world: 2)
+        try good.save(step: 1, tensors: tensors(step: 1, rank: 0, sizes: Self.sizes))
+        try other.save(step: 1, tensors: tensors(step: 1, rank: 1, sizes: Self.sizes))
+        try good.waitCommitted(step: 1)
+
+        // Random bytes: a bad-magic error, then the daemon hangs up.
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<20 {
+            let raw = try Raw.unix(daemon)
+            try raw.send(bytes: (0..<Int.random(in: 40...400, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) })
+            #expect(errorCode(raw.reply()) == .malformedFrame)
+            raw.close()
+        }
+        // Truncated header, then the client vanishes.
+        let truncated = try Raw.unix(daemon)
+        try truncated.send(bytes: Array(Frame.encode(.latestCommitted, requestID: 1).prefix(17)))
+        truncated.close()
+        // Oversize payload claim.
+        let oversize = try Raw.unix(daemon)
+        var header = FrameHeader(type: .beginSave, requestID: 5, payloadLength: 100 << 20, payloadChecksum: 0, bulkLength: 0).encoded()
+        try oversize.send(bytes: header)
+        guard case .error(let tooBig) = oversize.reply() else { throw HarnessError("no reply to an oversize claim") }
+        #expect(tooBig.code == .malformedFrame && tooBig.message.contains("limit"))
+        #expect(oversize.reply() == nil, "the stream cannot be trusted after a bad header")
+        // Unknown message type behind a valid checksum.
+        let unknown = try Raw.unix(daemon)
+        header = Frame.encode(.ok, requestID: 6)
+        header[5] = 99
+        let crc = CRC32C.checksum(Array(header[0..<36]))
+        withUnsafeBytes(of: crc.littleEndian) { header.replaceSubrange(36..<40, with: $0) }
+        try unknown.send(bytes: header)
+        guard case .error(let unknownType) = unknown.reply() else { throw HarnessError("no reply to an unknown type") }
+        #expect(unknownType.message.contains("unknown message type 99"))
+        // A bad payload with intact framing: error, and the session goes on.
+        let badPayload = try Raw.unix(daemon)
+        let payload: [UInt8] = [7]
+        try badPayload.send(bytes: FrameHeader(type: .status, requestID: 8, payloadLength: 1, payloadChecksum: CRC32C.checksum(payload), bulkLength: 0).encoded() + payload)
+        #expect(errorCode(badPayload.reply()) == .malformedFrame)
+        #expect(errorCode(try badPayload.call(.latestCommitted)) == .helloRequired, "requests before hello are refused, session kept")
+        // Wrong job shape, duplicate rank, commit without begin.
+        let session = try Raw.unix(daemon)
+        #expect(errorCode(try session.call(.hello(Hello(role: .trainer, job: job, rank: 0, world: 4)))) == .wrongJob)
+        #expect(errorCode(try session.call(.hello(Hello(role: .trainer, job: job, rank: 0, world: 2)))) == .duplicateRank)
+        let fresh = try Raw.unix(daemon)
+        guard case .welcome = try fresh.call(.hello(Hello(role: .trainer, job: try JobID("other-job"), rank: 0, world: 1))) else { throw HarnessError("hello refused") }
+        #expect(errorCode(try fresh.call(.commitSave(CommitSave(step: 9)))) == .unknownStep)
+        #expect(errorCode(try fresh.call(.restore(Restore(step: nil, transport: .sharedMemory)))) == .notCommitted)
+        // A put with bulk bytes for a save that does not exist: refused, bytes drained, session kept.
+        try fresh.connection.send(.putTensor(PutTensor(step: 3, tensorIndex: 0, offsetBytes: 0)), requestID: 10, bulkLength: 4096)
+        try fresh.send(bytes: [UInt8](repeating: 1, count: 4096))
+        #expect(errorCode(fresh.reply()) == .invalidRequest)
+        guard case .latestCommittedReply = try fresh.call(.latestCommitted) else { throw HarnessError("session lost after a refused put") }
+        // A trainer sees only its own job.
+        guard case .statusReply(let visible) = try fresh.call(.status(StatusRequest(job: nil))) else { throw HarnessError("no status") }
+        #expect(visible.jobs.map(\.job.rawValue) == ["other-job"])
+
+        // TCP: wrong secret, and no answer to the challenge at all.
+        let (wrong, wrongReply) = try Raw.tcp(daemon, secret: Array("not-the-secret-at-all".utf8))
+        #expect(errorCode(wrongReply) == .unauthenticated)
+        #expect(wrong.reply() == nil)
+        let (skipper, _) = try Raw.tcp(daemon, secret: nil)
+        #expect(errorCode(try skipper.call(.hello(Hello(role: .trainer, job: job, rank: 1, world: 2)))) == .unauthenticated)
+        // TCP after authenticating: garbage still gets its error.
+        let (authenticated, ok) = try Raw.tcp(daemon, secret: daemon.secret)
+        #expect(ok == .ok)
+        try authenticated.send(bytes: [UInt8](repeating: 0xEE, count: 64))
+        #expect(errorCode(authenticated.reply()) == .malformedFrame)
+        // Shared memory is not offered over TCP.
+        let (tcpSession, _) = try Raw.tcp(daemon, secret: daemon.secret)
+        _ = try tcpSession.call(.hello(Hello(role: .trainer, job: try JobID("tcp-job"), rank: 0, world: 1)))
+        #expect(errorCode(try tcpSession.call(.beginSave(BeginSave(step: 1, transport: .sharedMemory, tensors: [])))) == .invalidRequest)
+
+        // Nothing held was lost, and good clients are still served on both sockets.
+        #expect(daemon.isRunning)
+        #expect(matches(try good.restore(step: 1), tensors(step: 1, rank: 0, sizes: Self.sizes)))
+        #expect(matches(try other.restore(step: 1), tensors(step: 1, rank: 1, sizes: Self.sizes)))
+        try good.save(step: 2, tensors: tensors(step: 2, rank: 0, sizes: Self.sizes))
+        try other.save(step: 2, tensors: tensors(step: 2, rank: 1, sizes: Self.sizes))
+        #expect(try good.waitCommitted(step: 2) == 2)
+        let log = daemon.log()
+        #expect(log.contains("malformed frame"))
+        #expect(log.contains("TCP client failed authentication"))
+        #expect(log.contains("request refused"))
+    }
+
+    @Test func clientChecksumsThatDoNotMatchKeepTheStepUncommitted() throws {
+        let daemon = try DaemonProcess()
+        let client = try daemon.unixClient(job: try JobID("crc"), rank: 0, world: 1)
+        let data = tensors(step: 1, rank: 0, sizes: Self.sizes)
+        let pending = try client.beginSave(step: 1, specs: data.map(\.spec))
+        for (index, tensor) in data.enumerated() { try pending.write(tensorIndex: index, from: tensor.bytes) }
+        try pending.commit(checksums: [0, 0])
+        do {
+            try client.waitCommitted(step: 1, timeoutMilliseconds: 5000)
+            Issue.record("a shard with wrong checksums committed")
+        } catch let error as SnapshotClientError {
+            #expect(error.code == .checksumMismatch)
+        }
+        try client.save(step: 2, tensors: tensors(step: 2, rank: 0, sizes: Self.sizes), sendChecksums: true)
+        #expect(try client.waitCommitted(step: 2) == 2)
+    }
+}
