@@ -86,7 +86,11 @@ let package = Package(
         .target(name: "CISALReference", dependencies: ["CISAL"], cSettings: [.unsafeFlags(["-O3"])]),
         .executableTarget(
             name: "snapshot-bench",
-            dependencies: ["ErasureCoding", "CISALReference", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: [
+                "ErasureCoding", "CISALReference", "SnapshotDaemon", "SnapshotClient",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strictSettings
         ),
 

@@ -1,4 +1,3 @@
-import ErasureCoding
 public import SnapshotIO
 public import SnapshotProtocol
 
@@ -12,30 +11,19 @@ public final class RestoredShard: @unchecked Sendable {
     public let metadata: [UInt8]
     let offsets: [UInt64]
     let segment: MappedSegment?
-    let owned: UnsafeMutableRawBufferPointer?
+    /// Stream restores: the client's own copy, tensors back to back.
+    let owned: MappedSegment?
     weak var client: SnapshotClient?
     var released = false
 
-    /// Checks a restore's layout (and, for streamed bytes, every CRC) before a
-    /// shard takes ownership of anything.
-    static func validate(_ ready: RestoreReady, owned: UnsafeMutableRawBufferPointer?) throws {
-        if let owned {
-            var cursor = 0
-            for entry in ready.entries {
-                let count = Int(entry.spec.byteLength)
-                guard CRC32C.checksum(UnsafeRawBufferPointer(rebasing: owned[cursor..<(cursor + count)])) == entry.crc32c else {
-                    throw SnapshotClientError(code: .checksumMismatch, message: "tensor '\(entry.spec.name)' arrived corrupted (CRC mismatch)")
-                }
-                cursor += count
-            }
-        } else {
-            guard zip(ready.entries, ready.tensorOffsets).allSatisfy({ $1 + $0.spec.byteLength <= ready.segmentSizeBytes }) else {
-                throw SnapshotClientError(code: nil, message: "restore layout exceeds its segment")
-            }
+    /// Checks that a shared-memory restore's layout fits its segment.
+    static func validate(_ ready: RestoreReady) throws {
+        guard zip(ready.entries, ready.tensorOffsets).allSatisfy({ $1 + $0.spec.byteLength <= ready.segmentSizeBytes }) else {
+            throw SnapshotClientError(code: nil, message: "restore layout exceeds its segment")
         }
     }
 
-    init(client: SnapshotClient, ready: RestoreReady, segment: MappedSegment?, owned: UnsafeMutableRawBufferPointer?) {
+    init(client: SnapshotClient, ready: RestoreReady, segment: MappedSegment?, owned: MappedSegment?) {
         self.client = client
         step = ready.step
         entries = ready.entries
@@ -59,8 +47,7 @@ public final class RestoredShard: @unchecked Sendable {
 
     public func tensor(at index: Int) -> UnsafeRawBufferPointer {
         let count = Int(entries[index].spec.byteLength)
-        if let segment { return UnsafeRawBufferPointer(segment.bytes(offset: Int(offsets[index]), count: count)) }
-        return UnsafeRawBufferPointer(rebasing: owned![Int(offsets[index])..<(Int(offsets[index]) + count)])
+        return UnsafeRawBufferPointer((segment ?? owned)!.bytes(offset: Int(offsets[index]), count: count))
     }
 
     public func tensor(named name: String) -> UnsafeRawBufferPointer? {
@@ -74,8 +61,5 @@ public final class RestoredShard: @unchecked Sendable {
         if segment != nil { client?.releaseRestore(step: step) }
     }
 
-    deinit {
-        release()
-        owned?.deallocate()
-    }
+    deinit { release() }
 }

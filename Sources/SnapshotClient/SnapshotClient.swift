@@ -194,24 +194,37 @@ public final class SnapshotClient: @unchecked Sendable {
                     throw SnapshotClientError(code: nil, message: "daemon sent \(descriptors.count) descriptors for the restore, expected 1")
                 }
                 let segment = try MappedSegment(fd: descriptors[0], sizeBytes: Int(ready.segmentSizeBytes), writable: false)
-                try RestoredShard.validate(ready, owned: nil)
+                try RestoredShard.validate(ready)
                 return RestoredShard(client: self, ready: ready, segment: segment, owned: nil)
             }
             let expected = ready.entries.reduce(UInt64(0)) { $0 + $1.spec.byteLength }
             guard header.bulkLength == expected else {
                 throw SnapshotClientError(code: nil, message: "restore carries \(header.bulkLength) bytes, manifest says \(expected)")
             }
-            let owned = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, Int(expected)), alignment: 64)
-            do {
-                if expected > 0 {
-                    try connection.socket.readExact(into: owned.baseAddress!, count: Int(expected), deadlineMilliseconds: connection.deadline() + Int64(expected >> 20) * 10)
-                }
-                try RestoredShard.validate(ready, owned: owned)
-            } catch {
-                owned.deallocate()
-                throw error
-            }
+            let owned = try MappedSegment.anonymous(sizeBytes: Int(expected))
+            try receiveVerified(ready.entries, into: owned)
             return RestoredShard(client: self, ready: ready, segment: nil, owned: owned)
+        }
+    }
+
+    /// Streams the tensors into `buffer`, checking each chunk's CRC while it is
+    /// still in cache (one pass over memory instead of two).
+    private func receiveVerified(_ entries: [ManifestEntry], into buffer: MappedSegment) throws {
+        let chunkBytes = 4 << 20
+        var cursor = 0
+        for entry in entries {
+            var crc: UInt32 = 0
+            let end = cursor + Int(entry.spec.byteLength)
+            while cursor < end {
+                let count = min(chunkBytes, end - cursor)
+                let chunk = buffer.bytes(offset: cursor, count: count)
+                try connection.socket.readExact(into: chunk.baseAddress!, count: count, deadlineMilliseconds: connection.deadline())
+                crc = CRC32C.checksum(UnsafeRawBufferPointer(chunk), seed: crc)
+                cursor += count
+            }
+            guard crc == entry.crc32c else {
+                throw SnapshotClientError(code: .checksumMismatch, message: "tensor '\(entry.spec.name)' arrived corrupted (CRC mismatch)")
+            }
         }
     }
 

@@ -29,6 +29,25 @@ public final class MappedSegment: @unchecked Sendable {
         base = pointer
     }
 
+    /// Private anonymous memory, pre-faulted: a receive buffer that does not
+    /// take a page fault per 4 KiB while data streams in.
+    public static func anonymous(sizeBytes: Int) throws -> MappedSegment {
+        try MappedSegment(anonymousBytes: sizeBytes)
+    }
+
+    private init(anonymousBytes sizeBytes: Int) throws {
+        fd = -1
+        self.sizeBytes = sizeBytes
+        writable = true
+        guard sizeBytes > 0 else {
+            base = nil
+            return
+        }
+        let pointer = mmap(nil, sizeBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0)
+        guard let pointer, pointer != MAP_FAILED else { throw IOError("mmap(anonymous, \(sizeBytes) bytes)") }
+        base = pointer
+    }
+
     public func bytes(offset: Int, count: Int) -> UnsafeMutableRawBufferPointer {
         precondition(offset >= 0 && count >= 0 && offset + count <= sizeBytes, "range outside the segment")
         guard let base else { return UnsafeMutableRawBufferPointer(start: nil, count: 0) }
@@ -41,7 +60,7 @@ public final class MappedSegment: @unchecked Sendable {
 
     deinit {
         if let base { munmap(base, sizeBytes) }
-        Glibc.close(fd)
+        if fd >= 0 { Glibc.close(fd) }
     }
 }
 

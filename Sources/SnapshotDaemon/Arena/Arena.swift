@@ -24,7 +24,9 @@ public import SnapshotProtocol
 public final class Arena: @unchecked Sendable {
     public let root: String
     let logger: Logger
-    private var pool: [UInt64: [String]] = [:]  // capacity → files
+    /// capacity → pooled files, each with the daemon's mapping kept alive so a
+    /// reused segment needs no new page-table entries either.
+    private var pool: [UInt64: [(path: String, segment: MappedSegment?)]] = [:]
     public private(set) var pooledBytes: UInt64 = 0
     private var poolCounter = 0
 
@@ -62,7 +64,8 @@ public final class Arena: @unchecked Sendable {
         unlink(path)
         if let pooled = pool[sizeBytes]?.popLast() {
             pooledBytes -= sizeBytes
-            guard rename(pooled, path) == 0 else { throw IOError("rename(\(pooled))") }
+            guard rename(pooled.path, path) == 0 else { throw IOError("rename(\(pooled.path))") }
+            if let segment = pooled.segment { return segment }
         } else {
             let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
             guard fd >= 0 else { throw IOError("create(\(path))") }
@@ -100,16 +103,18 @@ public final class Arena: @unchecked Sendable {
         return fd
     }
 
-    /// Frees a shard's files: the segment goes to the pool while the pool and
-    /// the held bytes fit the budget, else it is unlinked.
-    public func release(_ key: ShardKey, sizeBytes: UInt64, poolLimitBytes: UInt64) {
+    /// Frees a shard's files: the segment (and the daemon's mapping of it)
+    /// goes to the pool while the pool and the held bytes fit the budget, else
+    /// it is unlinked.
+    public func release(_ key: ShardKey, segment: MappedSegment, poolLimitBytes: UInt64) {
         unlink(manifestPath(key))
         let path = segmentPath(key)
+        let sizeBytes = UInt64(segment.sizeBytes)
         if pooledBytes + sizeBytes <= poolLimitBytes {
             poolCounter += 1
             let pooled = "\(root)/pool/\(sizeBytes)-\(getpid())-\(poolCounter).seg"
             if rename(path, pooled) == 0 {
-                pool[sizeBytes, default: []].append(pooled)
+                pool[sizeBytes, default: []].append((pooled, segment))
                 pooledBytes += sizeBytes
             }
         } else {
@@ -121,8 +126,8 @@ public final class Arena: @unchecked Sendable {
     /// Drops pooled segments until at most `limitBytes` remain pooled.
     public func trimPool(toBytes limitBytes: UInt64) {
         for capacity in pool.keys.sorted(by: >) where pooledBytes > limitBytes {
-            while pooledBytes > limitBytes, let path = pool[capacity]?.popLast() {
-                unlink(path)
+            while pooledBytes > limitBytes, let entry = pool[capacity]?.popLast() {
+                unlink(entry.path)
                 pooledBytes -= capacity
             }
         }
@@ -138,7 +143,7 @@ public final class Arena: @unchecked Sendable {
                 unlink(path)
                 continue
             }
-            pool[capacity, default: []].append(path)
+            pool[capacity, default: []].append((path, nil))
             pooledBytes += capacity
         }
     }

@@ -193,7 +193,7 @@ public final class SnapshotServer: Service, @unchecked Sendable {
         for key in effects.freed {
             guard let segment = segments.removeValue(forKey: key) else { continue }
             let poolLimit = store.budgetBytes > store.heldBytes ? store.budgetBytes - store.heldBytes : 0
-            arena.release(key, sizeBytes: UInt64(segment.sizeBytes), poolLimitBytes: poolLimit)
+            arena.release(key, segment: segment, poolLimitBytes: poolLimit)
             logger.debug("shard freed", metadata: ["shard": "\(key)"])
         }
         if !effects.committed.isEmpty || !effects.freed.isEmpty { lock.broadcast() }
