@@ -47,38 +47,27 @@ public final class SnapshotClient: @unchecked Sendable {
     public let endpoint: Endpoint
     public private(set) var daemonNodeID: NodeID = 0
 
-    let connection: FramedConnection
-    let lock = NSLock()
-    var nextRequestID: UInt64 = 1
+    let channel: DaemonChannel
+    var connection: FramedConnection { channel.connection }
+    var lock: NSLock { channel.lock }
     /// Segments this client has mapped, by file identity: when the daemon hands
     /// back a pooled segment this client used before, the mapping (and its page
     /// tables) is reused, so steady-state saves are a plain memcpy.
     var mappings: [(identity: FileIdentity, segment: MappedSegment)] = []
     static let mappingCacheLimit = 4
 
-    public var usesSharedMemory: Bool {
-        if case .unix = endpoint { return true }
-        return false
-    }
+    public var usesSharedMemory: Bool { channel.usesSharedMemory }
 
     public init(endpoint: Endpoint, job: JobID, rank: Rank, world: UInt32, topology: Topology = Topology()) throws {
         self.job = job
         self.rank = rank
         self.world = world
         self.endpoint = endpoint
-        switch endpoint {
-        case .unix(let path):
-            connection = FramedConnection(socket: try Socket.connectUnix(path: path))
-        case .tcp(let host, let port, let secret):
-            connection = FramedConnection(socket: try Socket.connectTCP(host: host, port: port))
-            try authenticate(secret: secret)
-        }
+        channel = try DaemonChannel(endpoint: endpoint)
         let welcome = try call(.hello(Hello(role: .trainer, job: job, rank: rank, world: world, topology: topology)))
         guard case .welcome(let w) = welcome else { throw unexpected(welcome) }
         daemonNodeID = w.nodeID
     }
-
-    deinit { connection.close() }
 
     // MARK: Saving
 
@@ -234,62 +223,15 @@ public final class SnapshotClient: @unchecked Sendable {
 
     // MARK: Plumbing
 
-    private func authenticate(secret: [UInt8]) throws {
-        let (_, challenge) = try receiveFrame()
-        guard case .challenge(let c) = challenge else { throw unexpected(challenge) }
-        let reply = try call(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: c.nonce))))
-        guard case .ok = reply else { throw unexpected(reply) }
-    }
+    private func takeRequestID() -> UInt64 { channel.takeRequestID() }
 
-    private func takeRequestID() -> UInt64 {
-        defer { nextRequestID += 1 }
-        return nextRequestID
-    }
-
-    func call(_ message: Message) throws -> Message {
-        try lock.withLock {
-            var descriptors: [Int32] = []
-            let reply = try callLocked(message, collecting: &descriptors)
-            descriptors.forEach { _ = close($0) }
-            return reply
-        }
-    }
+    func call(_ message: Message) throws -> Message { try channel.call(message) }
 
     private func callLocked(_ message: Message, collecting descriptors: inout [Int32]) throws -> Message {
-        try connection.send(message, requestID: takeRequestID())
-        return try receiveReply(collecting: &descriptors).message
+        try channel.callLocked(message, collecting: &descriptors)
     }
 
-    /// The next reply; an error reply (possibly for an earlier put) is thrown.
     private func receiveReply(collecting descriptors: inout [Int32]) throws -> (header: FrameHeader, message: Message) {
-        let (header, message) = try receiveFrame(collecting: &descriptors)
-        if case .error(let e) = message {
-            descriptors.forEach { _ = close($0) }
-            descriptors = []
-            throw SnapshotClientError(code: e.code, message: e.message)
-        }
-        return (header, message)
-    }
-
-    private func receiveFrame() throws -> (header: FrameHeader, message: Message) {
-        var descriptors: [Int32] = []
-        let frame = try receiveFrame(collecting: &descriptors)
-        descriptors.forEach { _ = close($0) }
-        return frame
-    }
-
-    private func receiveFrame(collecting descriptors: inout [Int32]) throws -> (header: FrameHeader, message: Message) {
-        do {
-            return try connection.receive(collecting: &descriptors, acceptDescriptors: usesSharedMemory)
-        } catch {
-            switch error {
-            case .io(let e): throw SnapshotClientError(code: nil, message: "connection to snapshotd lost: \(e)")
-            case .malformed(let e, _, _): throw SnapshotClientError(code: .malformedFrame, message: "bad frame from snapshotd: \(e)")
-            }
-        }
-    }
-
-    func unexpected(_ message: Message) -> SnapshotClientError {
-        SnapshotClientError(code: nil, message: "unexpected reply \(message.type) from snapshotd")
+        try channel.receiveReply(collecting: &descriptors)
     }
 }

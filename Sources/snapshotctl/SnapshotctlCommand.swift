@@ -1,13 +1,144 @@
 import ArgumentParser
+import Foundation
+import SnapshotClient
+import SnapshotProtocol
 
 @main
 struct SnapshotctlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "snapshotctl",
-        abstract: "Operator CLI for snapshotd: status, verify, recover, export.",
-        version: "0.1.0")
+        abstract: "Operator CLI for snapshotd.",
+        version: "0.1.0",
+        subcommands: [Status.self, Jobs.self, Snapshots.self])
+}
+
+/// How to reach the daemon, shared by every subcommand.
+struct DaemonOptions: ParsableArguments {
+    @Option(help: "Unix socket of the local snapshotd.") var socket = "/run/snapshotd/snapshotd.sock"
+    @Option(help: "host:port of a snapshotd over TCP (instead of --socket).") var tcp: String?
+    @Option(help: "Shared secret file for TCP.") var secretFile = "/etc/snapshotd/secret"
+    @Flag(help: "Machine-readable JSON instead of tables.") var json = false
+
+    func connect() throws -> OperatorClient {
+        do {
+            guard let tcp else { return try OperatorClient(endpoint: .unix(path: socket)) }
+            let parts = tcp.split(separator: ":")
+            guard parts.count == 2, let port = UInt16(parts[1]) else { throw ValidationError("--tcp takes host:port") }
+            guard let text = try? String(contentsOfFile: secretFile, encoding: .utf8) else {
+                throw ValidationError("cannot read the shared secret file \(secretFile)")
+            }
+            let secret = Array(text.trimmingCharacters(in: .whitespacesAndNewlines).utf8)
+            return try OperatorClient(endpoint: .tcp(host: String(parts[0]), port: port, secret: secret))
+        } catch let error as ValidationError {
+            throw error
+        } catch {
+            throw ValidationError("cannot reach snapshotd at \(tcp ?? socket): \(error)")
+        }
+    }
+
+    func emit<T: Encodable>(_ value: T, table: () -> String) throws {
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try encoder.encode(value), as: UTF8.self))
+        } else {
+            print(table(), terminator: "")
+        }
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "The daemon's node, memory and jobs at a glance.")
+    @OptionGroup var daemon: DaemonOptions
+
+    struct Output: Encodable {
+        let node: UInt32, version: String, budgetBytes: UInt64, usedBytes: UInt64, jobs: Int
+    }
 
     func run() throws {
-        print("snapshotctl 0.1.0")
+        let status = try daemon.connect().status()
+        let output = Output(node: status.nodeID, version: status.daemonVersion, budgetBytes: status.budgetBytes, usedBytes: status.usedBytes, jobs: status.jobs.count)
+        try daemon.emit(output) {
+            let percent = status.budgetBytes == 0 ? 0 : Double(status.usedBytes) * 100 / Double(status.budgetBytes)
+            return Table(["node", "version", "memory used", "budget", "used %", "jobs"], [[
+                "\(status.nodeID)", status.daemonVersion, bytes(status.usedBytes), bytes(status.budgetBytes),
+                String(format: "%.1f", percent), "\(status.jobs.count)",
+            ]]).render()
+        }
     }
+}
+
+struct Jobs: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Jobs with snapshots on this daemon.")
+    @OptionGroup var daemon: DaemonOptions
+
+    struct Output: Encodable {
+        let job: String, world: UInt32, connectedRanks: UInt32, latestCommitted: UInt64?, stepsHeld: Int, bytes: UInt64
+    }
+
+    func run() throws {
+        let jobs = try daemon.connect().status().jobs.map { job in
+            Output(
+                job: job.job.rawValue, world: job.world, connectedRanks: job.localRanks,
+                latestCommitted: job.steps.filter(\.committed).map(\.step).max(), stepsHeld: job.steps.count,
+                bytes: job.steps.reduce(0) { $0 + $1.bytes })
+        }
+        try daemon.emit(jobs) {
+            Table(["job", "world", "connected", "latest committed", "steps held", "memory"], jobs.map {
+                [$0.job, "\($0.world)", "\($0.connectedRanks)", $0.latestCommitted.map(String.init) ?? "none", "\($0.stepsHeld)", bytes($0.bytes)]
+            }).render()
+        }
+    }
+}
+
+struct Snapshots: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Steps held, per job, and whether each is committed.")
+    @OptionGroup var daemon: DaemonOptions
+    @Option(help: "Only this job.") var job: String?
+
+    struct Output: Encodable {
+        let job: String, step: UInt64, committed: Bool, completeRanks: UInt32, world: UInt32, bytes: UInt64
+    }
+
+    func run() throws {
+        let filter = try job.map { try JobID($0) }
+        let rows = try daemon.connect().status(job: filter).jobs.flatMap { job in
+            job.steps.map { Output(job: job.job.rawValue, step: $0.step, committed: $0.committed, completeRanks: $0.completeRanks, world: job.world, bytes: $0.bytes) }
+        }
+        try daemon.emit(rows) {
+            Table(["job", "step", "state", "ranks complete", "memory"], rows.map {
+                [$0.job, "\($0.step)", $0.committed ? "committed" : "in progress", "\($0.completeRanks)/\($0.world)", bytes($0.bytes)]
+            }).render()
+        }
+    }
+}
+
+/// A plain aligned text table.
+struct Table {
+    let headers: [String]
+    let rows: [[String]]
+
+    init(_ headers: [String], _ rows: [[String]]) {
+        self.headers = headers
+        self.rows = rows
+    }
+
+    func render() -> String {
+        let widths = headers.indices.map { column in ([headers] + rows).map { $0[column].count }.max() ?? 0 }
+        func line(_ cells: [String]) -> String {
+            zip(cells, widths).map { $0 + String(repeating: " ", count: $1 - $0.count) }.joined(separator: "  ") + "\n"
+        }
+        return line(headers) + rows.map(line).joined()
+    }
+}
+
+func bytes(_ count: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    var value = Double(count)
+    var unit = 0
+    while value >= 1024, unit < units.count - 1 {
+        value /= 1024
+        unit += 1
+    }
+    return unit == 0 ? "\(count) B" : String(format: "%.1f %@", value, units[unit])
 }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds snapshotd in release mode and installs it as a systemd service.
+# Usage: sudo deploy/install.sh [--prefix /usr/local]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+prefix=/usr/local
+if [ "${1:-}" = "--prefix" ]; then prefix="$2"; fi
+
+apt-get install -y --no-install-recommends libisal-dev libibverbs-dev librdmacm-dev pkg-config
+swift build -c release --product snapshotd
+swift build -c release --product snapshotctl
+install -m 0755 .build/release/snapshotd .build/release/snapshotctl "$prefix/bin/"
+install -d -m 0755 /etc/snapshotd "$prefix/share/doc/snapshotd"
+install -m 0644 README.md "$prefix/share/doc/snapshotd/"
+if [ ! -f /etc/snapshotd/snapshotd.toml ]; then install -m 0644 deploy/snapshotd.toml /etc/snapshotd/; fi
+if [ ! -f /etc/snapshotd/secret ]; then
+    # The same secret must be copied to every node of the cluster.
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > /etc/snapshotd/secret
+    chmod 0600 /etc/snapshotd/secret
+fi
+sed "s#/usr/local/bin#$prefix/bin#" deploy/snapshotd.service > /etc/systemd/system/snapshotd.service
+systemctl daemon-reload
+echo "installed; start with: systemctl enable --now snapshotd"
