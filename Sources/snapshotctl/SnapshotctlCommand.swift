@@ -32,7 +32,7 @@ struct DaemonOptions: ParsableArguments {
         } catch let error as ValidationError {
             throw error
         } catch {
-            throw ValidationError("cannot reach snapshotd at \(tcp ?? socket): \(error)")
+            throw CLIError(description: "cannot reach snapshotd at \(tcp ?? socket): \(error)")
         }
     }
 
@@ -111,6 +111,11 @@ struct Snapshots: ParsableCommand {
             }).render()
         }
     }
+}
+
+/// A runtime failure: printed as "Error: …" without the usage text.
+struct CLIError: Error, CustomStringConvertible {
+    let description: String
 }
 
 /// A plain aligned text table.
