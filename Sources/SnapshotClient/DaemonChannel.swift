@@ -109,4 +109,12 @@ public final class OperatorClient: @unchecked Sendable {
         guard case .statusReply(let r) = reply else { throw unexpected(reply) }
         return r
     }
+
+    /// The recovery picture as this daemon sees the cluster: dead and
+    /// rebuilding nodes, and per job what is lost and what can be restored.
+    public func recover() throws -> RecoverReply {
+        let reply = try channel.call(.recover)
+        guard case .recoverReply(let r) = reply else { throw unexpected(reply) }
+        return r
+    }
 }

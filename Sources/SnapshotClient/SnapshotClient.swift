@@ -58,13 +58,15 @@ public final class SnapshotClient: @unchecked Sendable {
 
     public var usesSharedMemory: Bool { channel.usesSharedMemory }
 
-    public init(endpoint: Endpoint, job: JobID, rank: Rank, world: UInt32, topology: Topology = Topology()) throws {
+    /// - Parameter localWorld: ranks of the job using this daemon (torchrun's
+    ///   LOCAL_WORLD_SIZE); 0 when all `world` ranks are on one node.
+    public init(endpoint: Endpoint, job: JobID, rank: Rank, world: UInt32, localWorld: UInt32 = 0, topology: Topology = Topology()) throws {
         self.job = job
         self.rank = rank
         self.world = world
         self.endpoint = endpoint
         channel = try DaemonChannel(endpoint: endpoint)
-        let welcome = try call(.hello(Hello(role: .trainer, job: job, rank: rank, world: world, topology: topology)))
+        let welcome = try call(.hello(Hello(role: .trainer, job: job, rank: rank, world: world, topology: topology, localWorld: localWorld)))
         guard case .welcome(let w) = welcome else { throw unexpected(welcome) }
         daemonNodeID = w.nodeID
     }

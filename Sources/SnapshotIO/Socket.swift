@@ -29,9 +29,20 @@ public struct Socket: Sendable {
         return Socket(fd: fd)
     }
 
-    public static func connectTCP(host: String, port: UInt16) throws -> Socket {
+    /// - Parameter timeoutMilliseconds: bound on the connect itself (a dead host
+    ///   on a real network would otherwise hold the caller for minutes).
+    public static func connectTCP(host: String, port: UInt16, timeoutMilliseconds: Int64? = nil) throws -> Socket {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw IOError("socket(AF_INET)") }
+        if let timeoutMilliseconds {
+            // Linux applies SO_SNDTIMEO to connect(2).
+            var timeout = timeval(tv_sec: Int(timeoutMilliseconds / 1000), tv_usec: Int(timeoutMilliseconds % 1000) * 1000)
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        }
+        defer {
+            var none = timeval()
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &none, socklen_t(MemoryLayout<timeval>.size))
+        }
         var address = try inetAddress(host: host, port: port)
         let result = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }

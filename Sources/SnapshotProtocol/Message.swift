@@ -23,6 +23,13 @@ public enum Message: Hashable, Sendable {
     case fragmentGet(FragmentGet)
     case fragmentData(FragmentData)
     case heartbeat(Heartbeat)
+    case stepReady(StepReady)
+    case stepProtected(StepProtected)
+    case clusterStateRequest
+    case clusterStateReply(ClusterStateReply)
+    case rebuildOrder(RebuildOrder)
+    case recover
+    case recoverReply(RecoverReply)
     case error(ErrorReply)
     case ok
 
@@ -51,6 +58,13 @@ public enum Message: Hashable, Sendable {
         case .fragmentGet: .fragmentGet
         case .fragmentData: .fragmentData
         case .heartbeat: .heartbeat
+        case .stepReady: .stepReady
+        case .stepProtected: .stepProtected
+        case .clusterStateRequest: .clusterStateRequest
+        case .clusterStateReply: .clusterStateReply
+        case .rebuildOrder: .rebuildOrder
+        case .recover: .recover
+        case .recoverReply: .recoverReply
         case .error: .error
         case .ok: .ok
         }
@@ -71,6 +85,7 @@ public enum Message: Hashable, Sendable {
             w.write(m.world)
             w.write(m.topology)
             w.write(m.nodeID)
+            w.write(m.localWorld)
         case .welcome(let m):
             w.write(m.nodeID)
             w.write(m.daemonVersion)
@@ -99,7 +114,7 @@ public enum Message: Hashable, Sendable {
             w.write(m.step)
             w.write(m.state.rawValue)
         case .abortSave(let m), .releaseRestore(let m): w.write(m.step)
-        case .latestCommitted, .ok: break
+        case .latestCommitted, .ok, .clusterStateRequest, .recover: break
         case .latestCommittedReply(let m): w.writeOptional(m.step)
         case .waitCommitted(let m):
             w.write(m.step)
@@ -137,6 +152,42 @@ public enum Message: Hashable, Sendable {
             w.write(m.incarnation)
             w.writeCount(m.liveNodes.count)
             for node in m.liveNodes { w.write(node) }
+            w.write(m.needsRebuild)
+        case .stepReady(let m): w.write(m)
+        case .stepProtected(let m):
+            w.write(m.job)
+            w.write(m.step)
+            w.write(m.nodeID)
+        case .clusterStateReply(let m):
+            w.writeCount(m.steps.count)
+            for s in m.steps {
+                w.write(s.job)
+                w.write(s.step)
+                w.write(s.committed)
+                w.writeCount(s.ready.count)
+                for r in s.ready { w.write(r) }
+                w.writeCount(s.protectedNodes.count)
+                for n in s.protectedNodes { w.write(n) }
+            }
+        case .rebuildOrder(let m):
+            w.write(m.nodeID)
+            w.write(m.incarnation)
+            w.write(m.coordinator)
+        case .recoverReply(let m):
+            w.write(m.coordinator)
+            w.writeCount(m.deadNodes.count)
+            for n in m.deadNodes { w.write(n) }
+            w.writeCount(m.rebuildingNodes.count)
+            for n in m.rebuildingNodes { w.write(n) }
+            w.writeCount(m.jobs.count)
+            for j in m.jobs {
+                w.write(j.job)
+                w.writeOptional(j.latestCommitted)
+                w.writeOptional(j.newestRestorable)
+                w.writeCount(j.lostRanks.count)
+                for r in j.lostRanks { w.write(r) }
+                w.write(j.summary)
+            }
         case .error(let m):
             w.write(m.code.rawValue)
             w.write(m.message)
@@ -205,7 +256,16 @@ public enum Message: Hashable, Sendable {
             var live: [NodeID] = []
             live.reserveCapacity(count)
             for _ in 0..<count { live.append(try r.read(NodeID.self, "liveNodes")) }
-            return .heartbeat(Heartbeat(nodeID: node, incarnation: incarnation, liveNodes: live))
+            return .heartbeat(Heartbeat(nodeID: node, incarnation: incarnation, liveNodes: live, needsRebuild: try r.readBool("needsRebuild")))
+        case .stepReady: return .stepReady(try r.readStepReady())
+        case .stepProtected:
+            return .stepProtected(StepProtected(job: try r.readJobID(), step: try r.read(Step.self, "step"), nodeID: try r.read(NodeID.self, "nodeID")))
+        case .clusterStateRequest: return .clusterStateRequest
+        case .clusterStateReply: return .clusterStateReply(try r.readClusterState())
+        case .rebuildOrder:
+            return .rebuildOrder(RebuildOrder(nodeID: try r.read(NodeID.self, "nodeID"), incarnation: try r.read(UInt64.self, "incarnation"), coordinator: try r.read(NodeID.self, "coordinator")))
+        case .recover: return .recover
+        case .recoverReply: return .recoverReply(try r.readRecoverReply())
         case .error:
             let code = try r.readEnum(ErrorCode.self, "code")
             return .error(ErrorReply(code: code, message: try r.readString("message", limitBytes: ProtocolLimits.maximumMessageBytes, allowEmpty: true)))
@@ -226,6 +286,16 @@ extension ByteWriter {
         write(id.step)
         write(id.stripe)
         write(id.index)
+    }
+
+    mutating func write(_ m: StepReady) {
+        write(m.job)
+        write(m.step)
+        write(m.nodeID)
+        write(m.world)
+        write(m.dataSizeBytes)
+        writeCount(m.manifests.count)
+        for blob in m.manifests { write(blob: blob) }
     }
 
     mutating func write(_ m: StatusReply) {
@@ -268,6 +338,61 @@ extension ByteReader {
         FragmentID(job: try readJobID(), step: try read(Step.self, "step"), stripe: try read(UInt16.self, "stripe"), index: try read(UInt16.self, "index"))
     }
 
+    mutating func readNodeList(_ field: String) throws(ProtocolError) -> [NodeID] {
+        let count = try readCount(field, limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 4)
+        var nodes: [NodeID] = []
+        nodes.reserveCapacity(count)
+        for _ in 0..<count { nodes.append(try read(NodeID.self, field)) }
+        return nodes
+    }
+
+    mutating func readStepReady() throws(ProtocolError) -> StepReady {
+        let job = try readJobID()
+        let step = try read(Step.self, "step")
+        let node = try read(NodeID.self, "nodeID")
+        let world = try read(UInt32.self, "world")
+        let size = try read(UInt64.self, "dataSizeBytes")
+        let count = try readCount("manifests", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 4)
+        var manifests: [[UInt8]] = []
+        manifests.reserveCapacity(count)
+        for _ in 0..<count { manifests.append(try readBlob("manifests", limitBytes: ProtocolLimits.maximumControlPayloadBytes)) }
+        return StepReady(job: job, step: step, nodeID: node, world: world, dataSizeBytes: size, manifests: manifests)
+    }
+
+    mutating func readClusterState() throws(ProtocolError) -> ClusterStateReply {
+        let count = try readCount("steps", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 18)
+        var steps: [ClusterStepState] = []
+        for _ in 0..<count {
+            let job = try readJobID()
+            let step = try read(Step.self, "step")
+            let committed = try readBool("committed")
+            let readyCount = try readCount("ready", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 27)
+            var ready: [StepReady] = []
+            for _ in 0..<readyCount { ready.append(try readStepReady()) }
+            steps.append(ClusterStepState(job: job, step: step, committed: committed, ready: ready, protectedNodes: try readNodeList("protectedNodes")))
+        }
+        return ClusterStateReply(steps: steps)
+    }
+
+    mutating func readRecoverReply() throws(ProtocolError) -> RecoverReply {
+        let coordinator = try read(NodeID.self, "coordinator")
+        let dead = try readNodeList("deadNodes")
+        let rebuilding = try readNodeList("rebuildingNodes")
+        let count = try readCount("jobs", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 12)
+        var jobs: [JobRecovery] = []
+        for _ in 0..<count {
+            let job = try readJobID()
+            let latest = try readOptional(Step.self, "latestCommitted")
+            let restorable = try readOptional(Step.self, "newestRestorable")
+            let rankCount = try readCount("lostRanks", limit: Int(ProtocolLimits.maximumWorldSize), minimumElementBytes: 4)
+            var ranks: [Rank] = []
+            for _ in 0..<rankCount { ranks.append(try read(Rank.self, "lostRanks")) }
+            let summary = try readString("summary", limitBytes: ProtocolLimits.maximumMessageBytes, allowEmpty: true)
+            jobs.append(JobRecovery(job: job, latestCommitted: latest, newestRestorable: restorable, lostRanks: ranks, summary: summary))
+        }
+        return RecoverReply(coordinator: coordinator, deadNodes: dead, rebuildingNodes: rebuilding, jobs: jobs)
+    }
+
     mutating func readHello() throws(ProtocolError) -> Hello {
         let role = try readEnum(PeerRole.self, "role")
         let job = try readBool("hasJob") ? try readJobID() : nil
@@ -275,14 +400,16 @@ extension ByteReader {
         let world = try read(UInt32.self, "world")
         let topology = try readTopology()
         let node = try read(NodeID.self, "nodeID")
+        let localWorld = try read(UInt32.self, "localWorld")
         if role == .trainer {
             guard job != nil else { throw .emptyField("job") }
             guard world >= 1, world <= ProtocolLimits.maximumWorldSize else {
                 throw .invalidValue(field: "world", reason: "must be 1...\(ProtocolLimits.maximumWorldSize), got \(world)")
             }
             guard rank < world else { throw .invalidValue(field: "rank", reason: "rank \(rank) is not below world \(world)") }
+            guard localWorld <= world else { throw .invalidValue(field: "localWorld", reason: "\(localWorld) local ranks exceed world \(world)") }
         }
-        return Hello(role: role, job: job, rank: rank, world: world, topology: topology, nodeID: node)
+        return Hello(role: role, job: job, rank: rank, world: world, topology: topology, nodeID: node, localWorld: localWorld)
     }
 
     mutating func readCommitSave() throws(ProtocolError) -> CommitSave {

@@ -29,9 +29,17 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     case fragmentGet = 52
     case fragmentData = 53
     case heartbeat = 54
+    case stepReady = 55
+    case stepProtected = 56
+    case clusterStateRequest = 57
+    case clusterStateReply = 58
+    case rebuildOrder = 59
     // Generic replies.
     case error = 60
     case ok = 61
+    // Operators: recovery.
+    case recover = 42
+    case recoverReply = 43
 
     /// Types that may be followed by bulk bytes (tensor or fragment data).
     public var carriesBulk: Bool {
@@ -68,6 +76,13 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .fragmentGet: "fragmentGet"
         case .fragmentData: "fragmentData"
         case .heartbeat: "heartbeat"
+        case .stepReady: "stepReady"
+        case .stepProtected: "stepProtected"
+        case .clusterStateRequest: "clusterStateRequest"
+        case .clusterStateReply: "clusterStateReply"
+        case .rebuildOrder: "rebuildOrder"
+        case .recover: "recover"
+        case .recoverReply: "recoverReply"
         case .error: "error"
         case .ok: "ok"
         }
@@ -92,6 +107,7 @@ public enum ErrorCode: UInt16, Sendable, CaseIterable {
     case unrecoverable = 14
     case shuttingDown = 15
     case internalError = 16
+    case unavailable = 17
 }
 
 /// How tensor bytes travel: through arena file descriptors passed over the

@@ -21,14 +21,19 @@ public struct Hello: Hashable, Sendable {
     public var topology: Topology
     /// For peers: the sending daemon's node id.
     public var nodeID: NodeID
+    /// Trainers: how many of the job's ranks use this node's daemon (torchrun's
+    /// LOCAL_WORLD_SIZE). The node's share of a step is complete when that many
+    /// shards are sealed. 0 means all `world` ranks are local (single node).
+    public var localWorld: UInt32
 
-    public init(role: PeerRole, job: JobID?, rank: Rank = 0, world: UInt32 = 0, topology: Topology = Topology(), nodeID: NodeID = 0) {
+    public init(role: PeerRole, job: JobID?, rank: Rank = 0, world: UInt32 = 0, topology: Topology = Topology(), nodeID: NodeID = 0, localWorld: UInt32 = 0) {
         self.role = role
         self.job = job
         self.rank = rank
         self.world = world
         self.topology = topology
         self.nodeID = nodeID
+        self.localWorld = localWorld
     }
 }
 
@@ -256,10 +261,111 @@ public struct Heartbeat: Hashable, Sendable {
     /// came back is told apart from one that never left.
     public var incarnation: UInt64
     public var liveNodes: [NodeID]
-    public init(nodeID: NodeID, incarnation: UInt64, liveNodes: [NodeID]) {
+    /// The sender holds less than the cluster committed for it (a replacement
+    /// or a node restarted on an empty arena) and waits for a rebuild order.
+    public var needsRebuild: Bool
+    public init(nodeID: NodeID, incarnation: UInt64, liveNodes: [NodeID], needsRebuild: Bool = false) {
         self.nodeID = nodeID
         self.incarnation = incarnation
         self.liveNodes = liveNodes
+        self.needsRebuild = needsRebuild
+    }
+}
+
+/// A node's share of a step is sealed: its size (the bytes it protects) and
+/// its shards' manifests (self-checking blobs), so any peer can commit the
+/// step and any survivor can tell a replacement what it held.
+public struct StepReady: Hashable, Sendable {
+    public var job: JobID
+    public var step: Step
+    public var nodeID: NodeID
+    public var world: UInt32
+    public var dataSizeBytes: UInt64
+    public var manifests: [[UInt8]]
+    public init(job: JobID, step: Step, nodeID: NodeID, world: UInt32, dataSizeBytes: UInt64, manifests: [[UInt8]]) {
+        self.job = job
+        self.step = step
+        self.nodeID = nodeID
+        self.world = world
+        self.dataSizeBytes = dataSizeBytes
+        self.manifests = manifests
+    }
+}
+
+/// Every fragment of a node's share of a step has been acknowledged by its parity holders.
+public struct StepProtected: Hashable, Sendable {
+    public var job: JobID
+    public var step: Step
+    public var nodeID: NodeID
+    public init(job: JobID, step: Step, nodeID: NodeID) {
+        self.job = job
+        self.step = step
+        self.nodeID = nodeID
+    }
+}
+
+/// What a node knows of the cluster's steps: the readiness and protection
+/// reports it holds. A replacement learns from this what to rebuild.
+public struct ClusterStateReply: Hashable, Sendable {
+    public var steps: [ClusterStepState]
+    public init(steps: [ClusterStepState]) { self.steps = steps }
+}
+
+public struct ClusterStepState: Hashable, Sendable {
+    public var job: JobID
+    public var step: Step
+    public var committed: Bool
+    public var ready: [StepReady]
+    public var protectedNodes: [NodeID]
+    public init(job: JobID, step: Step, committed: Bool, ready: [StepReady], protectedNodes: [NodeID]) {
+        self.job = job
+        self.step = step
+        self.committed = committed
+        self.ready = ready
+        self.protectedNodes = protectedNodes
+    }
+}
+
+/// The coordinator tells a node to rebuild what it lost.
+public struct RebuildOrder: Hashable, Sendable {
+    public var nodeID: NodeID
+    public var incarnation: UInt64
+    public var coordinator: NodeID
+    public init(nodeID: NodeID, incarnation: UInt64, coordinator: NodeID) {
+        self.nodeID = nodeID
+        self.incarnation = incarnation
+        self.coordinator = coordinator
+    }
+}
+
+/// The recovery picture for operators: per job, what is lost and what can be restored.
+public struct RecoverReply: Hashable, Sendable {
+    public var coordinator: NodeID
+    public var deadNodes: [NodeID]
+    public var rebuildingNodes: [NodeID]
+    public var jobs: [JobRecovery]
+    public init(coordinator: NodeID, deadNodes: [NodeID], rebuildingNodes: [NodeID], jobs: [JobRecovery]) {
+        self.coordinator = coordinator
+        self.deadNodes = deadNodes
+        self.rebuildingNodes = rebuildingNodes
+        self.jobs = jobs
+    }
+}
+
+public struct JobRecovery: Hashable, Sendable {
+    public var job: JobID
+    public var latestCommitted: Step?
+    /// Newest committed step every rank of which can be restored (directly or by rebuild).
+    public var newestRestorable: Step?
+    /// Ranks of `latestCommitted` whose shards cannot be restored.
+    public var lostRanks: [Rank]
+    public var summary: String
+    public init(job: JobID, latestCommitted: Step?, newestRestorable: Step?, lostRanks: [Rank], summary: String) {
+        self.job = job
+        self.latestCommitted = latestCommitted
+        self.newestRestorable = newestRestorable
+        self.lostRanks = lostRanks
+        self.summary = summary
     }
 }
 

@@ -19,6 +19,7 @@ struct TrainerCommand: ParsableCommand {
     @Option var job: String
     @Option var rank: UInt32
     @Option var world: UInt32
+    @Option(help: "Ranks of the job using this node's daemon (0: all).") var localWorld: UInt32 = 0
     @Option(help: "Pipeline stage of this rank.") var stage: UInt32 = 0
     @Option(help: "First step to save.") var firstStep: UInt64 = 1
     @Option(help: "Number of steps to save.") var steps: UInt64 = 0
@@ -45,9 +46,9 @@ struct TrainerCommand: ParsableCommand {
         if let tcp {
             let (host, port) = (String(tcp.split(separator: ":")[0]), UInt16(tcp.split(separator: ":")[1])!)
             let secret = Array((try String(contentsOfFile: secretFile ?? "", encoding: .utf8)).trimmingCharacters(in: .whitespacesAndNewlines).utf8)
-            return try SnapshotClient(endpoint: .tcp(host: host, port: port, secret: secret), job: jobID, rank: rank, world: world, topology: topology)
+            return try SnapshotClient(endpoint: .tcp(host: host, port: port, secret: secret), job: jobID, rank: rank, world: world, localWorld: localWorld, topology: topology)
         }
-        return try SnapshotClient(endpoint: .unix(path: socket ?? "/run/snapshotd/snapshotd.sock"), job: jobID, rank: rank, world: world, topology: topology)
+        return try SnapshotClient(endpoint: .unix(path: socket ?? "/run/snapshotd/snapshotd.sock"), job: jobID, rank: rank, world: world, localWorld: localWorld, topology: topology)
     }
 
     private func save(_ client: SnapshotClient, step: Step, sizes: [Int]) throws {

@@ -9,7 +9,7 @@ struct SnapshotctlCommand: ParsableCommand {
         commandName: "snapshotctl",
         abstract: "Operator CLI for snapshotd.",
         version: "0.1.0",
-        subcommands: [Status.self, Jobs.self, Snapshots.self])
+        subcommands: [Status.self, Jobs.self, Snapshots.self, Recover.self])
 }
 
 /// How to reach the daemon, shared by every subcommand.
@@ -110,6 +110,52 @@ struct Snapshots: ParsableCommand {
                 [$0.job, "\($0.step)", $0.committed ? "committed" : "in progress", "\($0.completeRanks)/\($0.world)", bytes($0.bytes)]
             }).render()
         }
+    }
+}
+
+struct Recover: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "What the cluster has lost and what can be restored.",
+        discussion: """
+            Rebuilds run automatically: a replacement node started with the lost node's id \
+            (same address, empty arena) is ordered by the coordinator to rebuild from its \
+            group's survivors. With --wait, this command follows until no node is rebuilding \
+            and exits 0 only if every job's newest committed step is fully restorable.
+            """)
+    @OptionGroup var daemon: DaemonOptions
+    @Flag(help: "Wait until no node is dead or rebuilding (or the loss is beyond tolerance).") var wait = false
+    @Option(help: "Give up waiting after this many seconds.") var timeout: Double = 600
+
+    struct Output: Encodable {
+        let coordinator: UInt32, deadNodes: [UInt32], rebuildingNodes: [UInt32], jobs: [Job]
+        struct Job: Encodable {
+            let job: String, latestCommitted: UInt64?, newestRestorable: UInt64?, lostRanks: [UInt32], summary: String
+        }
+    }
+
+    func run() throws {
+        let client = try daemon.connect()
+        let deadline = Date().addingTimeInterval(timeout)
+        var report = try client.recover()
+        while wait, !(report.deadNodes.isEmpty && report.rebuildingNodes.isEmpty), report.jobs.allSatisfy(\.lostRanks.isEmpty), Date() < deadline {
+            if !daemon.json {
+                FileHandle.standardError.write(Data("waiting: dead \(report.deadNodes), rebuilding \(report.rebuildingNodes)\n".utf8))
+            }
+            Thread.sleep(forTimeInterval: 0.5)
+            report = try client.recover()
+        }
+        let output = Output(
+            coordinator: report.coordinator, deadNodes: report.deadNodes, rebuildingNodes: report.rebuildingNodes,
+            jobs: report.jobs.map { .init(job: $0.job.rawValue, latestCommitted: $0.latestCommitted, newestRestorable: $0.newestRestorable, lostRanks: $0.lostRanks, summary: $0.summary) })
+        try daemon.emit(output) {
+            "coordinator: node \(report.coordinator); dead: \(report.deadNodes); rebuilding: \(report.rebuildingNodes)\n"
+                + Table(["job", "latest committed", "newest restorable", "lost ranks", "summary"], output.jobs.map {
+                    [$0.job, $0.latestCommitted.map(String.init) ?? "none", $0.newestRestorable.map(String.init) ?? "none",
+                     $0.lostRanks.isEmpty ? "-" : $0.lostRanks.map(String.init).joined(separator: ","), $0.summary]
+                }).render()
+        }
+        let healthy = report.jobs.allSatisfy { $0.lostRanks.isEmpty && $0.newestRestorable == $0.latestCommitted }
+        if !healthy || (wait && !(report.deadNodes.isEmpty && report.rebuildingNodes.isEmpty)) { throw ExitCode(2) }
     }
 }
 

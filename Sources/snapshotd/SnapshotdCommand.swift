@@ -22,6 +22,7 @@ struct SnapshotdCommand: AsyncParsableCommand {
     @Option(help: "Committed snapshots kept per job.") var keep: Int?
     @Option(help: "File holding the shared secret for TCP authentication.") var sharedSecretFile: String?
     @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
+    @Option(help: "Cluster file (nodes, addresses, protection groups); omit for a single node.") var clusterFile: String?
 
     func run() async throws {
         let settings: DaemonConfiguration
@@ -67,6 +68,7 @@ struct SnapshotdCommand: AsyncParsableCommand {
         if let keep { settings.snapshotsKeptPerJob = keep }
         if let sharedSecretFile { settings.sharedSecretFile = sharedSecretFile }
         if let logLevel { settings.logLevel = try DaemonConfiguration.parseLogLevel(logLevel) }
+        if let clusterFile { settings.clusterFile = clusterFile }
         return settings
     }
 }

@@ -12,7 +12,7 @@ let fragment = FragmentID(job: job, step: 1200, stripe: 3, index: 5)
 let samples: [Message] = [
     .challenge(Challenge(nonce: Array(0..<32))),
     .authenticate(Authenticate(tag: Array(repeating: 0xAB, count: 32))),
-    .hello(Hello(role: .trainer, job: job, rank: 7, world: 16, topology: Topology(pipelineStage: 1, tensorParallelIndex: 3, dataParallelIndex: 0), nodeID: 0)),
+    .hello(Hello(role: .trainer, job: job, rank: 7, world: 16, topology: Topology(pipelineStage: 1, tensorParallelIndex: 3, dataParallelIndex: 0), nodeID: 0, localWorld: 8)),
     .hello(Hello(role: .peer, job: nil, nodeID: 4)),
     .welcome(Welcome(nodeID: 2, daemonVersion: "0.1.0")),
     .beginSave(BeginSave(step: 1200, transport: .sharedMemory, tensors: [weights, moments, rngState])),
@@ -41,7 +41,18 @@ let samples: [Message] = [
     .fragmentAck(FragmentAck(fragment: fragment, holderNode: 2)),
     .fragmentGet(FragmentGet(fragment: fragment)),
     .fragmentData(FragmentData(fragment: fragment, fragmentSizeBytes: 1 << 20, crc32c: 98)),
-    .heartbeat(Heartbeat(nodeID: 0, incarnation: 0x1234_5678_9ABC, liveNodes: [0, 1, 2, 5])),
+    .heartbeat(Heartbeat(nodeID: 0, incarnation: 0x1234_5678_9ABC, liveNodes: [0, 1, 2, 5], needsRebuild: true)),
+    .stepReady(StepReady(job: job, step: 7, nodeID: 2, world: 12, dataSizeBytes: 1 << 30, manifests: [[1, 2, 3], []])),
+    .stepProtected(StepProtected(job: job, step: 7, nodeID: 2)),
+    .clusterStateRequest,
+    .clusterStateReply(ClusterStateReply(steps: [ClusterStepState(
+        job: job, step: 7, committed: true, ready: [StepReady(job: job, step: 7, nodeID: 1, world: 12, dataSizeBytes: 5, manifests: [[9]])],
+        protectedNodes: [0, 1])])),
+    .rebuildOrder(RebuildOrder(nodeID: 3, incarnation: 99, coordinator: 0)),
+    .recover,
+    .recoverReply(RecoverReply(coordinator: 1, deadNodes: [0, 4], rebuildingNodes: [2], jobs: [
+        JobRecovery(job: job, latestCommitted: 9, newestRestorable: nil, lostRanks: [0, 1, 8, 9], summary: "3 nodes of group 0 lost, it tolerates 2"),
+    ])),
     .error(ErrorReply(code: .overBudget, message: "save needs 12 GiB, 3 GiB free")),
     .ok,
 ]
@@ -212,7 +223,7 @@ struct MalformedInputTests {
         w.write(job)
         w.write(UInt32(16))  // rank
         w.write(UInt32(16))  // world
-        w.write(raw: [UInt8](repeating: 0, count: 16))
+        w.write(raw: [UInt8](repeating: 0, count: 20))  // topology, node id, local world
         #expect(throws: ProtocolError.invalidValue(field: "rank", reason: "rank 16 is not below world 16")) { try Frame.decode(frame(.hello, payload: w.bytes)) }
         #expect(throws: ProtocolError.trailingBytes(1)) { try Frame.decode(frame(.ok, payload: [0])) }
         #expect(throws: ProtocolError.invalidValue(field: "hasJob", reason: "boolean must be 0 or 1, got 7")) { try Frame.decode(frame(.status, payload: [7])) }

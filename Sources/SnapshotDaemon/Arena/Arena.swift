@@ -8,7 +8,9 @@ public import SnapshotProtocol
 ///
 ///     <root>/jobs/<job>/<step, 20 digits>/rank-<r>.seg        tensor bytes
 ///     <root>/jobs/<job>/<step, 20 digits>/rank-<r>.manifest   sealed manifest
-///     <root>/jobs/<job>/<step, 20 digits>/COMMITTED           the step is committed
+///     <root>/jobs/<job>/<step, 20 digits>/parity-<stripe>.seg  parity held for the group
+///     <root>/jobs/<job>/<step, 20 digits>/COMMITTED           the step is committed:
+///                                                             world, local ranks, parity held
 ///     <root>/pool/<capacity>-<n>.seg                          freed, resident, reusable
 ///
 /// Files, not anonymous memory, so a restarted daemon re-attaches to every
@@ -54,13 +56,34 @@ public final class Arena: @unchecked Sendable {
     func segmentPath(_ key: ShardKey) -> String { stepDirectory(key.job, key.step) + "/rank-\(key.rank).seg" }
     func manifestPath(_ key: ShardKey) -> String { stepDirectory(key.job, key.step) + "/rank-\(key.rank).manifest" }
     func markerPath(_ job: JobID, _ step: Step) -> String { stepDirectory(job, step) + "/COMMITTED" }
+    func paritySegmentPath(_ key: ParityKey) -> String { stepDirectory(key.job, key.step) + "/parity-\(key.stripe).seg" }
 
     // MARK: Segments
 
     /// A writable mapping of a fresh or pooled segment of exactly `sizeBytes`.
     public func createSegment(_ key: ShardKey, sizeBytes: UInt64) throws -> MappedSegment {
         try makeDirectories(key.job, key.step)
-        let path = segmentPath(key)
+        return try createSegment(path: segmentPath(key), sizeBytes: sizeBytes)
+    }
+
+    /// A parity segment, all zeroes: parity accumulates into it.
+    public func createParitySegment(_ key: ParityKey, sizeBytes: UInt64) throws -> MappedSegment {
+        try makeDirectories(key.job, key.step)
+        let segment = try createSegment(path: paritySegmentPath(key), sizeBytes: sizeBytes)
+        if let base = segment.base { memset(base, 0, segment.sizeBytes) }  // a pooled segment holds old bytes
+        return segment
+    }
+
+    public func mapParitySegment(_ key: ParityKey, sizeBytes: UInt64) throws -> MappedSegment {
+        try mapSegment(path: paritySegmentPath(key), sizeBytes: Int(sizeBytes), writable: true)
+    }
+
+    public func releaseParity(_ key: ParityKey, segment: MappedSegment, poolLimitBytes: UInt64) {
+        release(path: paritySegmentPath(key), segment: segment, poolLimitBytes: poolLimitBytes)
+        rmdir(stepDirectory(key.job, key.step))
+    }
+
+    private func createSegment(path: String, sizeBytes: UInt64) throws -> MappedSegment {
         unlink(path)
         if let pooled = pool[sizeBytes]?.popLast() {
             pooledBytes -= sizeBytes
@@ -108,7 +131,11 @@ public final class Arena: @unchecked Sendable {
     /// it is unlinked.
     public func release(_ key: ShardKey, segment: MappedSegment, poolLimitBytes: UInt64) {
         unlink(manifestPath(key))
-        let path = segmentPath(key)
+        release(path: segmentPath(key), segment: segment, poolLimitBytes: poolLimitBytes)
+        rmdir(stepDirectory(key.job, key.step))  // only succeeds once empty
+    }
+
+    private func release(path: String, segment: MappedSegment, poolLimitBytes: UInt64) {
         let sizeBytes = UInt64(segment.sizeBytes)
         if pooledBytes + sizeBytes <= poolLimitBytes {
             poolCounter += 1
@@ -120,7 +147,6 @@ public final class Arena: @unchecked Sendable {
         } else {
             unlink(path)
         }
-        rmdir(stepDirectory(key.job, key.step))  // only succeeds once empty
     }
 
     /// Drops pooled segments until at most `limitBytes` remain pooled.
@@ -154,8 +180,16 @@ public final class Arena: @unchecked Sendable {
         try writeAtomically(manifest.encoded(), to: manifestPath(manifest.key))
     }
 
-    public func writeCommitMarker(job: JobID, step: Step, world: UInt32) throws {
-        try writeAtomically(Array("world=\(world)\n".utf8), to: markerPath(job, step))
+    /// The marker lists what this node holds of the step, so a restart knows
+    /// which manifests and parity segments to expect.
+    public func writeCommitMarker(job: JobID, step: Step, world: UInt32, ranks: [Rank], parity: [Int: ParityRecord]) throws {
+        try makeDirectories(job, step)
+        var text = "world=\(world)\nranks=\(ranks.sorted().map(String.init).joined(separator: ","))\n"
+        let entries = parity.sorted { $0.key < $1.key }.compactMap { stripe, record in
+            record.crc32c.map { "\(stripe):\(record.row):\(record.fragmentSizeBytes):\($0)" }
+        }
+        text += "parity=\(entries.joined(separator: ","))\n"
+        try writeAtomically(Array(text.utf8), to: markerPath(job, step))
     }
 
     public func removeCommitMarker(job: JobID, step: Step) {
@@ -193,6 +227,7 @@ public final class Arena: @unchecked Sendable {
         public var step: Step
         public var world: UInt32
         public var shards: [Rank: ShardRecord]
+        public var parity: [Int: ParityRecord]
     }
 
     /// Finds every committed step; discards steps without a COMMITTED marker
@@ -217,12 +252,16 @@ public final class Arena: @unchecked Sendable {
     }
 
     private func recoverStep(_ job: JobID, _ step: Step) -> RecoveredStep? {
-        guard let marker = FileManager.default.contents(atPath: markerPath(job, step)),
-            let text = String(data: marker, encoding: .utf8), text.hasPrefix("world="),
-            let world = UInt32(text.dropFirst(6).trimmingCharacters(in: .whitespacesAndNewlines)), world > 0
-        else { return nil }
+        guard let marker = FileManager.default.contents(atPath: markerPath(job, step)) else { return nil }
+        var fields: [String: String] = [:]
+        for line in String(decoding: marker, as: UTF8.self).split(separator: "\n") {
+            guard let equals = line.firstIndex(of: "=") else { continue }
+            fields[String(line[..<equals])] = String(line[line.index(after: equals)...])
+        }
+        guard let world = fields["world"].flatMap({ UInt32($0) }), world > 0 else { return nil }
+        let ranks = fields["ranks"].map { $0.split(separator: ",").compactMap { Rank($0) } } ?? Array(0..<world)
         var shards: [Rank: ShardRecord] = [:]
-        for rank in 0..<world {
+        for rank in ranks {
             let key = ShardKey(job: job, step: step, rank: rank)
             guard let data = FileManager.default.contents(atPath: manifestPath(key)),
                 let manifest = try? ManifestFile(decoding: Array(data)), manifest.key == key, manifest.world == world
@@ -231,6 +270,16 @@ public final class Arena: @unchecked Sendable {
             guard stat(segmentPath(key), &info) == 0, UInt64(info.st_size) == manifest.shard.segmentSizeBytes else { return nil }
             shards[rank] = manifest.shard
         }
-        return RecoveredStep(job: job, step: step, world: world, shards: shards)
+        var parity: [Int: ParityRecord] = [:]
+        for entry in (fields["parity"] ?? "").split(separator: ",") {
+            let parts = entry.split(separator: ":").compactMap { UInt64($0) }
+            guard parts.count == 4 else { return nil }
+            let size = SegmentLayout.roundUp(max(parts[2], 1), to: SegmentLayout.segmentGranularityBytes)
+            var info = stat()
+            let key = ParityKey(job: job, step: step, stripe: Int(parts[0]))
+            guard stat(paritySegmentPath(key), &info) == 0, UInt64(info.st_size) == size else { return nil }
+            parity[Int(parts[0])] = ParityRecord(row: Int(parts[1]), fragmentSizeBytes: parts[2], segmentSizeBytes: size, crc32c: UInt32(truncatingIfNeeded: parts[3]))
+        }
+        return RecoveredStep(job: job, step: step, world: world, shards: shards, parity: parity)
     }
 }

@@ -18,12 +18,15 @@ public struct DaemonConfiguration: Sendable, Equatable {
     public var maximumConnections = 1024
     /// A frame, once started, must arrive within this time.
     public var frameTimeoutMilliseconds: Int64 = 30_000
+    /// The cluster file (nodes, addresses, protection groups). nil: a single
+    /// node, whose steps commit when its own shards are sealed.
+    public var clusterFile: String?
 
     public init() {}
 
     static let knownKeys: Set<String> = [
         "node_id", "unix_socket", "tcp_listen", "arena_directory", "memory_budget", "snapshots_kept_per_job",
-        "shared_secret_file", "log_level", "max_connections", "frame_timeout_ms",
+        "shared_secret_file", "log_level", "max_connections", "frame_timeout_ms", "cluster_file",
     ]
 
     /// Reads a TOML file over the defaults. Unknown keys are errors: a typo
@@ -46,6 +49,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
         if let v = table["log_level"] { config.logLevel = try parseLogLevel(try string(v, "log_level")) }
         if let v = table["max_connections"] { config.maximumConnections = try integer(v, "max_connections") }
         if let v = table["frame_timeout_ms"] { config.frameTimeoutMilliseconds = Int64(try integer(v, "frame_timeout_ms")) }
+        if let v = table["cluster_file"] { config.clusterFile = try string(v, "cluster_file") }
         return config
     }
 
@@ -55,6 +59,9 @@ public struct DaemonConfiguration: Sendable, Equatable {
         guard memoryBudgetBytes >= 1 << 20 else { throw ConfigurationError("memory_budget must be at least 1 MiB") }
         guard maximumConnections >= 1 else { throw ConfigurationError("max_connections must be at least 1") }
         guard frameTimeoutMilliseconds >= 100 else { throw ConfigurationError("frame_timeout_ms must be at least 100") }
+        if clusterFile != nil, sharedSecretFile == nil {
+            throw ConfigurationError("cluster_file is set but shared_secret_file is not: peers must authenticate")
+        }
         if let tcpListen {
             _ = try Self.parseHostPort(tcpListen)
             guard sharedSecretFile != nil else {

@@ -23,6 +23,9 @@ final class Session {
     var topology = Topology()
     /// Restores this session has mapped and not yet released.
     var pins: [ShardKey: Int] = [:]
+    /// Peer sessions: where incoming fragments land before they fold into parity.
+    var scratch: MappedSegment?
+    var peerNode: NodeID?
 
     /// Bulk bytes of a refused put are read and dropped up to this size to keep
     /// the session; a larger refused put closes it instead.
@@ -74,7 +77,7 @@ final class Session {
         }
     }
 
-    struct SessionEnd: Error { let reason: String }
+
 
     private func reply(_ message: Message, to requestID: UInt64, passing descriptors: [Int32] = []) {
         do {
@@ -91,8 +94,17 @@ final class Session {
         let nonce = Authentication.makeNonce()
         reply(.challenge(Challenge(nonce: nonce)), to: 0)
         // The answer must come promptly, and it is the only frame read before it is checked.
-        guard let (header, message) = try? connection.receive() else {
-            logger.warning("TCP client did not answer the authentication challenge")
+        let header: FrameHeader
+        let message: Message
+        do {
+            (header, message) = try connection.receive()
+        } catch {
+            if case .io = error {
+                logger.debug("TCP connection closed before authenticating (a reachability probe?)")
+            } else {
+                logger.warning("TCP client did not answer the authentication challenge", metadata: ["error": "\(error)"])
+                reply(.error(ErrorReply(code: .unauthenticated, message: "expected an authenticate frame: \(error)")), to: 0)
+            }
             return false
         }
         guard case .authenticate(let answer) = message, Authentication.verify(tag: answer.tag, secret: secret, nonce: nonce) else {
@@ -123,6 +135,8 @@ final class Session {
         case (.trainer, .restore(let m)): try restore(m, requestID: header.requestID)
         case (.trainer, .releaseRestore(let m)): release(ShardKey(job: job!, step: m.step, rank: rank), requestID: header.requestID)
         case (_, .status(let m)): status(m, requestID: header.requestID)
+        case (.operatorTool, .recover): reply(.recoverReply(recoverReport()), to: header.requestID)
+        case (.peer, _): try handlePeer(message, header: header)
         default:
             if header.bulkLength > 0 { throw SessionEnd(reason: "unexpected \(header.type) with bulk bytes") }
             throw StoreError(.invalidRequest, "\(header.type) is not a request a \(role) session can make")
@@ -134,7 +148,10 @@ final class Session {
         switch hello.role {
         case .trainer:
             let job = hello.job!  // the decoder guarantees trainers name a job
-            try server.lock.withLock { try server.store.attach(session: id, job: job, rank: hello.rank, world: hello.world) }
+            if server.cluster != nil, hello.localWorld == 0, hello.world > 1 {
+                throw StoreError(.invalidRequest, "in a cluster, trainers must say how many ranks use this node (localWorld)")
+            }
+            try server.lock.withLock { try server.store.attach(session: id, job: job, rank: hello.rank, world: hello.world, localWorld: hello.localWorld) }
             self.job = job
             rank = hello.rank
             world = hello.world
@@ -145,7 +162,12 @@ final class Session {
         case .operatorTool:
             logger.info("operator connected")
         case .peer:
-            throw StoreError(.invalidRequest, "peer sessions are not enabled on this daemon")
+            guard isTCP, let cluster = server.clusterConfiguration, cluster.node(hello.nodeID) != nil, hello.nodeID != server.configuration.nodeID else {
+                throw StoreError(.invalidRequest, "node \(hello.nodeID) is not a peer of this daemon")
+            }
+            peerNode = hello.nodeID
+            logger[metadataKey: "peer"] = "\(hello.nodeID)"
+            logger.debug("peer connected")
         }
         role = hello.role
         reply(.welcome(Welcome(nodeID: server.configuration.nodeID, daemonVersion: SnapshotServer.version)), to: requestID)
@@ -252,6 +274,9 @@ final class Session {
         }
         let job = job!
         let (step, shard, segment) = try server.lock.withLock { () throws -> (Step, ShardRecord, MappedSegment) in
+            if let cluster = server.cluster, cluster.needsRebuild {
+                throw StoreError(.unavailable, "node \(server.configuration.nodeID) is being rebuilt from its peers; retry shortly")
+            }
             let (step, shard) = try server.store.restorable(job: job, rank: rank, step: m.step)
             let key = ShardKey(job: job, step: step, rank: rank)
             guard let segment = server.segments[key] else { throw StoreError(.internalError, "\(key) has no segment") }
@@ -305,6 +330,40 @@ final class Session {
         pins = [:]
     }
 
+    // MARK: Peers
+
+    private func handlePeer(_ message: Message, header: FrameHeader) throws {
+        guard let cluster = server.cluster else { throw StoreError(.invalidRequest, "not in cluster mode") }
+        switch message {
+        case .heartbeat(let beat):
+            guard beat.nodeID == peerNode else { throw StoreError(.invalidRequest, "heartbeat for node \(beat.nodeID) on node \(peerNode!)'s session") }
+            reply(cluster.handleHeartbeat(beat), to: header.requestID)
+        case .stepReady(let ready): reply(cluster.handleStepReady(ready), to: header.requestID)
+        case .stepProtected(let report): reply(cluster.handleStepProtected(report), to: header.requestID)
+        case .clusterStateRequest: reply(cluster.handleClusterState(), to: header.requestID)
+        case .rebuildOrder(let order): reply(cluster.handleRebuildOrder(order), to: header.requestID)
+        case .fragmentPut(let put):
+            reply(try cluster.handleFragmentPut(put, header: header, connection: connection, scratch: &scratch), to: header.requestID)
+        case .fragmentGet(let get): try cluster.serveFragment(get, requestID: header.requestID, connection: connection)
+        default:
+            if header.bulkLength > 0 { throw SessionEnd(reason: "unexpected \(header.type) with bulk bytes from a peer") }
+            throw StoreError(.invalidRequest, "\(header.type) is not a peer request")
+        }
+    }
+
+    /// A node answers for the whole cluster from its own view; on a single
+    /// node, from its store.
+    private func recoverReport() -> RecoverReply {
+        if let cluster = server.cluster { return cluster.recoverReport() }
+        let jobs = server.lock.withLock {
+            server.store.jobs.keys.sorted().map { job in
+                let latest = server.store.latestCommitted(job: job)
+                return JobRecovery(job: job, latestCommitted: latest, newestRestorable: latest, lostRanks: [], summary: latest == nil ? "no committed step" : "single node: all ranks intact")
+            }
+        }
+        return RecoverReply(coordinator: server.configuration.nodeID, deadNodes: [], rebuildingNodes: [], jobs: jobs)
+    }
+
     // MARK: Operators
 
     private func status(_ m: StatusRequest, requestID: UInt64) {
@@ -328,3 +387,6 @@ final class Session {
         self.reply(.statusReply(reply), to: requestID)
     }
 }
+
+/// The session must close: the stream is no longer at a trustworthy frame boundary.
+struct SessionEnd: Error { let reason: String }

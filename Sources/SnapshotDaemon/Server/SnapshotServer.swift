@@ -21,6 +21,9 @@ public final class SnapshotServer: Service, @unchecked Sendable {
     let logger: Logger
     let secret: [UInt8]?
     let arena: Arena
+    /// Set in cluster mode (a cluster file was given).
+    private(set) var cluster: ClusterNode?
+    let clusterConfiguration: ClusterConfiguration?
 
     /// Guards everything below it.
     let lock = NSCondition()
@@ -38,12 +41,33 @@ public final class SnapshotServer: Service, @unchecked Sendable {
 
     public init(configuration: DaemonConfiguration, logger: Logger) throws {
         try configuration.validate()
+        var configuration = configuration
+        clusterConfiguration = try configuration.clusterFile.map(Self.loadCluster)
+        if let cluster = clusterConfiguration {
+            guard let node = cluster.node(configuration.nodeID) else {
+                throw ConfigurationError("node id \(configuration.nodeID) is not in the cluster file \(configuration.clusterFile!)")
+            }
+            // Peers reach this node at its cluster address.
+            if configuration.tcpListen == nil { configuration.tcpListen = node.address }
+        }
         self.configuration = configuration
         self.logger = logger
         secret = try configuration.sharedSecretFile.map(Self.readSecret)
         arena = try Arena(root: configuration.arenaDirectory, logger: logger)
-        store = SnapshotStore(budgetBytes: configuration.memoryBudgetBytes, snapshotsKeptPerJob: configuration.snapshotsKeptPerJob)
+        store = SnapshotStore(
+            budgetBytes: configuration.memoryBudgetBytes, snapshotsKeptPerJob: configuration.snapshotsKeptPerJob,
+            commitsLocally: clusterConfiguration == nil)
+        if let clusterConfiguration {
+            cluster = try ClusterNode(server: self, cluster: clusterConfiguration, selfID: configuration.nodeID, secret: secret!, logger: logger)
+        }
         try recoverArena()
+    }
+
+    static func loadCluster(path: String) throws -> ClusterConfiguration {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+            throw ConfigurationError("cannot read cluster file \(path)")
+        }
+        return try ClusterConfiguration.load(tomlText: text)
     }
 
     static func readSecret(path: String) throws -> [UInt8] {
@@ -89,6 +113,8 @@ public final class SnapshotServer: Service, @unchecked Sendable {
         for (listener, isTCP) in opened {
             Thread.detachNewThread { [self] in acceptLoop(listener, isTCP: isTCP) }
         }
+        if let clusterConfiguration { warnAboutUnreachablePeers(clusterConfiguration) }
+        cluster?.start()
         let devices = RDMADevices.list()
         logger.info(
             "snapshotd ready",
@@ -102,6 +128,7 @@ public final class SnapshotServer: Service, @unchecked Sendable {
     }
 
     public func stop() {
+        cluster?.stop()
         let open = lock.withLock {
             stopping = true
             return (listeners, Array(sessions.values))
@@ -155,6 +182,20 @@ public final class SnapshotServer: Service, @unchecked Sendable {
         }
     }
 
+    /// Unreachable peers are worth a warning at start, not an error: they may
+    /// simply start later.
+    private func warnAboutUnreachablePeers(_ cluster: ClusterConfiguration) {
+        Thread.detachNewThread { [logger, configuration] in
+            for node in cluster.nodes where node.id != configuration.nodeID {
+                if let socket = try? Socket.connectTCP(host: node.host, port: node.port, timeoutMilliseconds: 1000) {
+                    socket.close()
+                } else {
+                    logger.warning("peer not reachable yet", metadata: ["peer": "\(node.id)", "address": "\(node.address)"])
+                }
+            }
+        }
+    }
+
     // MARK: Restart
 
     /// Re-attaches to every committed step in the arena and verifies it.
@@ -168,7 +209,11 @@ public final class SnapshotServer: Service, @unchecked Sendable {
                 segments[key] = segment
                 corrupted += corruptedTensors(shard, in: segment).map { "\(key): \($0)" }
             }
-            store.adoptCommitted(job: found.job, step: found.step, world: found.world, shards: found.shards)
+            for (stripe, record) in found.parity {
+                let key = ParityKey(job: found.job, step: found.step, stripe: stripe)
+                cluster?.paritySegments[key] = try arena.mapParitySegment(key, sizeBytes: record.segmentSizeBytes)
+            }
+            store.adoptCommitted(job: found.job, step: found.step, world: found.world, shards: found.shards, parity: cluster == nil ? [:] : found.parity)
             steps += 1
         }
         arena.trimPool(toBytes: store.freeBytes)
@@ -183,19 +228,27 @@ public final class SnapshotServer: Service, @unchecked Sendable {
     func apply(_ effects: SnapshotStore.Effects) {
         for (job, step, world) in effects.committed {
             do {
-                try arena.writeCommitMarker(job: job, step: step, world: world)
+                let record = store.jobs[job]
+                try arena.writeCommitMarker(
+                    job: job, step: step, world: world, ranks: Array((record?.steps[step] ?? [:]).keys),
+                    parity: record?.parity[step] ?? [:])
             } catch {
                 logger.error("cannot write commit marker; step will not survive a daemon restart", metadata: ["job": "\(job)", "step": "\(step)", "error": "\(error)"])
             }
             logger.info("step committed", metadata: ["job": "\(job)", "step": "\(step)", "ranks": "\(world)"])
         }
         for (job, step) in effects.uncommitted { arena.removeCommitMarker(job: job, step: step) }
+        let poolLimit = store.budgetBytes > store.heldBytes ? store.budgetBytes - store.heldBytes : 0
         for key in effects.freed {
             guard let segment = segments.removeValue(forKey: key) else { continue }
-            let poolLimit = store.budgetBytes > store.heldBytes ? store.budgetBytes - store.heldBytes : 0
             arena.release(key, segment: segment, poolLimitBytes: poolLimit)
             logger.debug("shard freed", metadata: ["shard": "\(key)"])
         }
+        for key in effects.freedParity {
+            guard let segment = cluster?.paritySegments.removeValue(forKey: key) else { continue }
+            arena.releaseParity(key, segment: segment, poolLimitBytes: poolLimit)
+        }
+        for (job, step) in effects.localComplete { cluster?.protect(job: job, step: step) }
         if !effects.committed.isEmpty || !effects.freed.isEmpty { lock.broadcast() }
     }
 

@@ -12,6 +12,10 @@ public import SnapshotProtocol
 public struct SnapshotStore: Sendable {
     public let budgetBytes: UInt64
     public let snapshotsKeptPerJob: Int
+    /// Single node: a step commits when all its shards are sealed here. In a
+    /// cluster the node only reports its share complete (`localComplete`) and
+    /// the cluster decides (``markCommitted(job:step:world:)``).
+    public let commitsLocally: Bool
 
     public private(set) var jobs: [JobID: JobRecord] = [:]
     public private(set) var heldBytes: UInt64 = 0
@@ -22,7 +26,11 @@ public struct SnapshotStore: Sendable {
 
     public struct JobRecord: Sendable, Equatable {
         public var world: UInt32
+        /// Ranks of the job served by this node (== world on a single node).
+        public var localWorld: UInt32
         public var steps: [Step: [Rank: ShardRecord]] = [:]
+        /// Parity fragments this node holds for other nodes' data, by step and stripe.
+        public var parity: [Step: [Int: ParityRecord]] = [:]
         public var committedSteps: [Step] = []  // ascending
         public var sessions: [Rank: SessionID] = [:]
 
@@ -37,17 +45,32 @@ public struct SnapshotStore: Sendable {
         public var committed: [(job: JobID, step: Step, world: UInt32)] = []
         /// Steps whose committed marker must go before their files are freed.
         public var uncommitted: [(job: JobID, step: Step)] = []
+        /// Cluster mode: this node's share of these steps is sealed; protect it.
+        public var localComplete: [(job: JobID, step: Step)] = []
+        /// Parity segments to release.
+        public var freedParity: [ParityKey] = []
 
         public static func == (a: Effects, b: Effects) -> Bool {
             a.freed == b.freed && a.committed.map { "\($0.job)/\($0.step)" } == b.committed.map { "\($0.job)/\($0.step)" }
                 && a.uncommitted.map { "\($0.job)/\($0.step)" } == b.uncommitted.map { "\($0.job)/\($0.step)" }
+                && a.localComplete.map { "\($0.job)/\($0.step)" } == b.localComplete.map { "\($0.job)/\($0.step)" }
+                && a.freedParity == b.freedParity
+        }
+
+        public mutating func merge(_ other: Effects) {
+            freed += other.freed
+            committed += other.committed
+            uncommitted += other.uncommitted
+            localComplete += other.localComplete
+            freedParity += other.freedParity
         }
     }
 
-    public init(budgetBytes: UInt64, snapshotsKeptPerJob: Int) {
+    public init(budgetBytes: UInt64, snapshotsKeptPerJob: Int, commitsLocally: Bool = true) {
         precondition(snapshotsKeptPerJob >= 1, "at least the newest committed step is kept")
         self.budgetBytes = budgetBytes
         self.snapshotsKeptPerJob = snapshotsKeptPerJob
+        self.commitsLocally = commitsLocally
     }
 
     public var freeBytes: UInt64 { budgetBytes > heldBytes ? budgetBytes - heldBytes : 0 }
@@ -55,7 +78,9 @@ public struct SnapshotStore: Sendable {
     // MARK: Sessions
 
     /// A trainer session claims (job, rank). A rank has one live session.
-    public mutating func attach(session: SessionID, job: JobID, rank: Rank, world: UInt32) throws(StoreError) {
+    /// `localWorld` 0 means every rank of the job is local.
+    public mutating func attach(session: SessionID, job: JobID, rank: Rank, world: UInt32, localWorld: UInt32 = 0) throws(StoreError) {
+        let local = localWorld == 0 ? world : localWorld
         if let record = jobs[job] {
             guard record.world == world else {
                 throw StoreError(.wrongJob, "job \(job) has world size \(record.world), this session says \(world)")
@@ -63,8 +88,13 @@ public struct SnapshotStore: Sendable {
             if let other = record.sessions[rank], other != session {
                 throw StoreError(.duplicateRank, "rank \(rank) of job \(job) is already connected (session \(other))")
             }
+            if record.localWorld == 0 {
+                jobs[job]!.localWorld = local  // the job was known here only through parity
+            } else if record.localWorld != local {
+                throw StoreError(.wrongJob, "job \(job) has \(record.localWorld) ranks on this node, this session says \(local)")
+            }
         } else {
-            jobs[job] = JobRecord(world: world)
+            jobs[job] = JobRecord(world: world, localWorld: local)
         }
         jobs[job]!.sessions[rank] = session
     }
@@ -156,7 +186,18 @@ public struct SnapshotStore: Sendable {
         shard.state = .localComplete
         shard.checksums = checksums
         jobs[key.job]!.steps[key.step]![key.rank] = shard
-        return commitIfComplete(job: key.job, step: key.step)
+        guard let record = jobs[key.job], let shards = record.steps[key.step], shards.count == Int(record.localWorld),
+            shards.values.allSatisfy({ $0.state == .localComplete || $0.state == .protected })
+        else { return Effects() }
+        if commitsLocally { return markCommitted(job: key.job, step: key.step, world: record.world) }
+        var effects = Effects()
+        effects.localComplete.append((key.job, key.step))
+        return effects
+    }
+
+    /// The shards of a node's share of a step, in rank order (cluster mode).
+    public func localShards(job: JobID, step: Step) -> [(rank: Rank, shard: ShardRecord)] {
+        (jobs[job]?.steps[step] ?? [:]).sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
     }
 
     /// Sealing found the bytes did not match the client's checksums.
@@ -165,16 +206,54 @@ public struct SnapshotStore: Sendable {
         jobs[key.job]!.steps[key.step]![key.rank]!.state = .corrupted
     }
 
-    private mutating func commitIfComplete(job: JobID, step: Step) -> Effects {
-        guard let record = jobs[job], let shards = record.steps[step], shards.count == Int(record.world),
-            shards.values.allSatisfy({ $0.state == .localComplete || $0.state == .protected })
-        else { return Effects() }
+    /// The step is committed (single node: all shards sealed; cluster: every
+    /// node protected). Applies retention. Idempotent.
+    public mutating func markCommitted(job: JobID, step: Step, world: UInt32) -> Effects {
+        if jobs[job] == nil { jobs[job] = JobRecord(world: world, localWorld: 0) }
+        guard !jobs[job]!.committedSteps.contains(step) else { return Effects() }
+        if let latest = jobs[job]!.latestCommitted, step < latest { return Effects() }  // superseded already
         var effects = Effects()
         jobs[job]!.committedSteps.append(step)
         jobs[job]!.committedSteps.sort()
-        effects.committed.append((job, step, record.world))
+        if !commitsLocally {
+            for rank in (jobs[job]!.steps[step] ?? [:]).keys { jobs[job]!.steps[step]![rank]!.state = .protected }
+        }
+        effects.committed.append((job, step, jobs[job]!.world))
         applyRetention(job: job, into: &effects)
         return effects
+    }
+
+    // MARK: Parity
+
+    /// Reserves a parity fragment's memory (within the budget, like a save).
+    public mutating func reserveParity(_ key: ParityKey, row: Int, fragmentSizeBytes: UInt64, world: UInt32) throws(StoreError) -> ParityRecord {
+        if let existing = jobs[key.job]?.parity[key.step]?[key.stripe] { return existing }
+        if let latest = jobs[key.job]?.latestCommitted, key.step <= latest, !(jobs[key.job]!.committedSteps.contains(key.step)) {
+            throw StoreError(.invalidRequest, "\(key) is older than committed step \(latest)")
+        }
+        let size = SegmentLayout.roundUp(max(fragmentSizeBytes, 1), to: SegmentLayout.segmentGranularityBytes)
+        guard size <= freeBytes else {
+            throw StoreError(.overBudget, "parity for \(key) needs \(size) bytes; \(freeBytes) of \(budgetBytes) budget bytes are free")
+        }
+        if jobs[key.job] == nil { jobs[key.job] = JobRecord(world: world, localWorld: 0) }
+        let record = ParityRecord(row: row, fragmentSizeBytes: fragmentSizeBytes, segmentSizeBytes: size)
+        jobs[key.job]!.parity[key.step, default: [:]][key.stripe] = record
+        heldBytes += size
+        return record
+    }
+
+    public func parity(_ key: ParityKey) -> ParityRecord? { jobs[key.job]?.parity[key.step]?[key.stripe] }
+
+    public mutating func updateParity(_ key: ParityKey, _ update: (inout ParityRecord) -> Void) {
+        guard jobs[key.job]?.parity[key.step]?[key.stripe] != nil else { return }
+        update(&jobs[key.job]!.parity[key.step]![key.stripe]!)
+    }
+
+    public mutating func releaseParity(_ key: ParityKey) -> Effects {
+        guard let record = jobs[key.job]?.parity[key.step]?.removeValue(forKey: key.stripe) else { return Effects() }
+        if jobs[key.job]!.parity[key.step]!.isEmpty { jobs[key.job]!.parity[key.step] = nil }
+        heldBytes -= record.segmentSizeBytes
+        return Effects(freedParity: [key])
     }
 
     /// Keeps the newest `snapshotsKeptPerJob` committed steps; frees older
@@ -183,10 +262,15 @@ public struct SnapshotStore: Sendable {
     private mutating func applyRetention(job: JobID, into effects: inout Effects) {
         guard let record = jobs[job], let newest = record.latestCommitted else { return }
         let kept = Set(record.committedSteps.suffix(snapshotsKeptPerJob))
-        for step in record.steps.keys.sorted() where !kept.contains(step) && step < newest {
+        for step in record.parity.keys.sorted() where !kept.contains(step) && step < newest {
+            for stripe in record.parity[step]!.keys.sorted() {
+                effects.merge(releaseParity(ParityKey(job: job, step: step, stripe: stripe)))
+            }
+        }
+        for step in Set(record.steps.keys).union(record.committedSteps).sorted() where !kept.contains(step) && step < newest {
             if record.committedSteps.contains(step) { effects.uncommitted.append((job, step)) }
             jobs[job]!.committedSteps.removeAll { $0 == step }
-            for rank in record.steps[step]!.keys.sorted() {
+            for rank in (record.steps[step] ?? [:]).keys.sorted() {
                 let key = ShardKey(job: job, step: step, rank: rank)
                 if restorePins[key, default: 0] > 0 {
                     doomed.insert(key)
@@ -233,15 +317,23 @@ public struct SnapshotStore: Sendable {
 
     // MARK: Restart
 
-    /// Re-adopts a committed step found in the arena after a restart.
-    public mutating func adoptCommitted(job: JobID, step: Step, world: UInt32, shards: [Rank: ShardRecord]) {
-        if jobs[job] == nil { jobs[job] = JobRecord(world: world) }
+    /// Re-adopts a committed step found in the arena after a restart, or
+    /// rebuilt from the survivors' fragments.
+    public mutating func adoptCommitted(job: JobID, step: Step, world: UInt32, shards: [Rank: ShardRecord], parity: [Int: ParityRecord] = [:]) {
+        if jobs[job] == nil { jobs[job] = JobRecord(world: world, localWorld: commitsLocally ? world : UInt32(shards.count)) }
+        if jobs[job]!.localWorld == 0 && !shards.isEmpty { jobs[job]!.localWorld = UInt32(shards.count) }
         for (rank, shard) in shards {
             jobs[job]!.steps[step, default: [:]][rank] = shard
             heldBytes += shard.segmentSizeBytes
         }
-        jobs[job]!.committedSteps.append(step)
-        jobs[job]!.committedSteps.sort()
+        for (stripe, record) in parity {
+            jobs[job]!.parity[step, default: [:]][stripe] = record
+            heldBytes += record.segmentSizeBytes
+        }
+        if !jobs[job]!.committedSteps.contains(step) {
+            jobs[job]!.committedSteps.append(step)
+            jobs[job]!.committedSteps.sort()
+        }
     }
 
     // MARK: Internals
@@ -261,12 +353,15 @@ public struct SnapshotStore: Sendable {
         for (job, record) in jobs {
             for (step, shards) in record.steps {
                 for (_, shard) in shards { total += shard.segmentSizeBytes }
-                if record.committedSteps.contains(step), shards.count != Int(record.world) {
-                    problems.append("\(job) step \(step) committed with \(shards.count) of \(record.world) shards")
+                if record.committedSteps.contains(step), shards.count != Int(record.localWorld) {
+                    problems.append("\(job) step \(step) committed with \(shards.count) of \(record.localWorld) local shards")
                 }
             }
-            for step in record.committedSteps where record.steps[step] == nil {
-                problems.append("\(job) committed step \(step) has no shards")
+            for (_, stripes) in record.parity { for (_, parity) in stripes { total += parity.segmentSizeBytes } }
+            if commitsLocally {
+                for step in record.committedSteps where record.steps[step] == nil {
+                    problems.append("\(job) committed step \(step) has no shards")
+                }
             }
         }
         if total != heldBytes { problems.append("heldBytes \(heldBytes) but shards sum to \(total)") }

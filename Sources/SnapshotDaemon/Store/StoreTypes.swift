@@ -74,3 +74,40 @@ public enum SegmentLayout {
         (value + multiple - 1) / multiple * multiple
     }
 }
+
+/// One parity fragment a node holds: row `row` of `stripe` for a step.
+public struct ParityKey: Hashable, Sendable, CustomStringConvertible {
+    public let job: JobID
+    public let step: Step
+    public let stripe: Int
+
+    public init(job: JobID, step: Step, stripe: Int) {
+        self.job = job
+        self.step = step
+        self.stripe = stripe
+    }
+
+    public var description: String { "\(job)/step \(step)/parity of stripe \(stripe)" }
+}
+
+public struct ParityRecord: Sendable, Equatable {
+    public var row: Int
+    public var fragmentSizeBytes: UInt64
+    public var segmentSizeBytes: UInt64
+    /// Data slots accumulated so far, and how many the stripe has.
+    public var receivedSlots: Set<Int>
+    public var expectedSlots: Set<Int>?
+    /// CRC-32C of the finished parity fragment.
+    public var crc32c: UInt32?
+
+    public var isComplete: Bool { crc32c != nil }
+
+    public init(row: Int, fragmentSizeBytes: UInt64, segmentSizeBytes: UInt64, receivedSlots: Set<Int> = [], expectedSlots: Set<Int>? = nil, crc32c: UInt32? = nil) {
+        self.row = row
+        self.fragmentSizeBytes = fragmentSizeBytes
+        self.segmentSizeBytes = segmentSizeBytes
+        self.receivedSlots = receivedSlots
+        self.expectedSlots = expectedSlots
+        self.crc32c = crc32c
+    }
+}

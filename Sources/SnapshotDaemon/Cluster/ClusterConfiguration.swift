@@ -1,0 +1,104 @@
+import ErasureCoding
+import Foundation
+public import SnapshotProtocol
+import TOMLKit
+
+/// The static cluster file (DESIGN.md, "Control plane"): nodes, their peer
+/// addresses, protection groups, and failure-detection timing.
+///
+///     heartbeat_interval_ms = 200
+///     failure_timeout_ms = 2000
+///     [[node]]
+///     id = 0
+///     address = "10.0.0.1:7070"
+///     [[group]]
+///     nodes = [0, 1, 2, 3, 4, 5]
+///     parity = 2
+public struct ClusterConfiguration: Sendable, Equatable {
+    public struct Node: Sendable, Equatable {
+        public let id: NodeID
+        public let host: String
+        public let port: UInt16
+        public var address: String { "\(host):\(port)" }
+    }
+
+    public struct Group: Sendable, Equatable {
+        public let index: Int
+        /// Members in layout order: position p in this list is node index p of the StripeLayout.
+        public let nodes: [NodeID]
+        public let parity: Int
+        public var layout: StripeLayout { try! StripeLayout(groupSize: nodes.count, parityCount: parity) }
+
+        public func position(of node: NodeID) -> Int? { nodes.firstIndex(of: node) }
+    }
+
+    public let nodes: [Node]
+    public let groups: [Group]
+    public let heartbeatIntervalMilliseconds: Int64
+    public let failureTimeoutMilliseconds: Int64
+
+    public init(nodes: [Node], groups: [Group], heartbeatIntervalMilliseconds: Int64 = 200, failureTimeoutMilliseconds: Int64 = 2000) throws {
+        var seen = Set<NodeID>()
+        for node in nodes where !seen.insert(node.id).inserted {
+            throw ConfigurationError("cluster file: node id \(node.id) appears twice")
+        }
+        guard !nodes.isEmpty else { throw ConfigurationError("cluster file: no [[node]] entries") }
+        var grouped = Set<NodeID>()
+        for group in groups {
+            guard group.nodes.count <= nodes.count else {
+                throw ConfigurationError("cluster file: group \(group.index) has \(group.nodes.count) nodes, the cluster only \(nodes.count)")
+            }
+            for id in group.nodes {
+                guard seen.contains(id) else { throw ConfigurationError("cluster file: group \(group.index) names unknown node \(id)") }
+                guard grouped.insert(id).inserted else { throw ConfigurationError("cluster file: node \(id) is in more than one group") }
+            }
+            guard group.parity >= 0 else { throw ConfigurationError("cluster file: group \(group.index) has negative parity") }
+            guard group.parity < group.nodes.count else {
+                throw ConfigurationError("cluster file: group \(group.index) has parity m = \(group.parity) ≥ n = \(group.nodes.count); need m < n")
+            }
+        }
+        for node in nodes where !grouped.contains(node.id) {
+            throw ConfigurationError("cluster file: node \(node.id) is in no protection group")
+        }
+        guard heartbeatIntervalMilliseconds > 0, failureTimeoutMilliseconds > 2 * heartbeatIntervalMilliseconds else {
+            throw ConfigurationError("cluster file: failure_timeout_ms must exceed twice heartbeat_interval_ms")
+        }
+        self.nodes = nodes
+        self.groups = groups
+        self.heartbeatIntervalMilliseconds = heartbeatIntervalMilliseconds
+        self.failureTimeoutMilliseconds = failureTimeoutMilliseconds
+    }
+
+    public static func load(tomlText: String) throws -> ClusterConfiguration {
+        let table = try TOMLTable(string: tomlText)
+        for key in table.keys where !["node", "group", "heartbeat_interval_ms", "failure_timeout_ms"].contains(key) {
+            throw ConfigurationError("cluster file: unknown key '\(key)'")
+        }
+        let nodes = try (table["node"]?.array ?? TOMLArray()).map { value -> Node in
+            guard let entry = value.table, let id = entry["id"]?.int, let address = entry["address"]?.string else {
+                throw ConfigurationError("cluster file: each [[node]] needs id and address")
+            }
+            guard let nodeID = NodeID(exactly: id) else { throw ConfigurationError("cluster file: node id \(id) out of range") }
+            let (host, port) = try DaemonConfiguration.parseHostPort(address)
+            return Node(id: nodeID, host: host, port: port)
+        }
+        let groups = try (table["group"]?.array ?? TOMLArray()).enumerated().map { index, value -> Group in
+            guard let entry = value.table, let members = entry["nodes"]?.array, let parity = entry["parity"]?.int else {
+                throw ConfigurationError("cluster file: each [[group]] needs nodes and parity")
+            }
+            let ids = try members.map { member -> NodeID in
+                guard let id = member.int, let nodeID = NodeID(exactly: id) else { throw ConfigurationError("cluster file: group \(index) has a non-integer node") }
+                return nodeID
+            }
+            return Group(index: index, nodes: ids, parity: parity)
+        }
+        return try ClusterConfiguration(
+            nodes: nodes, groups: groups,
+            heartbeatIntervalMilliseconds: Int64(table["heartbeat_interval_ms"]?.int ?? 200),
+            failureTimeoutMilliseconds: Int64(table["failure_timeout_ms"]?.int ?? 2000))
+    }
+
+    public func node(_ id: NodeID) -> Node? { nodes.first { $0.id == id } }
+    public func group(of id: NodeID) -> Group? { groups.first { $0.nodes.contains(id) } }
+    public var nodeIDs: [NodeID] { nodes.map(\.id).sorted() }
+}

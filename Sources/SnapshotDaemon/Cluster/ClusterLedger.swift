@@ -1,0 +1,143 @@
+import ErasureCoding
+public import SnapshotProtocol
+
+/// What this node knows about every step across the cluster: each node's
+/// readiness report (its data size and shard manifests) and protection report.
+/// Pure bookkeeping: it decides when a step is committed, what fragment size a
+/// group uses, which fragments a holder expects, and what is lost when nodes die.
+public struct ClusterLedger: Sendable {
+    public let configuration: ClusterConfiguration
+
+    public struct StepEntry: Sendable, Equatable {
+        public var world: UInt32
+        public var ready: [NodeID: StepReady] = [:]
+        public var protectedNodes: Set<NodeID> = []
+        public var committed = false
+        /// Ranks covered by the manifests in the readiness reports.
+        public var ranksByNode: [NodeID: [Rank]] = [:]
+    }
+
+    public struct StepID: Hashable, Sendable, Comparable {
+        public let job: JobID
+        public let step: Step
+        public init(job: JobID, step: Step) {
+            self.job = job
+            self.step = step
+        }
+        public static func < (a: StepID, b: StepID) -> Bool { (a.job, a.step) < (b.job, b.step) }
+    }
+
+    public private(set) var steps: [StepID: StepEntry] = [:]
+
+    public init(configuration: ClusterConfiguration) { self.configuration = configuration }
+
+    // MARK: Reports
+
+    /// Records a node's readiness report; `ranks` are the ranks its manifests cover.
+    public mutating func recordReady(_ ready: StepReady, ranks: [Rank]) {
+        let id = StepID(job: ready.job, step: ready.step)
+        if steps[id] == nil { steps[id] = StepEntry(world: ready.world) }
+        steps[id]!.ready[ready.nodeID] = ready
+        steps[id]!.ranksByNode[ready.nodeID] = ranks
+        if ready.dataSizeBytes == 0 { steps[id]!.protectedNodes.insert(ready.nodeID) }  // nothing to protect
+    }
+
+    public mutating func recordProtected(job: JobID, step: Step, node: NodeID) {
+        let id = StepID(job: job, step: step)
+        guard steps[id] != nil else { return }
+        steps[id]!.protectedNodes.insert(node)
+    }
+
+    /// Whether the step is now committed: every node of the cluster reported
+    /// ready and protected, and their shards cover ranks 0..<world exactly.
+    /// Returns true once, on the transition.
+    public mutating func commitIfComplete(job: JobID, step: Step) -> Bool {
+        let id = StepID(job: job, step: step)
+        guard let entry = steps[id], !entry.committed else { return false }
+        let nodes = Set(configuration.nodeIDs)
+        guard Set(entry.ready.keys) == nodes, entry.protectedNodes.isSuperset(of: nodes) else { return false }
+        let ranks = entry.ranksByNode.values.flatMap { $0 }
+        guard ranks.count == Int(entry.world), Set(ranks) == Set(0..<entry.world) else { return false }
+        steps[id]!.committed = true
+        return true
+    }
+
+    public mutating func markCommitted(job: JobID, step: Step) {
+        steps[StepID(job: job, step: step)]?.committed = true
+    }
+
+    /// Forgets steps the node no longer keeps.
+    public mutating func forget(job: JobID, step: Step) { steps[StepID(job: job, step: step)] = nil }
+
+    public func entry(job: JobID, step: Step) -> StepEntry? { steps[StepID(job: job, step: step)] }
+
+    // MARK: Layout of a step
+
+    /// Every member of `group` has reported: their data sizes fix the fragment size.
+    public func fragmentSizeBytes(job: JobID, step: Step, group: ClusterConfiguration.Group) -> UInt64? {
+        guard let entry = entry(job: job, step: step) else { return nil }
+        var sizes: [Int] = []
+        for node in group.nodes {
+            guard let ready = entry.ready[node] else { return nil }
+            sizes.append(Int(ready.dataSizeBytes))
+        }
+        return UInt64(try! group.layout.fragmentSizeBytes(nodeDataSizesBytes: sizes))
+    }
+
+    /// Data slots of `stripe` that carry bytes (a source whose data ends before
+    /// its fragment contributes zeroes, which need not travel).
+    public func nonZeroSlots(job: JobID, step: Step, group: ClusterConfiguration.Group, stripe: Int, fragmentSizeBytes: UInt64) -> Set<Int>? {
+        guard let entry = entry(job: job, step: step) else { return nil }
+        let layout = group.layout
+        var slots = Set<Int>()
+        for slot in 0..<layout.dataFragmentCount {
+            let position = try! layout.dataSource(stripe: stripe, slot: slot)
+            guard let ready = entry.ready[group.nodes[position]] else { return nil }
+            guard case .data(_, let fragment) = try! layout.role(node: position, stripe: stripe) else { continue }
+            if UInt64(fragment) * fragmentSizeBytes < ready.dataSizeBytes { slots.insert(slot) }
+        }
+        return slots
+    }
+
+    // MARK: Recovery picture
+
+    /// Per job: the newest committed step, the newest one every rank of which
+    /// survives (a group loses nothing while at most m of its members are
+    /// lost), and the ranks lost at the newest committed step.
+    public func recovery(lostNodes: Set<NodeID>) -> [JobRecovery] {
+        let jobs = Set(steps.keys.map(\.job)).sorted()
+        return jobs.map { job in
+            let committed = steps.filter { $0.key.job == job && $0.value.committed }.sorted { $0.key.step > $1.key.step }
+            func lostRanks(_ entry: StepEntry) -> [Rank] {
+                var ranks: [Rank] = []
+                for group in configuration.groups {
+                    let lost = group.nodes.filter { lostNodes.contains($0) && (entry.ready[$0]?.dataSizeBytes ?? 0) > 0 }
+                    let lostMembers = group.nodes.filter(lostNodes.contains)
+                    if lostMembers.count > group.parity { ranks += lost.flatMap { entry.ranksByNode[$0] ?? [] } }
+                }
+                return ranks.sorted()
+            }
+            let latest = committed.first
+            let restorable = committed.first { lostRanks($0.value).isEmpty }
+            let lost = latest.map { lostRanks($0.value) } ?? []
+            let summary: String
+            if latest == nil {
+                summary = "no committed step"
+            } else if lost.isEmpty {
+                summary = lostNodes.isEmpty ? "all ranks intact" : "recoverable: lost nodes \(lostNodes.sorted()) are within every group's tolerance"
+            } else {
+                let groups = configuration.groups.filter { g in g.nodes.filter(lostNodes.contains).count > g.parity }
+                    .map { "group \($0.index) lost \($0.nodes.filter(lostNodes.contains)) of \($0.nodes.count), tolerates \($0.parity)" }
+                summary = "beyond tolerance: \(groups.joined(separator: "; ")); ranks \(lost) of step \(latest!.key.step) are lost; "
+                    + (restorable.map { "newest fully restorable step is \($0.key.step)" } ?? "no step is fully restorable from memory: fall back to the last persistent checkpoint")
+            }
+            return JobRecovery(job: job, latestCommitted: latest?.key.step, newestRestorable: restorable?.key.step, lostRanks: lost, summary: summary)
+        }
+    }
+
+    public func clusterState() -> ClusterStateReply {
+        ClusterStateReply(steps: steps.sorted { $0.key < $1.key }.map { id, entry in
+            ClusterStepState(job: id.job, step: id.step, committed: entry.committed, ready: entry.ready.values.sorted { $0.nodeID < $1.nodeID }, protectedNodes: entry.protectedNodes.sorted())
+        })
+    }
+}

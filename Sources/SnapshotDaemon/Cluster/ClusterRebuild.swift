@@ -1,0 +1,199 @@
+import ErasureCoding
+import Foundation
+import Glibc
+import Logging
+import SnapshotIO
+import SnapshotProtocol
+
+/// Rebuilding a lost node on its replacement (DESIGN.md, "Recovery"): for every
+/// committed step it took part in, pull k surviving fragments per affected
+/// stripe, decode its data fragments and the parity it held, check every CRC,
+/// and adopt the result. Runs when the coordinator orders it.
+extension ClusterNode {
+    func beginRebuild() {
+        let start = server.lock.withLock { () -> Bool in
+            guard needsRebuild, !rebuilding, !stopping else { return false }
+            rebuilding = true
+            return true
+        }
+        guard start else { return }
+        Thread.detachNewThread { [self] in runRebuild() }
+    }
+
+    private func runRebuild() {
+        defer { server.lock.withLock { rebuilding = false } }
+        let started = monotonicMilliseconds()
+        refreshClusterState()
+        let steps = server.lock.withLock {
+            ledger.steps.filter { id, entry in
+                entry.committed && entry.ready[selfID] != nil && !server.store.isCommitted(job: id.job, step: id.step)
+            }.map(\.key).sorted()
+        }
+        logger.notice("rebuild started", metadata: ["steps": "\(steps.map { "\($0.job)/\($0.step)" })"])
+        var failed: [String] = []
+        var bytes: UInt64 = 0
+        for id in steps {
+            do {
+                bytes += try rebuildStep(job: id.job, step: id.step)
+            } catch {
+                failed.append("\(id.job)/\(id.step)")
+                logger.error("rebuild of a step failed", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
+            }
+        }
+        let seconds = Double(monotonicMilliseconds() - started) / 1000
+        server.lock.withLock {
+            needsRebuild = !failed.isEmpty
+            monitor.setSelfNeedsRebuild(needsRebuild)
+            lastRebuild = (steps.count - failed.count, bytes, seconds)
+            server.lock.broadcast()
+        }
+        if failed.isEmpty {
+            logger.notice("rebuild complete: this node serves its ranks again", metadata: [
+                "steps": "\(steps.count)", "bytes": "\(bytes)", "seconds": "\(seconds)",
+                "megabytesPerSecond": "\(seconds > 0 ? Double(bytes) / seconds / 1e6 : 0)",
+            ])
+        } else {
+            logger.error("rebuild incomplete; the coordinator will order it again", metadata: ["failedSteps": "\(failed)"])
+        }
+    }
+
+    /// Fresh knowledge of committed steps from any live peer.
+    private func refreshClusterState() {
+        for peer in mesh.peers {
+            guard case .clusterStateReply(let state)? = try? mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
+            server.lock.withLock { merge(state) }
+            return
+        }
+    }
+
+    /// Rebuilds this node's shards and parity of one step; returns bytes rebuilt.
+    private func rebuildStep(job: JobID, step: Step) throws -> UInt64 {
+        let (entry, fragmentSize) = try server.lock.withLock { () throws -> (ClusterLedger.StepEntry, UInt64) in
+            guard let entry = ledger.entry(job: job, step: step), let size = ledger.fragmentSizeBytes(job: job, step: step, group: group) else {
+                throw StoreError(.unrecoverable, "the cluster state for \(job)/\(step) is incomplete")
+            }
+            return (entry, size)
+        }
+        let own = entry.ready[selfID]!
+        let manifests = try own.manifests.map { try ManifestFile(decoding: $0) }.sorted { $0.key.rank < $1.key.rank }
+        // Fresh segments for this node's shards.
+        let segments = try server.lock.withLock {
+            try manifests.map { try server.arena.createSegment($0.key, sizeBytes: $0.shard.segmentSizeBytes) }
+        }
+        let data = NodeStepData(segments: segments)
+        guard UInt64(data.totalBytes) == own.dataSizeBytes else {
+            throw StoreError(.unrecoverable, "manifests give \(data.totalBytes) bytes, the node reported \(own.dataSizeBytes)")
+        }
+        let size = Int(fragmentSize)
+        let workspace = try StripeWorkspace(count: layout.groupSize, fragmentSizeBytes: size)
+        for fragment in 0..<layout.dataFragmentCount where fragment * size < data.totalBytes {
+            let placement = try layout.placement(node: position, fragment: fragment)
+            let output = workspace.output
+            try reconstruct(job: job, step: step, stripe: placement.stripe, target: placement.slot, entry: entry, fragmentSizeBytes: fragmentSize, workspace: workspace, into: output)
+            data.scatter(from: output, offset: fragment * size, count: size)
+        }
+        var parity: [Int: ParityRecord] = [:]
+        var paritySegmentsBuilt: [Int: MappedSegment] = [:]
+        for (stripe, row) in try layout.parityStripes(node: position) {
+            let key = ParityKey(job: job, step: step, stripe: stripe)
+            let segmentSize = SegmentLayout.roundUp(fragmentSize, to: SegmentLayout.segmentGranularityBytes)
+            let segment = try server.lock.withLock { try server.arena.createParitySegment(key, sizeBytes: segmentSize) }
+            try reconstruct(job: job, step: step, stripe: stripe, target: layout.dataFragmentCount + row, entry: entry, fragmentSizeBytes: fragmentSize, workspace: workspace, into: segment.base!)
+            let crc = CRC32C.checksum(UnsafeRawBufferPointer(segment.bytes(offset: 0, count: size)))
+            parity[stripe] = ParityRecord(row: row, fragmentSizeBytes: fragmentSize, segmentSizeBytes: segmentSize, crc32c: crc)
+            paritySegmentsBuilt[stripe] = segment
+        }
+        // Every rebuilt tensor must match the CRC its trainer's daemon sealed.
+        for (manifest, segment) in zip(manifests, segments) {
+            let bad = corruptedTensors(manifest.shard, in: segment)
+            guard bad.isEmpty else { throw StoreError(.checksumMismatch, "rebuilt \(manifest.key) fails the CRC check for \(bad)") }
+            try server.arena.writeManifest(manifest)
+        }
+        try server.lock.withLock {
+            for (manifest, segment) in zip(manifests, segments) { server.segments[manifest.key] = segment }
+            for (stripe, segment) in paritySegmentsBuilt { paritySegments[ParityKey(job: job, step: step, stripe: stripe)] = segment }
+            var shards: [Rank: ShardRecord] = [:]
+            for manifest in manifests { shards[manifest.key.rank] = manifest.shard }
+            server.store.adoptCommitted(job: job, step: step, world: entry.world, shards: shards, parity: parity)
+            try server.arena.writeCommitMarker(job: job, step: step, world: entry.world, ranks: Array(shards.keys), parity: parity)
+        }
+        logger.info("step rebuilt", metadata: ["job": "\(job)", "step": "\(step)", "ranks": "\(manifests.map(\.key.rank))", "dataBytes": "\(data.totalBytes)", "parityStripes": "\(parity.keys.sorted())"])
+        return UInt64(data.totalBytes) + UInt64(parity.count) * fragmentSize
+    }
+
+    /// Rebuilds RS fragment `target` of `stripe` into `output` from k others:
+    /// empty data slots are zeroes locally; the rest are fetched from live peers.
+    private func reconstruct(
+        job: JobID, step: Step, stripe: Int, target: Int, entry: ClusterLedger.StepEntry, fragmentSizeBytes: UInt64,
+        workspace: StripeWorkspace, into output: UnsafeMutableRawPointer
+    ) throws {
+        let k = layout.dataFragmentCount
+        let size = Int(fragmentSizeBytes)
+        let unavailable = server.lock.withLock { lostNodes() }
+        var zeroSlots: [Int] = []
+        var remote: [(index: Int, node: NodeID)] = []
+        for index in 0..<layout.groupSize where index != target {
+            let holderPosition = index < k ? try layout.dataSource(stripe: stripe, slot: index) : try layout.parityHolder(stripe: stripe, row: index - k)
+            let node = group.nodes[holderPosition]
+            if index < k, case .data(_, let fragment) = try layout.role(node: holderPosition, stripe: stripe),
+                UInt64(fragment) * fragmentSizeBytes >= entry.ready[node]?.dataSizeBytes ?? 0
+            {
+                zeroSlots.append(index)
+            } else if node != selfID {
+                remote.append((index, node))
+            }
+        }
+        // Prefer peers believed alive; try the others last.
+        remote.sort { (unavailable.contains($0.node) ? 1 : 0, $0.index) < (unavailable.contains($1.node) ? 1 : 0, $1.index) }
+        var slots = [UnsafeMutableRawPointer?](repeating: nil, count: layout.groupSize)
+        var collected = 0
+        for index in zeroSlots where collected < k {
+            memset(workspace.buffers[index], 0, size)
+            slots[index] = workspace.buffers[index]
+            collected += 1
+        }
+        for (index, node) in remote where collected < k {
+            do {
+                try fetch(FragmentID(job: job, step: step, stripe: UInt16(stripe), index: UInt16(index)), from: node, fragmentSizeBytes: fragmentSizeBytes, into: workspace.buffers[index])
+                slots[index] = workspace.buffers[index]
+                collected += 1
+            } catch {
+                logger.warning("fragment unavailable; trying another", metadata: ["node": "\(node)", "stripe": "\(stripe)", "index": "\(index)", "error": "\(error)"])
+            }
+        }
+        guard collected == k else {
+            throw StoreError(.unrecoverable, "stripe \(stripe) of \(job)/\(step): only \(collected) of the \(k) fragments needed could be read")
+        }
+        slots[target] = output
+        try slots.withUnsafeBufferPointer { try code.reconstruct(fragments: $0, rebuilding: [target], fragmentSizeBytes: size) }
+    }
+
+    private func fetch(_ id: FragmentID, from node: NodeID, fragmentSizeBytes: UInt64, into buffer: UnsafeMutableRawPointer) throws {
+        try mesh.withConnection(node, .data, timeoutMilliseconds: heartbeatTimeoutMilliseconds) { connection in
+            try connection.send(.fragmentGet(FragmentGet(fragment: id)), requestID: 1)
+            let reply = try PeerMesh.reply(connection)
+            guard case .fragmentData(let data) = reply, data.fragment == id, data.fragmentSizeBytes == fragmentSizeBytes else {
+                throw PeerError(code: nil, message: "unexpected reply \(reply.type) to a fragment request")
+            }
+            let size = Int(fragmentSizeBytes)
+            try connection.socket.readExact(into: buffer, count: size, deadlineMilliseconds: connection.deadline() + Int64(size >> 20) * 10)
+            guard CRC32C.checksum(UnsafeRawBufferPointer(start: buffer, count: size)) == data.crc32c else {
+                throw PeerError(code: .checksumMismatch, message: "fragment \(id) from node \(node) failed its CRC check")
+            }
+        }
+    }
+}
+
+/// Buffers for rebuilding one stripe at a time: one per fragment index plus
+/// the output, allocated once per step.
+final class StripeWorkspace {
+    let segments: [MappedSegment]
+    let buffers: [UnsafeMutableRawPointer]
+    let output: UnsafeMutableRawPointer
+
+    init(count: Int, fragmentSizeBytes: Int) throws {
+        segments = try (0...count).map { _ in try MappedSegment.anonymous(sizeBytes: max(1, fragmentSizeBytes)) }
+        buffers = segments.dropLast().map { $0.base! }
+        output = segments.last!.base!
+    }
+}

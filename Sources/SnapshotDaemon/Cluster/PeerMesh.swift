@@ -1,0 +1,119 @@
+import Foundation
+import Glibc
+import Logging
+import SnapshotIO
+public import SnapshotProtocol
+
+/// Outbound connections from this daemon to its peers: TCP, authenticated with
+/// the shared secret like any client, then introduced as a peer. One
+/// connection per (peer, purpose) so heartbeats never queue behind a bulk
+/// fragment transfer. A failed exchange drops the connection; the next one
+/// reconnects.
+final class PeerMesh: @unchecked Sendable {
+    enum Purpose: Hashable {
+        case heartbeat, control, data
+    }
+
+    struct Key: Hashable {
+        let node: NodeID
+        let purpose: Purpose
+    }
+
+    final class Channel {
+        let lock = NSLock()
+        var connection: FramedConnection?
+    }
+
+    let selfID: NodeID
+    let cluster: ClusterConfiguration
+    let secret: [UInt8]
+    let logger: Logger
+    private let channelsLock = NSLock()
+    private var channels: [Key: Channel] = [:]
+
+    init(selfID: NodeID, cluster: ClusterConfiguration, secret: [UInt8], logger: Logger) {
+        self.selfID = selfID
+        self.cluster = cluster
+        self.secret = secret
+        self.logger = logger
+    }
+
+    var peers: [NodeID] { cluster.nodeIDs.filter { $0 != selfID } }
+
+    private func channel(_ key: Key) -> Channel {
+        channelsLock.withLock {
+            if let channel = channels[key] { return channel }
+            let channel = Channel()
+            channels[key] = channel
+            return channel
+        }
+    }
+
+    /// Runs `body` with an established connection to `node`, serialized with
+    /// other users of the same channel. Errors drop the connection.
+    func withConnection<T>(_ node: NodeID, _ purpose: Purpose, timeoutMilliseconds: Int64, _ body: (FramedConnection) throws -> T) throws -> T {
+        let channel = channel(Key(node: node, purpose: purpose))
+        return try channel.lock.withLock {
+            do {
+                let connection = try channel.connection ?? connect(node, timeoutMilliseconds: timeoutMilliseconds)
+                channel.connection = connection
+                return try body(connection)
+            } catch {
+                channel.connection?.close()
+                channel.connection = nil
+                throw error
+            }
+        }
+    }
+
+    /// A request and its reply (an error reply is thrown as ``PeerError``).
+    func request(_ node: NodeID, _ purpose: Purpose, _ message: Message, timeoutMilliseconds: Int64) throws -> Message {
+        try withConnection(node, purpose, timeoutMilliseconds: timeoutMilliseconds) { connection in
+            try connection.send(message, requestID: 1)
+            return try Self.reply(connection)
+        }
+    }
+
+    static func reply(_ connection: FramedConnection) throws -> Message {
+        do {
+            let message = try connection.receive().message
+            if case .error(let e) = message { throw PeerError(code: e.code, message: e.message) }
+            return message
+        } catch let error as ConnectionError {
+            throw PeerError(code: nil, message: "\(error)")
+        }
+    }
+
+    private func connect(_ node: NodeID, timeoutMilliseconds: Int64) throws -> FramedConnection {
+        guard let peer = cluster.node(node) else { throw PeerError(code: nil, message: "node \(node) is not in the cluster file") }
+        let socket = try Socket.connectTCP(host: peer.host, port: peer.port, timeoutMilliseconds: timeoutMilliseconds)
+        let connection = FramedConnection(socket: socket, frameTimeoutMilliseconds: max(timeoutMilliseconds, 1000))
+        do {
+            guard case .challenge(let challenge) = try connection.receive().message else {
+                throw PeerError(code: nil, message: "node \(node) did not send an authentication challenge")
+            }
+            try connection.send(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: challenge.nonce))), requestID: 0)
+            guard case .ok = try Self.reply(connection) else { throw PeerError(code: nil, message: "node \(node) refused authentication") }
+            try connection.send(.hello(Hello(role: .peer, job: nil, nodeID: selfID)), requestID: 0)
+            guard case .welcome(let welcome) = try Self.reply(connection), welcome.nodeID == node else {
+                throw PeerError(code: nil, message: "the daemon at \(peer.address) is not node \(node)")
+            }
+            return connection
+        } catch {
+            connection.close()
+            throw error
+        }
+    }
+
+    func closeAll() {
+        channelsLock.withLock {
+            for channel in channels.values { channel.connection?.socket.shutdownBoth() }
+        }
+    }
+}
+
+struct PeerError: Error, CustomStringConvertible {
+    let code: ErrorCode?
+    let message: String
+    var description: String { code.map { "\($0): \(message)" } ?? message }
+}
