@@ -20,6 +20,12 @@ public struct ClusterConfiguration: Sendable, Equatable {
         public let host: String
         public let port: UInt16
         public var address: String { "\(host):\(port)" }
+
+        public init(id: NodeID, host: String, port: UInt16) {
+            self.id = id
+            self.host = host
+            self.port = port
+        }
     }
 
     public struct Group: Sendable, Equatable {
@@ -30,6 +36,12 @@ public struct ClusterConfiguration: Sendable, Equatable {
         public var layout: StripeLayout { try! StripeLayout(groupSize: nodes.count, parityCount: parity) }
 
         public func position(of node: NodeID) -> Int? { nodes.firstIndex(of: node) }
+
+        public init(index: Int, nodes: [NodeID], parity: Int) {
+            self.index = index
+            self.nodes = nodes
+            self.parity = parity
+        }
     }
 
     public let nodes: [Node]

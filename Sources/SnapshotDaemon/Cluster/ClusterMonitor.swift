@@ -12,6 +12,9 @@ public import SnapshotProtocol
 /// given again by its successor. A rebuild is ordered only while the group is
 /// within tolerance (at most m members dead or rebuilding); beyond it the
 /// coordinator reports instead of ordering, since a rebuild could not succeed.
+/// A monitor decides nothing for one failure timeout after it starts: until
+/// then it cannot tell a silent peer from a dead one (a replacement that
+/// started believing everyone alive would order rebuilds beyond tolerance).
 public struct ClusterMonitor: Sendable {
     public enum PeerState: Sendable, Equatable {
         case alive
@@ -44,6 +47,7 @@ public struct ClusterMonitor: Sendable {
     public private(set) var coordinator: NodeID
     private var lastOrder: [NodeID: Int64] = [:]
     private var reportedBeyond: Set<Int> = []
+    private let startedAtMilliseconds: Int64
 
     /// Peers start alive as of `nowMilliseconds`: a node that never answers is
     /// declared dead one timeout after start.
@@ -52,6 +56,7 @@ public struct ClusterMonitor: Sendable {
         groups = configuration.groups
         failureTimeoutMilliseconds = configuration.failureTimeoutMilliseconds
         self.reorderIntervalMilliseconds = reorderIntervalMilliseconds
+        startedAtMilliseconds = nowMilliseconds
         for id in configuration.nodeIDs {
             states[id] = .alive
             lastHeard[id] = nowMilliseconds
@@ -102,7 +107,7 @@ public struct ClusterMonitor: Sendable {
             coordinator = elected
             actions.append(elected == selfID ? .becameCoordinator : .coordinatorChanged(to: elected))
         }
-        guard isCoordinator else { return actions }
+        guard isCoordinator, now - startedAtMilliseconds > failureTimeoutMilliseconds else { return actions }
         for group in groups {
             let lost = group.nodes.filter { states[$0] == .dead || needsRebuild.contains($0) }.sorted()
             if lost.count > group.parity {
