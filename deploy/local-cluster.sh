@@ -31,6 +31,7 @@ start_node() {
         return 1
     fi
     if [ "$fresh" = "--fresh" ]; then rm -rf "$(arena "$dir" "$id")"; fi
+    rm -f "$dir/node$id.sock"  # a killed node leaves its socket file behind
     local prefix=()
     if [ "${NETNS:-0}" = 1 ]; then prefix=(ip netns exec "snapshotd-$(basename "$dir")-$id"); fi
     "${prefix[@]}" "$binary" --node-id "$id" --cluster-file "$dir/cluster.toml" \

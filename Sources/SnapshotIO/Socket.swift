@@ -59,17 +59,21 @@ public struct Socket: Sendable {
 
     /// Listens on a Unix socket path with the given file mode (permissions are
     /// the access control for local clients). A stale socket file is replaced.
+    /// The socket is bound under a temporary name and renamed into place once
+    /// listening, so a client that sees the path can always connect.
     public static func listenUnix(path: String, mode: mode_t, backlog: Int32 = 128) throws -> Socket {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw IOError("socket(AF_UNIX)") }
-        var address = try unixAddress(path)
-        unlink(path)
+        let temporary = path + ".binding"
+        var address = try unixAddress(temporary)
+        unlink(temporary)
         let bound = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        guard bound == 0, chmod(path, mode) == 0, listen(fd, backlog) == 0 else {
+        guard bound == 0, chmod(temporary, mode) == 0, listen(fd, backlog) == 0, rename(temporary, path) == 0 else {
             let error = IOError("listen(\(path))")
             _ = Glibc.close(fd)
+            unlink(temporary)
             throw error
         }
         return Socket(fd: fd)

@@ -31,6 +31,10 @@ final class ClusterNode: @unchecked Sendable {
     var ledger: ClusterLedger
     var paritySegments: [ParityKey: MappedSegment] = [:]
     var needsRebuild = false
+    /// Until the node has learned the cluster's committed steps it cannot say
+    /// what it holds: "not committed" from a replacement would make a trainer
+    /// start over, so it answers "unavailable" instead.
+    var discovered = false
     var rebuilding = false
     var stopping = false
     var lastRebuild: (steps: Int, bytes: UInt64, seconds: Double)?
@@ -86,6 +90,8 @@ final class ClusterNode: @unchecked Sendable {
         server.lock.withLock {
             needsRebuild = !missingSteps().isEmpty
             monitor.setSelfNeedsRebuild(needsRebuild)
+            discovered = true
+            server.lock.broadcast()
         }
         if needsRebuild {
             logger.warning("this node holds less than the cluster committed for it; waiting for the coordinator's rebuild order", metadata: ["steps": "\(server.lock.withLock { missingSteps().count })"])
@@ -94,14 +100,38 @@ final class ClusterNode: @unchecked Sendable {
         }
     }
 
-    /// With the lock held: merges a peer's view of the cluster's steps.
+    /// With the lock held: merges a peer's view of the cluster's steps (its
+    /// reports fill in any broadcast this node missed).
     func merge(_ state: ClusterStateReply) {
         for step in state.steps {
             for ready in step.ready where ledger.entry(job: step.job, step: step.step)?.ready[ready.nodeID] == nil {
                 ledger.recordReady(ready, ranks: Self.ranks(of: ready))
             }
             for node in step.protectedNodes { ledger.recordProtected(job: step.job, step: step.step, node: node) }
-            if step.committed { ledger.markCommitted(job: step.job, step: step.step) }
+            if step.committed {
+                ledger.markCommitted(job: step.job, step: step.step)
+                commitLocallyIfHeld(job: step.job, step: step.step)
+            }
+            afterLedgerChange(job: step.job, step: step.step)
+        }
+    }
+
+    /// With the lock held: the cluster committed a step; if this node holds its
+    /// whole share sealed (it missed the last report), commit it here too. A
+    /// node lacking its shards must not: it needs a rebuild instead.
+    private func commitLocallyIfHeld(job: JobID, step: Step) {
+        guard !server.store.isCommitted(job: job, step: step), let record = server.store.jobs[job], record.localWorld > 0,
+            let shards = record.steps[step], shards.count == Int(record.localWorld),
+            shards.values.allSatisfy({ $0.state == .localComplete || $0.state == .protected })
+        else { return }
+        server.apply(server.store.markCommitted(job: job, step: step, world: record.world))
+    }
+
+    /// Asks `peers` for their view and merges it.
+    private func pullState(from peers: [NodeID]) {
+        for peer in peers {
+            guard case .clusterStateReply(let state)? = try? mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
+            server.lock.withLock { merge(state) }
         }
     }
 
@@ -119,8 +149,11 @@ final class ClusterNode: @unchecked Sendable {
     // MARK: Heartbeats and coordination
 
     private func heartbeatLoop() {
+        var round = 0
         while !server.lock.withLock({ stopping }) {
             let started = monotonicMilliseconds()
+            round += 1
+            if round % 10 == 0 { catchUp() }
             for peer in mesh.peers {
                 let beat = server.lock.withLock { ownHeartbeat() }
                 guard case .heartbeat(let reply)? = try? mesh.request(peer, .heartbeat, .heartbeat(beat), timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
@@ -133,9 +166,23 @@ final class ClusterNode: @unchecked Sendable {
         }
     }
 
+    /// Anti-entropy: for steps this node protected but has not seen commit,
+    /// pull the reports of the live nodes it has not heard from.
+    private func catchUp() {
+        let missing: [NodeID] = server.lock.withLock {
+            var peers = Set<NodeID>()
+            let live = Set(monitor.liveNodes)
+            for (_, entry) in ledger.steps where !entry.committed && entry.protectedNodes.contains(selfID) {
+                peers.formUnion(cluster.nodeIDs.filter { $0 != selfID && live.contains($0) && !entry.protectedNodes.contains($0) })
+            }
+            return peers.sorted()
+        }
+        pullState(from: missing)
+    }
+
     /// With the lock held.
     private func ownHeartbeat() -> Heartbeat {
-        Heartbeat(nodeID: selfID, incarnation: incarnation, liveNodes: monitor.liveNodes, needsRebuild: needsRebuild)
+        Heartbeat(nodeID: selfID, incarnation: incarnation, liveNodes: monitor.liveNodes, needsRebuild: needsRebuild || !discovered)
     }
 
     private func observe(_ beat: Heartbeat) {
@@ -179,6 +226,13 @@ final class ClusterNode: @unchecked Sendable {
     /// With the lock held: nodes whose data is not available now.
     func lostNodes() -> Set<NodeID> {
         Set(monitor.deadNodes).union(monitor.needsRebuild)
+    }
+
+    /// With the lock held: why this node cannot answer for its snapshots now, if it cannot.
+    var unavailableReason: String? {
+        if !discovered { return "node \(selfID) is joining the cluster; retry shortly" }
+        if needsRebuild { return "node \(selfID) is being rebuilt from its peers; retry shortly" }
+        return nil
     }
 
     // MARK: Requests from peers and operators
@@ -299,12 +353,19 @@ final class ClusterNode: @unchecked Sendable {
     @discardableResult
     private func runHolderDuties(job: JobID, step: Step) -> UInt64? {
         let deadline = Date().addingTimeInterval(Double(protectionTimeoutMilliseconds) / 1000)
-        let size: UInt64? = server.lock.withLock {
-            while !stopping {
-                if let size = ledger.fragmentSizeBytes(job: job, step: step, group: group) { return size }
-                if !server.lock.wait(until: deadline) { return nil }
+        var size: UInt64?
+        while Date() < deadline, size == nil {
+            // Wait a while for the reports; then pull them from the members that
+            // have not reported (a broadcast may have been lost with a restarted peer).
+            let missing: [NodeID] = server.lock.withLock {
+                let slice = min(deadline, Date().addingTimeInterval(1))
+                while !stopping, ledger.fragmentSizeBytes(job: job, step: step, group: group) == nil, server.lock.wait(until: slice) {}
+                size = ledger.fragmentSizeBytes(job: job, step: step, group: group)
+                let reported = ledger.entry(job: job, step: step)?.ready ?? [:]
+                return stopping ? [] : group.nodes.filter { $0 != selfID && reported[$0] == nil }
             }
-            return nil
+            if size == nil { pullState(from: missing) }
+            if server.lock.withLock({ stopping }) { return nil }
         }
         guard let size else {
             logger.warning("protection gave up: not every member of the group reported the step", metadata: ["job": "\(job)", "step": "\(step)"])
@@ -360,12 +421,20 @@ final class ClusterNode: @unchecked Sendable {
         throw lastError!
     }
 
+    /// Sends a report to every peer; a failure is retried once on a fresh
+    /// connection (the old one may lead to a process that was replaced). A peer
+    /// that still misses it pulls it later (see ``runHolderDuties``).
     private func broadcast(_ message: Message) {
         for peer in mesh.peers {
-            do {
-                _ = try mesh.request(peer, .control, message, timeoutMilliseconds: heartbeatTimeoutMilliseconds)
-            } catch {
-                logger.debug("peer did not take a report", metadata: ["peer": "\(peer)", "type": "\(message.type)", "error": "\(error)"])
+            for attempt in 0..<2 {
+                do {
+                    _ = try mesh.request(peer, .control, message, timeoutMilliseconds: heartbeatTimeoutMilliseconds)
+                    break
+                } catch {
+                    if attempt == 1 {
+                        logger.debug("peer did not take a report", metadata: ["peer": "\(peer)", "type": "\(message.type)", "error": "\(error)"])
+                    }
+                }
             }
         }
     }
@@ -465,7 +534,7 @@ final class ClusterNode: @unchecked Sendable {
                 case .data(_, let fragment) = try layout.role(node: position, stripe: stripe)
             else { throw StoreError(.invalidRequest, "data slot \(index) of stripe \(stripe) is not on node \(selfID)") }
             let found: (NodeStepData, UInt64)? = server.lock.withLock {
-                guard !needsRebuild, server.store.isCommitted(job: id.job, step: id.step),
+                guard unavailableReason == nil, server.store.isCommitted(job: id.job, step: id.step),
                     let size = ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group)
                 else { return nil }
                 let shards = server.store.localShards(job: id.job, step: id.step)
@@ -481,7 +550,7 @@ final class ClusterNode: @unchecked Sendable {
         } else {
             let key = ParityKey(job: id.job, step: id.step, stripe: stripe)
             let found: (ParityRecord, MappedSegment)? = server.lock.withLock {
-                guard !needsRebuild, let record = server.store.parity(key), record.isComplete, record.row == index - k,
+                guard unavailableReason == nil, let record = server.store.parity(key), record.isComplete, record.row == index - k,
                     let segment = paritySegments[key]
                 else { return nil }
                 return (record, segment)

@@ -130,7 +130,11 @@ final class Session {
         case (.trainer, .commitSave(let m)): try commitSave(m, requestID: header.requestID)
         case (.trainer, .abortSave(let m)): try abortSave(m, requestID: header.requestID)
         case (.trainer, .latestCommitted):
-            reply(.latestCommittedReply(LatestCommittedReply(step: server.lock.withLock { server.store.latestCommitted(job: job!) })), to: header.requestID)
+            let latest = try server.lock.withLock { () throws -> Step? in
+                try checkAvailable()
+                return server.store.latestCommitted(job: job!)
+            }
+            reply(.latestCommittedReply(LatestCommittedReply(step: latest)), to: header.requestID)
         case (.trainer, .waitCommitted(let m)): try waitCommitted(m, requestID: header.requestID)
         case (.trainer, .restore(let m)): try restore(m, requestID: header.requestID)
         case (.trainer, .releaseRestore(let m)): release(ShardKey(job: job!, step: m.step, rank: rank), requestID: header.requestID)
@@ -266,6 +270,12 @@ final class Session {
         reply(.latestCommittedReply(LatestCommittedReply(step: outcome)), to: requestID)
     }
 
+    /// With the lock held: a cluster node that is joining or rebuilding cannot
+    /// answer for its snapshots yet.
+    private func checkAvailable() throws {
+        if let reason = server.cluster?.unavailableReason { throw StoreError(.unavailable, reason) }
+    }
+
     // MARK: Restoring
 
     private func restore(_ m: Restore, requestID: UInt64) throws {
@@ -274,9 +284,7 @@ final class Session {
         }
         let job = job!
         let (step, shard, segment) = try server.lock.withLock { () throws -> (Step, ShardRecord, MappedSegment) in
-            if let cluster = server.cluster, cluster.needsRebuild {
-                throw StoreError(.unavailable, "node \(server.configuration.nodeID) is being rebuilt from its peers; retry shortly")
-            }
+            try checkAvailable()
             let (step, shard) = try server.store.restorable(job: job, rank: rank, step: m.step)
             let key = ShardKey(job: job, step: step, rank: rank)
             guard let segment = server.segments[key] else { throw StoreError(.internalError, "\(key) has no segment") }

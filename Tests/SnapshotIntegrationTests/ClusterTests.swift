@@ -1,0 +1,129 @@
+import Foundation
+import Glibc
+import SnapshotClient
+import SnapshotProtocol
+import Testing
+
+/// Acceptance of cross-node protection and recovery: real daemons on loopback,
+/// real kill -9, replacements rebuilt from their group's survivors.
+@Suite("Cluster: protection and recovery", .serialized)
+struct ClusterTests {
+    @Test func everySingleNodeLossRebuildsByteIdenticalWithOneParity() throws {
+        let cluster = try LocalCluster(nodes: 4, parity: 1)
+        try cluster.saveStep(1)
+        try cluster.saveStep(2)
+        for lost in 0..<4 {
+            try cluster.kill(lost)
+            try cluster.replace(lost)
+            _ = try cluster.waitUntilHealthy(asSeenBy: (lost + 1) % 4)
+            try cluster.verify(step: 2, ranks: cluster.ranks(on: lost))
+            try cluster.verify(step: 1, ranks: cluster.ranks(on: lost))
+        }
+        // The rebuilt cluster keeps protecting new steps.
+        try cluster.saveStep(3)
+        try cluster.verify(step: 3, ranks: Array(0..<cluster.world))
+        #expect(cluster.log(0).contains("step committed"))
+    }
+
+    @Test func everyPairOfLostNodesRebuildsByteIdenticalWithTwoParity() throws {
+        let cluster = try LocalCluster(nodes: 6, parity: 2)
+        try cluster.saveStep(1)
+        for pair in combinations(of: 6, choose: 2) {
+            for node in pair { try cluster.kill(node) }
+            for node in pair { try cluster.replace(node) }
+            let observer = (0..<6).first { !pair.contains($0) }!
+            _ = try cluster.waitUntilHealthy(asSeenBy: observer)
+            try cluster.verify(step: 1, ranks: pair.flatMap { cluster.ranks(on: $0) })
+        }
+        try cluster.saveStep(2)
+        try cluster.verify(step: 2, ranks: Array(0..<cluster.world))
+    }
+
+    @Test func coordinatorDeathHandsRecoveryToTheNextNode() throws {
+        let cluster = try LocalCluster(nodes: 6, parity: 2)
+        try cluster.saveStep(1)
+        try cluster.kill(0)  // the coordinator
+        try cluster.kill(3)
+        // Node 1 sees node 0 dead and takes over.
+        let deadline = Date().addingTimeInterval(30)
+        var report = try cluster.operatorClient(1).recover()
+        while report.coordinator != 1 || report.deadNodes != [0, 3] {
+            guard Date() < deadline else { throw HarnessError("node 1 never took over: \(report)") }
+            usleep(100_000)
+            report = try cluster.operatorClient(1).recover()
+        }
+        try cluster.replace(3)
+        try cluster.verify(step: 1, ranks: cluster.ranks(on: 3))
+        #expect(cluster.log(1).contains("this node is now the coordinator"))
+        #expect(cluster.log(3).contains("coordinator=1"), "node 1 ordered the rebuild")
+        try cluster.replace(0)
+        _ = try cluster.waitUntilHealthy(asSeenBy: 2)
+        try cluster.verify(step: 1, ranks: cluster.ranks(on: 0))
+    }
+
+    @Test func beyondToleranceReportsExactlyTheLostRanksAndNeverHangs() throws {
+        let cluster = try LocalCluster(nodes: 4, parity: 1)
+        try cluster.saveStep(1)
+        try cluster.saveStep(2)
+        try cluster.kill(1)
+        try cluster.kill(2)
+        try cluster.replace(1)
+        try cluster.replace(2)
+        let deadline = Date().addingTimeInterval(30)
+        var report = try cluster.operatorClient(0).recover()
+        while report.jobs.first?.lostRanks.isEmpty != false {
+            guard Date() < deadline else { throw HarnessError("no loss reported: \(report)") }
+            usleep(100_000)
+            report = try cluster.operatorClient(0).recover()
+        }
+        let job = try #require(report.jobs.first)
+        #expect(job.lostRanks == cluster.ranks(on: 1) + cluster.ranks(on: 2))
+        #expect(job.latestCommitted == 2)
+        #expect(job.newestRestorable == nil)
+        #expect(job.summary.contains("beyond tolerance"))
+        #expect(Set(report.rebuildingNodes) == [1, 2])
+        // The replacements refuse promptly instead of hanging or serving wrong bytes.
+        do {
+            _ = try cluster.client(rank: 2).restore()
+            Issue.record("a node beyond tolerance served a restore")
+        } catch let error as SnapshotClientError {
+            #expect(error.code == .unavailable)
+        }
+        // Surviving nodes still serve their own ranks.
+        try cluster.verify(step: 2, ranks: cluster.ranks(on: 0))
+        #expect(cluster.log(0).contains("group beyond tolerance"))
+    }
+
+    @Test func nodeKilledWhileFragmentsAreInFlight() throws {
+        let cluster = try LocalCluster(nodes: 4, parity: 1)
+        let big: [(String, DType, Int)] = [("rng.state", .bytes, 9), ("layers.0.weight", .float32, 24 << 20)]
+        try cluster.saveStep(1, sizes: big)
+        // Step 2: every rank's save returns once its bytes are local; kill node 1 right away,
+        // while protection streams fragments between the nodes.
+        try concurrently(0..<cluster.world) { rank in
+            try cluster.client(rank: rank).save(step: 2, tensors: tensors(step: 2, rank: rank, sizes: cluster.sizes(for: rank, base: big)))
+        }
+        try cluster.kill(1)
+        let latest = try #require(try cluster.client(rank: 0).latestCommittedStep())
+        #expect(latest == 1 || latest == 2)
+        try cluster.replace(1)
+        _ = try cluster.waitUntilHealthy(asSeenBy: 0)
+        // Step 1 is intact everywhere; step 2 counts only if it was really committed.
+        try cluster.verify(step: 1, ranks: Array(0..<cluster.world), sizes: big)
+        let committedNow = try cluster.client(rank: 0).latestCommittedStep()
+        if committedNow == 2 {
+            try cluster.verify(step: 2, ranks: Array(0..<cluster.world), sizes: big)
+        } else {
+            #expect(committedNow == 1)
+            #expect(throws: SnapshotClientError.self) { try cluster.client(rank: 3).restore(step: 2) }
+        }
+        try cluster.saveStep(3, sizes: big)
+        try cluster.verify(step: 3, ranks: Array(0..<cluster.world), sizes: big)
+    }
+}
+
+func combinations(of n: Int, choose r: Int) -> [[Int]] {
+    guard r > 0 else { return [[]] }
+    guard n >= r else { return [] }
+    return combinations(of: n - 1, choose: r - 1).map { $0 + [n - 1] } + combinations(of: n - 1, choose: r)
+}
