@@ -20,6 +20,7 @@ let package = Package(
         .executable(name: "snapshotctl", targets: ["snapshotctl"]),
         .executable(name: "snapshot-bench", targets: ["snapshot-bench"]),
         .executable(name: "snapshot-trainer", targets: ["snapshot-trainer"]),
+        .executable(name: "snapshot-demo", targets: ["snapshot-demo"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -75,10 +76,18 @@ let package = Package(
             swiftSettings: strictSettings
         ),
 
+        // Drives deploy/local-cluster.sh: for the demo, the cluster benchmark and the tests.
+        .target(name: "LocalCluster", dependencies: ["SnapshotClient"], swiftSettings: strictSettings),
+        // The README's first command: a local multi-node demo, end to end.
+        .executableTarget(
+            name: "snapshot-demo",
+            dependencies: ["LocalCluster", "SnapshotClient", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            swiftSettings: strictSettings
+        ),
         // A synthetic trainer rank for tests and the demo.
         .executableTarget(
             name: "snapshot-trainer",
-            dependencies: ["SnapshotClient", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["SnapshotClient", "LocalCluster", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strictSettings
         ),
 
@@ -87,7 +96,7 @@ let package = Package(
         .executableTarget(
             name: "snapshot-bench",
             dependencies: [
-                "ErasureCoding", "CISALReference", "SnapshotDaemon", "SnapshotClient",
+                "ErasureCoding", "CISALReference", "SnapshotDaemon", "SnapshotClient", "LocalCluster",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -100,7 +109,7 @@ let package = Package(
         // Real processes: depends on the executables so `swift test` builds them.
         .testTarget(
             name: "SnapshotIntegrationTests",
-            dependencies: ["SnapshotClient", "SnapshotIO", "snapshotd", "snapshot-trainer"],
+            dependencies: ["SnapshotClient", "SnapshotIO", "LocalCluster", "snapshotd", "snapshot-trainer"],
             swiftSettings: strictSettings
         ),
     ]

@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import SnapshotClient
 import SnapshotProtocol
+import LocalCluster
 import Testing
 
 /// Acceptance of cross-node protection and recovery: real daemons on loopback,
@@ -9,7 +10,7 @@ import Testing
 @Suite("Cluster: protection and recovery", .serialized)
 struct ClusterTests {
     @Test func everySingleNodeLossRebuildsByteIdenticalWithOneParity() throws {
-        let cluster = try LocalCluster(nodes: 4, parity: 1)
+        let cluster = try LocalCluster.forTest(nodes: 4, parity: 1)
         try cluster.saveStep(1)
         try cluster.saveStep(2)
         for lost in 0..<4 {
@@ -26,7 +27,7 @@ struct ClusterTests {
     }
 
     @Test func everyPairOfLostNodesRebuildsByteIdenticalWithTwoParity() throws {
-        let cluster = try LocalCluster(nodes: 6, parity: 2)
+        let cluster = try LocalCluster.forTest(nodes: 6, parity: 2)
         try cluster.saveStep(1)
         for pair in combinations(of: 6, choose: 2) {
             for node in pair { try cluster.kill(node) }
@@ -40,7 +41,7 @@ struct ClusterTests {
     }
 
     @Test func coordinatorDeathHandsRecoveryToTheNextNode() throws {
-        let cluster = try LocalCluster(nodes: 6, parity: 2)
+        let cluster = try LocalCluster.forTest(nodes: 6, parity: 2)
         try cluster.saveStep(1)
         try cluster.kill(0)  // the coordinator
         try cluster.kill(3)
@@ -62,7 +63,7 @@ struct ClusterTests {
     }
 
     @Test func beyondToleranceReportsExactlyTheLostRanksAndNeverHangs() throws {
-        let cluster = try LocalCluster(nodes: 4, parity: 1)
+        let cluster = try LocalCluster.forTest(nodes: 4, parity: 1)
         try cluster.saveStep(1)
         try cluster.saveStep(2)
         try cluster.kill(1)
@@ -95,7 +96,7 @@ struct ClusterTests {
     }
 
     @Test func nodeKilledWhileFragmentsAreInFlight() throws {
-        let cluster = try LocalCluster(nodes: 4, parity: 1)
+        let cluster = try LocalCluster.forTest(nodes: 4, parity: 1)
         let big: [(String, DType, Int)] = [("rng.state", .bytes, 9), ("layers.0.weight", .float32, 24 << 20)]
         try cluster.saveStep(1, sizes: big)
         // Step 2: every rank's save returns once its bytes are local; kill node 1 right away,

@@ -1,0 +1,51 @@
+import Glibc
+public import SnapshotClient
+public import SnapshotProtocol
+
+/// Deterministic tensors for (seed, rank, step): parameters, optimizer state
+/// and an RNG blob, filled by SplitMix64.
+public struct SyntheticState {
+    let buffers: [UnsafeMutableRawBufferPointer]
+    public let tensors: [TensorData]
+
+    public init(seed: UInt64, rank: UInt32, step: UInt64, sizes: [Int]) {
+        var specs: [TensorSpec] = []
+        for (index, size) in sizes.enumerated() {
+            let kind: TensorKind = index == 0 ? .rng : (index % 2 == 1 ? .parameter : .optimizer)
+            let name = index == 0 ? "rng.state" : "layers.\(index / 2).\(kind == .parameter ? "weight" : "weight.exp_avg")"
+            specs.append(size % 4 == 0
+                ? try! TensorSpec(name: name, dtype: .float32, shape: [Int64(size / 4)], kind: kind)
+                : try! TensorSpec.blob(name: name, byteCount: size, kind: kind))
+        }
+        buffers = sizes.map { UnsafeMutableRawBufferPointer.allocate(byteCount: max($0, 1), alignment: 64) }
+        var state = seed &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(rank) << 32 ^ step
+        for (buffer, size) in zip(buffers, sizes) {
+            let words = size / 8
+            let pointer = buffer.baseAddress!
+            for i in 0..<words {
+                state &+= 0x9E37_79B9_7F4A_7C15
+                var z = state
+                z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+                z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+                pointer.storeBytes(of: z ^ (z >> 31), toByteOffset: i * 8, as: UInt64.self)
+            }
+            for i in (words * 8)..<size { buffer[i] = UInt8(truncatingIfNeeded: state >> (i % 8 * 8)) }
+        }
+        tensors = zip(specs, zip(buffers, sizes)).map { TensorData(spec: $0, bytes: UnsafeRawBufferPointer(rebasing: $1.0[0..<$1.1])) }
+    }
+
+    public var totalBytes: Int { tensors.reduce(0) { $0 + $1.bytes.count } }
+
+    /// Whether a restored shard holds exactly these tensors.
+    public func matches(_ shard: RestoredShard) -> Bool {
+        guard shard.entries.map(\.spec) == tensors.map(\.spec) else { return false }
+        for (index, tensor) in tensors.enumerated() {
+            let restored = shard.tensor(at: index)
+            guard restored.count == tensor.bytes.count else { return false }
+            if restored.count > 0, memcmp(restored.baseAddress!, tensor.bytes.baseAddress!, restored.count) != 0 { return false }
+        }
+        return true
+    }
+
+    public func deallocate() { buffers.forEach { $0.deallocate() } }
+}
