@@ -3,8 +3,8 @@ public import SnapshotClient
 public import SnapshotProtocol
 
 /// Deterministic tensors for (seed, rank, step): parameters, optimizer state
-/// and an RNG blob, filled by SplitMix64.
-public struct SyntheticState {
+/// and an RNG blob, filled by SplitMix64. Sendable: the buffers are only read after init.
+public struct SyntheticState: @unchecked Sendable {
     let buffers: [UnsafeMutableRawBufferPointer]
     public let tensors: [TensorData]
 
