@@ -35,6 +35,8 @@ final class ClusterNode: @unchecked Sendable {
     /// what it holds: "not committed" from a replacement would make a trainer
     /// start over, so it answers "unavailable" instead.
     var discovered = false
+    /// A rebuild order that arrived before discovery finished; acted on after it.
+    var rebuildOrderPending = false
     var rebuilding = false
     var stopping = false
     var lastRebuild: (steps: Int, bytes: UInt64, seconds: Double)?
@@ -95,6 +97,7 @@ final class ClusterNode: @unchecked Sendable {
         }
         if needsRebuild {
             logger.warning("this node holds less than the cluster committed for it; waiting for the coordinator's rebuild order", metadata: ["steps": "\(server.lock.withLock { missingSteps().count })"])
+            if server.lock.withLock({ rebuildOrderPending }) { beginRebuild() }
         } else {
             logger.info("cluster view established", metadata: ["peersAnswered": "\(learned)", "group": "\(group.index)", "position": "\(position)"])
         }
@@ -421,20 +424,14 @@ final class ClusterNode: @unchecked Sendable {
         throw lastError!
     }
 
-    /// Sends a report to every peer; a failure is retried once on a fresh
-    /// connection (the old one may lead to a process that was replaced). A peer
-    /// that still misses it pulls it later (see ``runHolderDuties``).
+    /// Sends a report to every peer (the mesh retries a stale connection once).
+    /// A peer that still misses it pulls it later (``runHolderDuties``, ``catchUp``).
     private func broadcast(_ message: Message) {
         for peer in mesh.peers {
-            for attempt in 0..<2 {
-                do {
-                    _ = try mesh.request(peer, .control, message, timeoutMilliseconds: heartbeatTimeoutMilliseconds)
-                    break
-                } catch {
-                    if attempt == 1 {
-                        logger.debug("peer did not take a report", metadata: ["peer": "\(peer)", "type": "\(message.type)", "error": "\(error)"])
-                    }
-                }
+            do {
+                _ = try mesh.request(peer, .control, message, timeoutMilliseconds: heartbeatTimeoutMilliseconds)
+            } catch {
+                logger.debug("peer did not take a report", metadata: ["peer": "\(peer)", "type": "\(message.type)", "error": "\(error)"])
             }
         }
     }

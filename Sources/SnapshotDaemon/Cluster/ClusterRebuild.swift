@@ -12,7 +12,9 @@ import SnapshotProtocol
 extension ClusterNode {
     func beginRebuild() {
         let start = server.lock.withLock { () -> Bool in
+            if !discovered { rebuildOrderPending = true }
             guard needsRebuild, !rebuilding, !stopping else { return false }
+            rebuildOrderPending = false
             rebuilding = true
             return true
         }
@@ -152,13 +154,24 @@ extension ClusterNode {
             slots[index] = workspace.buffers[index]
             collected += 1
         }
-        for (index, node) in remote where collected < k {
-            do {
-                try fetch(FragmentID(job: job, step: step, stripe: UInt16(stripe), index: UInt16(index)), from: node, fragmentSizeBytes: fragmentSizeBytes, into: workspace.buffers[index])
-                slots[index] = workspace.buffers[index]
+        // Fetch the rest from different peers at once; replace failures from the remaining candidates.
+        var candidates = remote[...]
+        while collected < k, !candidates.isEmpty {
+            let batch = Array(candidates.prefix(k - collected))
+            candidates = candidates.dropFirst(batch.count)
+            let fetched = FetchResults(count: batch.count)
+            DispatchQueue.concurrentPerform(iterations: batch.count) { position in
+                let (index, node) = batch[position]
+                do {
+                    try fetch(FragmentID(job: job, step: step, stripe: UInt16(stripe), index: UInt16(index)), from: node, fragmentSizeBytes: fragmentSizeBytes, into: workspace.buffers[index])
+                    fetched.succeeded(position)
+                } catch {
+                    logger.warning("fragment unavailable; trying another", metadata: ["peer": "\(node)", "stripe": "\(stripe)", "index": "\(index)", "error": "\(error)"])
+                }
+            }
+            for position in fetched.successes {
+                slots[batch[position].index] = workspace.buffers[batch[position].index]
                 collected += 1
-            } catch {
-                logger.warning("fragment unavailable; trying another", metadata: ["node": "\(node)", "stripe": "\(stripe)", "index": "\(index)", "error": "\(error)"])
             }
         }
         guard collected == k else {
@@ -186,7 +199,7 @@ extension ClusterNode {
 
 /// Buffers for rebuilding one stripe at a time: one per fragment index plus
 /// the output, allocated once per step.
-final class StripeWorkspace {
+final class StripeWorkspace: @unchecked Sendable {  // immutable buffers; each fetch writes its own
     let segments: [MappedSegment]
     let buffers: [UnsafeMutableRawPointer]
     let output: UnsafeMutableRawPointer
@@ -196,4 +209,15 @@ final class StripeWorkspace {
         buffers = segments.dropLast().map { $0.base! }
         output = segments.last!.base!
     }
+}
+
+/// Which of a batch of concurrent fetches succeeded.
+final class FetchResults: @unchecked Sendable {
+    private let lock = NSLock()
+    private var succeededPositions: [Int] = []
+
+    init(count: Int) { succeededPositions.reserveCapacity(count) }
+
+    func succeeded(_ position: Int) { lock.withLock { succeededPositions.append(position) } }
+    var successes: [Int] { lock.withLock { succeededPositions.sorted() } }
 }

@@ -50,19 +50,31 @@ final class PeerMesh: @unchecked Sendable {
     }
 
     /// Runs `body` with an established connection to `node`, serialized with
-    /// other users of the same channel. Errors drop the connection.
+    /// other users of the same channel. Errors drop the connection. When a
+    /// reused connection fails, `body` runs once more on a fresh one: the peer
+    /// may have been replaced since (same address, new process), which is
+    /// exactly when the message matters.
     func withConnection<T>(_ node: NodeID, _ purpose: Purpose, timeoutMilliseconds: Int64, _ body: (FramedConnection) throws -> T) throws -> T {
         let channel = channel(Key(node: node, purpose: purpose))
         return try channel.lock.withLock {
+            let reused = channel.connection != nil
             do {
-                let connection = try channel.connection ?? connect(node, timeoutMilliseconds: timeoutMilliseconds)
-                channel.connection = connection
-                return try body(connection)
-            } catch {
-                channel.connection?.close()
-                channel.connection = nil
-                throw error
+                return try attempt(channel, node, timeoutMilliseconds, body)
+            } catch where reused {
+                return try attempt(channel, node, timeoutMilliseconds, body)
             }
+        }
+    }
+
+    private func attempt<T>(_ channel: Channel, _ node: NodeID, _ timeoutMilliseconds: Int64, _ body: (FramedConnection) throws -> T) throws -> T {
+        do {
+            let connection = try channel.connection ?? connect(node, timeoutMilliseconds: timeoutMilliseconds)
+            channel.connection = connection
+            return try body(connection)
+        } catch {
+            channel.connection?.close()
+            channel.connection = nil
+            throw error
         }
     }
 
