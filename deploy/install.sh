@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 prefix=/usr/local
 if [ "${1:-}" = "--prefix" ]; then prefix="$2"; fi
 
-apt-get install -y --no-install-recommends libisal-dev libibverbs-dev librdmacm-dev pkg-config
+bash deploy/install-build-deps.sh
 swift build -c release --product snapshotd
 swift build -c release --product snapshotctl
 install -m 0755 .build/release/snapshotd .build/release/snapshotctl "$prefix/bin/"

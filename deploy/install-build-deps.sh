@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs the Debian packages snapshotd builds, tests and benchmarks with.
+set -euo pipefail
+sudo_cmd=""
+if [ "$(id -u)" -ne 0 ]; then sudo_cmd="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo_cmd apt-get update
+$sudo_cmd apt-get install -y --no-install-recommends \
+    libisal-dev libibverbs-dev librdmacm-dev pkg-config iperf3 iproute2 procps
