@@ -37,15 +37,7 @@ public struct SyntheticState: @unchecked Sendable {
     public var totalBytes: Int { tensors.reduce(0) { $0 + $1.bytes.count } }
 
     /// Whether a restored shard holds exactly these tensors.
-    public func matches(_ shard: RestoredShard) -> Bool {
-        guard shard.entries.map(\.spec) == tensors.map(\.spec) else { return false }
-        for (index, tensor) in tensors.enumerated() {
-            let restored = shard.tensor(at: index)
-            guard restored.count == tensor.bytes.count else { return false }
-            if restored.count > 0, memcmp(restored.baseAddress!, tensor.bytes.baseAddress!, restored.count) != 0 { return false }
-        }
-        return true
-    }
+    public func matches(_ shard: RestoredShard) -> Bool { restored(shard, matches: tensors) }
 
     public func deallocate() { buffers.forEach { $0.deallocate() } }
 }

@@ -34,9 +34,9 @@ struct ClusterBenchmark: ParsableCommand {
             let states = (0..<cluster.world).map { SyntheticState(seed: 7, rank: $0, step: step, sizes: sizes) }
             defer { states.forEach { $0.deallocate() } }
             let clients = try (0..<cluster.world).map { try cluster.client(rank: $0) }
-            try parallel(clients.count) { try clients[$0].save(step: step, tensors: states[$0].tensors) }
+            try onThreads(clients.count) { try clients[$0].save(step: step, tensors: states[$0].tensors) }
             let start = nowSeconds()
-            try parallel(clients.count) { _ = try clients[$0].waitCommitted(step: step, timeoutMilliseconds: 300_000) }
+            try onThreads(clients.count) { _ = try clients[$0].waitCommitted(step: step, timeoutMilliseconds: 300_000) }
             if step > 1 { protection.append(nowSeconds() - start) }
         }
         let status = try (0..<nodes).map { try cluster.operatorClient($0).status() }
@@ -107,18 +107,4 @@ struct ClusterBenchmark: ParsableCommand {
         return gigabytesPerSecond(bytes: k * fragmentBytes * iterations, seconds: seconds)
     }
 
-    private func parallel(_ count: Int, _ body: @escaping @Sendable (Int) throws -> Void) throws {
-        let group = DispatchGroup()
-        let lock = NSLock()
-        nonisolated(unsafe) var failure: (any Error)?
-        for index in 0..<count {
-            group.enter()
-            Thread.detachNewThread {
-                defer { group.leave() }
-                do { try body(index) } catch { lock.withLock { failure = failure ?? error } }
-            }
-        }
-        group.wait()
-        if let failure { throw failure }
-    }
 }

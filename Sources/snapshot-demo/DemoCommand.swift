@@ -109,18 +109,7 @@ struct DemoCommand: ParsableCommand {
     }
 
     private func eachRank(_ cluster: LocalCluster, _ body: @escaping @Sendable (Rank) throws -> Void) throws {
-        let group = DispatchGroup()
-        let failure = NSLock()
-        nonisolated(unsafe) var firstError: (any Error)?
-        for rank in 0..<cluster.world {
-            group.enter()
-            Thread.detachNewThread {
-                defer { group.leave() }
-                do { try body(rank) } catch { failure.withLock { if firstError == nil { firstError = error } } }
-            }
-        }
-        group.wait()
-        if let firstError { throw firstError }
+        try onThreads(Int(cluster.world)) { try body(Rank($0)) }
     }
 }
 

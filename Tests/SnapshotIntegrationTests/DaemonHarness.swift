@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import LocalCluster
 import SnapshotClient
 import SnapshotIO
 import SnapshotProtocol
@@ -155,37 +156,11 @@ func tensors(step: Step, rank: Rank, sizes: [(String, DType, Int)]) -> [TensorDa
 }
 
 /// Whether a restored shard equals what `tensors(step:rank:sizes:)` produced.
-func matches(_ shard: RestoredShard, _ expected: [TensorData]) -> Bool {
-    guard shard.entries.map(\.spec) == expected.map(\.spec) else { return false }
-    for (index, tensor) in expected.enumerated() {
-        let restored = shard.tensor(at: index)
-        guard restored.count == tensor.bytes.count else { return false }
-        if restored.count > 0, memcmp(restored.baseAddress!, tensor.bytes.baseAddress!, restored.count) != 0 { return false }
-    }
-    return true
-}
+func matches(_ shard: RestoredShard, _ expected: [TensorData]) -> Bool { restored(shard, matches: expected) }
 
-/// Runs `body` for every rank on its own thread (ranks may block on each
-/// other, e.g. waiting for a commit) and rethrows the first error.
+/// Runs `body` for every rank on its own thread and rethrows the first error.
 func concurrently(_ ranks: Range<Rank>, _ body: @escaping @Sendable (Rank) throws -> Void) throws {
-    let group = DispatchGroup()
-    let firstError = FirstError()
-    for rank in ranks {
-        group.enter()
-        Thread.detachNewThread {
-            defer { group.leave() }
-            do { try body(rank) } catch { firstError.record(error) }
-        }
-    }
-    group.wait()
-    if let error = firstError.error { throw error }
-}
-
-final class FirstError: @unchecked Sendable {
-    private let lock = NSLock()
-    private var stored: (any Error)?
-    func record(_ error: any Error) { lock.withLock { if stored == nil { stored = error } } }
-    var error: (any Error)? { lock.withLock { stored } }
+    try onThreads(ranks.count) { try body(ranks.lowerBound + Rank($0)) }
 }
 
 /// Retries a connection while the daemon still holds the rank's previous
