@@ -11,7 +11,7 @@ extension LocalCluster {
         let cluster = try LocalCluster(
             nodes: nodes, parity: parity, ranksPerNode: ranksPerNode, job: try JobID("cluster-job"),
             script: Checkout.clusterScript, snapshotd: Executables.path("snapshotd"), directory: try makeScratchDirectory(),
-            settings: ["HEARTBEAT_MS": "100", "FAILURE_MS": "1000", "LOG_LEVEL": "debug", "BUDGET": "1GiB"])
+            settings: ["HEARTBEAT_MS": "100", "FAILURE_MS": "1500", "LOG_LEVEL": "debug", "BUDGET": "1GiB"])
         cluster.keepLogs = ProcessInfo.processInfo.environment["KEEP_CLUSTER_LOGS"] != nil
         return cluster
     }
