@@ -96,6 +96,34 @@ struct SnapshotStoreTests {
         #expect(store.checkInvariants().isEmpty)
     }
 
+    /// In a cluster, a step interrupted by a rank failure never commits, and a
+    /// sealed shard (possibly folded into peers' parity) is never replaced.
+    @Test func clusterModeNeverReplacesDataThatPeersMayHaveEncoded() throws {
+        var store = SnapshotStore(budgetBytes: 64 << 20, snapshotsKeptPerJob: 2, commitsLocally: false)
+        for rank in 0..<2 as Range<Rank> { try store.attach(session: SessionID(rank + 1), job: job, rank: rank, world: 4, localWorld: 2) }
+        try saveStep(&store, 1, ranks: [0])
+        #expect(throws: StoreError(.invalidRequest, "job/step 1/rank 0 is already sealed and being protected across the cluster; save a newer step")) {
+            _ = try store.beginSave(session: 1, key: key(1, 0), specs: [spec], topology: Topology())
+        }
+        _ = try store.beginSave(session: 2, key: key(1, 1), specs: [spec], topology: Topology())
+        _ = store.detach(session: 2)  // rank 1 dies mid-save
+        try store.attach(session: 5, job: job, rank: 1, world: 4, localWorld: 2)
+        #expect(throws: StoreError(.invalidRequest, "step 1 of job job was interrupted by a rank failure on this node and can no longer commit; save a newer step")) {
+            _ = try store.beginSave(session: 5, key: key(1, 1), specs: [spec], topology: Topology())
+        }
+        // The next step works, and its local completion is reported for protection instead of committing.
+        _ = try store.beginSave(session: 1, key: key(2, 0), specs: [spec], topology: Topology())
+        _ = try store.commit(session: 1, key: key(2, 0), clientChecksums: nil, gradientNorm: nil, metadata: [])
+        _ = try store.beginSave(session: 5, key: key(2, 1), specs: [spec], topology: Topology())
+        _ = try store.commit(session: 5, key: key(2, 1), clientChecksums: nil, gradientNorm: nil, metadata: [])
+        _ = store.sealed(key: key(2, 0), checksums: [0])
+        let effects = store.sealed(key: key(2, 1), checksums: [0])
+        #expect(effects.localComplete.map(\.step) == [2])
+        #expect(effects.committed.isEmpty)
+        #expect(store.markCommitted(job: job, step: 2, world: 4).committed.map(\.step) == [2])
+        #expect(store.latestCommitted(job: job) == 2)
+    }
+
     @Test func sessionErrors() throws {
         var store = try attached(world: 2)
         #expect(throws: StoreError(.duplicateRank, "rank 0 of job job is already connected (session 1)")) {

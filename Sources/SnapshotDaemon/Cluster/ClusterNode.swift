@@ -485,9 +485,16 @@ final class ClusterNode: @unchecked Sendable {
             throw SessionEnd(reason: "fragment \(id) from node \(put.sourceNode) does not belong on this node")
         }
         let key = ParityKey(job: id.job, step: id.step, stripe: stripe)
-        let (_, segment, duplicate) = try server.lock.withLock { () throws -> (ParityRecord, MappedSegment, Bool) in
-            let (record, segment) = try ensureParity(key, row: row, fragmentSizeBytes: put.fragmentSizeBytes)
-            return (record, segment, record.receivedSlots.contains(slot))
+        let (_, segment, duplicate): (ParityRecord, MappedSegment, Bool)
+        do {
+            (_, segment, duplicate) = try server.lock.withLock { () throws -> (ParityRecord, MappedSegment, Bool) in
+                let (record, segment) = try ensureParity(key, row: row, fragmentSizeBytes: put.fragmentSizeBytes)
+                return (record, segment, record.receivedSlots.contains(slot))
+            }
+        } catch {
+            // Refused before its bytes were read: drain them so the stream stays framed.
+            try connection.socket.discard(count: header.bulkLength, deadlineMilliseconds: connection.deadline() + Int64(header.bulkLength >> 20) * 10)
+            throw error
         }
         let size = Int(put.fragmentSizeBytes)
         if scratch == nil || scratch!.sizeBytes < size { scratch = try MappedSegment.anonymous(sizeBytes: size) }

@@ -23,6 +23,10 @@ public struct SnapshotStore: Sendable {
     public private(set) var restorePins: [ShardKey: Int] = [:]
     /// Shards retention released while pinned; freed on the last unpin.
     public private(set) var doomed: Set<ShardKey> = []
+    /// Cluster mode: steps a rank failure interrupted on this node. Their
+    /// other shards may already be folded into parity on peers, so a re-save
+    /// would leave that parity stale; such a step never commits.
+    public private(set) var interruptedSteps: [JobID: Set<Step>] = [:]
 
     public struct JobRecord: Sendable, Equatable {
         public var world: UInt32
@@ -108,6 +112,7 @@ public struct SnapshotStore: Sendable {
             for (step, shards) in record.steps {
                 for (rank, shard) in shards where shard.writer == session && shard.state == .receiving {
                     effects.freed.append(removeShard(ShardKey(job: job, step: step, rank: rank)))
+                    if !commitsLocally { interruptedSteps[job, default: []].insert(step) }
                 }
             }
         }
@@ -127,11 +132,18 @@ public struct SnapshotStore: Sendable {
         if let latest = record.latestCommitted, key.step <= latest {
             throw StoreError(.invalidRequest, "step \(key.step) is not newer than committed step \(latest) of job \(key.job)")
         }
+        if !commitsLocally, interruptedSteps[key.job]?.contains(key.step) == true {
+            throw StoreError(.invalidRequest, "step \(key.step) of job \(key.job) was interrupted by a rank failure on this node and can no longer commit; save a newer step")
+        }
         var effects = Effects()
         var reclaimable: UInt64 = 0
         if let existing = record.steps[key.step]?[key.rank] {
             guard existing.writer == nil || existing.writer == session || existing.state != .receiving else {
                 throw StoreError(.saveInProgress, "\(key) is being written by another session")
+            }
+            // In a cluster a sealed shard may already be folded into peers' parity.
+            guard commitsLocally || existing.state == .receiving else {
+                throw StoreError(.invalidRequest, "\(key) is already sealed and being protected across the cluster; save a newer step")
             }
             reclaimable = existing.segmentSizeBytes
         }
@@ -261,6 +273,7 @@ public struct SnapshotStore: Sendable {
     /// (it can no longer become the newest).
     private mutating func applyRetention(job: JobID, into effects: inout Effects) {
         guard let record = jobs[job], let newest = record.latestCommitted else { return }
+        if let interrupted = interruptedSteps[job] { interruptedSteps[job] = interrupted.filter { $0 > newest } }
         let kept = Set(record.committedSteps.suffix(snapshotsKeptPerJob))
         for step in record.parity.keys.sorted() where !kept.contains(step) && step < newest {
             for stripe in record.parity[step]!.keys.sorted() {
