@@ -41,7 +41,7 @@ public final class LocalCluster: @unchecked Sendable {
     }
 
     deinit {
-        try? run(["stop", directory])
+        _ = try? run(["stop", directory])
         if !keepLogs { try? FileManager.default.removeItem(atPath: directory) }
     }
 

@@ -1,6 +1,6 @@
 import Glibc
 public import SnapshotClient
-public import SnapshotProtocol
+import SnapshotProtocol
 
 /// Deterministic tensors for (seed, rank, step): parameters, optimizer state
 /// and an RNG blob, filled by SplitMix64. Sendable: the buffers are only read after init.

@@ -1,6 +1,6 @@
 import Foundation
 import Glibc
-public import SnapshotIO
+import SnapshotIO
 public import SnapshotProtocol
 
 /// One authenticated connection to a daemon with request/reply plumbing,

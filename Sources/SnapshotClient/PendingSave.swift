@@ -1,5 +1,5 @@
 import Glibc
-public import SnapshotIO
+import SnapshotIO
 public import SnapshotProtocol
 
 /// A save in progress: write every tensor, then commit.

@@ -1,4 +1,4 @@
-public import SnapshotIO
+import SnapshotIO
 public import SnapshotProtocol
 
 /// A restored shard. Over shared memory the tensors are read-only views of the

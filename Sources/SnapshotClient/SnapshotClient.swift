@@ -1,7 +1,7 @@
 import ErasureCoding
 import Foundation
 import Glibc
-public import SnapshotIO
+import SnapshotIO
 public import SnapshotProtocol
 
 /// Where the daemon is.

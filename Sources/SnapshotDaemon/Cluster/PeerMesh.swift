@@ -2,7 +2,7 @@ import Foundation
 import Glibc
 import Logging
 import SnapshotIO
-public import SnapshotProtocol
+import SnapshotProtocol
 
 /// Outbound connections from this daemon to its peers: TCP, authenticated with
 /// the shared secret like any client, then introduced as a peer. One

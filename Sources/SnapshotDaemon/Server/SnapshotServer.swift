@@ -3,7 +3,7 @@ import Glibc
 public import Logging
 import ServiceLifecycle
 import SnapshotIO
-public import SnapshotProtocol
+import SnapshotProtocol
 
 /// The per-node daemon: owns the arena, serves trainers over the Unix socket
 /// (file descriptors, zero copy) and TCP (bulk bytes straight into the arena),
