@@ -10,8 +10,7 @@
 #
 # Environment: SNAPSHOTD (binary; default: .build/release/snapshotd, else
 # .build/debug/snapshotd), BASE_PORT (default 7400), BUDGET (default 4GiB),
-# KEEP (default 2), HEARTBEAT_MS / FAILURE_MS (default 200 / 1500),
-# NETNS=1 to give each node its own network namespace (needs root and ip(8)).
+# KEEP (default 2), HEARTBEAT_MS / FAILURE_MS (default 200 / 1500), LOG_LEVEL.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,9 +31,7 @@ start_node() {
     fi
     if [ "$fresh" = "--fresh" ]; then rm -rf "$(arena "$dir" "$id")"; fi
     rm -f "$dir/node$id.sock"  # a killed node leaves its socket file behind
-    local prefix=()
-    if [ "${NETNS:-0}" = 1 ]; then prefix=(ip netns exec "snapshotd-$(basename "$dir")-$id"); fi
-    "${prefix[@]}" "$binary" --node-id "$id" --cluster-file "$dir/cluster.toml" \
+    "$binary" --node-id "$id" --cluster-file "$dir/cluster.toml" \
         --shared-secret-file "$dir/secret" --unix-socket "$dir/node$id.sock" \
         --arena-directory "$(arena "$dir" "$id")" --memory-budget "${BUDGET:-4GiB}" --keep "${KEEP:-2}" \
         --log-level "${LOG_LEVEL:-info}" >>"$dir/node$id.log" 2>&1 &
@@ -70,7 +67,8 @@ node) start_node "$2" "$3" "${4:-}" ;;
 kill)
     pid=$(cat "$2/node$3.pid")
     kill -9 "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.02; done
+    # Gone, or a zombie (dead, just not reaped yet by whoever inherited it).
+    while kill -0 "$pid" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null; do sleep 0.02; done
     rm -f "$2/node$3.pid"
     ;;
 stop)

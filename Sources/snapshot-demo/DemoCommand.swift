@@ -64,8 +64,8 @@ struct DemoCommand: ParsableCommand {
         say("held in memory: \(mb(data)) of shards + \(mb(parityBytes)) of parity; parity overhead \(format(parityBytes / data)) (ideal m/k = \(format(ideal)), replication would be \(parity)×)")
 
         // 2. Failure: kill -9 two nodes.
-        let killedAt = Date()
         for node in killed { try cluster.kill(node) }
+        let killedAt = Date()
         let survivor = (0..<cluster.nodes).first { !killed.contains($0) }!
         let killedIDs = Set(killed.map { NodeID($0) })
         let detected = try cluster.waitForReport(from: survivor) { Set($0.deadNodes).isSuperset(of: killedIDs) }
