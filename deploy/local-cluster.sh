@@ -67,8 +67,14 @@ node) start_node "$2" "$3" "${4:-}" ;;
 kill)
     pid=$(cat "$2/node$3.pid")
     kill -9 "$pid" 2>/dev/null || true
-    # Gone, or a zombie (dead, just not reaped yet by whoever inherited it).
+    # Gone, or a zombie (dead, just not reaped yet by whoever inherited it)…
     while kill -0 "$pid" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null; do sleep 0.02; done
+    # …and its port closed: other threads may still be exiting behind a zombie leader.
+    port_hex=$(printf ':%04X ' "$((base_port + $3))")
+    for _ in $(seq 1 500); do
+        grep -q "${port_hex}[0-9A-F:]* 0A " /proc/net/tcp 2>/dev/null || break
+        sleep 0.02
+    done
     rm -f "$2/node$3.pid"
     ;;
 stop)

@@ -112,6 +112,13 @@ public final class LocalCluster: @unchecked Sendable {
         try waitForReport(from: observer, seconds: seconds) { $0.deadNodes.isEmpty && $0.rebuildingNodes.isEmpty }
     }
 
+    /// Waits until each replacement says it is rebuilt (it is the authority:
+    /// a survivor may not have heard from it yet), then until `observer` agrees.
+    public func waitUntilRebuilt(_ replaced: [Int], observer: Int, seconds: Double = 120) throws {
+        for node in replaced { try waitUntilHealthy(asSeenBy: node, seconds: seconds) }
+        try waitUntilHealthy(asSeenBy: observer, seconds: seconds)
+    }
+
     /// Restores `rank`, retrying while its node joins or rebuilds.
     public func restore(rank: Rank, step: Step?, seconds: Double = 120) throws -> RestoredShard {
         let deadline = Date().addingTimeInterval(seconds)

@@ -56,7 +56,7 @@ struct ClusterBenchmark: ParsableCommand {
         try cluster.kill(lost)
         let replaced = nowSeconds()
         try cluster.replace(lost)
-        try cluster.waitUntilHealthy(asSeenBy: 0)
+        try cluster.waitUntilRebuilt([lost], observer: 0)
         let recovery = nowSeconds() - replaced
         let (rebuildSeconds, rebuiltBytes) = try rebuildFigures(cluster.log(lost))
 

@@ -76,7 +76,7 @@ struct DemoCommand: ParsableCommand {
         // 3. Recover: replacements with the lost nodes' identities rebuild from the survivors.
         let replacedAt = Date()
         for node in killed { try cluster.replace(node) }
-        try cluster.waitUntilHealthy(asSeenBy: survivor)
+        try cluster.waitUntilRebuilt(killed, observer: survivor)
         let rebuildSeconds = Date().timeIntervalSince(replacedAt)
         var rebuilt = 0.0
         for node in killed {

@@ -16,7 +16,7 @@ struct ClusterTests {
         for lost in 0..<4 {
             try cluster.kill(lost)
             try cluster.replace(lost)
-            _ = try cluster.waitUntilHealthy(asSeenBy: (lost + 1) % 4)
+            try cluster.waitUntilRebuilt([lost], observer: (lost + 1) % 4)
             try cluster.verify(step: 2, ranks: cluster.ranks(on: lost))
             try cluster.verify(step: 1, ranks: cluster.ranks(on: lost))
         }
@@ -32,8 +32,7 @@ struct ClusterTests {
         for pair in combinations(of: 6, choose: 2) {
             for node in pair { try cluster.kill(node) }
             for node in pair { try cluster.replace(node) }
-            let observer = (0..<6).first { !pair.contains($0) }!
-            _ = try cluster.waitUntilHealthy(asSeenBy: observer)
+            try cluster.waitUntilRebuilt(pair, observer: (0..<6).first { !pair.contains($0) }!)
             try cluster.verify(step: 1, ranks: pair.flatMap { cluster.ranks(on: $0) })
         }
         try cluster.saveStep(2)
@@ -58,7 +57,7 @@ struct ClusterTests {
         #expect(cluster.log(1).contains("this node is now the coordinator"))
         #expect(cluster.log(3).contains("coordinator=1"), "node 1 ordered the rebuild")
         try cluster.replace(0)
-        _ = try cluster.waitUntilHealthy(asSeenBy: 2)
+        try cluster.waitUntilRebuilt([0], observer: 2)
         try cluster.verify(step: 1, ranks: cluster.ranks(on: 0))
     }
 
@@ -108,7 +107,7 @@ struct ClusterTests {
         let latest = try #require(try cluster.client(rank: 0).latestCommittedStep())
         #expect(latest == 1 || latest == 2)
         try cluster.replace(1)
-        _ = try cluster.waitUntilHealthy(asSeenBy: 0)
+        try cluster.waitUntilRebuilt([1], observer: 0)
         // Step 1 is intact everywhere; step 2 counts only if it was really committed.
         try cluster.verify(step: 1, ranks: Array(0..<cluster.world), sizes: big)
         let committedNow = try cluster.client(rank: 0).latestCommittedStep()

@@ -283,11 +283,15 @@ final class ClusterNode: @unchecked Sendable {
         return .ok
     }
 
+    /// This node's view; it lists itself as rebuilding until it has joined and
+    /// holds everything the cluster committed for it (peers may not have heard yet).
     func recoverReport() -> RecoverReply {
         server.lock.withLock {
-            RecoverReply(
+            var rebuilding = monitor.needsRebuild
+            if unavailableReason != nil { rebuilding.insert(selfID) }
+            return RecoverReply(
                 coordinator: monitor.coordinator, deadNodes: monitor.deadNodes,
-                rebuildingNodes: monitor.needsRebuild.sorted(), jobs: ledger.recovery(lostNodes: lostNodes()))
+                rebuildingNodes: rebuilding.sorted(), jobs: ledger.recovery(lostNodes: lostNodes().union(rebuilding)))
         }
     }
 

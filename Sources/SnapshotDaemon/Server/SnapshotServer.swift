@@ -104,10 +104,17 @@ public final class SnapshotServer: Service, @unchecked Sendable {
         let unix = try Socket.listenUnix(path: configuration.unixSocketPath, mode: 0o660)
         var opened = [(unix, false)]
         if let listen = configuration.tcpListen {
-            let (host, port) = try DaemonConfiguration.parseHostPort(listen)
-            let tcp = try Socket.listenTCP(host: host, port: port)
-            boundTCPPort = tcp.localPort()
-            opened.append((tcp, true))
+            do {
+                let (host, port) = try DaemonConfiguration.parseHostPort(listen)
+                let tcp = try Socket.listenTCP(host: host, port: port)
+                boundTCPPort = tcp.localPort()
+                opened.append((tcp, true))
+            } catch {
+                // Do not leave a socket file behind that no one will ever answer.
+                unix.close()
+                unlink(configuration.unixSocketPath)
+                throw error
+            }
         }
         lock.withLock { listeners = opened.map(\.0) }
         for (listener, isTCP) in opened {
