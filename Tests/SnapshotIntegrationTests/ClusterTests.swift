@@ -91,6 +91,9 @@ struct ClusterTests {
         }
         // Surviving nodes still serve their own ranks.
         try cluster.verify(step: 2, ranks: cluster.ranks(on: 0))
+        // The coordinator's critical log line is written by its heartbeat thread.
+        let logDeadline = Date().addingTimeInterval(15)
+        while !cluster.log(0).contains("group beyond tolerance"), Date() < logDeadline { usleep(100_000) }
         #expect(cluster.log(0).contains("group beyond tolerance"))
     }
 
