@@ -1,3 +1,4 @@
+import Foundation
 import SnapshotDaemon
 import SnapshotProtocol
 import Testing
@@ -224,6 +225,15 @@ struct ConfigurationTests {
         #expect(config.memoryBudgetBytes == 1_610_612_736)
         #expect(config.snapshotsKeptPerJob == 3)
         #expect(config.logLevel == .debug)
+        #expect(throws: Never.self) { try config.validate() }
+    }
+
+    /// The example shipped in deploy/ must load and validate as it is.
+    @Test func shippedExampleConfigurationLoads() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path + "/deploy/snapshotd.toml"
+        let config = try DaemonConfiguration.load(tomlText: try String(contentsOfFile: path, encoding: .utf8))
+        #expect(config.memoryBudgetBytes == 64 << 30)
+        #expect(config.tcpListen == "0.0.0.0:7070")
         #expect(throws: Never.self) { try config.validate() }
     }
 

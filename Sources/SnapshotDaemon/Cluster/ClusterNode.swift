@@ -39,7 +39,6 @@ final class ClusterNode: @unchecked Sendable {
     var rebuildOrderPending = false
     var rebuilding = false
     var stopping = false
-    var lastRebuild: (steps: Int, bytes: UInt64, seconds: Double)?
 
     init(server: SnapshotServer, cluster: ClusterConfiguration, selfID: NodeID, secret: [UInt8], logger: Logger) throws {
         guard let group = cluster.group(of: selfID), let position = group.position(of: selfID) else {

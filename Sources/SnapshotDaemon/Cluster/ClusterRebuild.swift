@@ -46,7 +46,6 @@ extension ClusterNode {
         server.lock.withLock {
             needsRebuild = !failed.isEmpty
             monitor.setSelfNeedsRebuild(needsRebuild)
-            lastRebuild = (steps.count - failed.count, bytes, seconds)
             server.lock.broadcast()
         }
         if failed.isEmpty {
