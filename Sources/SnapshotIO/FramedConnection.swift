@@ -38,6 +38,32 @@ public struct FramedConnection: Sendable {
         return try receive(collecting: &ignored, acceptDescriptors: false)
     }
 
+    /// A reply that must start arriving by `deadlineMilliseconds` (monotonic):
+    /// for request/reply between daemons, where waiting forever on a stuck
+    /// peer would stall the caller (the idle wait suits only a server).
+    public func receiveReply(deadlineMilliseconds: Int64) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+        do {
+            var first: UInt8 = 0
+            try socket.readExact(into: &first, count: 1, deadlineMilliseconds: deadlineMilliseconds)
+            return try receive(afterFirstByte: first)
+        } catch let error as ConnectionError {
+            throw error
+        } catch {
+            throw .io(Self.ioError(error))
+        }
+    }
+
+    private func receive(afterFirstByte first: UInt8) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+        var headerBytes = [UInt8](repeating: 0, count: FrameHeader.sizeBytes)
+        headerBytes[0] = first
+        do {
+            try headerBytes.withUnsafeMutableBytes { b in
+                try socket.readExact(into: b.baseAddress! + 1, count: FrameHeader.sizeBytes - 1, deadlineMilliseconds: deadline())
+            }
+        } catch { throw .io(Self.ioError(error)) }
+        return try decodeRest(headerBytes)
+    }
+
     /// As ``receive()``, also collecting file descriptors passed with the frame.
     public func receive(collecting descriptors: inout [Int32], acceptDescriptors: Bool = true) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
         let headerBytes: [UInt8]
@@ -46,6 +72,11 @@ public struct FramedConnection: Sendable {
                 ? try socket.readExact(count: FrameHeader.sizeBytes, collecting: &descriptors)
                 : try readHeaderBytes()
         } catch { throw .io(Self.ioError(error)) }
+        return try decodeRest(headerBytes)
+    }
+
+    /// Validates the header, then reads and decodes the payload.
+    private func decodeRest(_ headerBytes: [UInt8]) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
         let header: FrameHeader
         do {
             header = try FrameHeader(decoding: headerBytes)

@@ -77,16 +77,30 @@ final class ClusterNode: @unchecked Sendable {
     /// committed step it does not hold needs a rebuild (it replaced a lost node,
     /// or restarted on an empty arena).
     private func discover() {
+        // Silence is not an answer: a replacement that concluded "nothing to
+        // rebuild" from slow peers would serve an empty node. Only when every
+        // peer refuses the connection (none is running: a fresh cluster) does
+        // the node go on without the cluster's view.
         var learned = false
-        let deadline = monotonicMilliseconds() + cluster.failureTimeoutMilliseconds
-        while !learned, monotonicMilliseconds() < deadline, !server.lock.withLock({ stopping }) {
+        var round = 0
+        while !learned, !server.lock.withLock({ stopping }) {
+            var everyPeerRefused = true
             for peer in mesh.peers {
-                guard case .clusterStateReply(let state)? = try? mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
-                server.lock.withLock { merge(state) }
-                learned = true
-                break
+                do {
+                    guard case .clusterStateReply(let state) = try mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
+                    server.lock.withLock { merge(state) }
+                    learned = true
+                    break
+                } catch let error as IOError where error.errnoCode == ECONNREFUSED {
+                    continue
+                } catch {
+                    everyPeerRefused = false
+                }
             }
-            if !learned { usleep(100_000) }
+            round += 1
+            if learned || (everyPeerRefused && round * 100 >= Int(cluster.failureTimeoutMilliseconds)) { break }
+            if round % 50 == 0 { logger.warning("still waiting for a peer to share the cluster's state") }
+            usleep(100_000)
         }
         server.lock.withLock {
             needsRebuild = !missingSteps().isEmpty

@@ -59,16 +59,16 @@ final class PeerMesh: @unchecked Sendable {
         return try channel.lock.withLock {
             let reused = channel.connection != nil
             do {
-                return try attempt(channel, node, timeoutMilliseconds, body)
+                return try attempt(channel, node, purpose, timeoutMilliseconds, body)
             } catch where reused {
-                return try attempt(channel, node, timeoutMilliseconds, body)
+                return try attempt(channel, node, purpose, timeoutMilliseconds, body)
             }
         }
     }
 
-    private func attempt<T>(_ channel: Channel, _ node: NodeID, _ timeoutMilliseconds: Int64, _ body: (FramedConnection) throws -> T) throws -> T {
+    private func attempt<T>(_ channel: Channel, _ node: NodeID, _ purpose: Purpose, _ timeoutMilliseconds: Int64, _ body: (FramedConnection) throws -> T) throws -> T {
         do {
-            let connection = try channel.connection ?? connect(node, timeoutMilliseconds: timeoutMilliseconds)
+            let connection = try channel.connection ?? connect(node, purpose, timeoutMilliseconds: timeoutMilliseconds)
             channel.connection = connection
             return try body(connection)
         } catch {
@@ -86,9 +86,10 @@ final class PeerMesh: @unchecked Sendable {
         }
     }
 
+    /// The peer's reply, which must start within the connection's frame timeout.
     static func reply(_ connection: FramedConnection) throws -> Message {
         do {
-            let message = try connection.receive().message
+            let message = try connection.receiveReply(deadlineMilliseconds: connection.deadline()).message
             if case .error(let e) = message { throw PeerError(code: e.code, message: e.message) }
             return message
         } catch let error as ConnectionError {
@@ -96,12 +97,24 @@ final class PeerMesh: @unchecked Sendable {
         }
     }
 
-    private func connect(_ node: NodeID, timeoutMilliseconds: Int64) throws -> FramedConnection {
+    /// How long a reply may take to start, by purpose: heartbeats must notice
+    /// a stuck peer quickly; a fragment's acknowledgement follows reading,
+    /// checking and folding up to gigabytes, so it gets a minute.
+    static func replyTimeoutMilliseconds(_ purpose: Purpose, connectTimeoutMilliseconds: Int64) -> Int64 {
+        switch purpose {
+        case .heartbeat: max(connectTimeoutMilliseconds, 1000)
+        case .control: 10_000
+        case .data: 60_000
+        }
+    }
+
+    private func connect(_ node: NodeID, _ purpose: Purpose, timeoutMilliseconds: Int64) throws -> FramedConnection {
         guard let peer = cluster.node(node) else { throw PeerError(code: nil, message: "node \(node) is not in the cluster file") }
         let socket = try Socket.connectTCP(host: peer.host, port: peer.port, timeoutMilliseconds: timeoutMilliseconds)
-        let connection = FramedConnection(socket: socket, frameTimeoutMilliseconds: max(timeoutMilliseconds, 1000))
+        let connection = FramedConnection(
+            socket: socket, frameTimeoutMilliseconds: Self.replyTimeoutMilliseconds(purpose, connectTimeoutMilliseconds: timeoutMilliseconds))
         do {
-            guard case .challenge(let challenge) = try connection.receive().message else {
+            guard case .challenge(let challenge) = try connection.receiveReply(deadlineMilliseconds: connection.deadline()).message else {
                 throw PeerError(code: nil, message: "node \(node) did not send an authentication challenge")
             }
             try connection.send(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: challenge.nonce))), requestID: 0)
