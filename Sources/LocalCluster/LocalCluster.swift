@@ -82,13 +82,8 @@ public final class LocalCluster: @unchecked Sendable {
     /// A trainer session for `rank` on its node, retried while the node still
     /// holds the rank's previous session.
     public func client(rank: Rank, seconds: Double = 10) throws -> SnapshotClient {
-        let deadline = Date().addingTimeInterval(seconds)
-        while true {
-            do {
-                return try SnapshotClient(endpoint: .unix(path: socket(node(of: rank))), job: job, rank: rank, world: world, localWorld: ranksPerNode)
-            } catch let error as SnapshotClientError where error.code == .duplicateRank && Date() < deadline {
-                usleep(20_000)
-            }
+        try retrying(while: .duplicateRank, seconds: seconds) {
+            try SnapshotClient(endpoint: .unix(path: socket(node(of: rank))), job: job, rank: rank, world: world, localWorld: ranksPerNode)
         }
     }
 
@@ -121,13 +116,20 @@ public final class LocalCluster: @unchecked Sendable {
 
     /// Restores `rank`, retrying while its node joins or rebuilds.
     public func restore(rank: Rank, step: Step?, seconds: Double = 120) throws -> RestoredShard {
-        let deadline = Date().addingTimeInterval(seconds)
-        while true {
-            do {
-                return try client(rank: rank).restore(step: step)
-            } catch let error as SnapshotClientError where error.code == .unavailable && Date() < deadline {
-                usleep(50_000)
-            }
+        try retrying(while: .unavailable, seconds: seconds) { try client(rank: rank).restore(step: step) }
+    }
+}
+
+/// Retries `body` while it fails with the daemon error `code` (a rank whose
+/// previous session the daemon has not yet closed, a node still rebuilding),
+/// up to `seconds`; any other error, or the same one after the deadline, is thrown.
+public func retrying<T>(while code: ErrorCode, seconds: Double, _ body: () throws -> T) throws -> T {
+    let deadline = Date().addingTimeInterval(seconds)
+    while true {
+        do {
+            return try body()
+        } catch let error as SnapshotClientError where error.code == code && Date() < deadline {
+            usleep(20_000)
         }
     }
 }

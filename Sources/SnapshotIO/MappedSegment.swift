@@ -54,16 +54,14 @@ public final class MappedSegment: @unchecked Sendable {
         return UnsafeMutableRawBufferPointer(start: base + offset, count: count)
     }
 
-    /// (device, inode): identifies the file behind the mapping, so a client can
-    /// keep a mapping across steps when the daemon hands it the same segment again.
-    public func fileIdentity() -> FileIdentity? { FileIdentity(fd: fd) }
-
     deinit {
         if let base { munmap(base, sizeBytes) }
         if fd >= 0 { Glibc.close(fd) }
     }
 }
 
+/// (device, inode, size): identifies the file behind a descriptor, so a client
+/// can keep a mapping across steps when the daemon hands it the same segment again.
 public struct FileIdentity: Hashable, Sendable {
     public let device: UInt64
     public let inode: UInt64

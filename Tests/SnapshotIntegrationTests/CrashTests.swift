@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import LocalCluster
 import SnapshotClient
 import SnapshotIO
 import SnapshotProtocol
@@ -19,7 +20,7 @@ struct CrashTests {
             try clients[0].waitCommitted(step: 1, timeoutMilliseconds: 10_000)
         }
         // Rank 0 saves step 2; rank 1 is a real trainer process that dies half-way through its save.
-        let rank0 = try retrying { try daemon.unixClient(job: job, rank: 0, world: 2) }
+        let rank0 = try retrying(while: .duplicateRank, seconds: 5) { try daemon.unixClient(job: job, rank: 0, world: 2) }
         try rank0.save(step: 2, tensors: tensors(step: 2, rank: 0, sizes: Self.sizes))
         let trainer = try TrainerProcess(arguments: [
             "--socket", daemon.socketPath, "--job", "killed-trainer", "--rank", "1", "--world", "2",
@@ -31,7 +32,7 @@ struct CrashTests {
         #expect(throws: SnapshotClientError.self) { try rank0.waitCommitted(step: 2, timeoutMilliseconds: 500) }
         #expect(try rank0.latestCommittedStep() == 1)
         #expect(throws: SnapshotClientError.self) { try rank0.restore(step: 2) }
-        let rank1 = try retrying { try daemon.unixClient(job: job, rank: 1, world: 2) }
+        let rank1 = try retrying(while: .duplicateRank, seconds: 5) { try daemon.unixClient(job: job, rank: 1, world: 2) }
         for (rank, client) in [(Rank(0), rank0), (1, rank1)] {
             let shard = try client.restore()
             #expect(shard.step == 1)

@@ -51,7 +51,7 @@ final class DaemonProcess: @unchecked Sendable {
             "--unix-socket", socketPath, "--arena-directory", arena, "--tcp-listen", "127.0.0.1:\(tcpPort)",
             "--shared-secret-file", secretPath, "--memory-budget", budget, "--keep", "\(keep)", "--log-level", "debug",
         ]
-        if !FileManager.default.fileExists(atPath: logPath) { FileManager.default.createFile(atPath: logPath, contents: nil) }
+        if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
         log.seekToEndOfFile()
         process.standardError = log
@@ -163,15 +163,3 @@ func concurrently(_ ranks: Range<Rank>, _ body: @escaping @Sendable (Rank) throw
     try onThreads(ranks.count) { try body(ranks.lowerBound + Rank($0)) }
 }
 
-/// Retries a connection while the daemon still holds the rank's previous
-/// session (its disconnect is processed asynchronously).
-func retrying<T>(seconds: Double = 5, _ body: () throws -> T) throws -> T {
-    let deadline = Date().addingTimeInterval(seconds)
-    while true {
-        do {
-            return try body()
-        } catch let error as SnapshotClientError where error.code == .duplicateRank && Date() < deadline {
-            usleep(20_000)
-        }
-    }
-}

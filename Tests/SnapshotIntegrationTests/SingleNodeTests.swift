@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import LocalCluster
 import SnapshotClient
 import SnapshotIO
 import SnapshotProtocol
@@ -51,7 +52,7 @@ struct SingleNodeTests {
         #expect(matches(older, tensors(step: 4, rank: 7, sizes: Self.layout(rank: 7))))
         older.release()
         clients.removeLast()
-        let tcp = try retrying { try daemon.tcpClient(job: job, rank: 7, world: 8) }
+        let tcp = try retrying(while: .duplicateRank, seconds: 5) { try daemon.tcpClient(job: job, rank: 7, world: 8) }
         for step in [4, 5] as [Step] {
             let shard = try tcp.restore(step: step)
             #expect(matches(shard, tensors(step: step, rank: 7, sizes: Self.layout(rank: 7))), "TCP restore of step \(step)")

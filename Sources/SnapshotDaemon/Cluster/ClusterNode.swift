@@ -143,11 +143,13 @@ final class ClusterNode: @unchecked Sendable {
         server.apply(server.store.markCommitted(job: job, step: step, world: record.world))
     }
 
-    /// Asks `peers` for their view and merges it.
-    private func pullState(from peers: [NodeID]) {
+    /// Asks `peers` for their view and merges it; with `firstAnswerSuffices`,
+    /// stops at the first peer that answers.
+    func pullState(from peers: [NodeID], firstAnswerSuffices: Bool = false) {
         for peer in peers {
             guard case .clusterStateReply(let state)? = try? mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
             server.lock.withLock { merge(state) }
+            if firstAnswerSuffices { return }
         }
     }
 

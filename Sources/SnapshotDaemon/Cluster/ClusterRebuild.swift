@@ -25,7 +25,7 @@ extension ClusterNode {
     private func runRebuild() {
         defer { server.lock.withLock { rebuilding = false } }
         let started = monotonicMilliseconds()
-        refreshClusterState()
+        pullState(from: mesh.peers, firstAnswerSuffices: true)  // fresh knowledge of committed steps
         let steps = server.lock.withLock {
             ledger.steps.filter { id, entry in
                 entry.committed && entry.ready[selfID] != nil && !server.store.isCommitted(job: id.job, step: id.step)
@@ -55,15 +55,6 @@ extension ClusterNode {
             ])
         } else {
             logger.error("rebuild incomplete; the coordinator will order it again", metadata: ["failedSteps": "\(failed)"])
-        }
-    }
-
-    /// Fresh knowledge of committed steps from any live peer.
-    private func refreshClusterState() {
-        for peer in mesh.peers {
-            guard case .clusterStateReply(let state)? = try? mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
-            server.lock.withLock { merge(state) }
-            return
         }
     }
 

@@ -58,16 +58,6 @@ struct NodeStepData {
         }
     }
 
-    /// Gathers the fragment into `destination` (zero padded).
-    func copy(offset: Int, count: Int, into destination: UnsafeMutableRawPointer) {
-        var written = 0
-        let (zeros, _) = visit(offset: offset, count: count) { piece in
-            if let base = piece.baseAddress { memcpy(destination + written, base, piece.count) }
-            written += piece.count
-        }
-        memset(destination + written, 0, zeros)
-    }
-
     /// Scatters `count` bytes from `source` into the data at `offset` (bytes
     /// that fall past the end are padding and dropped).
     func scatter(from source: UnsafeRawPointer, offset: Int, count: Int) {
