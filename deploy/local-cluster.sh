@@ -7,6 +7,7 @@
 #   local-cluster.sh kill   DIR ID             kill -9 one node
 #   local-cluster.sh stop   DIR                SIGTERM every node, wait, remove arenas
 #   local-cluster.sh socket DIR ID             print a node's Unix socket path
+#   local-cluster.sh arena  DIR ID             print a node's arena directory
 #
 # Environment: SNAPSHOTD (binary; default: .build/release/snapshotd, else
 # .build/debug/snapshotd), BASE_PORT (default 7400), BUDGET (default 4GiB),
@@ -93,6 +94,7 @@ stop)
     for id in $(seq 0 $(($(cat "$dir/nodes" 2>/dev/null || echo 0) - 1))); do rm -rf "$(arena "$dir" "$id")"; done
     ;;
 socket) echo "$2/node$3.sock" ;;
+arena) arena "$(cd "$2" && pwd)" "$3" ;;
 *)
     sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     exit 2

@@ -178,6 +178,26 @@ public final class ReedSolomon: Sendable {
         }
     }
 
+    // MARK: Repair pipelining
+
+    /// The coefficients that express fragment `target` as a linear
+    /// combination of the k `survivors`: target = Σ cᵢ · fragment(survivorᵢ)
+    /// over GF(2^8), in ascending survivor order.
+    ///
+    /// Decoding is linear, so the sum can be formed piecewise: each survivor
+    /// adds its own term to a running partial and passes it on (repair
+    /// pipelining). No node then receives more than one fragment's worth of
+    /// bytes, where a rebuild that gathers k fragments at one node needs k×.
+    public func repairCoefficients(survivors: FragmentSet, target: Int) throws(ErasureCodingError) -> [(index: Int, coefficient: UInt8)] {
+        let n = totalFragmentCount
+        guard target >= 0, target < n else { throw .indexOutOfRange(target, count: n) }
+        guard survivors.count == dataFragmentCount, !survivors.contains(target), survivors.allSatisfy({ $0 < n }) else {
+            throw .notEnoughSurvivors(available: survivors.filter { $0 < n && $0 != target }.count, required: dataFragmentCount)
+        }
+        let row = try decodeRows(DecodePattern(survivors: survivors, targets: FragmentSet([target])))
+        return Array(zip(survivors, row).map { (index: $0, coefficient: $1) })
+    }
+
     // MARK: Internals
 
     struct DecodePattern: Hashable {
@@ -219,9 +239,13 @@ public final class ReedSolomon: Sendable {
         return tables
     }
 
+    private func buildDecodeTables(_ pattern: DecodePattern) throws(ErasureCodingError) -> GFTables {
+        GFTables(coefficients: try decodeRows(pattern), inputs: dataFragmentCount, outputs: pattern.targets.count)
+    }
+
     /// Decode row for a target t: row t of B⁻¹ for data, (generator row t)·B⁻¹
     /// for parity, where B is the generator restricted to the survivors' rows.
-    private func buildDecodeTables(_ pattern: DecodePattern) throws(ErasureCodingError) -> GFTables {
+    private func decodeRows(_ pattern: DecodePattern) throws(ErasureCodingError) -> [UInt8] {
         let k = dataFragmentCount
         var survivorRows = [UInt8]()
         survivorRows.reserveCapacity(k * k)
@@ -243,7 +267,7 @@ public final class ReedSolomon: Sendable {
                 }
             }
         }
-        return GFTables(coefficients: decodeRows, inputs: k, outputs: pattern.targets.count)
+        return decodeRows
     }
 
     private func checkFragmentSize(_ bytes: Int) throws(ErasureCodingError) {

@@ -76,6 +76,15 @@ public final class LocalCluster: @unchecked Sendable {
     public func socket(_ node: Int) -> String { "\(directory)/node\(node).sock" }
     public func log(_ node: Int) -> String { (try? String(contentsOfFile: "\(directory)/node\(node).log", encoding: .utf8)) ?? "" }
 
+    public func arenaDirectory(_ node: Int) throws -> String {
+        try run(["arena", directory, "\(node)"]).trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// A node's own account of its latest completed rebuild, from its log.
+    public func lastRebuild(_ node: Int) -> RebuildReport? {
+        log(node).split(separator: "\n").last { $0.contains("rebuild complete") }.flatMap { RebuildReport(logLine: String($0)) }
+    }
+
     public func node(of rank: Rank) -> Int { Int(rank / ranksPerNode) }
     public func ranks(on node: Int) -> [Rank] { (0..<ranksPerNode).map { UInt32(node) * ranksPerNode + $0 } }
 
@@ -152,5 +161,26 @@ public enum Checkout {
     /// A binary built next to the running executable (same configuration).
     public static func sibling(_ name: String) -> String {
         URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent().path + "/" + name
+    }
+}
+
+/// The fields of a daemon's "rebuild complete" log line.
+public struct RebuildReport: Sendable {
+    public let seconds: Double
+    public let bytes: Double
+    public let pipelinedFragments: Int
+    public let gatheredFragments: Int
+
+    init?(logLine: String) {
+        func field(_ name: String) -> Double? {
+            logLine.split(separator: " ").first { $0.hasPrefix(name + "=") }.flatMap { Double($0.dropFirst(name.count + 1)) }
+        }
+        guard let seconds = field("seconds"), let bytes = field("bytes"), let pipelined = field("pipelinedFragments"),
+            let gathered = field("gatheredFragments")
+        else { return nil }
+        self.seconds = seconds
+        self.bytes = bytes
+        pipelinedFragments = Int(pipelined)
+        gatheredFragments = Int(gathered)
     }
 }

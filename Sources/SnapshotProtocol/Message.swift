@@ -28,6 +28,8 @@ public enum Message: Hashable, Sendable {
     case clusterStateRequest
     case clusterStateReply(ClusterStateReply)
     case rebuildOrder(RebuildOrder)
+    case repairRequest(RepairRequest)
+    case repairSlice(RepairSlice)
     case recover
     case recoverReply(RecoverReply)
     case error(ErrorReply)
@@ -63,6 +65,8 @@ public enum Message: Hashable, Sendable {
         case .clusterStateRequest: .clusterStateRequest
         case .clusterStateReply: .clusterStateReply
         case .rebuildOrder: .rebuildOrder
+        case .repairRequest: .repairRequest
+        case .repairSlice: .repairSlice
         case .recover: .recover
         case .recoverReply: .recoverReply
         case .error: .error
@@ -154,6 +158,19 @@ public enum Message: Hashable, Sendable {
             for node in m.liveNodes { w.write(node) }
             w.write(m.needsRebuild)
         case .stepReady(let m): w.write(m)
+        case .repairRequest(let m):
+            w.write(m.fragment)
+            w.write(m.fragmentSizeBytes)
+            w.write(m.sliceSizeBytes)
+            w.writeCount(m.chain.count)
+            for hop in m.chain {
+                w.write(hop.nodeID)
+                w.write(hop.index)
+                w.write(hop.coefficient)
+            }
+        case .repairSlice(let m):
+            w.write(m.offsetBytes)
+            w.write(m.crc32c)
         case .stepProtected(let m):
             w.write(m.job)
             w.write(m.step)
@@ -264,6 +281,9 @@ public enum Message: Hashable, Sendable {
         case .clusterStateReply: return .clusterStateReply(try r.readClusterState())
         case .rebuildOrder:
             return .rebuildOrder(RebuildOrder(nodeID: try r.read(NodeID.self, "nodeID"), incarnation: try r.read(UInt64.self, "incarnation"), coordinator: try r.read(NodeID.self, "coordinator")))
+        case .repairRequest: return .repairRequest(try r.readRepairRequest())
+        case .repairSlice:
+            return .repairSlice(RepairSlice(offsetBytes: try r.read(UInt64.self, "offsetBytes"), crc32c: try r.read(UInt32.self, "crc32c")))
         case .recover: return .recover
         case .recoverReply: return .recoverReply(try r.readRecoverReply())
         case .error:
@@ -332,6 +352,25 @@ extension ByteReader {
         offsets.reserveCapacity(count)
         for _ in 0..<count { offsets.append(try read(UInt64.self, "tensorOffsets")) }
         return offsets
+    }
+
+    mutating func readRepairRequest() throws(ProtocolError) -> RepairRequest {
+        let fragment = try readFragmentID()
+        let size = try read(UInt64.self, "fragmentSizeBytes")
+        let slice = try read(UInt32.self, "sliceSizeBytes")
+        guard ProtocolLimits.repairSliceBytesRange.contains(slice) else {
+            throw .invalidValue(field: "sliceSizeBytes", reason: "\(slice) is outside \(ProtocolLimits.repairSliceBytesRange)")
+        }
+        guard size <= ProtocolLimits.maximumBulkBytes else { throw .invalidValue(field: "fragmentSizeBytes", reason: "\(size) exceeds the bulk limit") }
+        let count = try readCount("chain", limit: ProtocolLimits.maximumRepairChainHops, minimumElementBytes: 7)
+        guard count > 0 else { throw .emptyField("chain") }
+        var chain: [RepairHop] = []
+        chain.reserveCapacity(count)
+        for _ in 0..<count {
+            chain.append(RepairHop(nodeID: try read(NodeID.self, "nodeID"), index: try read(UInt16.self, "index"), coefficient: try read(UInt8.self, "coefficient")))
+        }
+        guard Set(chain.map(\.nodeID)).count == count else { throw .invalidValue(field: "chain", reason: "a node appears twice") }
+        return RepairRequest(fragment: fragment, fragmentSizeBytes: size, sliceSizeBytes: slice, chain: chain)
     }
 
     mutating func readFragmentID() throws(ProtocolError) -> FragmentID {

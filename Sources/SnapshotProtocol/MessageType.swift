@@ -34,6 +34,9 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     case clusterStateRequest = 57
     case clusterStateReply = 58
     case rebuildOrder = 59
+    // Between daemons: pipelined repair.
+    case repairRequest = 62
+    case repairSlice = 63
     // Generic replies.
     case error = 60
     case ok = 61
@@ -44,7 +47,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     /// Types that may be followed by bulk bytes (tensor or fragment data).
     public var carriesBulk: Bool {
         switch self {
-        case .putTensor, .restoreReady, .fragmentPut, .fragmentData: true
+        case .putTensor, .restoreReady, .fragmentPut, .fragmentData, .repairSlice: true
         default: false
         }
     }
@@ -81,6 +84,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .clusterStateRequest: "clusterStateRequest"
         case .clusterStateReply: "clusterStateReply"
         case .rebuildOrder: "rebuildOrder"
+        case .repairRequest: "repairRequest"
+        case .repairSlice: "repairSlice"
         case .recover: "recover"
         case .recoverReply: "recoverReply"
         case .error: "error"

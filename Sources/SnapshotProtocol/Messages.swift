@@ -255,6 +255,57 @@ public struct FragmentData: Hashable, Sendable {
     }
 }
 
+/// One survivor of a pipelined repair: its node, the fragment index it holds
+/// in the stripe, and the GF(2^8) coefficient of that fragment in the sum
+/// that rebuilds the target.
+public struct RepairHop: Hashable, Sendable {
+    public var nodeID: NodeID
+    public var index: UInt16
+    public var coefficient: UInt8
+    public init(nodeID: NodeID, index: UInt16, coefficient: UInt8) {
+        self.nodeID = nodeID
+        self.index = index
+        self.coefficient = coefficient
+    }
+}
+
+/// Asks `chain.last` for the partial repair sum Σ coefficient · fragment over
+/// the whole chain, for rebuilding `fragment` (its `index` is the target). The
+/// receiver asks `chain.dropLast()` of the hop before it the same way, adds
+/// its own term and streams the result back, one ``RepairSlice`` per
+/// `sliceSizeBytes` (the last may be shorter).
+public struct RepairRequest: Hashable, Sendable {
+    public var fragment: FragmentID
+    public var fragmentSizeBytes: UInt64
+    public var sliceSizeBytes: UInt32
+    public var chain: [RepairHop]
+    public init(fragment: FragmentID, fragmentSizeBytes: UInt64, sliceSizeBytes: UInt32, chain: [RepairHop]) {
+        self.fragment = fragment
+        self.fragmentSizeBytes = fragmentSizeBytes
+        self.sliceSizeBytes = sliceSizeBytes
+        self.chain = chain
+    }
+
+    /// Slices in the stream: at least one, even for an empty fragment.
+    public var sliceCount: Int { max(1, Int((fragmentSizeBytes + UInt64(sliceSizeBytes) - 1) / UInt64(sliceSizeBytes))) }
+
+    /// Byte range of slice `number` within the fragment.
+    public func slice(_ number: Int) -> (offsetBytes: UInt64, countBytes: Int) {
+        let offset = UInt64(number) * UInt64(sliceSizeBytes)
+        return (offset, Int(min(UInt64(sliceSizeBytes), fragmentSizeBytes - min(offset, fragmentSizeBytes))))
+    }
+}
+
+/// One slice of a partial repair sum (bulk = the slice).
+public struct RepairSlice: Hashable, Sendable {
+    public var offsetBytes: UInt64
+    public var crc32c: UInt32
+    public init(offsetBytes: UInt64, crc32c: UInt32) {
+        self.offsetBytes = offsetBytes
+        self.crc32c = crc32c
+    }
+}
+
 public struct Heartbeat: Hashable, Sendable {
     public var nodeID: NodeID
     /// Incarnation of the sender: changes on every daemon start, so a node that

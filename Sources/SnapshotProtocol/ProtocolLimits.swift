@@ -19,6 +19,10 @@ public enum ProtocolLimits {
     public static let maximumWorldSize: UInt32 = 1 << 20
     /// Entries in list replies (jobs, steps, nodes, ranks).
     public static let maximumListEntries = 65_536
+    /// Pipelined repair: survivors in one chain (at most k ≤ 255) and the
+    /// bounds on a slice, which every hop buffers once.
+    public static let maximumRepairChainHops = 255
+    public static let repairSliceBytesRange: ClosedRange<UInt32> = 4096...(16 << 20)
     public static let authenticationNonceBytes = 32
     public static let authenticationTagBytes = 32
 }

@@ -58,7 +58,8 @@ struct ClusterBenchmark: ParsableCommand {
         try cluster.replace(lost)
         try cluster.waitUntilRebuilt([lost], observer: 0)
         let recovery = nowSeconds() - replaced
-        let (rebuildSeconds, rebuiltBytes) = try rebuildFigures(cluster.log(lost))
+        guard let rebuild = cluster.lastRebuild(lost) else { throw ValidationError("the replacement logged no completed rebuild") }
+        let (rebuildSeconds, rebuiltBytes) = (rebuild.seconds, rebuild.bytes)
 
         print("")
         print(padded("figure", 46) + padded("value", 12) + padded("reference", 26) + padded("ratio", 10))
@@ -83,18 +84,6 @@ struct ClusterBenchmark: ParsableCommand {
             print(padded("parity memory on node \(node)", 46) + padded(format(parityPerNode[node] / 1_048_576) + " MiB", 12)
                 + padded("m/k ideal \(format(idealParity / 1_048_576)) MiB", 26) + padded(format(parityPerNode[node] / idealParity) + "×", 10))
         }
-    }
-
-    /// The replacement's own account of its rebuild ("rebuild complete … bytes=… seconds=…").
-    private func rebuildFigures(_ log: String) throws -> (seconds: Double, bytes: Double) {
-        guard let line = log.split(separator: "\n").last(where: { $0.contains("rebuild complete") }) else {
-            throw ValidationError("the replacement logged no completed rebuild")
-        }
-        func field(_ name: String) -> Double? {
-            line.split(separator: " ").first { $0.hasPrefix(name + "=") }.flatMap { Double($0.dropFirst(name.count + 1)) }
-        }
-        guard let seconds = field("seconds"), let bytes = field("bytes") else { throw ValidationError("unreadable rebuild line: \(line)") }
-        return (seconds, bytes)
     }
 
     private func isalEncodeRate(k: Int, m: Int, fragmentBytes: Int) -> Double {

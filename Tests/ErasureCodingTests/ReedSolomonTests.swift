@@ -96,6 +96,49 @@ struct ReedSolomonTests {
         #expect(rows.equal(1, UnsafeRawBufferPointer(full[k + 2])))
     }
 
+    /// Repair pipelining: each survivor folds coefficient × its fragment into a
+    /// running partial, slice by slice and in chain order; the final partial
+    /// is the lost fragment, for every target and every set of k survivors.
+    @Test(arguments: [(2, 1), (4, 2), (5, 3)])
+    func pipelinedRepairEqualsTheLostFragment(k: Int, m: Int) throws {
+        let length = 5000  // slices of 1536 bytes: three full and a short tail
+        let sliceBytes = 1536
+        let code = try ReedSolomon(dataFragmentCount: k, parityFragmentCount: m)
+        let original = FragmentBuffers(count: k + m, length: length)
+        var rng = SplitMix64(seed: UInt64(k * 10 + m))
+        for i in 0..<k { rng.fill(original[i]) }
+        try code.encode(data: (0..<k).map { UnsafeRawBufferPointer(original[$0]) }, parity: (k..<(k + m)).map { original[$0] })
+        let partial = FragmentBuffers(count: 1, length: length)
+        var checked = 0
+        for target in 0..<(k + m) {
+            for survivors in combinations(of: k + m, choose: k) where !survivors.contains(target) {
+                let terms = try code.repairCoefficients(survivors: FragmentSet(survivors), target: target)
+                #expect(terms.map(\.index) == survivors)
+                memset(partial[0].baseAddress!, 0xEE, length)
+                for offset in stride(from: 0, to: length, by: sliceBytes) {
+                    let count = min(sliceBytes, length - offset)
+                    memset(partial[0].baseAddress! + offset, 0, count)
+                    for term in terms.reversed() {  // the chain's order does not matter
+                        GFMultiplier(coefficient: term.coefficient).multiplyAdd(
+                            from: original[term.index].baseAddress! + offset, into: partial[0].baseAddress! + offset, count: count)
+                    }
+                }
+                #expect(partial.equal(0, UnsafeRawBufferPointer(original[target])), "k=\(k) m=\(m) target \(target) from \(survivors)")
+                checked += 1
+            }
+        }
+        #expect(checked == (k + m) * combinations(of: k + m - 1, choose: k).count)
+        #expect(throws: ErasureCodingError.notEnoughSurvivors(available: k - 1, required: k)) {
+            try code.repairCoefficients(survivors: FragmentSet(1..<k), target: 0)
+        }
+        #expect(throws: ErasureCodingError.notEnoughSurvivors(available: k - 1, required: k)) {
+            try code.repairCoefficients(survivors: FragmentSet(0..<k), target: 0)
+        }
+        #expect(throws: ErasureCodingError.indexOutOfRange(k + m, count: k + m)) {
+            try code.repairCoefficients(survivors: FragmentSet(0..<k), target: k + m)
+        }
+    }
+
     @Test func constructionErrors() {
         #expect(throws: ErasureCodingError.invalidDataFragmentCount(0)) { try ReedSolomon(dataFragmentCount: 0, parityFragmentCount: 1) }
         #expect(throws: ErasureCodingError.invalidParityFragmentCount(-1)) { try ReedSolomon(dataFragmentCount: 4, parityFragmentCount: -1) }

@@ -204,6 +204,10 @@ struct ClusterLedgerTests {
         #expect(loadError(tooLarge)?.contains("only 2") == true)
         let unknown = valid.replacingOccurrences(of: "nodes = [0, 1]", with: "nodes = [0, 5]")
         #expect(loadError(unknown)?.contains("unknown node 5") == true)
+        #expect(config.repair == .pipelined, "pipelined repair is the default")
+        let gather = try ClusterConfiguration.load(tomlText: "repair = \"gather\"\n" + valid)
+        #expect(gather.repair == .gather)
+        #expect(loadError("repair = \"fast\"\n" + valid)?.contains("repair must be one of \"pipelined\", \"gather\"") == true)
     }
 
     @Test func commitNeedsEveryNodeProtectedAndEveryRankCovered() throws {

@@ -19,6 +19,9 @@ struct ClusterTests {
             try cluster.waitUntilRebuilt([lost], observer: (lost + 1) % 4)
             try cluster.verify(step: 2, ranks: cluster.ranks(on: lost))
             try cluster.verify(step: 1, ranks: cluster.ranks(on: lost))
+            // Every fragment came down a chain of survivors (repair pipelining), none by gathering.
+            let rebuild = try #require(cluster.lastRebuild(lost))
+            #expect(rebuild.pipelinedFragments > 0 && rebuild.gatheredFragments == 0, "node \(lost): \(rebuild)")
         }
         // The rebuilt cluster keeps protecting new steps.
         try cluster.saveStep(3)
@@ -37,6 +40,31 @@ struct ClusterTests {
         }
         try cluster.saveStep(2)
         try cluster.verify(step: 2, ranks: Array(0..<cluster.world))
+    }
+
+    /// A survivor whose parity was corrupted in memory fails the repair chain
+    /// it is part of (its CRC is checked while it serves); the replacement
+    /// falls back to gathering, skips the bad fragment for another survivor,
+    /// and still rebuilds byte-identical.
+    @Test func corruptedParityBreaksTheChainAndTheRebuildRoutesAroundIt() throws {
+        let cluster = try LocalCluster.forTest(nodes: 6, parity: 2)
+        try cluster.saveStep(1)
+        // Node 3 is lost. Its data fragment 0 is slot 3 of stripe 4 (StripeLayout:
+        // node i's fragment f is in stripe i+1+f; parity of stripe j on nodes
+        // j…j+m−1). Of the other slots, node 1's is padding (fragment 2 lies
+        // past its data), so the chain is node 0, node 2, then node 4 with
+        // parity row 0, which it checks as it serves.
+        let parityFile = try cluster.arenaDirectory(4) + "/jobs/cluster-job/00000000000000000001/parity-4.seg"
+        try flipByte(in: parityFile, at: 1000)
+        try cluster.kill(3)
+        try cluster.replace(3)
+        try cluster.waitUntilRebuilt([3], observer: 0)
+        try cluster.verify(step: 1, ranks: cluster.ranks(on: 3))
+        #expect(cluster.log(4).contains("parity fragment failed its CRC check while serving a repair"))
+        #expect(cluster.log(3).contains("pipelined repair failed; gathering k fragments instead"))
+        #expect(cluster.log(3).contains("failed its CRC check"), "the gathered copy of the bad parity is refused too")
+        let rebuild = try #require(cluster.lastRebuild(3))
+        #expect(rebuild.gatheredFragments == 1 && rebuild.pipelinedFragments > 0, "\(rebuild)")
     }
 
     @Test func coordinatorDeathHandsRecoveryToTheNextNode() throws {

@@ -49,6 +49,10 @@ let samples: [Message] = [
         job: job, step: 7, committed: true, ready: [StepReady(job: job, step: 7, nodeID: 1, world: 12, dataSizeBytes: 5, manifests: [[9]])],
         protectedNodes: [0, 1])])),
     .rebuildOrder(RebuildOrder(nodeID: 3, incarnation: 99, coordinator: 0)),
+    .repairRequest(RepairRequest(
+        fragment: fragment, fragmentSizeBytes: 64 << 20, sliceSizeBytes: 1 << 20,
+        chain: [RepairHop(nodeID: 4, index: 0, coefficient: 0x8E), RepairHop(nodeID: 1, index: 4, coefficient: 1)])),
+    .repairSlice(RepairSlice(offsetBytes: 3 << 20, crc32c: 0xC0FF_EE00)),
     .recover,
     .recoverReply(RecoverReply(coordinator: 1, deadNodes: [0, 4], rebuildingNodes: [2], jobs: [
         JobRecovery(job: job, latestCommitted: 9, newestRestorable: nil, lostRanks: [0, 1, 8, 9], summary: "3 nodes of group 0 lost, it tolerates 2"),
@@ -238,6 +242,25 @@ struct MalformedInputTests {
         nan.writeOptional(Double.nan.bitPattern)
         nan.write(blob: [])
         #expect(throws: ProtocolError.invalidValue(field: "gradientNorm", reason: "must be finite and ≥ 0, got nan")) { try Frame.decode(frame(.commitSave, payload: nan.bytes)) }
+    }
+
+    /// A repair request names a bounded slice size and a non-empty chain of distinct nodes.
+    @Test func repairRequestsAreChecked() {
+        let hop = RepairHop(nodeID: 2, index: 1, coefficient: 9)
+        func request(slice: UInt32, chain: [RepairHop]) -> [UInt8] {
+            let payload = Message.repairRequest(RepairRequest(fragment: fragment, fragmentSizeBytes: 1 << 20, sliceSizeBytes: slice, chain: chain)).encodedPayload()
+            return frame(.repairRequest, payload: payload)
+        }
+        #expect(throws: ProtocolError.invalidValue(field: "sliceSizeBytes", reason: "4095 is outside 4096...16777216")) { try Frame.decode(request(slice: 4095, chain: [hop])) }
+        #expect(throws: ProtocolError.invalidValue(field: "sliceSizeBytes", reason: "16777217 is outside 4096...16777216")) {
+            try Frame.decode(request(slice: (16 << 20) + 1, chain: [hop]))
+        }
+        #expect(throws: ProtocolError.emptyField("chain")) { try Frame.decode(request(slice: 1 << 20, chain: [])) }
+        #expect(throws: ProtocolError.invalidValue(field: "chain", reason: "a node appears twice")) { try Frame.decode(request(slice: 1 << 20, chain: [hop, hop])) }
+        let sliced = RepairRequest(fragment: fragment, fragmentSizeBytes: 10_000, sliceSizeBytes: 4096, chain: [hop])
+        #expect(sliced.sliceCount == 3)
+        #expect(sliced.slice(2) == (8192, 1808))
+        #expect(RepairRequest(fragment: fragment, fragmentSizeBytes: 0, sliceSizeBytes: 4096, chain: [hop]).sliceCount == 1)
     }
 
     private func crc(_ bytes: [UInt8], at offset: Int) throws -> UInt32 {

@@ -8,6 +8,7 @@ import TOMLKit
 ///
 ///     heartbeat_interval_ms = 200
 ///     failure_timeout_ms = 2000
+///     repair = "pipelined"        # or "gather"
 ///     [[node]]
 ///     id = 0
 ///     address = "10.0.0.1:7070"
@@ -44,12 +45,23 @@ public struct ClusterConfiguration: Sendable, Equatable {
         }
     }
 
+    /// How a replacement rebuilds a fragment from k survivors.
+    public enum RepairStrategy: String, Sendable, CaseIterable {
+        /// The survivors pass a running partial sum along a chain
+        /// (`RepairPipeline.swift`): each link carries one fragment's worth.
+        case pipelined
+        /// The replacement fetches k whole fragments and decodes: its own link
+        /// carries k× the bytes it rebuilds. Kept as the fallback and for comparison.
+        case gather
+    }
+
     public let nodes: [Node]
     public let groups: [Group]
+    public let repair: RepairStrategy
     public let heartbeatIntervalMilliseconds: Int64
     public let failureTimeoutMilliseconds: Int64
 
-    public init(nodes: [Node], groups: [Group], heartbeatIntervalMilliseconds: Int64 = 200, failureTimeoutMilliseconds: Int64 = 2000) throws {
+    public init(nodes: [Node], groups: [Group], heartbeatIntervalMilliseconds: Int64 = 200, failureTimeoutMilliseconds: Int64 = 2000, repair: RepairStrategy = .pipelined) throws {
         var seen = Set<NodeID>()
         for node in nodes where !seen.insert(node.id).inserted {
             throw ConfigurationError("cluster file: node id \(node.id) appears twice")
@@ -79,11 +91,12 @@ public struct ClusterConfiguration: Sendable, Equatable {
         self.groups = groups
         self.heartbeatIntervalMilliseconds = heartbeatIntervalMilliseconds
         self.failureTimeoutMilliseconds = failureTimeoutMilliseconds
+        self.repair = repair
     }
 
     public static func load(tomlText: String) throws -> ClusterConfiguration {
         let table = try TOMLTable(string: tomlText)
-        for key in table.keys where !["node", "group", "heartbeat_interval_ms", "failure_timeout_ms"].contains(key) {
+        for key in table.keys where !["node", "group", "heartbeat_interval_ms", "failure_timeout_ms", "repair"].contains(key) {
             throw ConfigurationError("cluster file: unknown key '\(key)'")
         }
         let nodes = try (table["node"]?.array ?? TOMLArray()).map { value -> Node in
@@ -104,10 +117,17 @@ public struct ClusterConfiguration: Sendable, Equatable {
             }
             return Group(index: index, nodes: ids, parity: parity)
         }
+        var repair = RepairStrategy.pipelined
+        if let value = table["repair"] {
+            guard let text = value.string, let strategy = RepairStrategy(rawValue: text) else {
+                throw ConfigurationError("cluster file: repair must be one of \(RepairStrategy.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", "))")
+            }
+            repair = strategy
+        }
         return try ClusterConfiguration(
             nodes: nodes, groups: groups,
             heartbeatIntervalMilliseconds: Int64(table["heartbeat_interval_ms"]?.int ?? 200),
-            failureTimeoutMilliseconds: Int64(table["failure_timeout_ms"]?.int ?? 2000))
+            failureTimeoutMilliseconds: Int64(table["failure_timeout_ms"]?.int ?? 2000), repair: repair)
     }
 
     public func node(_ id: NodeID) -> Node? { nodes.first { $0.id == id } }

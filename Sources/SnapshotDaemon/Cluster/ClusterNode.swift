@@ -543,9 +543,17 @@ final class ClusterNode: @unchecked Sendable {
 
     // MARK: Serving fragments for a rebuild
 
-    /// Sends a data fragment of this node, or a parity fragment it holds.
+    /// Sends a data fragment of this node, or a parity fragment it holds, whole.
     func serveFragment(_ request: FragmentGet, requestID: UInt64, connection: FramedConnection) throws {
-        let id = request.fragment
+        let local = try localFragment(request.fragment)
+        let crc = local.storedCRC32C ?? local.checksum()
+        try connection.send(.fragmentData(FragmentData(fragment: request.fragment, fragmentSizeBytes: UInt64(local.sizeBytes), crc32c: crc)), requestID: requestID, bulkLength: UInt64(local.sizeBytes))
+        try local.bytes.write(offset: local.offsetBytes, count: local.sizeBytes, to: connection.socket)
+    }
+
+    /// Fragment `id` as this node holds it: a range of its step data (zero
+    /// padded), or a complete parity fragment with the CRC it was stored with.
+    func localFragment(_ id: FragmentID) throws -> LocalFragment {
         let stripe = Int(id.stripe)
         let index = Int(id.index)
         let k = layout.dataFragmentCount
@@ -556,32 +564,39 @@ final class ClusterNode: @unchecked Sendable {
             guard try layout.dataSource(stripe: stripe, slot: index) == position,
                 case .data(_, let fragment) = try layout.role(node: position, stripe: stripe)
             else { throw StoreError(.invalidRequest, "data slot \(index) of stripe \(stripe) is not on node \(selfID)") }
-            let found: (NodeStepData, UInt64)? = server.lock.withLock {
+            let found: LocalFragment? = server.lock.withLock {
                 guard unavailableReason == nil, server.store.isCommitted(job: id.job, step: id.step),
                     let size = ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group)
                 else { return nil }
                 let shards = server.store.localShards(job: id.job, step: id.step)
                 let segments = shards.compactMap { server.segments[ShardKey(job: id.job, step: id.step, rank: $0.rank)] }
                 guard segments.count == shards.count else { return nil }
-                return (NodeStepData(segments: segments), size)
+                return LocalFragment(bytes: NodeStepData(segments: segments), offsetBytes: fragment * Int(size), sizeBytes: Int(size), storedCRC32C: nil)
             }
-            guard let (data, size) = found else { throw StoreError(.unavailable, "node \(selfID) does not hold step \(id.step) of \(id.job)") }
-            let offset = fragment * Int(size)
-            let crc = data.checksum(offset: offset, count: Int(size))
-            try connection.send(.fragmentData(FragmentData(fragment: id, fragmentSizeBytes: size, crc32c: crc)), requestID: requestID, bulkLength: size)
-            try data.write(offset: offset, count: Int(size), to: connection.socket)
-        } else {
-            let key = ParityKey(job: id.job, step: id.step, stripe: stripe)
-            let found: (ParityRecord, MappedSegment)? = server.lock.withLock {
-                guard unavailableReason == nil, let record = server.store.parity(key), record.isComplete, record.row == index - k,
-                    let segment = paritySegments[key]
-                else { return nil }
-                return (record, segment)
-            }
-            guard let (record, segment) = found else { throw StoreError(.unavailable, "node \(selfID) holds no complete parity for \(key)") }
-            let bytes = segment.bytes(offset: 0, count: Int(record.fragmentSizeBytes))
-            try connection.send(.fragmentData(FragmentData(fragment: id, fragmentSizeBytes: record.fragmentSizeBytes, crc32c: record.crc32c!)), requestID: requestID, bulkLength: record.fragmentSizeBytes)
-            try connection.socket.writeAll(bytes.baseAddress!, count: bytes.count)
+            guard let found else { throw StoreError(.unavailable, "node \(selfID) does not hold step \(id.step) of \(id.job)") }
+            return found
         }
+        let key = ParityKey(job: id.job, step: id.step, stripe: stripe)
+        let found: LocalFragment? = server.lock.withLock {
+            guard unavailableReason == nil, let record = server.store.parity(key), record.isComplete, record.row == index - k,
+                let segment = paritySegments[key]
+            else { return nil }
+            return LocalFragment(bytes: NodeStepData(segments: [segment]), offsetBytes: 0, sizeBytes: Int(record.fragmentSizeBytes), storedCRC32C: record.crc32c)
+        }
+        guard let found else { throw StoreError(.unavailable, "node \(selfID) holds no complete parity for \(key)") }
+        return found
     }
+}
+
+/// A fragment in place: `sizeBytes` of `bytes` from `offsetBytes`. Parity
+/// carries the CRC computed when it was completed; data fragments are
+/// checksummed as they are read (their tensors' own CRCs are checked after
+/// any rebuild).
+struct LocalFragment {
+    let bytes: NodeStepData
+    let offsetBytes: Int
+    let sizeBytes: Int
+    let storedCRC32C: UInt32?
+
+    func checksum() -> UInt32 { bytes.checksum(offset: offsetBytes, count: sizeBytes) }
 }

@@ -33,10 +33,10 @@ extension ClusterNode {
         }
         logger.notice("rebuild started", metadata: ["steps": "\(steps.map { "\($0.job)/\($0.step)" })"])
         var failed: [String] = []
-        var bytes: UInt64 = 0
+        var tally = RebuildTally()
         for id in steps {
             do {
-                bytes += try rebuildStep(job: id.job, step: id.step)
+                try rebuildStep(job: id.job, step: id.step, tally: &tally)
             } catch {
                 failed.append("\(id.job)/\(id.step)")
                 logger.error("rebuild of a step failed", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
@@ -50,16 +50,17 @@ extension ClusterNode {
         }
         if failed.isEmpty {
             logger.notice("rebuild complete: this node serves its ranks again", metadata: [
-                "steps": "\(steps.count)", "bytes": "\(bytes)", "seconds": "\(seconds)",
-                "megabytesPerSecond": "\(seconds > 0 ? Double(bytes) / seconds / 1e6 : 0)",
+                "steps": "\(steps.count)", "bytes": "\(tally.bytes)", "seconds": "\(seconds)",
+                "megabytesPerSecond": "\(seconds > 0 ? Double(tally.bytes) / seconds / 1e6 : 0)",
+                "pipelinedFragments": "\(tally.pipelinedFragments)", "gatheredFragments": "\(tally.gatheredFragments)",
             ])
         } else {
             logger.error("rebuild incomplete; the coordinator will order it again", metadata: ["failedSteps": "\(failed)"])
         }
     }
 
-    /// Rebuilds this node's shards and parity of one step; returns bytes rebuilt.
-    private func rebuildStep(job: JobID, step: Step) throws -> UInt64 {
+    /// Rebuilds this node's shards and parity of one step.
+    private func rebuildStep(job: JobID, step: Step, tally: inout RebuildTally) throws {
         let (entry, fragmentSize) = try server.lock.withLock { () throws -> (ClusterLedger.StepEntry, UInt64) in
             guard let entry = ledger.entry(job: job, step: step), let size = ledger.fragmentSizeBytes(job: job, step: step, group: group) else {
                 throw StoreError(.unrecoverable, "the cluster state for \(job)/\(step) is incomplete")
@@ -77,12 +78,12 @@ extension ClusterNode {
             throw StoreError(.unrecoverable, "manifests give \(data.totalBytes) bytes, the node reported \(own.dataSizeBytes)")
         }
         let size = Int(fragmentSize)
-        let workspace = try StripeWorkspace(count: layout.groupSize, fragmentSizeBytes: size)
+        let output = try MappedSegment.anonymous(sizeBytes: max(1, size))
+        var workspace: StripeWorkspace? = nil  // k + m fragment buffers, only if a stripe must be gathered
         for fragment in 0..<layout.dataFragmentCount where fragment * size < data.totalBytes {
             let placement = try layout.placement(node: position, fragment: fragment)
-            let output = workspace.output
-            try reconstruct(job: job, step: step, stripe: placement.stripe, target: placement.slot, entry: entry, fragmentSizeBytes: fragmentSize, workspace: workspace, into: output)
-            data.scatter(from: output, offset: fragment * size, count: size)
+            try rebuildFragment(job: job, step: step, stripe: placement.stripe, target: placement.slot, entry: entry, fragmentSizeBytes: fragmentSize, workspace: &workspace, tally: &tally, into: output.base!)
+            data.scatter(from: output.base!, offset: fragment * size, count: size)
         }
         var parity: [Int: ParityRecord] = [:]
         var paritySegmentsBuilt: [Int: MappedSegment] = [:]
@@ -90,7 +91,7 @@ extension ClusterNode {
             let key = ParityKey(job: job, step: step, stripe: stripe)
             let segmentSize = SegmentLayout.roundUp(fragmentSize, to: SegmentLayout.segmentGranularityBytes)
             let segment = try server.lock.withLock { try server.arena.createParitySegment(key, sizeBytes: segmentSize) }
-            try reconstruct(job: job, step: step, stripe: stripe, target: layout.dataFragmentCount + row, entry: entry, fragmentSizeBytes: fragmentSize, workspace: workspace, into: segment.base!)
+            try rebuildFragment(job: job, step: step, stripe: stripe, target: layout.dataFragmentCount + row, entry: entry, fragmentSizeBytes: fragmentSize, workspace: &workspace, tally: &tally, into: segment.base!)
             let crc = CRC32C.checksum(UnsafeRawBufferPointer(segment.bytes(offset: 0, count: size)))
             parity[stripe] = ParityRecord(row: row, fragmentSizeBytes: fragmentSize, segmentSizeBytes: segmentSize, crc32c: crc)
             paritySegmentsBuilt[stripe] = segment
@@ -110,17 +111,35 @@ extension ClusterNode {
             try server.arena.writeCommitMarker(job: job, step: step, world: entry.world, ranks: Array(shards.keys), parity: parity)
         }
         logger.info("step rebuilt", metadata: ["job": "\(job)", "step": "\(step)", "ranks": "\(manifests.map(\.key.rank))", "dataBytes": "\(data.totalBytes)", "parityStripes": "\(parity.keys.sorted())"])
-        return UInt64(data.totalBytes) + UInt64(parity.count) * fragmentSize
+        tally.bytes += UInt64(data.totalBytes) + UInt64(parity.count) * fragmentSize
     }
 
-    /// Rebuilds RS fragment `target` of `stripe` into `output` from k others:
-    /// empty data slots are zeroes locally; the rest are fetched from live peers.
-    private func reconstruct(
+    /// Rebuilds RS fragment `target` of `stripe` into `output`: through a
+    /// chain of survivors (``pipelinedRepair``) unless the cluster file says
+    /// `repair = "gather"`, and by gathering k fragments if the chain fails.
+    private func rebuildFragment(
         job: JobID, step: Step, stripe: Int, target: Int, entry: ClusterLedger.StepEntry, fragmentSizeBytes: UInt64,
-        workspace: StripeWorkspace, into output: UnsafeMutableRawPointer
+        workspace: inout StripeWorkspace?, tally: inout RebuildTally, into output: UnsafeMutableRawPointer
     ) throws {
+        let sources = try repairSources(stripe: stripe, target: target, entry: entry, fragmentSizeBytes: fragmentSizeBytes)
+        let id = FragmentID(job: job, step: step, stripe: UInt16(stripe), index: UInt16(target))
+        if cluster.repair == .pipelined {
+            do {
+                try pipelinedRepair(id, sources: sources, fragmentSizeBytes: fragmentSizeBytes, into: output)
+                tally.pipelinedFragments += 1
+                return
+            } catch {
+                logger.warning("pipelined repair failed; gathering k fragments instead", metadata: ["fragment": "\(id)", "error": "\(error)"])
+            }
+        }
+        if workspace == nil { workspace = try StripeWorkspace(count: layout.groupSize, fragmentSizeBytes: Int(fragmentSizeBytes)) }
+        try gather(id, sources: sources, fragmentSizeBytes: fragmentSizeBytes, workspace: workspace!, into: output)
+        tally.gatheredFragments += 1
+    }
+
+    /// Where the other fragments of `stripe` are.
+    private func repairSources(stripe: Int, target: Int, entry: ClusterLedger.StepEntry, fragmentSizeBytes: UInt64) throws -> RepairSources {
         let k = layout.dataFragmentCount
-        let size = Int(fragmentSizeBytes)
         let unavailable = server.lock.withLock { lostNodes() }
         var zeroSlots: [Int] = []
         var remote: [(index: Int, node: NodeID)] = []
@@ -135,17 +154,27 @@ extension ClusterNode {
                 remote.append((index, node))
             }
         }
-        // Prefer peers believed alive; try the others last.
         remote.sort { (unavailable.contains($0.node) ? 1 : 0, $0.index) < (unavailable.contains($1.node) ? 1 : 0, $1.index) }
+        return RepairSources(zeroSlots: zeroSlots, remote: remote)
+    }
+
+    /// The classic rebuild: fetch k fragments to this node and decode.
+    private func gather(
+        _ id: FragmentID, sources: RepairSources, fragmentSizeBytes: UInt64,
+        workspace: StripeWorkspace, into output: UnsafeMutableRawPointer
+    ) throws {
+        let k = layout.dataFragmentCount
+        let size = Int(fragmentSizeBytes)
+        let (job, step, stripe, target) = (id.job, id.step, Int(id.stripe), Int(id.index))
         var slots = [UnsafeMutableRawPointer?](repeating: nil, count: layout.groupSize)
         var collected = 0
-        for index in zeroSlots where collected < k {
+        for index in sources.zeroSlots where collected < k {
             memset(workspace.buffers[index], 0, size)
             slots[index] = workspace.buffers[index]
             collected += 1
         }
         // Fetch the rest from different peers at once; replace failures from the remaining candidates.
-        var candidates = remote[...]
+        var candidates = sources.remote[...]
         while collected < k, !candidates.isEmpty {
             let batch = Array(candidates.prefix(k - collected))
             candidates = candidates.dropFirst(batch.count)
@@ -187,17 +216,30 @@ extension ClusterNode {
     }
 }
 
-/// Buffers for rebuilding one stripe at a time: one per fragment index plus
-/// the output, allocated once per step.
+/// What a rebuild did, for its closing log line.
+struct RebuildTally {
+    var bytes: UInt64 = 0
+    var pipelinedFragments = 0
+    var gatheredFragments = 0
+}
+
+/// The other fragments of a stripe being rebuilt: data slots that are all
+/// padding (zeroes, nothing to fetch) and the peers holding the rest, those
+/// believed alive first.
+struct RepairSources {
+    var zeroSlots: [Int]
+    var remote: [(index: Int, node: NodeID)]
+}
+
+/// Buffers for gathering one stripe at a time, one per fragment index,
+/// allocated once per step and only when a stripe is gathered.
 final class StripeWorkspace: @unchecked Sendable {  // immutable buffers; each fetch writes its own
     let segments: [MappedSegment]
     let buffers: [UnsafeMutableRawPointer]
-    let output: UnsafeMutableRawPointer
 
     init(count: Int, fragmentSizeBytes: Int) throws {
-        segments = try (0...count).map { _ in try MappedSegment.anonymous(sizeBytes: max(1, fragmentSizeBytes)) }
-        buffers = segments.dropLast().map { $0.base! }
-        output = segments.last!.base!
+        segments = try (0..<count).map { _ in try MappedSegment.anonymous(sizeBytes: max(1, fragmentSizeBytes)) }
+        buffers = segments.map { $0.base! }
     }
 }
 

@@ -78,6 +78,14 @@ final class PeerMesh: @unchecked Sendable {
         }
     }
 
+    /// A connection of its own, outside the shared channels, for one
+    /// long-running exchange; the caller closes it. A repair chain needs this:
+    /// its hops wait on each other, and waiting while holding a shared channel
+    /// could deadlock with a chain running the other way.
+    func openConnection(_ node: NodeID, _ purpose: Purpose, timeoutMilliseconds: Int64) throws -> FramedConnection {
+        try connect(node, purpose, timeoutMilliseconds: timeoutMilliseconds)
+    }
+
     /// A request and its reply (an error reply is thrown as ``PeerError``).
     func request(_ node: NodeID, _ purpose: Purpose, _ message: Message, timeoutMilliseconds: Int64) throws -> Message {
         try withConnection(node, purpose, timeoutMilliseconds: timeoutMilliseconds) { connection in

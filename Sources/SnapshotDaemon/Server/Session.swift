@@ -353,6 +353,7 @@ final class Session {
         case .fragmentPut(let put):
             reply(try cluster.handleFragmentPut(put, header: header, connection: connection, scratch: &scratch), to: header.requestID)
         case .fragmentGet(let get): try cluster.serveFragment(get, requestID: header.requestID, connection: connection)
+        case .repairRequest(let request): try cluster.serveRepair(request, requestID: header.requestID, connection: connection)
         default:
             if header.bulkLength > 0 { throw SessionEnd(reason: "unexpected \(header.type) with bulk bytes from a peer") }
             throw StoreError(.invalidRequest, "\(header.type) is not a peer request")
