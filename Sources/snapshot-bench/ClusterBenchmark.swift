@@ -7,29 +7,77 @@ import SnapshotClient
 import SnapshotProtocol
 
 /// Protection and rebuild on a real local cluster (release snapshotd next to
-/// this binary), against iperf3 loopback and ISA-L from C in the same run.
+/// this binary), against iperf3 and ISA-L from C in the same run. With
+/// `--netns`, every node has its own network namespace and a link capped at
+/// `--link-rate`, so the network, as on real hosts, is the bottleneck rather
+/// than one machine's cores and loopback.
 struct ClusterBenchmark: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cluster", abstract: "Protection throughput, rebuild time and parity memory of a local RS(k,m) cluster.")
 
     @Option(help: "Nodes in the group.") var nodes = 6
     @Option(help: "Parity fragments.") var parity = 2
-    @Option(help: "Shard per node (one rank per node), MiB.") var shardMiB = 256
+    @Option(name: .customLong("shard-mib"), help: "Shard per node (one rank per node), MiB.") var shardMiB = 256
     @Option(help: "Saves measured (after one warm-up).") var saves = 3
+    @Flag(help: "One network namespace per node (needs root).") var netns = false
+    @Option(help: "With --netns: each node's link rate in each direction (tc syntax; empty: uncapped).") var linkRate = "1gbit"
 
     func run() throws {
         let snapshotd = Checkout.sibling("snapshotd")
         guard FileManager.default.isExecutableFile(atPath: snapshotd) else { throw ValidationError("build snapshotd in release first: swift build -c release") }
         let k = nodes - parity
+        var settings = ["HEARTBEAT_MS": "100", "FAILURE_MS": "1000", "KEEP": "1", "BUDGET": "\(shardMiB * 4 / 1024 + 2)GiB"]
+        if netns { settings.merge(["NETNS": "1", "LINK_RATE": linkRate]) { $1 } }
         let cluster = try LocalCluster(
             nodes: nodes, parity: parity, ranksPerNode: 1, job: try JobID("bench"), script: Checkout.clusterScript, snapshotd: snapshotd,
-            directory: NSTemporaryDirectory() + "snapshot-bench-cluster-\(getpid())",
-            settings: ["HEARTBEAT_MS": "100", "FAILURE_MS": "1000", "KEEP": "1", "BUDGET": "\(shardMiB * 4 / 1024 + 2)GiB"])
-        let sizes = [16, shardMiB << 19, shardMiB << 19]
-        print("Cluster benchmark: \(nodes) nodes, RS(\(k),\(parity)), one rank of \(shardMiB) MiB per node, one warm-up + \(saves) saves")
+            directory: NSTemporaryDirectory() + "snapshot-bench-cluster-\(getpid())", settings: settings)
+        let network = netns ? "one network namespace per node" + (linkRate.isEmpty ? "" : ", links capped at \(linkRate)") : "loopback"
+        print("Cluster benchmark: \(nodes) nodes, RS(\(k),\(parity)), one rank of \(shardMiB) MiB per node, \(network), one warm-up + \(saves) saves")
 
-        // Protection: from the moment every save has returned to the job-wide commit.
-        var protection: [Double] = []
+        let protectionSeconds = try measureProtection(cluster)
+        let status = try (0..<nodes).map { try cluster.operatorClient($0).status() }
+        let dataPerNode = status.map { Double($0.jobs.flatMap(\.steps).reduce(UInt64(0)) { $0 + $1.bytes }) }
+        let parityPerNode = zip(status, dataPerNode).map { Double($0.usedBytes) - $1 }
+        let largest = dataPerNode.max()!
+        let idealParity = Double(parity) / Double(k) * largest
+
+        // References in the same run: iperf3 over the same network (node 1 → node 0), ISA-L from C.
+        let iperf = try iperf3(cluster)
+        let encodeRate = isalEncodeRate(k: k, m: parity, fragmentBytes: min(Int(largest) / k, 16 << 20))
+
+        // Rebuild one node twice: through survivor chains, then by gathering k fragments.
+        let lost = nodes / 2
+        let (pipelined, recovery) = try measureRebuild(cluster, node: lost, strategy: "pipelined")
+        let (gathered, _) = try measureRebuild(cluster, node: lost, strategy: "gather")
+
+        print("")
+        print(padded("figure", 50) + padded("value", 12) + padded("reference", 28) + padded("ratio", 10))
+        let protectionRate = largest / protectionSeconds / 1e9
+        row("protection per node (data ÷ save→commit)", protectionRate, "GB/s", iperf.map { ("iperf3", $0) })
+        row("", nil, "", ("ISA-L encode", encodeRate))
+        // Each node sends m × its data to parity holders.
+        let upload = Double(parity) * largest / protectionSeconds / 1e9
+        row("protection, fragment upload per node (m·data)", upload, "GB/s", iperf.map { ("iperf3", $0) })
+        if !netns {
+            // On loopback every node shares this machine's cores: the cluster's total is what iperf3 compares with.
+            row("protection, cluster fragment traffic (n·m·data)", Double(nodes) * upload, "GB/s", iperf.map { ("iperf3", $0) })
+        }
+        if let iperf {
+            let ideal = pipelined.bytes / (iperf * 1e9)
+            row("rebuild of node \(lost) (\(format(pipelined.bytes / 1_048_576)) MiB), pipelined", pipelined.seconds, "s", ("bytes ÷ iperf3", ideal), seconds: true)
+            row("rebuild of node \(lost), gathering k fragments", gathered.seconds, "s", ("bytes ÷ iperf3", ideal), seconds: true)
+            row("", nil, "", ("k·bytes ÷ iperf3", Double(k) * ideal), seconds: true, value: gathered.seconds)
+            row("recovery, replacement start → healthy (pipelined)", recovery, "s", ("bytes ÷ iperf3", ideal), seconds: true)
+        }
+        for node in 0..<nodes {
+            row("parity memory on node \(node)", parityPerNode[node] / 1_048_576, "MiB", ("m/k ideal", idealParity / 1_048_576), seconds: true)
+        }
+    }
+
+    /// Best time from the moment every save has returned to the job-wide commit.
+    private func measureProtection(_ cluster: LocalCluster) throws -> Double {
+        let sizes = [16, shardMiB << 19, shardMiB << 19]
+        var best = Double.infinity
         for step in 1...UInt64(saves + 1) {
             let states = (0..<cluster.world).map { SyntheticState(seed: 7, rank: $0, step: step, sizes: sizes) }
             defer { states.forEach { $0.deallocate() } }
@@ -37,53 +85,45 @@ struct ClusterBenchmark: ParsableCommand {
             try onThreads(clients.count) { try clients[$0].save(step: step, tensors: states[$0].tensors) }
             let start = nowSeconds()
             try onThreads(clients.count) { _ = try clients[$0].waitCommitted(step: step, timeoutMilliseconds: 300_000) }
-            if step > 1 { protection.append(nowSeconds() - start) }
+            if step > 1 { best = min(best, nowSeconds() - start) }
         }
-        let status = try (0..<nodes).map { try cluster.operatorClient($0).status() }
-        let dataPerNode = status.map { Double($0.jobs.flatMap(\.steps).reduce(UInt64(0)) { $0 + $1.bytes }) }
-        let parityPerNode = zip(status, dataPerNode).map { Double($0.usedBytes) - $1 }
-        let largest = dataPerNode.max()!
-        let idealParity = Double(parity) / Double(k) * largest
-        let protectionRate = largest / protection.min()! / 1e9
+        return best
+    }
 
-        // References in the same run.
-        let iperf = iperf3GigabytesPerSecond()
-        let fragmentBytes = Int(largest) / k
-        let encodeRate = isalEncodeRate(k: k, m: parity, fragmentBytes: min(fragmentBytes, 16 << 20))
+    private func iperf3(_ cluster: LocalCluster) throws -> Double? {
+        guard netns else { return iperf3GigabytesPerSecond() }
+        let host = String(try cluster.run(["address", cluster.directory, "0"]).split(separator: ":")[0])
+        let script = ["/bin/bash", Checkout.clusterScript, "exec", cluster.directory]
+        return iperf3GigabytesPerSecond(address: host, serverPrefix: script + ["0"], clientPrefix: script + ["1"])
+    }
 
-        // Rebuild: kill one node, start its replacement, time the daemon's rebuild and the whole recovery.
-        let lost = nodes / 2
-        try cluster.kill(lost)
+    /// Kills `node`, starts its replacement with `strategy`, and returns the
+    /// replacement's own account of the rebuild and the time to a healthy cluster.
+    private func measureRebuild(_ cluster: LocalCluster, node: Int, strategy: String) throws -> (RebuildReport, Double) {
+        try cluster.run(["repair", cluster.directory, strategy])
+        try cluster.kill(node)
         let replaced = nowSeconds()
-        try cluster.replace(lost)
-        try cluster.waitUntilRebuilt([lost], observer: 0)
+        try cluster.replace(node)
+        try cluster.waitUntilRebuilt([node], observer: 0)
         let recovery = nowSeconds() - replaced
-        guard let rebuild = cluster.lastRebuild(lost) else { throw ValidationError("the replacement logged no completed rebuild") }
-        let (rebuildSeconds, rebuiltBytes) = (rebuild.seconds, rebuild.bytes)
+        guard let report = cluster.lastRebuild(node) else { throw ValidationError("the replacement logged no completed rebuild") }
+        if strategy == "pipelined", report.gatheredFragments > 0 {
+            print("note: \(report.gatheredFragments) fragments fell back to gathering (see node \(node)'s log)")
+        }
+        return (report, recovery)
+    }
 
-        print("")
-        print(padded("figure", 46) + padded("value", 12) + padded("reference", 26) + padded("ratio", 10))
-        print(padded("protection per node (data ÷ save→commit)", 46) + padded(format(protectionRate) + " GB/s", 12)
-            + padded(iperf.map { "iperf3 \(format($0)) GB/s" } ?? "iperf3 n/a", 26) + padded(iperf.map { format(protectionRate / $0) + "×" } ?? "", 10))
-        print(padded("", 46) + padded("", 12) + padded("ISA-L encode \(format(encodeRate)) GB/s", 26) + padded(format(protectionRate / encodeRate) + "×", 10))
-        // All nodes share this machine's cores and loopback: the cluster's total
-        // fragment traffic (each node sends m × its data) is what iperf3 compares with.
-        let traffic = Double(nodes * parity) * largest / protection.min()! / 1e9
-        print(padded("protection, cluster fragment traffic (n·m·data)", 46) + padded(format(traffic) + " GB/s", 12)
-            + padded(iperf.map { "iperf3 \(format($0)) GB/s" } ?? "iperf3 n/a", 26) + padded(iperf.map { format(traffic / $0) + "×" } ?? "", 10))
-        if let iperf {
-            let ideal = rebuiltBytes / (iperf * 1e9)
-            print(padded("rebuild of node \(lost) (\(format(rebuiltBytes / 1_048_576)) MiB), daemon", 46) + padded(format(rebuildSeconds) + " s", 12)
-                + padded("bytes ÷ iperf3 \(format(ideal)) s", 26) + padded(format(rebuildSeconds / ideal) + "×", 10))
-            // Reed-Solomon repair reads k fragments per fragment rebuilt.
-            let traffic = rebuiltBytes * Double(k) / (iperf * 1e9)
-            print(padded("", 46) + padded("", 12) + padded("k·bytes ÷ iperf3 \(format(traffic)) s", 26) + padded(format(rebuildSeconds / traffic) + "×", 10))
-            print(padded("recovery, replacement start → healthy", 46) + padded(format(recovery) + " s", 12) + padded("", 26) + padded(format(recovery / ideal) + "×", 10))
-        }
-        for node in 0..<nodes {
-            print(padded("parity memory on node \(node)", 46) + padded(format(parityPerNode[node] / 1_048_576) + " MiB", 12)
-                + padded("m/k ideal \(format(idealParity / 1_048_576)) MiB", 26) + padded(format(parityPerNode[node] / idealParity) + "×", 10))
-        }
+    /// One table row: `value` against `reference`, with the ratio value ÷ reference.
+    private func row(_ label: String, _ shown: Double?, _ unit: String, _ reference: (String, Double)?, seconds: Bool = false, value: Double? = nil) {
+        let measured = value ?? shown
+        let referenceText = reference.map { "\($0.0) \(format($0.1))" + (seconds ? (unit == "MiB" ? " MiB" : " s") : " GB/s") } ?? ""
+        let ratio = zip2(measured, reference?.1).map { format($0 / $1) + "×" } ?? ""
+        print(padded(label, 50) + padded(shown.map { format($0) + " " + unit } ?? "", 12) + padded(referenceText, 28) + padded(ratio, 10))
+    }
+
+    private func zip2(_ a: Double?, _ b: Double?) -> (Double, Double)? {
+        guard let a, let b else { return nil }
+        return (a, b)
     }
 
     private func isalEncodeRate(k: Int, m: Int, fragmentBytes: Int) -> Double {
@@ -95,5 +135,4 @@ struct ClusterBenchmark: ParsableCommand {
         }
         return gigabytesPerSecond(bytes: k * fragmentBytes * iterations, seconds: seconds)
     }
-
 }

@@ -14,7 +14,7 @@ struct NodeBenchmark: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "node", abstract: "Local and TCP save/restore GB/s vs memcpy and iperf3.")
 
-    @Option(help: "Shard size per save, MiB.") var shardMiB = 512
+    @Option(name: .customLong("shard-mib"), help: "Shard size per save, MiB.") var shardMiB = 512
     @Option(help: "Warm-up saves before measuring.") var warmup = 3
     @Option(help: "Measured saves.") var saves = 8
 
@@ -124,29 +124,3 @@ struct NodeBenchmark: ParsableCommand {
 }
 
 /// iperf3 over loopback on this machine, in GB/s; nil when iperf3 is absent.
-func iperf3GigabytesPerSecond(seconds: Int = 3) -> Double? {
-    guard let path = ["/usr/bin/iperf3", "/usr/local/bin/iperf3"].first(where: FileManager.default.isExecutableFile(atPath:)) else { return nil }
-    let port = String(20_000 + Int(getpid()) % 20_000)
-    let server = Process()
-    server.executableURL = URL(fileURLWithPath: path)
-    server.arguments = ["-s", "-1", "-p", port]
-    server.standardOutput = FileHandle.nullDevice
-    server.standardError = FileHandle.nullDevice
-    guard (try? server.run()) != nil else { return nil }
-    defer { if server.isRunning { server.terminate() } }
-    usleep(300_000)
-    let client = Process()
-    client.executableURL = URL(fileURLWithPath: path)
-    client.arguments = ["-c", "127.0.0.1", "-p", port, "-t", "\(seconds)", "-J"]
-    let output = Pipe()
-    client.standardOutput = output
-    client.standardError = FileHandle.nullDevice
-    guard (try? client.run()) != nil else { return nil }
-    let data = output.fileHandleForReading.readDataToEndOfFile()
-    client.waitUntilExit()
-    guard let json = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
-        let end = json["end"] as? [String: Any], let received = end["sum_received"] as? [String: Any],
-        let bits = received["bits_per_second"] as? Double
-    else { return nil }
-    return bits / 8 / 1e9
-}

@@ -7,11 +7,12 @@ import SnapshotProtocol
 /// Test helpers over the shared ``LocalCluster`` driver: this build's
 /// `snapshotd`, fast failure detection, deterministic tensors.
 extension LocalCluster {
-    static func forTest(nodes: Int, parity: Int, ranksPerNode: UInt32 = 2) throws -> LocalCluster {
+    static func forTest(nodes: Int, parity: Int, ranksPerNode: UInt32 = 2, settings extra: [String: String] = [:]) throws -> LocalCluster {
+        let settings = ["HEARTBEAT_MS": "100", "FAILURE_MS": "1500", "LOG_LEVEL": "debug", "BUDGET": "1GiB"].merging(extra) { $1 }
         let cluster = try LocalCluster(
             nodes: nodes, parity: parity, ranksPerNode: ranksPerNode, job: try JobID("cluster-job"),
             script: Checkout.clusterScript, snapshotd: Executables.path("snapshotd"), directory: try makeScratchDirectory(),
-            settings: ["HEARTBEAT_MS": "100", "FAILURE_MS": "1500", "LOG_LEVEL": "debug", "BUDGET": "1GiB"])
+            settings: settings)
         cluster.keepLogs = ProcessInfo.processInfo.environment["KEEP_CLUSTER_LOGS"] != nil
         return cluster
     }
@@ -41,4 +42,24 @@ extension LocalCluster {
             }
         }
     }
+}
+
+/// Whether this machine lets a test create network namespaces (root with CAP_NET_ADMIN).
+let networkNamespacesAvailable: Bool = {
+    let name = "snpd-probe-\(getpid())"
+    guard shell("ip netns add \(name)") == 0 else { return false }
+    _ = shell("ip netns del \(name)")
+    return true
+}()
+
+/// Runs a command line quietly; returns its exit status.
+func shell(_ command: String) -> Int32 {
+    var pid: pid_t = 0
+    let words: [String] = ["/bin/sh", "-c", command + " >/dev/null 2>&1"]
+    let argv: [UnsafeMutablePointer<CChar>?] = words.map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
+    guard posix_spawn(&pid, "/bin/sh", nil, nil, argv, environ) == 0 else { return -1 }
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    return status
 }

@@ -67,6 +67,31 @@ struct ClusterTests {
         #expect(rebuild.gatheredFragments == 1 && rebuild.pipelinedFragments > 0, "\(rebuild)")
     }
 
+    /// Each node in its own network namespace with a capped link, as hosts on a
+    /// switch: the cluster protects, a node is killed and rebuilt through
+    /// survivor chains across the namespaces, and stopping removes every
+    /// namespace and link the script made.
+    @Test(.enabled(if: networkNamespacesAvailable, "needs root to create network namespaces"))
+    func nodesInTheirOwnNetworkNamespacesRebuildAcrossThem() throws {
+        var prefix = ""
+        do {
+            let cluster = try LocalCluster.forTest(nodes: 4, parity: 1, settings: ["NETNS": "1", "LINK_RATE": "2gbit"])
+            prefix = "sn" + (try String(contentsOfFile: cluster.directory + "/base_port", encoding: .utf8)).trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(try cluster.run(["address", cluster.directory, "2"]).hasPrefix("198.18."))
+            #expect(shell("ip netns list | grep -qE '^\(prefix)-n3( |$)'") == 0)
+            try cluster.saveStep(1)
+            try cluster.kill(2)
+            try cluster.replace(2)
+            try cluster.waitUntilRebuilt([2], observer: 0)
+            try cluster.verify(step: 1, ranks: cluster.ranks(on: 2))
+            let rebuild = try #require(cluster.lastRebuild(2))
+            #expect(rebuild.pipelinedFragments > 0 && rebuild.gatheredFragments == 0, "\(rebuild)")
+        }
+        #expect(!prefix.isEmpty)
+        #expect(shell("ip netns list | grep -q '^\(prefix)-'") != 0, "namespaces left behind")
+        #expect(shell("ip link show \(prefix)br") != 0, "bridge left behind")
+    }
+
     @Test func coordinatorDeathHandsRecoveryToTheNextNode() throws {
         let cluster = try LocalCluster.forTest(nodes: 6, parity: 2)
         try cluster.saveStep(1)
