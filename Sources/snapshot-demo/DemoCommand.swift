@@ -20,6 +20,7 @@ struct DemoCommand: ParsableCommand {
     @Option(help: "State per rank, MiB.") var mibPerRank = 32
     @Option(help: "Steps saved before the failure.") var steps: UInt64 = 3
     @Option(help: "snapshotd binary (default: next to this program).") var snapshotd: String?
+    @Flag(help: "Keep the nodes' logs after a successful run too.") var keepLogs = false
 
     func run() throws {
         let binary = snapshotd ?? Checkout.sibling("snapshotd")
@@ -31,6 +32,7 @@ struct DemoCommand: ParsableCommand {
             nodes: nodes, parity: parity, ranksPerNode: ranksPerNode, job: try JobID("demo"), script: Checkout.clusterScript,
             snapshotd: binary, directory: NSTemporaryDirectory() + "snapshotd-demo-\(getpid())",
             settings: ["HEARTBEAT_MS": "100", "FAILURE_MS": "1000", "BUDGET": "\(max(1, mibPerRank * Int(ranksPerNode) * 8 / 1024 + 1))GiB"])
+        cluster.keepLogs = keepLogs
         say("started \(nodes) snapshotd nodes, RS(\(nodes - parity),\(parity)), \(cluster.world) ranks × \(mibPerRank) MiB, logs in \(cluster.directory)")
         do {
             try demonstrate(cluster, killed: Array(killed))
@@ -83,7 +85,10 @@ struct DemoCommand: ParsableCommand {
             let held = try memoryOf(node: node, cluster)
             rebuilt += held.data + held.parity
         }
-        say("replacements for nodes \(killed) rebuilt \(mb(rebuilt)) (shards and parity of \(min(steps, 2)) kept steps) in \(seconds(rebuildSeconds)) (\(rate(rebuilt, rebuildSeconds)))")
+        let reports = killed.compactMap { cluster.lastRebuild($0) }
+        let chained = reports.reduce(0) { $0 + $1.pipelinedFragments }
+        let gathered = reports.reduce(0) { $0 + $1.gatheredFragments }
+        say("replacements for nodes \(killed) rebuilt \(mb(rebuilt)) (shards and parity of \(min(steps, 2)) kept steps) in \(seconds(rebuildSeconds)) (\(rate(rebuilt, rebuildSeconds))); fragments through survivor chains: \(chained), gathered: \(gathered)")
 
         // 4. Verify: every rank restores the newest committed step, byte for byte.
         let verifiedAt = Date()

@@ -116,6 +116,16 @@ struct ClusterMonitorTests {
         #expect(monitor.handle(.tick(nowMilliseconds: 1100)) == [.declaredDead(3), .beyondTolerance(group: 0, lost: [2, 3], tolerated: 1)])
     }
 
+    /// A rebuild asks peers it has heard from first: before the timeout, a
+    /// silent peer is "alive" only by assumption.
+    @Test func unheardPeersAreKnownAsSuch() throws {
+        var monitor = ClusterMonitor(selfID: 0, configuration: try cluster(nodes: 4, parity: 1, timeout: 1000), nowMilliseconds: 0)
+        #expect(monitor.unheardNodes == [1, 2, 3])
+        _ = monitor.handle(.heartbeat(from: 2, incarnation: 1, needsRebuild: false, nowMilliseconds: 100))
+        #expect(monitor.unheardNodes == [1, 3])
+        #expect(monitor.liveNodes == [0, 1, 2, 3], "still alive by assumption")
+    }
+
     @Test func nonCoordinatorsNeverOrder() throws {
         var monitor = ClusterMonitor(selfID: 2, configuration: try cluster(nodes: 3, parity: 1), nowMilliseconds: 0)
         let actions = monitor.handle(.heartbeat(from: 1, incarnation: 3, needsRebuild: true, nowMilliseconds: 10))

@@ -67,6 +67,9 @@ public struct ClusterMonitor: Sendable {
     public var isCoordinator: Bool { coordinator == selfID }
     public var deadNodes: [NodeID] { states.filter { $0.value == .dead }.map(\.key).sorted() }
     public var liveNodes: [NodeID] { states.filter { $0.value == .alive }.map(\.key).sorted() }
+    /// Peers not heard from since this node started: alive by assumption
+    /// only (a fresh replacement cannot yet tell a slow peer from a dead one).
+    public var unheardNodes: Set<NodeID> { Set(states.keys.filter { $0 != selfID && incarnations[$0] == nil }) }
 
     /// This node's own need for a rebuild (it learns it from its peers' state).
     public mutating func setSelfNeedsRebuild(_ value: Bool) {

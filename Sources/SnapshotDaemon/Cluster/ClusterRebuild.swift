@@ -137,10 +137,11 @@ extension ClusterNode {
         tally.gatheredFragments += 1
     }
 
-    /// Where the other fragments of `stripe` are.
+    /// Where the other fragments of `stripe` are; peers that are dead,
+    /// rebuilding or not yet heard from come last.
     private func repairSources(stripe: Int, target: Int, entry: ClusterLedger.StepEntry, fragmentSizeBytes: UInt64) throws -> RepairSources {
         let k = layout.dataFragmentCount
-        let unavailable = server.lock.withLock { lostNodes() }
+        let doubtful = server.lock.withLock { lostNodes().union(monitor.unheardNodes) }
         var zeroSlots: [Int] = []
         var remote: [(index: Int, node: NodeID)] = []
         for index in 0..<layout.groupSize where index != target {
@@ -154,7 +155,7 @@ extension ClusterNode {
                 remote.append((index, node))
             }
         }
-        remote.sort { (unavailable.contains($0.node) ? 1 : 0, $0.index) < (unavailable.contains($1.node) ? 1 : 0, $1.index) }
+        remote.sort { (doubtful.contains($0.node) ? 1 : 0, $0.index) < (doubtful.contains($1.node) ? 1 : 0, $1.index) }
         return RepairSources(zeroSlots: zeroSlots, remote: remote)
     }
 

@@ -124,7 +124,7 @@ extension ClusterNode {
         } catch {
             throw StoreError(.unavailable, "repair chain broke: \(error)")
         }
-        if case .error(let reply) = message { throw StoreError(reply.code, "repair chain: \(reply.message)") }
+        if case .error(let reply) = message { throw StoreError(reply.code, reply.message) }  // already says where in the chain
         guard case .repairSlice(let slice) = message, slice.offsetBytes == offsetBytes, header.bulkLength == UInt64(countBytes) else {
             throw StoreError(.invalidRequest, "repair chain sent \(message.type) (\(header.bulkLength) bytes) where slice \(offsetBytes) of \(countBytes) bytes was due")
         }
