@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import SnapshotClient
+import SnapshotIO
 import SnapshotProtocol
 import LocalCluster
 import Testing
@@ -92,6 +93,42 @@ struct ClusterTests {
         #expect(shell("ip link show \(prefix)br") != 0, "bridge left behind")
     }
 
+    /// Bad repair requests from an authenticated peer each get their specific
+    /// error and a log line; the node keeps serving and loses nothing.
+    @Test func badRepairRequestsAreRefusedAndTheNodeKeepsServing() throws {
+        let cluster = try LocalCluster.forTest(nodes: 4, parity: 1)
+        try cluster.saveStep(1)
+        let peer = try peerConnection(to: 0, of: cluster, as: 1)
+        defer { peer.close() }
+        let job = try JobID("cluster-job")
+        // Node 0's data fragment 0 is data slot 2 of stripe 1 (RS(3,1): slot s of stripe j comes from node j+1+s).
+        let own = FragmentID(job: job, step: 1, stripe: 1, index: 2)
+        func refusal(_ fragment: FragmentID, size: UInt64 = 1 << 20, chain: [RepairHop]) throws -> ErrorReply? {
+            try peer.send(.repairRequest(RepairRequest(fragment: fragment, fragmentSizeBytes: size, sliceSizeBytes: 1 << 20, chain: chain)), requestID: 5)
+            guard case .error(let reply) = try peer.receive().message else { return nil }
+            return reply
+        }
+        let mine = RepairHop(nodeID: 0, index: 2, coefficient: 1)
+        let wrongEnd = try refusal(own, chain: [mine, RepairHop(nodeID: 3, index: 0, coefficient: 1)])
+        #expect(wrongEnd?.code == .invalidRequest && wrongEnd?.message.contains("ends at node 3") == true)
+        let tooLong = try refusal(own, chain: [1, 2, 3].map { RepairHop(nodeID: $0, index: 0, coefficient: 1) } + [mine])
+        #expect(tooLong?.code == .invalidRequest && tooLong?.message.contains("at most k") == true)
+        let outside = try refusal(FragmentID(job: job, step: 1, stripe: 9, index: 2), chain: [mine])
+        #expect(outside?.code == .invalidRequest && outside?.message.contains("outside the layout") == true)
+        let notHere = try refusal(own, chain: [RepairHop(nodeID: 0, index: 1, coefficient: 1)])
+        #expect(notHere?.code == .invalidRequest && notHere?.message.contains("is not on node 0") == true)
+        let wrongSize = try refusal(own, size: 12_345, chain: [mine])
+        #expect(wrongSize?.code == .invalidRequest && wrongSize?.message.contains("the request says 12345") == true)
+        let unknownStep = try refusal(FragmentID(job: job, step: 99, stripe: 1, index: 2), chain: [mine])
+        #expect(unknownStep?.code == .unavailable)
+        // A slice size outside the protocol's bounds is a malformed frame; the session survives it.
+        try peer.socket.writeAll(Frame.encode(.repairRequest(RepairRequest(fragment: own, fragmentSizeBytes: 1 << 20, sliceSizeBytes: 100, chain: [mine])), requestID: 6))
+        guard case .error(let malformed) = try peer.receive().message else { throw HarnessError("no error for a bad slice size") }
+        #expect(malformed.code == .malformedFrame && malformed.message.contains("sliceSizeBytes"))
+        #expect(cluster.log(0).contains("request refused"))
+        try cluster.verify(step: 1, ranks: Array(0..<cluster.world))
+    }
+
     @Test func coordinatorDeathHandsRecoveryToTheNextNode() throws {
         let cluster = try LocalCluster.forTest(nodes: 6, parity: 2)
         try cluster.saveStep(1)
@@ -176,6 +213,19 @@ struct ClusterTests {
         try cluster.saveStep(3, sizes: big)
         try cluster.verify(step: 3, ranks: Array(0..<cluster.world), sizes: big)
     }
+}
+
+/// An authenticated peer session to `node`, introduced as node `peer`.
+func peerConnection(to node: Int, of cluster: LocalCluster, as peer: NodeID) throws -> FramedConnection {
+    let address = try cluster.run(["address", cluster.directory, "\(node)"]).trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ":")
+    let connection = FramedConnection(socket: try Socket.connectTCP(host: String(address[0]), port: UInt16(address[1])!), frameTimeoutMilliseconds: 10_000)
+    guard case .challenge(let challenge) = try connection.receive().message else { throw HarnessError("no challenge") }
+    let secret = Array(try String(contentsOfFile: cluster.directory + "/secret", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines).utf8)
+    try connection.send(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: challenge.nonce))), requestID: 1)
+    guard case .ok = try connection.receive().message else { throw HarnessError("authentication refused") }
+    try connection.send(.hello(Hello(role: .peer, job: nil, nodeID: peer)), requestID: 2)
+    guard case .welcome = try connection.receive().message else { throw HarnessError("no welcome") }
+    return connection
 }
 
 func combinations(of n: Int, choose r: Int) -> [[Int]] {
