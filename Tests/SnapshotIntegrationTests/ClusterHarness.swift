@@ -44,12 +44,15 @@ extension LocalCluster {
     }
 }
 
-/// Whether this machine lets a test create network namespaces (root with CAP_NET_ADMIN).
+/// Whether this machine lets a test build what `local-cluster.sh` does with
+/// NETNS=1: namespaces, a bridge, veth pairs and token-bucket qdiscs (root
+/// with CAP_NET_ADMIN, and those kernel modules).
 let networkNamespacesAvailable: Bool = {
-    let name = "snpd-probe-\(getpid())"
-    guard shell("ip netns add \(name)") == 0 else { return false }
-    _ = shell("ip netns del \(name)")
-    return true
+    let probe = "snpdprobe\(getpid() % 10_000)"
+    let built = shell("ip netns add \(probe) && ip link add \(probe)b type bridge && ip link add \(probe)v type veth peer name \(probe)p"
+        + " && tc qdisc add dev \(probe)v root tbf rate 1gbit burst 1mb latency 50ms") == 0
+    _ = shell("ip link del \(probe)v; ip link del \(probe)b; ip netns del \(probe)")
+    return built
 }()
 
 /// Runs a command line quietly; returns its exit status.
