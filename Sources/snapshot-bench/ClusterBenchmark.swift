@@ -54,7 +54,7 @@ struct ClusterBenchmark: ParsableCommand {
         print(padded("figure", 50) + padded("value", 12) + padded("reference", 28) + padded("ratio", 10))
         let protectionRate = largest / protectionSeconds / 1e9
         row("protection per node (data ÷ save→commit)", protectionRate, "GB/s", iperf.map { ("iperf3", $0) })
-        row("", nil, "", ("ISA-L encode", encodeRate))
+        row("", protectionRate, "GB/s", ("ISA-L encode", encodeRate), showValue: false)
         // Each node sends m × its data to parity holders.
         let upload = Double(parity) * largest / protectionSeconds / 1e9
         row("protection, fragment upload per node (m·data)", upload, "GB/s", iperf.map { ("iperf3", $0) })
@@ -64,14 +64,22 @@ struct ClusterBenchmark: ParsableCommand {
         }
         if let iperf {
             let ideal = pipelined.bytes / (iperf * 1e9)
-            row("rebuild of node \(lost) (\(format(pipelined.bytes / 1_048_576)) MiB), pipelined", pipelined.seconds, "s", ("bytes ÷ iperf3", ideal), seconds: true)
-            row("rebuild of node \(lost), gathering k fragments", gathered.seconds, "s", ("bytes ÷ iperf3", ideal), seconds: true)
-            row("", nil, "", ("k·bytes ÷ iperf3", Double(k) * ideal), seconds: true, value: gathered.seconds)
-            row("recovery, replacement start → healthy (pipelined)", recovery, "s", ("bytes ÷ iperf3", ideal), seconds: true)
+            row("rebuild of node \(lost) (\(format(pipelined.bytes / 1_048_576)) MiB), pipelined", pipelined.seconds, "s", ("bytes ÷ iperf3", ideal))
+            row("rebuild of node \(lost), gathering k fragments", gathered.seconds, "s", ("bytes ÷ iperf3", ideal))
+            row("", gathered.seconds, "s", ("k·bytes ÷ iperf3", Double(k) * ideal), showValue: false)
+            row("recovery, replacement start → healthy (pipelined)", recovery, "s", ("bytes ÷ iperf3", ideal))
         }
         for node in 0..<nodes {
-            row("parity memory on node \(node)", parityPerNode[node] / 1_048_576, "MiB", ("m/k ideal", idealParity / 1_048_576), seconds: true)
+            row("parity memory on node \(node)", parityPerNode[node] / 1_048_576, "MiB", ("m/k ideal", idealParity / 1_048_576))
         }
+    }
+
+    /// One table row: `value` against a reference in the same unit, and their ratio.
+    private func row(_ label: String, _ value: Double, _ unit: String, _ reference: (name: String, value: Double)?, showValue: Bool = true) {
+        let shown = showValue ? format(value) + " " + unit : ""
+        let referenceText = reference.map { "\($0.name) \(format($0.value)) \(unit)" } ?? ""
+        let ratio = reference.map { format(value / $0.value) + "×" } ?? ""
+        print(padded(label, 50) + padded(shown, 12) + padded(referenceText, 28) + padded(ratio, 10))
     }
 
     /// Best time from the moment every save has returned to the job-wide commit.
@@ -111,19 +119,6 @@ struct ClusterBenchmark: ParsableCommand {
             print("note: \(report.gatheredFragments) fragments fell back to gathering (see node \(node)'s log)")
         }
         return (report, recovery)
-    }
-
-    /// One table row: `value` against `reference`, with the ratio value ÷ reference.
-    private func row(_ label: String, _ shown: Double?, _ unit: String, _ reference: (String, Double)?, seconds: Bool = false, value: Double? = nil) {
-        let measured = value ?? shown
-        let referenceText = reference.map { "\($0.0) \(format($0.1))" + (seconds ? (unit == "MiB" ? " MiB" : " s") : " GB/s") } ?? ""
-        let ratio = zip2(measured, reference?.1).map { format($0 / $1) + "×" } ?? ""
-        print(padded(label, 50) + padded(shown.map { format($0) + " " + unit } ?? "", 12) + padded(referenceText, 28) + padded(ratio, 10))
-    }
-
-    private func zip2(_ a: Double?, _ b: Double?) -> (Double, Double)? {
-        guard let a, let b else { return nil }
-        return (a, b)
     }
 
     private func isalEncodeRate(k: Int, m: Int, fragmentBytes: Int) -> Double {
