@@ -110,5 +110,10 @@ public struct FramedConnection: Sendable {
 
     public func deadline() -> Int64 { monotonicMilliseconds() + frameTimeoutMilliseconds }
 
+    /// Time for `bytes` of bulk data: the frame timeout plus 10 ms per MiB
+    /// (a 100 MiB/s floor), so a large transfer is not cut off by a timeout
+    /// sized for one frame.
+    public func bulkDeadline(_ bytes: UInt64) -> Int64 { deadline() + Int64(bytes >> 20) * 10 }
+
     public func close() { socket.close() }
 }

@@ -512,13 +512,13 @@ final class ClusterNode: @unchecked Sendable {
             }
         } catch {
             // Refused before its bytes were read: drain them so the stream stays framed.
-            try connection.socket.discard(count: header.bulkLength, deadlineMilliseconds: connection.deadline() + Int64(header.bulkLength >> 20) * 10)
+            try connection.socket.discard(count: header.bulkLength, deadlineMilliseconds: connection.bulkDeadline(header.bulkLength))
             throw error
         }
         let size = Int(put.fragmentSizeBytes)
         if scratch == nil || scratch!.sizeBytes < size { scratch = try MappedSegment.anonymous(sizeBytes: size) }
         let buffer = scratch!.bytes(offset: 0, count: size)
-        try connection.socket.readExact(into: buffer.baseAddress!, count: size, deadlineMilliseconds: connection.deadline() + Int64(size >> 20) * 10)
+        try connection.socket.readExact(into: buffer.baseAddress!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
         let crc = CRC32C.checksum(UnsafeRawBufferPointer(buffer))
         guard crc == put.crc32c else {
             logger.error("fragment arrived corrupted", metadata: ["fragment": "\(id)", "source": "\(put.sourceNode)"])

@@ -219,18 +219,13 @@ final class Session {
             guard header.bulkLength <= Self.maximumDiscardBytes else {
                 throw SessionEnd(reason: "refused put of \(header.bulkLength) bulk bytes for \(key) tensor \(m.tensorIndex)")
             }
-            try connection.socket.discard(count: header.bulkLength, deadlineMilliseconds: bulkDeadline(header.bulkLength))
+            try connection.socket.discard(count: header.bulkLength, deadlineMilliseconds: connection.bulkDeadline(header.bulkLength))
             throw StoreError(.invalidRequest, "put for \(key) tensor \(m.tensorIndex) at \(m.offsetBytes)+\(header.bulkLength) is outside any save in progress on this session")
         }
         let destination = segment.bytes(offset: offset, count: Int(header.bulkLength))
         if let base = destination.baseAddress {
-            try connection.socket.readExact(into: base, count: destination.count, deadlineMilliseconds: bulkDeadline(header.bulkLength))
+            try connection.socket.readExact(into: base, count: destination.count, deadlineMilliseconds: connection.bulkDeadline(header.bulkLength))
         }
-    }
-
-    /// Time for a bulk transfer: the frame timeout plus 10 ms per MiB (100 MiB/s floor).
-    private func bulkDeadline(_ bytes: UInt64) -> Int64 {
-        connection.deadline() + Int64(bytes >> 20) * 10
     }
 
     private func commitSave(_ m: CommitSave, requestID: UInt64) throws {
