@@ -51,19 +51,7 @@ public final class LocalCluster: @unchecked Sendable {
     public func run(_ arguments: [String]) throws -> String {
         let outputPath = directory + "/script-\(UUID().uuidString.prefix(8)).out"
         let command = ([script] + arguments).map { "'\($0)'" }.joined(separator: " ") + " > '\(outputPath)' 2>&1 < /dev/null"
-        let argumentStrings: [String] = ["/bin/bash", "-c", command]
-        let variables: [String] = environment.map { "\($0)=\($1)" }
-        let argv: [UnsafeMutablePointer<CChar>?] = argumentStrings.map { strdup($0) } + [nil]
-        let envp: [UnsafeMutablePointer<CChar>?] = variables.map { strdup($0) } + [nil]
-        defer {
-            argv.forEach { free($0) }
-            envp.forEach { free($0) }
-        }
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, "/bin/bash", nil, nil, argv, envp)
-        guard spawned == 0 else { throw LocalClusterError("posix_spawn failed: \(spawned)") }
-        var status: Int32 = 0
-        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        let status = try spawnAndWait(["/bin/bash", "-c", command], environment: environment.map { "\($0)=\($1)" })
         let text = (try? String(contentsOfFile: outputPath, encoding: .utf8)) ?? ""
         unlink(outputPath)
         guard status == 0 else { throw LocalClusterError("local-cluster.sh \(arguments.joined(separator: " ")) failed (\(status)): \(text)") }
@@ -75,6 +63,15 @@ public final class LocalCluster: @unchecked Sendable {
     public func replace(_ node: Int) throws { try run(["node", directory, "\(node)", "--fresh"]) }
     public func socket(_ node: Int) -> String { "\(directory)/node\(node).sock" }
     public func log(_ node: Int) -> String { (try? String(contentsOfFile: "\(directory)/node\(node).log", encoding: .utf8)) ?? "" }
+
+    /// Where `node` listens for peers (and remote clients).
+    public func peerAddress(_ node: Int) throws -> (host: String, port: UInt16) {
+        let text = try run(["address", directory, "\(node)"]).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else {
+            throw LocalClusterError("local-cluster.sh printed no host:port for node \(node): \(text)")
+        }
+        return (String(text[..<colon]), port)
+    }
 
     public func arenaDirectory(_ node: Int) throws -> String {
         try run(["arena", directory, "\(node)"]).trimmingCharacters(in: .whitespacesAndNewlines)
@@ -162,6 +159,23 @@ public enum Checkout {
     public static func sibling(_ name: String) -> String {
         URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent().path + "/" + name
     }
+}
+
+/// Runs `argv` and waits for that process alone (posix_spawn + waitpid);
+/// returns its wait status. `environment` nil: this process's own.
+public func spawnAndWait(_ argv: [String], environment: [String]? = nil) throws -> Int32 {
+    let arguments: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+    let variables: [UnsafeMutablePointer<CChar>?]? = environment.map { $0.map { strdup($0) } + [nil] }
+    defer {
+        arguments.forEach { free($0) }
+        variables?.forEach { free($0) }
+    }
+    var pid: pid_t = 0
+    let spawned = variables.map { posix_spawn(&pid, argv[0], nil, nil, arguments, $0) } ?? posix_spawn(&pid, argv[0], nil, nil, arguments, environ)
+    guard spawned == 0 else { throw LocalClusterError("posix_spawn \(argv[0]) failed: \(spawned)") }
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+    return status
 }
 
 /// The fields of a daemon's "rebuild complete" log line.

@@ -100,7 +100,7 @@ struct ClusterBenchmark: ParsableCommand {
 
     private func iperf3(_ cluster: LocalCluster) throws -> Double? {
         guard netns else { return iperf3GigabytesPerSecond() }
-        let host = String(try cluster.run(["address", cluster.directory, "0"]).split(separator: ":")[0])
+        let host = try cluster.peerAddress(0).host
         let script = ["/bin/bash", Checkout.clusterScript, "exec", cluster.directory]
         return iperf3GigabytesPerSecond(address: host, serverPrefix: script + ["0"], clientPrefix: script + ["1"])
     }

@@ -55,14 +55,7 @@ let networkNamespacesAvailable: Bool = {
     return built
 }()
 
-/// Runs a command line quietly; returns its exit status.
+/// Runs a command line quietly; returns its wait status (-1 if it could not start).
 func shell(_ command: String) -> Int32 {
-    var pid: pid_t = 0
-    let words: [String] = ["/bin/sh", "-c", command + " >/dev/null 2>&1"]
-    let argv: [UnsafeMutablePointer<CChar>?] = words.map { strdup($0) } + [nil]
-    defer { argv.forEach { free($0) } }
-    guard posix_spawn(&pid, "/bin/sh", nil, nil, argv, environ) == 0 else { return -1 }
-    var status: Int32 = 0
-    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-    return status
+    (try? spawnAndWait(["/bin/sh", "-c", command + " >/dev/null 2>&1"])) ?? -1
 }

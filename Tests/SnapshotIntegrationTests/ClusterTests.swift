@@ -78,7 +78,7 @@ struct ClusterTests {
         do {
             let cluster = try LocalCluster.forTest(nodes: 4, parity: 1, settings: ["NETNS": "1", "LINK_RATE": "2gbit"])
             prefix = "sn" + (try String(contentsOfFile: cluster.directory + "/base_port", encoding: .utf8)).trimmingCharacters(in: .whitespacesAndNewlines)
-            #expect(try cluster.run(["address", cluster.directory, "2"]).hasPrefix("198.18."))
+            #expect(try cluster.peerAddress(2).host.hasPrefix("198.18."))
             #expect(shell("ip netns list | grep -qE '^\(prefix)-n3( |$)'") == 0)
             try cluster.saveStep(1)
             try cluster.kill(2)
@@ -217,8 +217,8 @@ struct ClusterTests {
 
 /// An authenticated peer session to `node`, introduced as node `peer`.
 func peerConnection(to node: Int, of cluster: LocalCluster, as peer: NodeID) throws -> FramedConnection {
-    let address = try cluster.run(["address", cluster.directory, "\(node)"]).trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ":")
-    let connection = FramedConnection(socket: try Socket.connectTCP(host: String(address[0]), port: UInt16(address[1])!), frameTimeoutMilliseconds: 10_000)
+    let address = try cluster.peerAddress(node)
+    let connection = FramedConnection(socket: try Socket.connectTCP(host: address.host, port: address.port), frameTimeoutMilliseconds: 10_000)
     guard case .challenge(let challenge) = try connection.receive().message else { throw HarnessError("no challenge") }
     let secret = Array(try String(contentsOfFile: cluster.directory + "/secret", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines).utf8)
     try connection.send(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: challenge.nonce))), requestID: 1)
