@@ -38,11 +38,17 @@ address() {
     if uses_netns "$1"; then echo "$subnet.$((10 + $2)):$((base_port + $2))"; else echo "127.0.0.$((10 + $2)):$((base_port + $2))"; fi
 }
 arena() { echo "/dev/shm/snapshotd-$(basename "$1")-node$2"; }
-# Runs a command in node ID's network namespace, or directly without one.
+# Sets `prefix` to what runs a command in node ID's network namespace
+# (nothing without one).
+network_prefix() {
+    prefix=()
+    if uses_netns "$1"; then prefix=(ip netns exec "$(namespace "$2")"); fi
+}
+# Runs a command where node ID's network is.
 in_network() {
-    local dir=$1 id=$2
+    network_prefix "$1" "$2"
     shift 2
-    if uses_netns "$dir"; then ip netns exec "$(namespace "$id")" "$@"; else "$@"; fi
+    "${prefix[@]}" "$@"
 }
 
 create_network() {
@@ -88,10 +94,10 @@ start_node() {
     fi
     if [ "$fresh" = "--fresh" ]; then rm -rf "$(arena "$dir" "$id")"; fi
     rm -f "$dir/node$id.sock"  # a killed node leaves its socket file behind
-    # A plain command, not a function, so that $! is the daemon's own pid
+    # A plain command, not in_network, so that $! is the daemon's own pid
     # (`ip netns exec` execs it in place).
-    local prefix=()
-    if uses_netns "$dir"; then prefix=(ip netns exec "$(namespace "$id")"); fi
+    local prefix
+    network_prefix "$dir" "$id"
     "${prefix[@]}" "$binary" --node-id "$id" --cluster-file "$dir/cluster.toml" \
         --shared-secret-file "$dir/secret" --unix-socket "$dir/node$id.sock" \
         --arena-directory "$(arena "$dir" "$id")" --memory-budget "${BUDGET:-4GiB}" --keep "${KEEP:-2}" \
