@@ -121,6 +121,29 @@ public struct Socket: Sendable {
     /// Unblocks a thread sitting in accept() or read() on this socket.
     public func shutdownBoth() { _ = shutdown(fd, Int32(SHUT_RDWR)) }
 
+    /// Whether the peer is gone: it closed or reset the connection (a process
+    /// that exits, `kill -9` included, closes its sockets), or shut down its
+    /// sending side, after which it can never send another request. Never
+    /// blocks (poll with timeout 0) and reads nothing. Bytes the peer sent that
+    /// are still waiting to be read do not count: a live client is not closed.
+    /// For a thread that sits on something other than this socket (a condition
+    /// variable) and must notice when its client is no longer there.
+    public func peerHasClosed() -> Bool {
+        let gone = Int16(POLLHUP) | Int16(POLLERR) | Int16(POLLNVAL) | Self.pollReadHangUp
+        var poller = pollfd(fd: fd, events: Int16(POLLIN) | Self.pollReadHangUp, revents: 0)
+        var ready = poll(&poller, 1, 0)
+        while ready < 0 && errno == EINTR { ready = poll(&poller, 1, 0) }
+        // poll failing otherwise (ENOMEM) says nothing about the peer: not closed.
+        return ready > 0 && poller.revents & gone != 0
+    }
+
+    /// POLLRDHUP (Linux ≥ 2.6.17): the peer closed the connection or shut down
+    /// writing, reported even while unread bytes are waiting (POLLHUP alone is
+    /// not raised for a TCP FIN). `<poll.h>` defines it only under _GNU_SOURCE,
+    /// so Glibc does not export it to Swift; the value is the same on every
+    /// Linux architecture this builds for (x86_64, aarch64).
+    private static let pollReadHangUp: Int16 = 0x2000
+
     /// Big buffers for multi-megabyte payloads; no Nagle delay for small replies.
     public func tuneForBulkTransfer() {
         var one: Int32 = 1

@@ -28,6 +28,8 @@ struct TrainerCommand: ParsableCommand {
     @Option(help: "Seed of the synthetic state.") var seed: UInt64 = 1
     @Flag(help: "Wait for each step's job-wide commit.") var waitCommit = false
     @Option(help: "Begin this step, write half of it, print PAUSED and hang (for kill -9 tests).") var pauseMidSave: UInt64?
+    @Option(help: "After saving, print WAITING and wait for this step's job-wide commit (for kill -9 tests).") var waitStep: UInt64?
+    @Option(help: "How long --wait-step waits, in milliseconds.") var waitTimeoutMs: UInt32 = 120_000
     @Option(help: "Restore this step (0: latest) and verify it byte for byte.") var verifyStep: UInt64?
 
     func run() throws {
@@ -37,6 +39,7 @@ struct TrainerCommand: ParsableCommand {
             try save(client, step: step, sizes: sizes)
             if waitCommit { try client.waitCommitted(step: step, timeoutMilliseconds: 120_000) }
         }
+        if let waitStep { try wait(client, step: waitStep) }
         if let pauseMidSave { try pause(client, step: pauseMidSave, sizes: sizes) }
         if let verifyStep { try verify(client, step: verifyStep == 0 ? nil : verifyStep, sizes: sizes) }
     }
@@ -64,6 +67,14 @@ struct TrainerCommand: ParsableCommand {
         try pending.write(tensorIndex: 0, from: state.tensors[0].bytes)
         FileHandle.standardOutput.write(Data("PAUSED\n".utf8))
         while true { sleep(60) }
+    }
+
+    /// Announces the wait first, so a test knows the trainer is (about to be)
+    /// blocked in it; prints the step it got when the wait ends.
+    private func wait(_ client: SnapshotClient, step: Step) throws {
+        FileHandle.standardOutput.write(Data("WAITING step=\(step)\n".utf8))
+        let committed = try client.waitCommitted(step: step, timeoutMilliseconds: waitTimeoutMs)
+        FileHandle.standardOutput.write(Data("COMMITTED step=\(committed)\n".utf8))
     }
 
     private func verify(_ client: SnapshotClient, step: Step?, sizes: [Int]) throws {

@@ -103,23 +103,26 @@ public struct ClusterLedger: Sendable {
 
     /// Per job: the newest committed step, the newest one every rank of which
     /// survives (a group loses nothing while at most m of its members are
-    /// lost), and the ranks lost at the newest committed step.
-    public func recovery(lostNodes: Set<NodeID>) -> [JobRecovery] {
+    /// lost), and the ranks lost at the newest committed step. `lostShares`
+    /// are shares a node could not rebuild (their surviving bytes were bad):
+    /// lost whatever the group's tolerance.
+    public func recovery(lostNodes: Set<NodeID>, lostShares: [StepID: NodeID] = [:]) -> [JobRecovery] {
         let jobs = Set(steps.keys.map(\.job)).sorted()
         return jobs.map { job in
             let committed = steps.filter { $0.key.job == job && $0.value.committed }.sorted { $0.key.step > $1.key.step }
-            func lostRanks(_ entry: StepEntry) -> [Rank] {
-                var ranks: [Rank] = []
+            func lostRanks(_ id: StepID, _ entry: StepEntry) -> [Rank] {
+                var ranks = Set<Rank>()
                 for group in configuration.groups {
                     let lost = group.nodes.filter { lostNodes.contains($0) && (entry.ready[$0]?.dataSizeBytes ?? 0) > 0 }
                     let lostMembers = group.nodes.filter(lostNodes.contains)
-                    if lostMembers.count > group.parity { ranks += lost.flatMap { entry.ranksByNode[$0] ?? [] } }
+                    if lostMembers.count > group.parity { ranks.formUnion(lost.flatMap { entry.ranksByNode[$0] ?? [] }) }
                 }
+                if let node = lostShares[id] { ranks.formUnion(entry.ranksByNode[node] ?? []) }
                 return ranks.sorted()
             }
             let latest = committed.first
-            let restorable = committed.first { lostRanks($0.value).isEmpty }
-            let lost = latest.map { lostRanks($0.value) } ?? []
+            let restorable = committed.first { lostRanks($0.key, $0.value).isEmpty }
+            let lost = latest.map { lostRanks($0.key, $0.value) } ?? []
             let summary: String
             if latest == nil {
                 summary = "no committed step"
@@ -128,7 +131,10 @@ public struct ClusterLedger: Sendable {
             } else {
                 let groups = configuration.groups.filter { g in g.nodes.filter(lostNodes.contains).count > g.parity }
                     .map { "group \($0.index) lost \($0.nodes.filter(lostNodes.contains)) of \($0.nodes.count), tolerates \($0.parity)" }
-                summary = "beyond tolerance: \(groups.joined(separator: "; ")); ranks \(lost) of step \(latest!.key.step) are lost; "
+                let unrebuildable = lostShares.keys.filter { $0.job == job }.sorted().map { "step \($0.step) on node \(lostShares[$0]!)" }
+                let causes = (groups.isEmpty ? [] : ["beyond tolerance: " + groups.joined(separator: "; ")])
+                    + (unrebuildable.isEmpty ? [] : ["could not be rebuilt (surviving bytes failed their checksums): " + unrebuildable.joined(separator: ", ")])
+                summary = causes.joined(separator: "; ") + "; ranks \(lost) of step \(latest!.key.step) are lost; "
                     + (restorable.map { "newest fully restorable step is \($0.key.step)" } ?? "no step is fully restorable from memory: fall back to the last persistent checkpoint")
             }
             return JobRecovery(job: job, latestCommitted: latest?.key.step, newestRestorable: restorable?.key.step, lostRanks: lost, summary: summary)

@@ -5,12 +5,13 @@ import Logging
 import SnapshotIO
 import SnapshotProtocol
 
-/// This daemon's part in the cluster: failure detection and coordination
-/// (through the pure ``ClusterMonitor``), protection of its steps across its
-/// group (through the pure ``ClusterLedger``), serving fragments, and rebuilding
-/// itself when it replaces a lost node. State is guarded by the server's lock;
-/// network work happens on background threads outside it.
-final class ClusterNode: @unchecked Sendable {
+/// This daemon's part in the cluster, as an executor of pure machines:
+/// ``ClusterMonitor`` decides liveness and coordination, ``ProtectionMachine``
+/// decides protection, commit and what needs a rebuild. This class only feeds
+/// them events (from the network, the clock and the store) and carries out the
+/// actions they return, on bounded worker pools. Their state is guarded by the
+/// server's lock; network work happens outside it.
+final class ClusterNode: @unchecked Sendable {  // mutable state below is guarded by server.lock
     unowned let server: SnapshotServer
     let cluster: ClusterConfiguration
     let selfID: NodeID
@@ -21,40 +22,43 @@ final class ClusterNode: @unchecked Sendable {
     let mesh: PeerMesh
     let incarnation = UInt64.random(in: 1...UInt64.max)
     let logger: Logger
-    /// Serializes accumulation into parity buffers (two sources of one stripe may arrive at once).
+    /// Serializes folding into parity buffers (two sources of one stripe may arrive at once).
     let accumulateLock = NSLock()
-    /// How long a protection waits for the group's readiness reports.
-    let protectionTimeoutMilliseconds: Int64 = 120_000
+    /// Reports, state pulls and rebuild orders: small, latency-bound messages.
+    let controlPool = WorkerPool(name: "snapshotd.control", threads: 4)
+    /// Fragment streams to parity holders: one per step in flight, bounded.
+    let dataPool = WorkerPool(name: "snapshotd.protect", threads: 4)
 
     // Guarded by server.lock.
     var monitor: ClusterMonitor
-    var ledger: ClusterLedger
+    var protection: ProtectionMachine
     var paritySegments: [ParityKey: MappedSegment] = [:]
-    var needsRebuild = false
     /// Until the node has learned the cluster's committed steps it cannot say
     /// what it holds: "not committed" from a replacement would make a trainer
     /// start over, so it answers "unavailable" instead.
     var discovered = false
-    /// A rebuild order that arrived before discovery finished; acted on after it.
-    var rebuildOrderPending = false
-    var rebuilding = false
+    var rebuild: RebuildPhase = .idle
     var stopping = false
 
-    init(server: SnapshotServer, cluster: ClusterConfiguration, selfID: NodeID, secret: [UInt8], logger: Logger) throws {
-        guard let group = cluster.group(of: selfID), let position = group.position(of: selfID) else {
-            throw ConfigurationError("node \(selfID) is not in the cluster file")
-        }
+    enum RebuildPhase: Equatable {
+        case idle
+        /// Ordered before discovery finished; starts when it does.
+        case orderedBeforeDiscovery
+        case running
+    }
+
+    init(server: SnapshotServer, cluster: ClusterConfiguration, selfID: NodeID, secret: [UInt8], keptStepsPerJob: Int, logger: Logger) throws {
+        protection = try ProtectionMachine(selfID: selfID, configuration: cluster, keptStepsPerJob: keptStepsPerJob)
         self.server = server
         self.cluster = cluster
         self.selfID = selfID
-        self.group = group
-        self.position = position
-        layout = group.layout
+        group = protection.group
+        position = protection.position
+        layout = protection.layout
         code = try ReedSolomon(dataFragmentCount: layout.dataFragmentCount, parityFragmentCount: layout.parityCount)
         mesh = PeerMesh(selfID: selfID, cluster: cluster, secret: secret, logger: logger)
         self.logger = logger
         monitor = ClusterMonitor(selfID: selfID, configuration: cluster, nowMilliseconds: monotonicMilliseconds())
-        ledger = ClusterLedger(configuration: cluster)
     }
 
     var heartbeatTimeoutMilliseconds: Int64 { max(200, cluster.failureTimeoutMilliseconds / 2) }
@@ -62,7 +66,7 @@ final class ClusterNode: @unchecked Sendable {
     // MARK: Lifecycle
 
     func start() {
-        Thread.detachNewThread { [self] in
+        Thread.detachNewThread { [self] in  // the node's one long-lived control thread
             discover()
             heartbeatLoop()
         }
@@ -71,11 +75,13 @@ final class ClusterNode: @unchecked Sendable {
     func stop() {
         server.lock.withLock { stopping = true }
         mesh.closeAll()
+        controlPool.stop()
+        dataPool.stop()
     }
 
-    /// Learns the cluster's steps from a live peer; a node that took part in a
-    /// committed step it does not hold needs a rebuild (it replaced a lost node,
-    /// or restarted on an empty arena).
+    /// Learns the cluster's steps from every peer that answers; a node that
+    /// took part in a committed step it does not hold needs a rebuild (it
+    /// replaced a lost node, or restarted on an empty arena).
     private func discover() {
         // Silence is not an answer: a replacement that concluded "nothing to
         // rebuild" from slow peers would serve an empty node. Only when every
@@ -88,9 +94,8 @@ final class ClusterNode: @unchecked Sendable {
             for peer in mesh.peers {
                 do {
                     guard case .clusterStateReply(let state) = try mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
-                    server.lock.withLock { merge(state) }
+                    execute(server.lock.withLock { protection.merge(state, store: server.store, nowMilliseconds: monotonicMilliseconds()) })
                     learned = true
-                    break
                 } catch let error as IOError where error.errnoCode == ECONNREFUSED {
                     continue
                 } catch {
@@ -102,45 +107,18 @@ final class ClusterNode: @unchecked Sendable {
             if round % 50 == 0 { logger.warning("still waiting for a peer to share the cluster's state") }
             usleep(100_000)
         }
-        server.lock.withLock {
-            needsRebuild = !missingSteps().isEmpty
-            monitor.setSelfNeedsRebuild(needsRebuild)
+        let (missing, ordered) = server.lock.withLock {
             discovered = true
+            let missing = refreshRebuildNeed()
             server.lock.broadcast()
+            return (missing, rebuild == .orderedBeforeDiscovery)
         }
-        if needsRebuild {
-            logger.warning("this node holds less than the cluster committed for it; waiting for the coordinator's rebuild order", metadata: ["steps": "\(server.lock.withLock { missingSteps().count })"])
-            if server.lock.withLock({ rebuildOrderPending }) { beginRebuild() }
+        if missing > 0 {
+            logger.warning("this node holds less than the cluster committed for it; waiting for the coordinator's rebuild order", metadata: ["steps": "\(missing)"])
+            if ordered { beginRebuild() }
         } else {
             logger.info("cluster view established", metadata: ["peersAnswered": "\(learned)", "group": "\(group.index)", "position": "\(position)"])
         }
-    }
-
-    /// With the lock held: merges a peer's view of the cluster's steps (its
-    /// reports fill in any broadcast this node missed).
-    func merge(_ state: ClusterStateReply) {
-        for step in state.steps {
-            for ready in step.ready where ledger.entry(job: step.job, step: step.step)?.ready[ready.nodeID] == nil {
-                ledger.recordReady(ready, ranks: Self.ranks(of: ready))
-            }
-            for node in step.protectedNodes { ledger.recordProtected(job: step.job, step: step.step, node: node) }
-            if step.committed {
-                ledger.markCommitted(job: step.job, step: step.step)
-                commitLocallyIfHeld(job: step.job, step: step.step)
-            }
-            afterLedgerChange(job: step.job, step: step.step)
-        }
-    }
-
-    /// With the lock held: the cluster committed a step; if this node holds its
-    /// whole share sealed (it missed the last report), commit it here too. A
-    /// node lacking its shards must not: it needs a rebuild instead.
-    private func commitLocallyIfHeld(job: JobID, step: Step) {
-        guard !server.store.isCommitted(job: job, step: step), let record = server.store.jobs[job], record.localWorld > 0,
-            let shards = record.steps[step], shards.count == Int(record.localWorld),
-            shards.values.allSatisfy({ $0.state == .localComplete || $0.state == .protected })
-        else { return }
-        server.apply(server.store.markCommitted(job: job, step: step, world: record.world))
     }
 
     /// Asks `peers` for their view and merges it; with `firstAnswerSuffices`,
@@ -148,59 +126,44 @@ final class ClusterNode: @unchecked Sendable {
     func pullState(from peers: [NodeID], firstAnswerSuffices: Bool = false) {
         for peer in peers {
             guard case .clusterStateReply(let state)? = try? mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
-            server.lock.withLock { merge(state) }
+            execute(server.lock.withLock { protection.merge(state, store: server.store, nowMilliseconds: monotonicMilliseconds()) })
             if firstAnswerSuffices { return }
         }
     }
 
-    /// With the lock held: committed steps this node took part in but does not hold.
-    private func missingSteps() -> [ClusterLedger.StepID] {
-        ledger.steps.filter { id, entry in
-            entry.committed && entry.ready[selfID] != nil && !server.store.isCommitted(job: id.job, step: id.step)
-        }.map(\.key).sorted()
-    }
-
-    static func ranks(of ready: StepReady) -> [Rank] {
-        ready.manifests.compactMap { try? ManifestFile(decoding: $0).key.rank }
+    /// With the lock held: tells the monitor whether this node needs a
+    /// rebuild; returns how many steps it misses.
+    @discardableResult
+    func refreshRebuildNeed() -> Int {
+        let missing = discovered ? protection.missingSteps(store: server.store).count : 0
+        monitor.setSelfNeedsRebuild(missing > 0)
+        return missing
     }
 
     // MARK: Heartbeats and coordination
 
     private func heartbeatLoop() {
-        var round = 0
         while !server.lock.withLock({ stopping }) {
             let started = monotonicMilliseconds()
-            round += 1
-            if round % 10 == 0 { catchUp() }
             for peer in mesh.peers {
                 let beat = server.lock.withLock { ownHeartbeat() }
                 guard case .heartbeat(let reply)? = try? mesh.request(peer, .heartbeat, .heartbeat(beat), timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
                 observe(reply)
             }
-            let actions = server.lock.withLock { monitor.handle(.tick(nowMilliseconds: monotonicMilliseconds())) }
-            perform(actions)
+            let now = monotonicMilliseconds()
+            let (monitorActions, protectionActions) = server.lock.withLock {
+                (monitor.handle(.tick(nowMilliseconds: now)), protection.tick(nowMilliseconds: now, liveNodes: Set(monitor.liveNodes)))
+            }
+            perform(monitorActions)
+            execute(protectionActions)
             let elapsed = monotonicMilliseconds() - started
             if elapsed < cluster.heartbeatIntervalMilliseconds { usleep(useconds_t((cluster.heartbeatIntervalMilliseconds - elapsed) * 1000)) }
         }
     }
 
-    /// Anti-entropy: for steps this node protected but has not seen commit,
-    /// pull the reports of the live nodes it has not heard from.
-    private func catchUp() {
-        let missing: [NodeID] = server.lock.withLock {
-            var peers = Set<NodeID>()
-            let live = Set(monitor.liveNodes)
-            for (_, entry) in ledger.steps where !entry.committed && entry.protectedNodes.contains(selfID) {
-                peers.formUnion(cluster.nodeIDs.filter { $0 != selfID && live.contains($0) && !entry.protectedNodes.contains($0) })
-            }
-            return peers.sorted()
-        }
-        pullState(from: missing)
-    }
-
     /// With the lock held.
     private func ownHeartbeat() -> Heartbeat {
-        Heartbeat(nodeID: selfID, incarnation: incarnation, liveNodes: monitor.liveNodes, needsRebuild: needsRebuild || !discovered)
+        Heartbeat(nodeID: selfID, incarnation: incarnation, liveNodes: monitor.liveNodes, needsRebuild: !discovered || refreshRebuildNeed() > 0)
     }
 
     private func observe(_ beat: Heartbeat) {
@@ -227,12 +190,12 @@ final class ClusterNode: @unchecked Sendable {
                     beginRebuild()
                 } else {
                     let order = RebuildOrder(nodeID: node, incarnation: incarnation, coordinator: selfID)
-                    Thread.detachNewThread { [self] in
+                    controlPool.submit { [self] in
                         _ = try? mesh.request(node, .control, .rebuildOrder(order), timeoutMilliseconds: heartbeatTimeoutMilliseconds)
                     }
                 }
             case .beyondTolerance(let groupIndex, let lost, let tolerated):
-                let report = server.lock.withLock { ledger.recovery(lostNodes: lostNodes()) }
+                let report = server.lock.withLock { protection.recovery(lostNodes: lostNodes()) }
                 logger.critical("group beyond tolerance: nodes lost exceed its parity", metadata: [
                     "group": "\(groupIndex)", "lost": "\(lost)", "tolerated": "\(tolerated)",
                     "report": "\(report.map { "\($0.job): \($0.summary)" }.joined(separator: " | "))",
@@ -246,11 +209,38 @@ final class ClusterNode: @unchecked Sendable {
         Set(monitor.deadNodes).union(monitor.needsRebuild)
     }
 
-    /// With the lock held: why this node cannot answer for its snapshots now, if it cannot.
-    var unavailableReason: String? {
-        if !discovered { return "node \(selfID) is joining the cluster; retry shortly" }
-        if needsRebuild { return "node \(selfID) is being rebuilt from its peers; retry shortly" }
-        return nil
+    // MARK: What trainers may do here (lock held)
+
+    /// Why a trainer may not start saving `step` here, if it may not.
+    func refusalOfSave(job: JobID, step: Step) -> StoreError? {
+        if !discovered { return StoreError(.unavailable, "node \(selfID) is joining the cluster; retry shortly") }
+        return protection.refusalOfSave(job: job, step: step)
+    }
+
+    /// The step a restore of `job` without a step number gets: the newest the
+    /// cluster committed, so every rank of the job restores the same one.
+    func latestCommitted(job: JobID) throws(StoreError) -> Step? {
+        if !discovered { throw StoreError(.unavailable, "node \(selfID) is joining the cluster; retry shortly") }
+        let local = server.store.latestCommitted(job: job)
+        guard let cluster = protection.newestCommitted(job: job), cluster > local ?? 0 else { return local }
+        if protection.lostReason(job: job, step: cluster) != nil { return cluster }  // a restore then says why
+        if protection.missingSteps(store: server.store).contains(.init(job: job, step: cluster)) {
+            throw StoreError(.unavailable, "node \(selfID) is being rebuilt from its peers (step \(cluster) of \(job)); retry shortly")
+        }
+        return local
+    }
+
+    /// Refuses a restore of `step` that this node cannot serve, saying why.
+    func checkRestorable(job: JobID, step: Step) throws(StoreError) {
+        if !discovered { throw StoreError(.unavailable, "node \(selfID) is joining the cluster; retry shortly") }
+        if let reason = protection.lostReason(job: job, step: step) {
+            let restorable = protection.recovery(lostNodes: []).first { $0.job == job }?.newestRestorable
+            throw StoreError(.unrecoverable, "step \(step) of \(job) could not be rebuilt on node \(selfID) (\(reason)); "
+                + (restorable.map { "newest fully restorable step is \($0)" } ?? "no step is fully restorable from memory"))
+        }
+        if protection.missingSteps(store: server.store).contains(.init(job: job, step: step)) {
+            throw StoreError(.unavailable, "node \(selfID) is being rebuilt from its peers (step \(step) of \(job)); retry shortly")
+        }
     }
 
     // MARK: Requests from peers and operators
@@ -261,36 +251,16 @@ final class ClusterNode: @unchecked Sendable {
     }
 
     func handleStepReady(_ ready: StepReady) -> Message {
-        let mustReport = server.lock.withLock { () -> Bool in
-            ledger.recordReady(ready, ranks: Self.ranks(of: ready))
-            afterLedgerChange(job: ready.job, step: ready.step)
-            // A node with no ranks of this job still takes part: report an empty share.
-            let known = ledger.entry(job: ready.job, step: ready.step)?.ready[selfID] != nil
-            return !known && (server.store.jobs[ready.job]?.localWorld ?? 0) == 0
-        }
-        if mustReport {
-            let empty = StepReady(job: ready.job, step: ready.step, nodeID: selfID, world: ready.world, dataSizeBytes: 0, manifests: [])
-            server.lock.withLock {
-                ledger.recordReady(empty, ranks: [])
-                afterLedgerChange(job: ready.job, step: ready.step)
-            }
-            Thread.detachNewThread { [self] in
-                broadcast(.stepReady(empty))
-                runHolderDuties(job: ready.job, step: ready.step)
-            }
-        }
+        execute(server.lock.withLock { protection.received(ready, store: server.store, nowMilliseconds: monotonicMilliseconds()) })
         return .ok
     }
 
     func handleStepProtected(_ report: StepProtected) -> Message {
-        server.lock.withLock {
-            ledger.recordProtected(job: report.job, step: report.step, node: report.nodeID)
-            afterLedgerChange(job: report.job, step: report.step)
-        }
+        execute(server.lock.withLock { protection.received(report, store: server.store) })
         return .ok
     }
 
-    func handleClusterState() -> Message { .clusterStateReply(server.lock.withLock { ledger.clusterState() }) }
+    func handleClusterState() -> Message { .clusterStateReply(server.lock.withLock { protection.ledger.clusterState() }) }
 
     func handleRebuildOrder(_ order: RebuildOrder) -> Message {
         logger.notice("rebuild ordered", metadata: ["coordinator": "\(order.coordinator)"])
@@ -303,107 +273,92 @@ final class ClusterNode: @unchecked Sendable {
     func recoverReport() -> RecoverReply {
         server.lock.withLock {
             var rebuilding = monitor.needsRebuild
-            if unavailableReason != nil { rebuilding.insert(selfID) }
+            if !discovered || refreshRebuildNeed() > 0 { rebuilding.insert(selfID) }
             return RecoverReply(
                 coordinator: monitor.coordinator, deadNodes: monitor.deadNodes,
-                rebuildingNodes: rebuilding.sorted(), jobs: ledger.recovery(lostNodes: lostNodes().union(rebuilding)))
+                rebuildingNodes: rebuilding.sorted(), jobs: protection.recovery(lostNodes: lostNodes().union(rebuilding)))
         }
     }
 
-    // MARK: Commit
+    // MARK: Carrying out the protection machine's actions
 
-    /// With the lock held: the ledger changed for a step; finish parity that
-    /// is now complete and commit the step if the whole cluster has protected it.
-    func afterLedgerChange(job: JobID, step: Step) {
-        server.lock.broadcast()  // protections may be waiting for the group's reports
-        completeParity(job: job, step: step)
-        guard ledger.commitIfComplete(job: job, step: step), let entry = ledger.entry(job: job, step: step) else { return }
-        server.apply(server.store.markCommitted(job: job, step: step, world: entry.world))
-        // Forget ledger entries below the oldest step still kept.
-        if let oldest = server.store.jobs[job]?.committedSteps.first {
-            for id in ledger.steps.keys where id.job == job && id.step < oldest { ledger.forget(job: id.job, step: id.step) }
+    /// Runs `actions` (call without the lock): network work on the pools,
+    /// store changes under the lock, whose own follow-up actions run next.
+    func execute(_ actions: [ProtectionMachine.Action]) {
+        var pending = actions[...]
+        while let action = pending.popFirst() {
+            switch action {
+            case .broadcast(let message):
+                controlPool.submit { [self] in send(message, to: mesh.peers) }
+            case .send(let message, let peers):
+                controlPool.submit { [self] in send(message, to: peers) }
+            case .pullState(let peers):
+                controlPool.submit { [self] in pullState(from: peers) }
+            case .holdParity(let job, let step, let size):
+                pending += holdParity(job: job, step: step, fragmentSizeBytes: size)
+            case .sendFragments(let job, let step, let size):
+                dataPool.submit { [self] in protect(job: job, step: step, fragmentSizeBytes: size) }
+            case .commit(let job, let step, let world):
+                server.lock.withLock { commit(job: job, step: step, world: world) }
+            case .discardShare(let job, let step, let reason):
+                logger.error("dropping this node's share of a step", metadata: ["job": "\(job)", "step": "\(step)", "reason": "\(reason)"])
+                server.lock.withLock {
+                    server.apply(server.store.dropUncommittedStep(job: job, step: step))
+                    server.lock.broadcast()
+                }
+            case .log(let level, let message, let job, let step):
+                let metadata: Logger.Metadata = ["job": "\(job)", "step": "\(step)"]
+                switch level {
+                case .info: logger.info("\(message)", metadata: metadata)
+                case .warning: logger.warning("\(message)", metadata: metadata)
+                case .error: logger.error("\(message)", metadata: metadata)
+                }
+            }
         }
+    }
+
+    /// With the lock held: the machine found the step held and committed cluster-wide.
+    private func commit(job: JobID, step: Step, world: UInt32) {
+        server.apply(server.store.markCommitted(job: job, step: step, world: world))
+        if let oldest = server.store.jobs[job]?.committedSteps.first { protection.forget(job: job, olderThan: oldest) }
+        refreshRebuildNeed()
         server.lock.broadcast()
     }
 
-    // MARK: Protection (source side)
-
     /// Called by the server (lock held) when this node's share of a step is sealed.
-    func protect(job: JobID, step: Step) {
-        guard !stopping else { return }
-        Thread.detachNewThread { [self] in runProtection(job: job, step: step) }
+    func shareSealed(job: JobID, step: Step) {
+        guard !stopping, let world = server.store.jobs[job]?.world else { return }
+        let shards = server.store.localShards(job: job, step: step)
+        let manifests = shards.map { ManifestFile(key: ShardKey(job: job, step: step, rank: $0.rank), world: world, shard: $0.shard).encoded() }
+        let dataBytes = shards.reduce(UInt64(0)) { $0 + $1.shard.segmentSizeBytes }
+        let ready = StepReady(job: job, step: step, nodeID: selfID, world: world, dataSizeBytes: dataBytes, manifests: manifests)
+        let actions = protection.shareSealed(ready, store: server.store, nowMilliseconds: monotonicMilliseconds())
+        controlPool.submit { [self] in execute(actions) }
     }
 
-    private func runProtection(job: JobID, step: Step) {
+    /// Streams this node's share to its parity holders; reports the outcome to the machine.
+    private func protect(job: JobID, step: Step, fragmentSizeBytes size: UInt64) {
         let started = monotonicMilliseconds()
-        let prepared: (StepReady, NodeStepData)? = server.lock.withLock {
+        let data: NodeStepData? = server.lock.withLock {
             let shards = server.store.localShards(job: job, step: step)
-            guard let world = server.store.jobs[job]?.world, !shards.isEmpty else { return nil }
             let segments = shards.compactMap { server.segments[ShardKey(job: job, step: step, rank: $0.rank)] }
-            guard segments.count == shards.count else { return nil }
-            let manifests = shards.map { ManifestFile(key: ShardKey(job: job, step: step, rank: $0.rank), world: world, shard: $0.shard).encoded() }
-            let data = NodeStepData(segments: segments)
-            let ready = StepReady(job: job, step: step, nodeID: selfID, world: world, dataSizeBytes: UInt64(data.totalBytes), manifests: manifests)
-            ledger.recordReady(ready, ranks: shards.map(\.rank))
-            afterLedgerChange(job: job, step: step)
-            return (ready, data)
+            return segments.count == shards.count && !shards.isEmpty ? NodeStepData(segments: segments) : nil
         }
-        guard let (ready, data) = prepared else { return }
-        broadcast(.stepReady(ready))
-        guard let fragmentSize = runHolderDuties(job: job, step: step) else { return }
-        do {
-            try sendFragments(job: job, step: step, data: data, fragmentSizeBytes: fragmentSize)
-        } catch {
-            logger.error("protection failed; the step cannot commit until it is saved again", metadata: ["job": "\(job)", "step": "\(step)", "error": "\(error)"])
+        guard let data else {
+            execute(server.lock.withLock { protection.protectionFailed(job: job, step: step, reason: "the step's shards are no longer held here") })
             return
         }
-        server.lock.withLock {
-            ledger.recordProtected(job: job, step: step, node: selfID)
-            afterLedgerChange(job: job, step: step)
-        }
-        broadcast(.stepProtected(StepProtected(job: job, step: step, nodeID: selfID)))
-        let milliseconds = max(1, monotonicMilliseconds() - started)
-        logger.info("step protected on this node", metadata: [
-            "job": "\(job)", "step": "\(step)", "dataBytes": "\(data.totalBytes)", "fragmentBytes": "\(fragmentSize)",
-            "milliseconds": "\(milliseconds)",
-        ])
-    }
-
-    /// Waits for the group's readiness reports, then makes sure this node's
-    /// parity buffers for the step exist (a stripe whose sources are all empty
-    /// completes with no fragment arriving). Returns the fragment size.
-    @discardableResult
-    private func runHolderDuties(job: JobID, step: Step) -> UInt64? {
-        let deadline = Date().addingTimeInterval(Double(protectionTimeoutMilliseconds) / 1000)
-        var size: UInt64?
-        while Date() < deadline, size == nil {
-            // Wait a while for the reports; then pull them from the members that
-            // have not reported (a broadcast may have been lost with a restarted peer).
-            let missing: [NodeID] = server.lock.withLock {
-                let slice = min(deadline, Date().addingTimeInterval(1))
-                while !stopping, ledger.fragmentSizeBytes(job: job, step: step, group: group) == nil, server.lock.wait(until: slice) {}
-                size = ledger.fragmentSizeBytes(job: job, step: step, group: group)
-                let reported = ledger.entry(job: job, step: step)?.ready ?? [:]
-                return stopping ? [] : group.nodes.filter { $0 != selfID && reported[$0] == nil }
-            }
-            if size == nil { pullState(from: missing) }
-            if server.lock.withLock({ stopping }) { return nil }
-        }
-        guard let size else {
-            logger.warning("protection gave up: not every member of the group reported the step", metadata: ["job": "\(job)", "step": "\(step)"])
-            return nil
-        }
         do {
-            try server.lock.withLock {
-                for (stripe, row) in try layout.parityStripes(node: position) {
-                    _ = try ensureParity(ParityKey(job: job, step: step, stripe: stripe), row: row, fragmentSizeBytes: size)
-                }
-                completeParity(job: job, step: step)
-            }
+            try sendFragments(job: job, step: step, data: data, fragmentSizeBytes: size)
         } catch {
-            logger.error("cannot hold parity for the step", metadata: ["job": "\(job)", "step": "\(step)", "error": "\(error)"])
+            execute(server.lock.withLock { protection.protectionFailed(job: job, step: step, reason: "\(error)") })
+            return
         }
-        return size
+        execute(server.lock.withLock { protection.fragmentsAcknowledged(job: job, step: step, store: server.store) })
+        logger.info("step protected on this node", metadata: [
+            "job": "\(job)", "step": "\(step)", "dataBytes": "\(data.totalBytes)", "fragmentBytes": "\(size)",
+            "milliseconds": "\(max(1, monotonicMilliseconds() - started))",
+        ])
     }
 
     private func sendFragments(job: JobID, step: Step, data: NodeStepData, fragmentSizeBytes size: UInt64) throws {
@@ -420,8 +375,9 @@ final class ClusterNode: @unchecked Sendable {
                         .fragmentPut(FragmentPut(fragment: id, sourceNode: selfID, fragmentSizeBytes: size, crc32c: crc)),
                         requestID: 1, bulkLength: size)
                     try data.write(offset: offset, count: fragmentSize, to: connection.socket)
-                    guard case .fragmentAck = try PeerMesh.reply(connection) else {
-                        throw PeerError(code: nil, message: "holder \(holder) did not acknowledge")
+                    let reply = try PeerMesh.reply(connection)
+                    guard case .fragmentAck = reply else {
+                        throw PeerError(code: nil, message: "holder \(holder) did not acknowledge fragment \(id): \(reply.type)")
                     }
                 }
             }
@@ -429,13 +385,15 @@ final class ClusterNode: @unchecked Sendable {
     }
 
     /// A few attempts (a connection may have gone stale); a holder that stays
-    /// unreachable fails the protection, and the step does not commit.
+    /// unreachable, or refuses, fails the protection and the step does not commit.
     private func sendWithRetry(to node: NodeID, _ body: (FramedConnection) throws -> Void) throws {
         var lastError: (any Error)?
         for attempt in 0..<3 {
             if attempt > 0 { usleep(200_000) }
             do {
                 return try mesh.withConnection(node, .data, timeoutMilliseconds: heartbeatTimeoutMilliseconds, body)
+            } catch let error as PeerError where error.code != nil {
+                throw error  // the holder said no: retrying cannot change its mind
             } catch {
                 lastError = error
             }
@@ -443,10 +401,11 @@ final class ClusterNode: @unchecked Sendable {
         throw lastError!
     }
 
-    /// Sends a report to every peer (the mesh retries a stale connection once).
-    /// A peer that still misses it pulls it later (``runHolderDuties``, ``catchUp``).
-    private func broadcast(_ message: Message) {
-        for peer in mesh.peers {
+    /// Sends a report to each of `peers` (the mesh retries a stale connection
+    /// once). A peer that still misses it is sent it again or pulls it later
+    /// (``ProtectionMachine/tick(nowMilliseconds:liveNodes:)``).
+    private func send(_ message: Message, to peers: [NodeID]) {
+        for peer in peers {
             do {
                 _ = try mesh.request(peer, .control, message, timeoutMilliseconds: heartbeatTimeoutMilliseconds)
             } catch {
@@ -457,6 +416,43 @@ final class ClusterNode: @unchecked Sendable {
 
     // MARK: Parity (holder side)
 
+    /// Creates this node's parity buffers of the step (zeroed) and seals the
+    /// complete ones (a stripe whose sources are all padding completes with
+    /// no fragment arriving). Returns the machine's follow-up actions.
+    private func holdParity(job: JobID, step: Step, fragmentSizeBytes size: UInt64) -> [ProtectionMachine.Action] {
+        let complete: [ParityKey]
+        do {
+            complete = try server.lock.withLock { () throws -> [ParityKey] in
+                guard !server.store.isCommitted(job: job, step: step) else { return [] }
+                var complete: [ParityKey] = []
+                for (stripe, row) in try layout.parityStripes(node: position) {
+                    let key = ParityKey(job: job, step: step, stripe: stripe)
+                    let (record, _) = try ensureParity(key, row: row, fragmentSizeBytes: size)
+                    if !record.isComplete, protection.isParityComplete(job: job, step: step, stripe: stripe, record: record) { complete.append(key) }
+                }
+                return complete
+            }
+        } catch {
+            logger.error("cannot hold parity for the step", metadata: ["job": "\(job)", "step": "\(step)", "error": "\(error)"])
+            return [.log(.error, "this node cannot hold its parity of the step; it cannot commit here", job: job, step: step)]
+        }
+        return complete.flatMap(seal)
+    }
+
+    /// Computes a complete parity fragment's CRC (outside the lock: its bytes
+    /// no longer change) and records it.
+    private func seal(_ key: ParityKey) -> [ProtectionMachine.Action] {
+        guard let (segment, size) = server.lock.withLock({ () -> (MappedSegment, Int)? in
+            guard let record = server.store.parity(key), !record.isComplete, let segment = paritySegments[key] else { return nil }
+            return (segment, Int(record.fragmentSizeBytes))
+        }) else { return [] }
+        let crc = CRC32C.checksum(UnsafeRawBufferPointer(segment.bytes(offset: 0, count: size)))
+        return server.lock.withLock {
+            server.store.updateParity(key) { $0.crc32c = crc }
+            return protection.paritySealed(job: key.job, step: key.step, store: server.store)
+        }
+    }
+
     /// With the lock held: the parity buffer for `key`, created zeroed on first use.
     private func ensureParity(_ key: ParityKey, row: Int, fragmentSizeBytes: UInt64) throws -> (ParityRecord, MappedSegment) {
         if let record = server.store.parity(key), let segment = paritySegments[key] {
@@ -465,7 +461,7 @@ final class ClusterNode: @unchecked Sendable {
             }
             return (record, segment)
         }
-        let world = ledger.entry(job: key.job, step: key.step)?.world ?? server.store.jobs[key.job]?.world ?? 1
+        let world = protection.ledger.entry(job: key.job, step: key.step)?.world ?? server.store.jobs[key.job]?.world ?? 1
         let record = try server.store.reserveParity(key, row: row, fragmentSizeBytes: fragmentSizeBytes, world: world)
         do {
             let segment = try server.arena.createParitySegment(key, sizeBytes: record.segmentSizeBytes)
@@ -477,21 +473,9 @@ final class ClusterNode: @unchecked Sendable {
         }
     }
 
-    /// With the lock held: seals every parity buffer of the step that has
-    /// received all the data slots that carry bytes.
-    private func completeParity(job: JobID, step: Step) {
-        for (stripe, record) in server.store.jobs[job]?.parity[step] ?? [:] where !record.isComplete {
-            let key = ParityKey(job: job, step: step, stripe: stripe)
-            guard let expected = ledger.nonZeroSlots(job: job, step: step, group: group, stripe: stripe, fragmentSizeBytes: record.fragmentSizeBytes),
-                record.receivedSlots.isSuperset(of: expected), let segment = paritySegments[key]
-            else { continue }
-            let crc = CRC32C.checksum(UnsafeRawBufferPointer(segment.bytes(offset: 0, count: Int(record.fragmentSizeBytes))))
-            server.store.updateParity(key) { $0.crc32c = crc }
-        }
-    }
-
     /// A data fragment arrives at its parity holder: straight into a scratch
-    /// buffer, checked against its CRC, folded into the parity, acknowledged.
+    /// buffer, checked against its CRC, folded into the parity (unless the
+    /// machine refuses it or has it already), acknowledged.
     func handleFragmentPut(_ put: FragmentPut, header: FrameHeader, connection: FramedConnection, scratch: inout MappedSegment?) throws -> Message {
         let id = put.fragment
         let stripe = Int(id.stripe)
@@ -504,16 +488,28 @@ final class ClusterNode: @unchecked Sendable {
             throw SessionEnd(reason: "fragment \(id) from node \(put.sourceNode) does not belong on this node")
         }
         let key = ParityKey(job: id.job, step: id.step, stripe: stripe)
-        let (_, segment, duplicate): (ParityRecord, MappedSegment, Bool)
-        do {
-            (_, segment, duplicate) = try server.lock.withLock { () throws -> (ParityRecord, MappedSegment, Bool) in
-                let (record, segment) = try ensureParity(key, row: row, fragmentSizeBytes: put.fragmentSizeBytes)
-                return (record, segment, record.receivedSlots.contains(slot))
+        let admitted: Result<MappedSegment?, StoreError> = server.lock.withLock {
+            switch protection.admit(put, record: server.store.parity(key), store: server.store) {
+            case .refuse(let error): return .failure(error)
+            case .duplicate: return .success(nil)
+            case .fold:
+                do {
+                    return .success(try ensureParity(key, row: row, fragmentSizeBytes: put.fragmentSizeBytes).1)
+                } catch let error as StoreError {
+                    return .failure(error)
+                } catch {
+                    return .failure(StoreError(.internalError, "\(error)"))
+                }
             }
-        } catch {
+        }
+        guard case .success(let segment) = admitted else {
             // Refused before its bytes were read: drain them so the stream stays framed.
             try connection.socket.discard(count: header.bulkLength, deadlineMilliseconds: connection.bulkDeadline(header.bulkLength))
-            throw error
+            if case .failure(let error) = admitted {
+                logger.error("fragment refused", metadata: ["fragment": "\(id)", "source": "\(put.sourceNode)", "reason": "\(error.message)"])
+                throw error
+            }
+            return .error(ErrorReply(code: .internalError, message: "unreachable"))
         }
         let size = Int(put.fragmentSizeBytes)
         if scratch == nil || scratch!.sizeBytes < size { scratch = try MappedSegment.anonymous(sizeBytes: size) }
@@ -524,21 +520,36 @@ final class ClusterNode: @unchecked Sendable {
             logger.error("fragment arrived corrupted", metadata: ["fragment": "\(id)", "source": "\(put.sourceNode)"])
             throw StoreError(.checksumMismatch, "fragment \(key) slot \(slot) failed its CRC check")
         }
-        if !duplicate {
-            // Accumulating the same slot twice would corrupt the parity: duplicates are acknowledged only.
-            try accumulateLock.withLock {
-                let already = server.lock.withLock { server.store.parity(key)?.receivedSlots.contains(slot) ?? true }
-                guard !already else { return }
-                try [segment.base!].withUnsafeBufferPointer {
-                    try code.accumulate(dataIndex: slot, data: buffer.baseAddress!, intoParityRowsFrom: row, parity: $0, fragmentSizeBytes: size)
-                }
-                server.lock.withLock {
-                    server.store.updateParity(key) { _ = $0.receivedSlots.insert(slot) }
-                    completeParity(job: id.job, step: id.step)
-                }
-            }
+        if let segment {
+            try fold(put, key: key, row: row, from: buffer.baseAddress!, into: segment)
         }
         return .fragmentAck(FragmentAck(fragment: id, holderNode: selfID))
+    }
+
+    /// Folds a checked fragment into its parity, once; seals the parity when
+    /// it was the last slot, before the fragment is acknowledged (so a step
+    /// every source reports protected has all its parity sealed).
+    private func fold(_ put: FragmentPut, key: ParityKey, row: Int, from buffer: UnsafeMutableRawPointer, into segment: MappedSegment) throws {
+        let slot = Int(put.fragment.index)
+        let actions: [ProtectionMachine.Action] = try accumulateLock.withLock {
+            // Admission again: another session may have folded this slot meanwhile.
+            let admission = server.lock.withLock { protection.admit(put, record: server.store.parity(key), store: server.store) }
+            switch admission {
+            case .refuse(let error): throw error
+            case .duplicate: return []
+            case .fold: break
+            }
+            try [segment.base!].withUnsafeBufferPointer {
+                try code.accumulate(dataIndex: slot, data: buffer, intoParityRowsFrom: row, parity: $0, fragmentSizeBytes: Int(put.fragmentSizeBytes))
+            }
+            let complete = server.lock.withLock { () -> Bool in
+                server.store.updateParity(key) { $0.foldedSlots[slot] = put.crc32c }
+                guard let record = server.store.parity(key) else { return false }
+                return protection.isParityComplete(job: key.job, step: key.step, stripe: key.stripe, record: record)
+            }
+            return complete ? seal(key) : []
+        }
+        execute(actions)
     }
 
     // MARK: Serving fragments for a rebuild
@@ -565,8 +576,8 @@ final class ClusterNode: @unchecked Sendable {
                 case .data(_, let fragment) = try layout.role(node: position, stripe: stripe)
             else { throw StoreError(.invalidRequest, "data slot \(index) of stripe \(stripe) is not on node \(selfID)") }
             let found: LocalFragment? = server.lock.withLock {
-                guard unavailableReason == nil, server.store.isCommitted(job: id.job, step: id.step),
-                    let size = ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group)
+                guard discovered, server.store.isCommitted(job: id.job, step: id.step),
+                    let size = protection.ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group)
                 else { return nil }
                 let shards = server.store.localShards(job: id.job, step: id.step)
                 let segments = shards.compactMap { server.segments[ShardKey(job: id.job, step: id.step, rank: $0.rank)] }
@@ -578,7 +589,7 @@ final class ClusterNode: @unchecked Sendable {
         }
         let key = ParityKey(job: id.job, step: id.step, stripe: stripe)
         let found: LocalFragment? = server.lock.withLock {
-            guard unavailableReason == nil, let record = server.store.parity(key), record.isComplete, record.row == index - k,
+            guard discovered, let record = server.store.parity(key), record.isComplete, record.row == index - k,
                 let segment = paritySegments[key]
             else { return nil }
             return LocalFragment(bytes: NodeStepData(segments: [segment]), offsetBytes: 0, sizeBytes: Int(record.fragmentSizeBytes), storedCRC32C: record.crc32c)

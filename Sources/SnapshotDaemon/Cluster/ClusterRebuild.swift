@@ -10,59 +10,78 @@ import SnapshotProtocol
 /// stripe, decode its data fragments and the parity it held, check every CRC,
 /// and adopt the result. Runs when the coordinator orders it.
 extension ClusterNode {
+    /// Rebuild attempts per order: steps that became missing while a rebuild
+    /// ran are picked up by the next pass, up to this many.
+    static let maximumRebuildPasses = 4
+
     func beginRebuild() {
         let start = server.lock.withLock { () -> Bool in
-            if !discovered { rebuildOrderPending = true }
-            guard needsRebuild, !rebuilding, !stopping else { return false }
-            rebuildOrderPending = false
-            rebuilding = true
+            guard !stopping, rebuild != .running else { return false }
+            guard discovered else {
+                rebuild = .orderedBeforeDiscovery
+                return false
+            }
+            guard !protection.missingSteps(store: server.store).isEmpty else {
+                rebuild = .idle
+                return false
+            }
+            rebuild = .running
             return true
         }
         guard start else { return }
-        Thread.detachNewThread { [self] in runRebuild() }
+        controlPool.submit { [self] in runRebuild() }
     }
 
+    /// Rebuilds every missing step, each on its own: a step whose surviving
+    /// bytes fail their checksums is recorded lost (with the reason) and the
+    /// others are served; a step that failed for a reason that may pass
+    /// (a peer unreachable) stays missing for the coordinator's next order.
     private func runRebuild() {
-        defer { server.lock.withLock { rebuilding = false } }
         let started = monotonicMilliseconds()
-        pullState(from: mesh.peers, firstAnswerSuffices: true)  // fresh knowledge of committed steps
-        let steps = server.lock.withLock {
-            ledger.steps.filter { id, entry in
-                entry.committed && entry.ready[selfID] != nil && !server.store.isCommitted(job: id.job, step: id.step)
-            }.map(\.key).sorted()
-        }
-        logger.notice("rebuild started", metadata: ["steps": "\(steps.map { "\($0.job)/\($0.step)" })"])
-        var failed: [String] = []
+        pullState(from: mesh.peers)  // fresh knowledge of committed steps
+        var attempted = Set<ProtectionMachine.StepID>()
+        var retryLater: [String] = []
+        var lostSteps: [String] = []
         var tally = RebuildTally()
-        for id in steps {
-            do {
-                try rebuildStep(job: id.job, step: id.step, tally: &tally)
-            } catch {
-                failed.append("\(id.job)/\(id.step)")
-                logger.error("rebuild of a step failed", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
+        for _ in 0..<Self.maximumRebuildPasses {
+            let steps = server.lock.withLock { protection.missingSteps(store: server.store) }.filter { !attempted.contains($0) }
+            if steps.isEmpty { break }
+            logger.notice("rebuild started", metadata: ["steps": "\(steps.map { "\($0.job)/\($0.step)" })"])
+            for id in steps {
+                attempted.insert(id)
+                do {
+                    try rebuildStep(job: id.job, step: id.step, tally: &tally)
+                } catch let error as StoreError where error.code == .checksumMismatch {
+                    lostSteps.append("\(id.job)/\(id.step)")
+                    logger.error("step cannot be rebuilt: its surviving bytes fail their checksums; this node serves its other steps", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
+                    server.lock.withLock { protection.stepLost(job: id.job, step: id.step, reason: error.message) }
+                } catch {
+                    retryLater.append("\(id.job)/\(id.step)")
+                    logger.error("rebuild of a step failed; it is retried on the coordinator's next order", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
+                }
             }
         }
         let seconds = Double(monotonicMilliseconds() - started) / 1000
         server.lock.withLock {
-            needsRebuild = !failed.isEmpty
-            monitor.setSelfNeedsRebuild(needsRebuild)
+            rebuild = .idle
+            refreshRebuildNeed()
             server.lock.broadcast()
         }
-        if failed.isEmpty {
+        if retryLater.isEmpty {
             logger.notice("rebuild complete: this node serves its ranks again", metadata: [
-                "steps": "\(steps.count)", "bytes": "\(tally.bytes)", "seconds": "\(seconds)",
+                "steps": "\(attempted.count - lostSteps.count)", "lostSteps": "\(lostSteps)", "bytes": "\(tally.bytes)", "seconds": "\(seconds)",
                 "megabytesPerSecond": "\(seconds > 0 ? Double(tally.bytes) / seconds / 1e6 : 0)",
                 "pipelinedFragments": "\(tally.pipelinedFragments)", "gatheredFragments": "\(tally.gatheredFragments)",
             ])
         } else {
-            logger.error("rebuild incomplete; the coordinator will order it again", metadata: ["failedSteps": "\(failed)"])
+            logger.error("rebuild incomplete; the coordinator will order it again", metadata: ["failedSteps": "\(retryLater)", "lostSteps": "\(lostSteps)"])
         }
     }
 
     /// Rebuilds this node's shards and parity of one step.
     private func rebuildStep(job: JobID, step: Step, tally: inout RebuildTally) throws {
         let (entry, fragmentSize) = try server.lock.withLock { () throws -> (ClusterLedger.StepEntry, UInt64) in
-            guard let entry = ledger.entry(job: job, step: step), let size = ledger.fragmentSizeBytes(job: job, step: step, group: group) else {
+            guard let entry = protection.ledger.entry(job: job, step: step), let size = protection.ledger.fragmentSizeBytes(job: job, step: step, group: group) else {
                 throw StoreError(.unrecoverable, "the cluster state for \(job)/\(step) is incomplete")
             }
             return (entry, size)
@@ -102,14 +121,19 @@ extension ClusterNode {
             guard bad.isEmpty else { throw StoreError(.checksumMismatch, "rebuilt \(manifest.key) fails the CRC check for \(bad)") }
             try server.arena.writeManifest(manifest)
         }
-        try server.lock.withLock {
+        let actions = try server.lock.withLock {
+            // Parity this node folded from late fragments before the rebuild is replaced.
+            for stripe in (server.store.jobs[job]?.parity[step] ?? [:]).keys.sorted() { server.apply(server.store.releaseParity(ParityKey(job: job, step: step, stripe: stripe))) }
             for (manifest, segment) in zip(manifests, segments) { server.segments[manifest.key] = segment }
             for (stripe, segment) in paritySegmentsBuilt { paritySegments[ParityKey(job: job, step: step, stripe: stripe)] = segment }
             var shards: [Rank: ShardRecord] = [:]
             for manifest in manifests { shards[manifest.key.rank] = manifest.shard }
             server.store.adoptCommitted(job: job, step: step, world: entry.world, shards: shards, parity: parity)
             try server.arena.writeCommitMarker(job: job, step: step, world: entry.world, ranks: Array(shards.keys), parity: parity)
+            protection.stepRebuilt(job: job, step: step)
+            return protection.paritySealed(job: job, step: step, store: server.store)
         }
+        execute(actions)
         logger.info("step rebuilt", metadata: ["job": "\(job)", "step": "\(step)", "ranks": "\(manifests.map(\.key.rank))", "dataBytes": "\(data.totalBytes)", "parityStripes": "\(parity.keys.sorted())"])
         tally.bytes += UInt64(data.totalBytes) + UInt64(parity.count) * fragmentSize
     }

@@ -130,10 +130,7 @@ final class Session {
         case (.trainer, .commitSave(let m)): try commitSave(m, requestID: header.requestID)
         case (.trainer, .abortSave(let m)): try abortSave(m, requestID: header.requestID)
         case (.trainer, .latestCommitted):
-            let latest = try server.lock.withLock { () throws -> Step? in
-                try checkAvailable()
-                return server.store.latestCommitted(job: job!)
-            }
+            let latest = try server.lock.withLock { () throws -> Step? in try latestCommitted(job: job!) }
             reply(.latestCommittedReply(LatestCommittedReply(step: latest)), to: header.requestID)
         case (.trainer, .waitCommitted(let m)): try waitCommitted(m, requestID: header.requestID)
         case (.trainer, .restore(let m)): try restore(m, requestID: header.requestID)
@@ -185,6 +182,7 @@ final class Session {
             throw StoreError(.invalidRequest, "shared-memory transport needs the Unix socket; use stream over TCP")
         }
         let (record, segment) = try server.lock.withLock { () throws -> (ShardRecord, MappedSegment) in
+            if let refusal = server.cluster?.refusalOfSave(job: key.job, step: key.step) { throw refusal }
             let (record, effects) = try server.store.beginSave(session: id, key: key, specs: m.tensors, topology: topology)
             server.apply(effects)
             // The pool is memory too: keep held + pooled within the budget.
@@ -244,31 +242,52 @@ final class Session {
         reply(.ok, to: requestID)
     }
 
+    /// How long a waiting session sleeps on the server's condition before it
+    /// lets go of the lock and looks whether its client is still there: a rank
+    /// whose trainer died while waiting is detached within about this long, so
+    /// its restarted trainer is not refused as a duplicate for the rest of the wait.
+    static let waitCommittedSliceMilliseconds: Int = 100
+
     private func waitCommitted(_ m: WaitCommitted, requestID: UInt64) throws {
         let deadline = Date().addingTimeInterval(Double(min(m.timeoutMilliseconds, 3_600_000)) / 1000)
         let job = job!
-        let outcome: Step? = try server.lock.withLock {
-            while true {
-                if let latest = server.store.latestCommitted(job: job), latest >= m.step { return latest }
-                let shards = server.store.jobs[job]?.steps[m.step] ?? [:]
-                if let bad = shards.first(where: { $0.value.state == .corrupted }) {
-                    throw StoreError(.checksumMismatch, "step \(m.step) cannot commit: rank \(bad.key)'s shard failed its checksum check")
-                }
-                if server.stopping { throw StoreError(.shuttingDown, "snapshotd is stopping") }
-                if !server.lock.wait(until: deadline) {
-                    let complete = shards.values.filter { $0.state == .localComplete || $0.state == .protected }.count
+        while true {
+            // One slice with the lock held; nil: the slice ended before the step committed.
+            let committed: Step? = try server.lock.withLock {
+                let sliceEnd = min(deadline, Date().addingTimeInterval(Double(Self.waitCommittedSliceMilliseconds) / 1000))
+                while true {
                     if let latest = server.store.latestCommitted(job: job), latest >= m.step { return latest }
-                    throw StoreError(.timeout, "step \(m.step) not committed within \(m.timeoutMilliseconds) ms (\(complete) of \(world) shards complete)")
+                    let shards = server.store.jobs[job]?.steps[m.step] ?? [:]
+                    if let bad = shards.first(where: { $0.value.state == .corrupted }) {
+                        throw StoreError(.checksumMismatch, "step \(m.step) cannot commit: rank \(bad.key)'s shard failed its checksum check")
+                    }
+                    if server.stopping { throw StoreError(.shuttingDown, "snapshotd is stopping") }
+                    if !server.lock.wait(until: sliceEnd) {
+                        if Date() < deadline { return nil }
+                        let complete = shards.values.filter { $0.state == .localComplete || $0.state == .protected }.count
+                        if let latest = server.store.latestCommitted(job: job), latest >= m.step { return latest }
+                        throw StoreError(.timeout, "step \(m.step) not committed within \(m.timeoutMilliseconds) ms (\(complete) of \(world) shards complete)")
+                    }
                 }
             }
+            if let committed {
+                reply(.latestCommittedReply(LatestCommittedReply(step: committed)), to: requestID)
+                return
+            }
+            // Without the lock: a trainer that died (or hung up) while waiting
+            // ends its session now, and endSession detaches its rank.
+            if connection.socket.peerHasClosed() {
+                throw SessionEnd(reason: "client closed the connection while waiting for step \(m.step)")
+            }
         }
-        reply(.latestCommittedReply(LatestCommittedReply(step: outcome)), to: requestID)
     }
 
-    /// With the lock held: a cluster node that is joining or rebuilding cannot
-    /// answer for its snapshots yet.
-    private func checkAvailable() throws {
-        if let reason = server.cluster?.unavailableReason { throw StoreError(.unavailable, reason) }
+    /// With the lock held: the job's newest committed step. In a cluster that
+    /// is the cluster's (every rank restores the same step), which a node that
+    /// is joining or rebuilding cannot answer for yet.
+    private func latestCommitted(job: JobID) throws -> Step? {
+        if let cluster = server.cluster { return try cluster.latestCommitted(job: job) }
+        return server.store.latestCommitted(job: job)
     }
 
     // MARK: Restoring
@@ -279,8 +298,9 @@ final class Session {
         }
         let job = job!
         let (step, shard, segment) = try server.lock.withLock { () throws -> (Step, ShardRecord, MappedSegment) in
-            try checkAvailable()
-            let (step, shard) = try server.store.restorable(job: job, rank: rank, step: m.step)
+            let chosen = try m.step ?? latestCommitted(job: job)
+            if let cluster = server.cluster, let chosen { try cluster.checkRestorable(job: job, step: chosen) }
+            let (step, shard) = try server.store.restorable(job: job, rank: rank, step: chosen)
             let key = ShardKey(job: job, step: step, rank: rank)
             guard let segment = server.segments[key] else { throw StoreError(.internalError, "\(key) has no segment") }
             server.store.pin(key)

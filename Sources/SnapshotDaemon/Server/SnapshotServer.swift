@@ -58,7 +58,9 @@ public final class SnapshotServer: Service, @unchecked Sendable {
             budgetBytes: configuration.memoryBudgetBytes, snapshotsKeptPerJob: configuration.snapshotsKeptPerJob,
             commitsLocally: clusterConfiguration == nil)
         if let clusterConfiguration {
-            cluster = try ClusterNode(server: self, cluster: clusterConfiguration, selfID: configuration.nodeID, secret: secret!, logger: logger)
+            cluster = try ClusterNode(
+                server: self, cluster: clusterConfiguration, selfID: configuration.nodeID, secret: secret!,
+                keptStepsPerJob: configuration.snapshotsKeptPerJob, logger: logger)
         }
         try recoverArena()
     }
@@ -255,7 +257,7 @@ public final class SnapshotServer: Service, @unchecked Sendable {
             guard let segment = cluster?.paritySegments.removeValue(forKey: key) else { continue }
             arena.releaseParity(key, segment: segment, poolLimitBytes: poolLimit)
         }
-        for (job, step) in effects.localComplete { cluster?.protect(job: job, step: step) }
+        for (job, step) in effects.localComplete { cluster?.shareSealed(job: job, step: step) }
         if !effects.committed.isEmpty || !effects.freed.isEmpty { lock.broadcast() }
     }
 

@@ -207,6 +207,17 @@ public struct SnapshotStore: Sendable {
         return effects
     }
 
+    /// Cluster mode: this node's share of an uncommitted step conflicts with
+    /// what the cluster holds; its shards are dropped and the step can no
+    /// longer commit from them.
+    public mutating func dropUncommittedStep(job: JobID, step: Step) -> Effects {
+        guard !isCommitted(job: job, step: step), let shards = jobs[job]?.steps[step] else { return Effects() }
+        var effects = Effects()
+        for rank in shards.keys.sorted() { effects.freed.append(removeShard(ShardKey(job: job, step: step, rank: rank))) }
+        interruptedSteps[job, default: []].insert(step)
+        return effects
+    }
+
     /// The shards of a node's share of a step, in rank order (cluster mode).
     public func localShards(job: JobID, step: Step) -> [(rank: Rank, shard: ShardRecord)] {
         (jobs[job]?.steps[step] ?? [:]).sorted { $0.key < $1.key }.map { ($0.key, $0.value) }

@@ -94,20 +94,19 @@ public struct ParityRecord: Sendable, Equatable {
     public var row: Int
     public var fragmentSizeBytes: UInt64
     public var segmentSizeBytes: UInt64
-    /// Data slots accumulated so far, and how many the stripe has.
-    public var receivedSlots: Set<Int>
-    public var expectedSlots: Set<Int>?
+    /// Data slots folded in so far, with the CRC-32C of the fragment each
+    /// brought (a duplicate with other bytes is a conflict, not a retry).
+    public var foldedSlots: [Int: UInt32]
     /// CRC-32C of the finished parity fragment.
     public var crc32c: UInt32?
 
     public var isComplete: Bool { crc32c != nil }
 
-    public init(row: Int, fragmentSizeBytes: UInt64, segmentSizeBytes: UInt64, receivedSlots: Set<Int> = [], expectedSlots: Set<Int>? = nil, crc32c: UInt32? = nil) {
+    public init(row: Int, fragmentSizeBytes: UInt64, segmentSizeBytes: UInt64, foldedSlots: [Int: UInt32] = [:], crc32c: UInt32? = nil) {
         self.row = row
         self.fragmentSizeBytes = fragmentSizeBytes
         self.segmentSizeBytes = segmentSizeBytes
-        self.receivedSlots = receivedSlots
-        self.expectedSlots = expectedSlots
+        self.foldedSlots = foldedSlots
         self.crc32c = crc32c
     }
 }

@@ -1,0 +1,391 @@
+import ErasureCoding
+public import SnapshotProtocol
+
+/// One node's part in protecting and committing steps across the cluster, as a
+/// deterministic state machine (etcd/raft style): events in, actions out. The
+/// network, the clock, segment files and the bytes live outside; the real
+/// node (``ClusterNode``) and the cluster simulation in the tests execute the
+/// same actions, so the simulation checks the rules the daemon runs.
+///
+/// The rules that make "committed" mean what DESIGN.md says:
+/// 1. **Reports are final.** The ledger keeps the first readiness report of a
+///    node for a step; a different one later is a conflict and is ignored
+///    (a fragment size, an expected-slot set or a parity fold made from the
+///    first report would otherwise be silently wrong).
+/// 2. **An empty share is a fact, not a guess.** A node reports that it holds
+///    nothing of a step only once the other nodes' reports cover every rank of
+///    the job and it has no shard of that step itself: a node whose trainers
+///    attach late must not announce an empty share it will later contradict.
+/// 3. **A node commits only what it holds**: its own share, reported by this
+///    incarnation and protected, with every parity fragment it owes the step
+///    sealed. A step the cluster committed that it does not hold is *missing*
+///    (a rebuild is needed), never recorded as committed.
+/// 4. **A replacement never re-reports a step** an earlier incarnation of its
+///    node reported: that share is restored by rebuild, not by a new save.
+///
+/// Holders refuse a fragment that would change parity that is already sealed,
+/// and a duplicate fragment whose bytes differ from the one folded
+/// (``admit(_:record:)``).
+public struct ProtectionMachine: Sendable {
+    public typealias StepID = ClusterLedger.StepID
+
+    public let selfID: NodeID
+    public let configuration: ClusterConfiguration
+    public let group: ClusterConfiguration.Group
+    public let position: Int
+    public let layout: StripeLayout
+    /// Committed steps a job keeps (the store's retention): older ones are not rebuilt.
+    public let keptStepsPerJob: Int
+    /// How long a step waits for its group's reports before it resends and pulls.
+    public let retryIntervalMilliseconds: Int64
+    /// How long a protection may take before it is given up (the step cannot commit).
+    public let protectionTimeoutMilliseconds: Int64
+    /// Deliberately broken rules, so tests can show the simulation catches them.
+    public var faults: Faults = []
+
+    public private(set) var ledger: ClusterLedger
+    /// Steps whose share this incarnation reported, and how far their protection got.
+    public private(set) var own: [StepID: OwnStep] = [:]
+    /// Steps that could not be rebuilt here, with the reason.
+    public private(set) var lost: [StepID: String] = [:]
+
+    public struct OwnStep: Sendable, Equatable {
+        public var phase: Phase
+        public var reportedAtMilliseconds: Int64
+        public var lastRetryMilliseconds: Int64
+    }
+
+    public enum Phase: Sendable, Equatable {
+        /// Reported; waiting for the group's reports to fix the fragment size.
+        case awaitingGroup
+        /// Fragments are on their way to their parity holders.
+        case sending(fragmentSizeBytes: UInt64)
+        /// Every fragment acknowledged (or nothing to send).
+        case protected
+        /// Gave up; the step cannot commit on this node.
+        case failed(String)
+    }
+
+    public struct Faults: OptionSet, Sendable {
+        public let rawValue: Int
+        public init(rawValue: Int) { self.rawValue = rawValue }
+        /// Report an empty share as soon as a peer's report arrives (the old bug).
+        public static let eagerEmptyShare = Faults(rawValue: 1 << 0)
+        /// Commit a step the ledger committed without holding it.
+        public static let commitWithoutHolding = Faults(rawValue: 1 << 1)
+        /// Let a later readiness report replace an earlier one.
+        public static let mutableReports = Faults(rawValue: 1 << 2)
+    }
+
+    public enum Action: Sendable, Equatable {
+        /// Send to every peer.
+        case broadcast(Message)
+        /// Send to these peers only (a report they may have missed).
+        case send(Message, to: [NodeID])
+        /// Ask these peers for their view of the cluster's steps.
+        case pullState(from: [NodeID])
+        /// Make sure this node's parity buffers of the step exist (zeroed),
+        /// then seal those that are complete.
+        case holdParity(job: JobID, step: Step, fragmentSizeBytes: UInt64)
+        /// Cut this node's share into fragments and send each to its holders;
+        /// report ``fragmentsAcknowledged(job:step:)`` or ``protectionFailed(job:step:reason:)``.
+        case sendFragments(job: JobID, step: Step, fragmentSizeBytes: UInt64)
+        /// Commit the step in the store (it holds everything the step needs here).
+        case commit(job: JobID, step: Step, world: UInt32)
+        /// The node's own share of a step conflicts with what the cluster
+        /// already has from an earlier incarnation: drop it.
+        case discardShare(job: JobID, step: Step, reason: String)
+        /// Something for the log.
+        case log(LogLevel, String, job: JobID, step: Step)
+    }
+
+    public enum LogLevel: Sendable, Equatable { case info, warning, error }
+
+    /// What a holder does with an arriving data fragment.
+    public enum Admission: Sendable, Equatable {
+        case fold
+        /// The same bytes were folded already: acknowledge only.
+        case duplicate
+        case refuse(StoreError)
+    }
+
+    public init(
+        selfID: NodeID, configuration: ClusterConfiguration, keptStepsPerJob: Int,
+        retryIntervalMilliseconds: Int64 = 1000, protectionTimeoutMilliseconds: Int64 = 120_000
+    ) throws(ConfigurationError) {
+        guard let group = configuration.group(of: selfID), let position = group.position(of: selfID) else {
+            throw ConfigurationError("node \(selfID) is not in the cluster file")
+        }
+        precondition(keptStepsPerJob >= 1 && retryIntervalMilliseconds > 0 && protectionTimeoutMilliseconds > retryIntervalMilliseconds)
+        self.selfID = selfID
+        self.configuration = configuration
+        self.group = group
+        self.position = position
+        layout = group.layout
+        self.keptStepsPerJob = keptStepsPerJob
+        self.retryIntervalMilliseconds = retryIntervalMilliseconds
+        self.protectionTimeoutMilliseconds = protectionTimeoutMilliseconds
+        ledger = ClusterLedger(configuration: configuration)
+    }
+
+    // MARK: Saves
+
+    /// Whether a trainer may start saving `step` here (rule 4).
+    public func refusalOfSave(job: JobID, step: Step) -> StoreError? {
+        let id = StepID(job: job, step: step)
+        if own[id] == nil, ledger.entry(job: job, step: step)?.ready[selfID] != nil {
+            return StoreError(.invalidRequest, "step \(step) of job \(job) was reported by this node before it restarted or was replaced; it is restored by rebuild, not saved again: save a newer step")
+        }
+        if lost[id] != nil { return StoreError(.invalidRequest, "step \(step) of job \(job) was lost on this node; save a newer step") }
+        return nil
+    }
+
+    /// This node's share of a step is sealed: report it and start protecting it.
+    public mutating func shareSealed(_ ready: StepReady, store: SnapshotStore, nowMilliseconds now: Int64) -> [Action] {
+        precondition(ready.nodeID == selfID)
+        let id = StepID(job: ready.job, step: ready.step)
+        if let earlier = ledger.entry(job: ready.job, step: ready.step)?.ready[selfID], own[id] == nil || earlier != ready {
+            return [.discardShare(job: ready.job, step: ready.step, reason: "the cluster already holds a different report of this node's share of the step (from an earlier incarnation)")]
+        }
+        guard own[id] == nil else { return [] }
+        own[id] = OwnStep(phase: .awaitingGroup, reportedAtMilliseconds: now, lastRetryMilliseconds: now)
+        record(ready)
+        return [.broadcast(.stepReady(ready))] + advance(id, store: store)
+    }
+
+    // MARK: Reports from peers
+
+    public mutating func received(_ ready: StepReady, store: SnapshotStore, nowMilliseconds now: Int64) -> [Action] {
+        guard ready.nodeID != selfID, configuration.node(ready.nodeID) != nil else { return [] }
+        var actions = record(ready)
+        actions += reportEmptyShareIfProven(StepID(job: ready.job, step: ready.step), store: store, nowMilliseconds: now)
+        return actions + advance(StepID(job: ready.job, step: ready.step), store: store)
+    }
+
+    public mutating func received(_ report: StepProtected, store: SnapshotStore) -> [Action] {
+        guard report.nodeID != selfID else { return [] }
+        ledger.recordProtected(job: report.job, step: report.step, node: report.nodeID)
+        return advance(StepID(job: report.job, step: report.step), store: store)
+    }
+
+    /// A peer's view of the cluster's steps: its reports fill in what this node missed.
+    public mutating func merge(_ state: ClusterStateReply, store: SnapshotStore, nowMilliseconds now: Int64) -> [Action] {
+        var actions: [Action] = []
+        for step in state.steps {
+            let id = StepID(job: step.job, step: step.step)
+            for ready in step.ready where ready.nodeID != selfID || own[id] == nil {
+                actions += record(ready)
+            }
+            for node in step.protectedNodes where node != selfID { ledger.recordProtected(job: step.job, step: step.step, node: node) }
+            if step.committed { ledger.markCommitted(job: step.job, step: step.step) }
+            actions += reportEmptyShareIfProven(id, store: store, nowMilliseconds: now)
+            actions += advance(id, store: store)
+        }
+        return actions
+    }
+
+    // MARK: Progress reported by the executors
+
+    public mutating func fragmentsAcknowledged(job: JobID, step: Step, store: SnapshotStore) -> [Action] {
+        let id = StepID(job: job, step: step)
+        guard case .sending = own[id]?.phase else { return [] }
+        own[id]!.phase = .protected
+        ledger.recordProtected(job: job, step: step, node: selfID)
+        return [.broadcast(.stepProtected(StepProtected(job: job, step: step, nodeID: selfID)))] + advance(id, store: store)
+    }
+
+    public mutating func protectionFailed(job: JobID, step: Step, reason: String) -> [Action] {
+        let id = StepID(job: job, step: step)
+        guard let phase = own[id]?.phase, phase != .protected else { return [] }
+        own[id]!.phase = .failed(reason)
+        return [.log(.error, "protection failed; the step cannot commit: \(reason)", job: job, step: step)]
+    }
+
+    /// A parity fragment of the step was sealed here: the step may now be held.
+    public mutating func paritySealed(job: JobID, step: Step, store: SnapshotStore) -> [Action] {
+        advance(StepID(job: job, step: step), store: store)
+    }
+
+    /// The step was rebuilt and adopted by the store.
+    public mutating func stepRebuilt(job: JobID, step: Step) {
+        lost[StepID(job: job, step: step)] = nil
+    }
+
+    /// The step cannot be rebuilt here (its surviving bytes fail their checksums).
+    public mutating func stepLost(job: JobID, step: Step, reason: String) {
+        lost[StepID(job: job, step: step)] = reason
+    }
+
+    /// Periodic work: resend reports to silent group members, pull state for
+    /// steps stuck short of a commit, give up protections that took too long.
+    public mutating func tick(nowMilliseconds now: Int64, liveNodes: Set<NodeID>) -> [Action] {
+        var actions: [Action] = []
+        for (id, step) in own.sorted(by: { $0.key < $1.key }) {
+            guard now - step.lastRetryMilliseconds >= retryIntervalMilliseconds, let entry = ledger.entry(job: id.job, step: id.step), !entry.committed else { continue }
+            switch step.phase {
+            case .awaitingGroup:
+                if now - step.reportedAtMilliseconds > protectionTimeoutMilliseconds {
+                    own[id]!.phase = .failed("not every member of group \(group.index) reported the step within \(protectionTimeoutMilliseconds) ms")
+                    actions.append(.log(.warning, "protection gave up: not every member of the group reported the step", job: id.job, step: id.step))
+                    continue
+                }
+                let silent = configuration.nodeIDs.filter { $0 != selfID && entry.ready[$0] == nil }
+                if let mine = entry.ready[selfID], !silent.isEmpty { actions.append(.send(.stepReady(mine), to: silent)) }
+                if !silent.isEmpty { actions.append(.pullState(from: silent)) }
+            case .protected:
+                // Anti-entropy: reports of live nodes this node has not seen.
+                let silent = configuration.nodeIDs.filter { $0 != selfID && liveNodes.contains($0) && !entry.protectedNodes.contains($0) }
+                if !silent.isEmpty { actions.append(.pullState(from: silent)) }
+            case .sending, .failed:
+                continue
+            }
+            own[id]!.lastRetryMilliseconds = now
+        }
+        return actions
+    }
+
+    // MARK: Holder side
+
+    /// What to do with a data fragment arriving for parity this node holds.
+    /// A fragment of a step already committed here is late (its source
+    /// retried): the parity is complete and was checked, so it is acknowledged only.
+    public func admit(_ put: FragmentPut, record: ParityRecord?, store: SnapshotStore) -> Admission {
+        let slot = Int(put.fragment.index)
+        let id = StepID(job: put.fragment.job, step: put.fragment.step)
+        if store.isCommitted(job: id.job, step: id.step) { return .duplicate }
+        if let size = ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group), size != put.fragmentSizeBytes {
+            return .refuse(StoreError(.invalidRequest, "fragment \(put.fragment) is \(put.fragmentSizeBytes) bytes; the group's reports give \(size)"))
+        }
+        guard let record else { return .fold }
+        if record.fragmentSizeBytes != put.fragmentSizeBytes {
+            return .refuse(StoreError(.invalidRequest, "parity of \(put.fragment) uses \(record.fragmentSizeBytes)-byte fragments, got \(put.fragmentSizeBytes)"))
+        }
+        if let folded = record.foldedSlots[slot] {
+            if folded == put.crc32c { return .duplicate }
+            return .refuse(StoreError(.invalidRequest, "slot \(slot) of \(put.fragment.job)/\(put.fragment.step) stripe \(put.fragment.stripe) was already folded with different bytes (CRC \(folded), now \(put.crc32c)); its source changed its share"))
+        }
+        if record.isComplete {
+            return .refuse(StoreError(.invalidRequest, "parity of \(put.fragment.job)/\(put.fragment.step) stripe \(put.fragment.stripe) is sealed; slot \(slot) does not belong in it"))
+        }
+        return .fold
+    }
+
+    /// Whether parity `record` of `stripe` has folded every slot that carries bytes.
+    public func isParityComplete(job: JobID, step: Step, stripe: Int, record: ParityRecord) -> Bool {
+        guard let expected = ledger.nonZeroSlots(job: job, step: step, group: group, stripe: stripe, fragmentSizeBytes: record.fragmentSizeBytes) else { return false }
+        return Set(record.foldedSlots.keys).isSuperset(of: expected)
+    }
+
+    // MARK: What this node holds
+
+    /// Committed steps (within retention) that this node took part in and does
+    /// not hold: the rebuild's work list. Steps lost here are not in it.
+    public func missingSteps(store: SnapshotStore) -> [StepID] {
+        ledger.steps.filter { id, entry in
+            entry.committed && entry.ready[selfID] != nil && !store.isCommitted(job: id.job, step: id.step)
+                && lost[id] == nil && isWithinRetention(id) && !holds(id, store: store)
+        }.map(\.key).sorted()
+    }
+
+    /// The newest step the cluster committed for `job`, as far as this node knows.
+    public func newestCommitted(job: JobID) -> Step? {
+        ledger.steps.keys.filter { $0.job == job && ledger.steps[$0]!.committed }.map(\.step).max()
+    }
+
+    public func lostReason(job: JobID, step: Step) -> String? { lost[StepID(job: job, step: step)] }
+
+    /// The recovery picture, with what this node could not rebuild counted as lost.
+    public func recovery(lostNodes: Set<NodeID>) -> [JobRecovery] {
+        ledger.recovery(lostNodes: lostNodes, lostShares: Dictionary(uniqueKeysWithValues: lost.keys.map { ($0, selfID) }))
+    }
+
+    /// After the store committed a step: forget steps older than the oldest
+    /// one it keeps (bounded memory; they can never be restored or rebuilt).
+    public mutating func forget(job: JobID, olderThan oldest: Step) {
+        for id in ledger.steps.keys where id.job == job && id.step < oldest { ledger.forget(job: id.job, step: id.step) }
+        own = own.filter { $0.key.job != job || $0.key.step >= oldest }
+        lost = lost.filter { $0.key.job != job || $0.key.step >= oldest }
+    }
+
+    // MARK: Internals
+
+    /// Records a readiness report; a second, different one from the same node is a conflict (rule 1).
+    @discardableResult
+    private mutating func record(_ ready: StepReady) -> [Action] {
+        if let earlier = ledger.entry(job: ready.job, step: ready.step)?.ready[ready.nodeID], !faults.contains(.mutableReports) {
+            guard earlier != ready else { return [] }
+            return [.log(.error, "node \(ready.nodeID) sent a second, different report of its share; the first one stands", job: ready.job, step: ready.step)]
+        }
+        ledger.recordReady(ready, ranks: Self.ranks(of: ready))
+        return []
+    }
+
+    /// Rule 2: report an empty share once the other nodes' reports cover
+    /// every rank of the job and no shard of the step is here.
+    private mutating func reportEmptyShareIfProven(_ id: StepID, store: SnapshotStore, nowMilliseconds now: Int64) -> [Action] {
+        guard let entry = ledger.entry(job: id.job, step: id.step), entry.ready[selfID] == nil, own[id] == nil,
+            store.jobs[id.job]?.steps[id.step]?.isEmpty ?? true, !store.isCommitted(job: id.job, step: id.step)
+        else { return [] }
+        if !faults.contains(.eagerEmptyShare) {
+            let covered = Set(entry.ranksByNode.values.joined())
+            guard covered.count == Int(entry.world), covered == Set(0..<entry.world) else { return [] }
+            // A node with ranks of this job that has not saved the step yet is not empty.
+            if let record = store.jobs[id.job], record.localWorld > 0, !record.sessions.isEmpty || !record.steps.isEmpty { return [] }
+        }
+        let empty = StepReady(job: id.job, step: id.step, nodeID: selfID, world: entry.world, dataSizeBytes: 0, manifests: [])
+        own[id] = OwnStep(phase: .awaitingGroup, reportedAtMilliseconds: now, lastRetryMilliseconds: now)
+        record(empty)
+        return [.broadcast(.stepReady(empty))]
+    }
+
+    /// After any change to a step: start sending once the group's reports fix
+    /// the fragment size, hold parity, commit what is held.
+    private mutating func advance(_ id: StepID, store: SnapshotStore) -> [Action] {
+        guard let entry = ledger.entry(job: id.job, step: id.step) else { return [] }
+        var actions: [Action] = []
+        let size = ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group)
+        if let size, case .awaitingGroup = own[id]?.phase {
+            actions.append(.holdParity(job: id.job, step: id.step, fragmentSizeBytes: size))
+            if (entry.ready[selfID]?.dataSizeBytes ?? 0) > 0 {
+                own[id]!.phase = .sending(fragmentSizeBytes: size)
+                actions.append(.sendFragments(job: id.job, step: id.step, fragmentSizeBytes: size))
+            } else {
+                own[id]!.phase = .protected
+                ledger.recordProtected(job: id.job, step: id.step, node: selfID)
+            }
+        }
+        _ = ledger.commitIfComplete(job: id.job, step: id.step)
+        if ledger.entry(job: id.job, step: id.step)?.committed == true, !store.isCommitted(job: id.job, step: id.step),
+            holds(id, store: store) || faults.contains(.commitWithoutHolding)
+        {
+            actions.append(.commit(job: id.job, step: id.step, world: entry.world))
+        }
+        return actions
+    }
+
+    /// Rule 3: this incarnation reported the share, it is protected, and
+    /// every parity fragment the node owes the step is sealed.
+    public func holds(_ id: StepID, store: SnapshotStore) -> Bool {
+        if store.isCommitted(job: id.job, step: id.step) { return true }
+        guard own[id]?.phase == .protected, let size = ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group),
+            let stripes = try? layout.parityStripes(node: position)
+        else { return false }
+        for (stripe, _) in stripes {
+            guard let record = store.parity(ParityKey(job: id.job, step: id.step, stripe: stripe)), record.isComplete,
+                record.fragmentSizeBytes == size
+            else { return false }
+        }
+        return true
+    }
+
+    /// Among the newest `keptStepsPerJob` steps the ledger committed for the job.
+    private func isWithinRetention(_ id: StepID) -> Bool {
+        let newer = ledger.steps.filter { $0.key.job == id.job && $0.key.step > id.step && $0.value.committed }.count
+        return newer < keptStepsPerJob
+    }
+
+    /// The ranks a readiness report's manifests cover.
+    public static func ranks(of ready: StepReady) -> [Rank] {
+        ready.manifests.compactMap { try? ManifestFile(decoding: $0).key.rank }
+    }
+}
