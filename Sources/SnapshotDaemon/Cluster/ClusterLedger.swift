@@ -39,7 +39,6 @@ public struct ClusterLedger: Sendable {
         if steps[id] == nil { steps[id] = StepEntry(world: ready.world) }
         steps[id]!.ready[ready.nodeID] = ready
         steps[id]!.ranksByNode[ready.nodeID] = ranks
-        if ready.dataSizeBytes == 0 { steps[id]!.protectedNodes.insert(ready.nodeID) }  // nothing to protect
     }
 
     public mutating func recordProtected(job: JobID, step: Step, node: NodeID) {
@@ -49,7 +48,8 @@ public struct ClusterLedger: Sendable {
     }
 
     /// Whether the step is now committed: every node of the cluster reported
-    /// ready and protected, and their shards cover ranks 0..<world exactly.
+    /// ready and protected (a node with an empty share too: its report says
+    /// it holds the parity it owes the step), and their shards cover ranks 0..<world exactly.
     /// Returns true once, on the transition.
     public mutating func commitIfComplete(job: JobID, step: Step) -> Bool {
         let id = StepID(job: job, step: step)

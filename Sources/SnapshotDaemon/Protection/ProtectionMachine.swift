@@ -48,6 +48,7 @@ public struct ProtectionMachine: Sendable {
     public private(set) var own: [StepID: OwnStep] = [:]
     /// Steps that could not be rebuilt here, with the reason.
     public private(set) var lost: [StepID: String] = [:]
+    private var lastInheritedPullMilliseconds: Int64 = .min / 2
 
     public struct OwnStep: Sendable, Equatable {
         public var phase: Phase
@@ -144,10 +145,12 @@ public struct ProtectionMachine: Sendable {
     public mutating func shareSealed(_ ready: StepReady, store: SnapshotStore, nowMilliseconds now: Int64) -> [Action] {
         precondition(ready.nodeID == selfID)
         let id = StepID(job: ready.job, step: ready.step)
-        if let earlier = ledger.entry(job: ready.job, step: ready.step)?.ready[selfID], own[id] == nil || earlier != ready {
-            return [.discardShare(job: ready.job, step: ready.step, reason: "the cluster already holds a different report of this node's share of the step (from an earlier incarnation)")]
+        if !faults.contains(.mutableReports) {
+            if ledger.entry(job: ready.job, step: ready.step)?.ready[selfID] != nil {
+                return [.discardShare(job: ready.job, step: ready.step, reason: "the cluster already holds a report of this node's share of the step (from an earlier incarnation, or an empty share)")]
+            }
+            guard own[id] == nil else { return [] }
         }
-        guard own[id] == nil else { return [] }
         own[id] = OwnStep(phase: .awaitingGroup, reportedAtMilliseconds: now, lastRetryMilliseconds: now)
         record(ready)
         return [.broadcast(.stepReady(ready))] + advance(id, store: store)
@@ -176,7 +179,8 @@ public struct ProtectionMachine: Sendable {
             for ready in step.ready where ready.nodeID != selfID || own[id] == nil {
                 actions += record(ready)
             }
-            for node in step.protectedNodes where node != selfID { ledger.recordProtected(job: step.job, step: step.step, node: node) }
+            // This node's own protected report too: an earlier incarnation's report is what the cluster counted.
+            for node in step.protectedNodes { ledger.recordProtected(job: step.job, step: step.step, node: node) }
             if step.committed { ledger.markCommitted(job: step.job, step: step.step) }
             actions += reportEmptyShareIfProven(id, store: store, nowMilliseconds: now)
             actions += advance(id, store: store)
@@ -241,6 +245,15 @@ public struct ProtectionMachine: Sendable {
             }
             own[id]!.lastRetryMilliseconds = now
         }
+        // Steps an earlier incarnation of this node reported: learn their outcome (commit → rebuild).
+        if now - lastInheritedPullMilliseconds >= retryIntervalMilliseconds {
+            let inherited = ledger.steps.filter { id, entry in !entry.committed && own[id] == nil && entry.ready[selfID] != nil }
+            let silent = Set(inherited.values.flatMap { entry in configuration.nodeIDs.filter { $0 != selfID && liveNodes.contains($0) && !entry.protectedNodes.contains($0) } })
+            if !silent.isEmpty {
+                actions.append(.pullState(from: silent.sorted()))
+                lastInheritedPullMilliseconds = now
+            }
+        }
         return actions
     }
 
@@ -279,10 +292,13 @@ public struct ProtectionMachine: Sendable {
     // MARK: What this node holds
 
     /// Committed steps (within retention) that this node took part in and does
-    /// not hold: the rebuild's work list. Steps lost here are not in it.
+    /// not hold: the rebuild's work list. Steps lost here are not in it, nor
+    /// steps older than the newest one the store committed (the cluster
+    /// committed them out of order; the store already superseded them).
     public func missingSteps(store: SnapshotStore) -> [StepID] {
         ledger.steps.filter { id, entry in
             entry.committed && entry.ready[selfID] != nil && !store.isCommitted(job: id.job, step: id.step)
+                && id.step > store.latestCommitted(job: id.job) ?? 0
                 && lost[id] == nil && isWithinRetention(id) && !holds(id, store: store)
         }.map(\.key).sorted()
     }
@@ -350,8 +366,10 @@ public struct ProtectionMachine: Sendable {
                 own[id]!.phase = .sending(fragmentSizeBytes: size)
                 actions.append(.sendFragments(job: id.job, step: id.step, fragmentSizeBytes: size))
             } else {
+                // Nothing to send; the report goes out after the parity is held (the action before it).
                 own[id]!.phase = .protected
                 ledger.recordProtected(job: id.job, step: id.step, node: selfID)
+                actions.append(.broadcast(.stepProtected(StepProtected(job: id.job, step: id.step, nodeID: selfID))))
             }
         }
         _ = ledger.commitIfComplete(job: id.job, step: id.step)
