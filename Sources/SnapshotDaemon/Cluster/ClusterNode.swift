@@ -575,16 +575,22 @@ final class ClusterNode: @unchecked Sendable {  // mutable state below is guarde
             guard try layout.dataSource(stripe: stripe, slot: index) == position,
                 case .data(_, let fragment) = try layout.role(node: position, stripe: stripe)
             else { throw StoreError(.invalidRequest, "data slot \(index) of stripe \(stripe) is not on node \(selfID)") }
-            let found: LocalFragment? = server.lock.withLock {
+            let held: (LocalFragment, [(ShardRecord, MappedSegment)])? = server.lock.withLock {
                 guard discovered, server.store.isCommitted(job: id.job, step: id.step),
                     let size = protection.ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group)
                 else { return nil }
                 let shards = server.store.localShards(job: id.job, step: id.step)
                 let segments = shards.compactMap { server.segments[ShardKey(job: id.job, step: id.step, rank: $0.rank)] }
                 guard segments.count == shards.count else { return nil }
-                return LocalFragment(bytes: NodeStepData(segments: segments), offsetBytes: fragment * Int(size), sizeBytes: Int(size), storedCRC32C: nil)
+                let fragment = LocalFragment(bytes: NodeStepData(segments: segments), offsetBytes: fragment * Int(size), sizeBytes: Int(size), storedCRC32C: nil)
+                return (fragment, Array(zip(shards.map(\.shard), segments)))
             }
-            guard let found else { throw StoreError(.unavailable, "node \(selfID) does not hold step \(id.step) of \(id.job)") }
+            guard let (found, shards) = held else { throw StoreError(.unavailable, "node \(selfID) does not hold step \(id.step) of \(id.job)") }
+            let corrupted = corruptedTensors(of: shards, overlapping: found.offsetBytes..<found.offsetBytes + found.sizeBytes)
+            guard corrupted.isEmpty else {
+                logger.error("refusing to serve a data fragment: tensors fail their sealed CRCs", metadata: ["fragment": "\(id)", "tensors": "\(corrupted)"])
+                throw StoreError(.checksumMismatch, "node \(selfID): data fragment \(id) covers tensor(s) \(corrupted) that fail their sealed CRCs")
+            }
             return found
         }
         let key = ParityKey(job: id.job, step: id.step, stripe: stripe)

@@ -4,6 +4,7 @@ import Glibc
 import Logging
 import SnapshotIO
 import SnapshotProtocol
+import Synchronization
 
 /// Rebuilding a lost node on its replacement (DESIGN.md, "Recovery"): for every
 /// committed step it took part in, pull k surviving fragments per affected
@@ -110,7 +111,15 @@ extension ClusterNode {
             let key = ParityKey(job: job, step: step, stripe: stripe)
             let segmentSize = SegmentLayout.roundUp(fragmentSize, to: SegmentLayout.segmentGranularityBytes)
             let segment = try server.lock.withLock { try server.arena.createParitySegment(key, sizeBytes: segmentSize) }
-            try rebuildFragment(job: job, step: step, stripe: stripe, target: layout.dataFragmentCount + row, entry: entry, fragmentSizeBytes: fragmentSize, workspace: &workspace, tally: &tally, into: segment.base!)
+            do {
+                try rebuildFragment(job: job, step: step, stripe: stripe, target: layout.dataFragmentCount + row, entry: entry, fragmentSizeBytes: fragmentSize, workspace: &workspace, tally: &tally, into: segment.base!)
+            } catch let error as StoreError where error.code == .checksumMismatch {
+                // The survivors' bytes for this stripe are bad: this node's data is
+                // intact and served, but the step has one less parity here.
+                logger.error("parity of a step cannot be rebuilt: the group tolerates one loss fewer for this step", metadata: ["job": "\(job)", "step": "\(step)", "stripe": "\(stripe)", "error": "\(error)"])
+                server.lock.withLock { server.arena.releaseParity(key, segment: segment, poolLimitBytes: 0) }
+                continue
+            }
             let crc = CRC32C.checksum(UnsafeRawBufferPointer(segment.bytes(offset: 0, count: size)))
             parity[stripe] = ParityRecord(row: row, fragmentSizeBytes: fragmentSize, segmentSizeBytes: segmentSize, crc32c: crc)
             paritySegmentsBuilt[stripe] = segment
@@ -200,6 +209,8 @@ extension ClusterNode {
         }
         // Fetch the rest from different peers at once; replace failures from the remaining candidates.
         var candidates = sources.remote[...]
+        var transientFailures = 0
+        var corruptSources = 0
         while collected < k, !candidates.isEmpty {
             let batch = Array(candidates.prefix(k - collected))
             candidates = candidates.dropFirst(batch.count)
@@ -210,15 +221,22 @@ extension ClusterNode {
                     try fetch(FragmentID(job: job, step: step, stripe: UInt16(stripe), index: UInt16(index)), from: node, fragmentSizeBytes: fragmentSizeBytes, into: workspace.buffers[index])
                     fetched.succeeded(position)
                 } catch {
+                    fetched.failed(corrupt: (error as? PeerError)?.code == .checksumMismatch)
                     logger.warning("fragment unavailable; trying another", metadata: ["peer": "\(node)", "stripe": "\(stripe)", "index": "\(index)", "error": "\(error)"])
                 }
             }
+            transientFailures += fetched.failures.transient
+            corruptSources += fetched.failures.corrupt
             for position in fetched.successes {
                 slots[batch[position].index] = workspace.buffers[batch[position].index]
                 collected += 1
             }
         }
         guard collected == k else {
+            // Sources that refused because their bytes fail their sealed CRCs will not heal by waiting.
+            if collected + transientFailures < k, corruptSources > 0 {
+                throw StoreError(.checksumMismatch, "stripe \(stripe) of \(job)/\(step): only \(collected) of the \(k) fragments needed are intact; \(corruptSources) failed their CRCs")
+            }
             throw StoreError(.unrecoverable, "stripe \(stripe) of \(job)/\(step): only \(collected) of the \(k) fragments needed could be read")
         }
         slots[target] = output
@@ -269,12 +287,20 @@ final class StripeWorkspace: @unchecked Sendable {  // immutable buffers; each f
 }
 
 /// Which of a batch of concurrent fetches succeeded.
-final class FetchResults: @unchecked Sendable {
-    private let lock = NSLock()
-    private var succeededPositions: [Int] = []
+final class FetchResults: Sendable {
+    private struct State {
+        var succeeded: [Int] = []
+        var transient = 0
+        var corrupt = 0
+    }
 
-    init(count: Int) { succeededPositions.reserveCapacity(count) }
+    private let state = Mutex(State())
 
-    func succeeded(_ position: Int) { lock.withLock { succeededPositions.append(position) } }
-    var successes: [Int] { lock.withLock { succeededPositions.sorted() } }
+    init(count: Int) { state.withLock { $0.succeeded.reserveCapacity(count) } }
+
+    func succeeded(_ position: Int) { state.withLock { $0.succeeded.append(position) } }
+    /// A source failed: `corrupt` when it refused because its bytes fail their CRCs.
+    func failed(corrupt: Bool) { state.withLock { if corrupt { $0.corrupt += 1 } else { $0.transient += 1 } } }
+    var successes: [Int] { state.withLock { $0.succeeded.sorted() } }
+    var failures: (transient: Int, corrupt: Int) { state.withLock { ($0.transient, $0.corrupt) } }
 }

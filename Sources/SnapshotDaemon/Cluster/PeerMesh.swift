@@ -3,13 +3,14 @@ import Glibc
 import Logging
 import SnapshotIO
 import SnapshotProtocol
+import Synchronization
 
 /// Outbound connections from this daemon to its peers: TCP, authenticated with
 /// the shared secret like any client, then introduced as a peer. One
 /// connection per (peer, purpose) so heartbeats never queue behind a bulk
 /// fragment transfer. A failed exchange drops the connection; the next one
 /// reconnects.
-final class PeerMesh: @unchecked Sendable {
+final class PeerMesh: Sendable {
     enum Purpose: Hashable {
         case heartbeat, control, data
     }
@@ -19,17 +20,24 @@ final class PeerMesh: @unchecked Sendable {
         let purpose: Purpose
     }
 
-    final class Channel {
-        let lock = NSLock()
-        var connection: FramedConnection?
+    /// One shared connection. `exchange` serializes its users and is held
+    /// across their I/O; `connection` has its own lock so ``closeAll()`` can
+    /// shut a socket down (waking a blocked exchange) without waiting for it.
+    final class Channel: Sendable {
+        let exchange = Mutex<Void>(())
+        private let current = Mutex<FramedConnection?>(nil)
+
+        var connection: FramedConnection? {
+            get { current.withLock { $0 } }
+            set { current.withLock { $0 = newValue } }
+        }
     }
 
     let selfID: NodeID
     let cluster: ClusterConfiguration
     let secret: [UInt8]
     let logger: Logger
-    private let channelsLock = NSLock()
-    private var channels: [Key: Channel] = [:]
+    private let channels = Mutex<[Key: Channel]>([:])
 
     init(selfID: NodeID, cluster: ClusterConfiguration, secret: [UInt8], logger: Logger) {
         self.selfID = selfID
@@ -41,7 +49,7 @@ final class PeerMesh: @unchecked Sendable {
     var peers: [NodeID] { cluster.nodeIDs.filter { $0 != selfID } }
 
     private func channel(_ key: Key) -> Channel {
-        channelsLock.withLock {
+        channels.withLock { channels in
             if let channel = channels[key] { return channel }
             let channel = Channel()
             channels[key] = channel
@@ -54,9 +62,9 @@ final class PeerMesh: @unchecked Sendable {
     /// reused connection fails, `body` runs once more on a fresh one: the peer
     /// may have been replaced since (same address, new process), which is
     /// exactly when the message matters.
-    func withConnection<T>(_ node: NodeID, _ purpose: Purpose, timeoutMilliseconds: Int64, _ body: (FramedConnection) throws -> T) throws -> T {
+    func withConnection<T: Sendable>(_ node: NodeID, _ purpose: Purpose, timeoutMilliseconds: Int64, _ body: (FramedConnection) throws -> T) throws -> T {
         let channel = channel(Key(node: node, purpose: purpose))
-        return try channel.lock.withLock {
+        return try channel.exchange.withLock { _ in
             let reused = channel.connection != nil
             do {
                 return try attempt(channel, node, purpose, timeoutMilliseconds, body)
@@ -66,7 +74,7 @@ final class PeerMesh: @unchecked Sendable {
         }
     }
 
-    private func attempt<T>(_ channel: Channel, _ node: NodeID, _ purpose: Purpose, _ timeoutMilliseconds: Int64, _ body: (FramedConnection) throws -> T) throws -> T {
+    private func attempt<T: Sendable>(_ channel: Channel, _ node: NodeID, _ purpose: Purpose, _ timeoutMilliseconds: Int64, _ body: (FramedConnection) throws -> T) throws -> T {
         do {
             let connection = try channel.connection ?? connect(node, purpose, timeoutMilliseconds: timeoutMilliseconds)
             channel.connection = connection
@@ -139,9 +147,7 @@ final class PeerMesh: @unchecked Sendable {
     }
 
     func closeAll() {
-        channelsLock.withLock {
-            for channel in channels.values { channel.connection?.socket.shutdownBoth() }
-        }
+        for channel in channels.withLock({ Array($0.values) }) { channel.connection?.socket.shutdownBoth() }
     }
 }
 

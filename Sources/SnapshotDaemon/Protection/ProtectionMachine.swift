@@ -237,9 +237,10 @@ public struct ProtectionMachine: Sendable {
                 if let mine = entry.ready[selfID], !silent.isEmpty { actions.append(.send(.stepReady(mine), to: silent)) }
                 if !silent.isEmpty { actions.append(.pullState(from: silent)) }
             case .protected:
-                // Anti-entropy: reports of live nodes this node has not seen.
-                let silent = configuration.nodeIDs.filter { $0 != selfID && liveNodes.contains($0) && !entry.protectedNodes.contains($0) }
-                if !silent.isEmpty { actions.append(.pullState(from: silent)) }
+                // Anti-entropy: every live peer may hold the reports this node
+                // missed (the node that sent one may have died right after).
+                let live = configuration.nodeIDs.filter { $0 != selfID && liveNodes.contains($0) }
+                if !live.isEmpty { actions.append(.pullState(from: live)) }
             case .sending, .failed:
                 continue
             }
@@ -247,10 +248,10 @@ public struct ProtectionMachine: Sendable {
         }
         // Steps an earlier incarnation of this node reported: learn their outcome (commit → rebuild).
         if now - lastInheritedPullMilliseconds >= retryIntervalMilliseconds {
-            let inherited = ledger.steps.filter { id, entry in !entry.committed && own[id] == nil && entry.ready[selfID] != nil }
-            let silent = Set(inherited.values.flatMap { entry in configuration.nodeIDs.filter { $0 != selfID && liveNodes.contains($0) && !entry.protectedNodes.contains($0) } })
-            if !silent.isEmpty {
-                actions.append(.pullState(from: silent.sorted()))
+            let inherited = ledger.steps.contains { id, entry in !entry.committed && own[id] == nil && entry.ready[selfID] != nil }
+            let live = configuration.nodeIDs.filter { $0 != selfID && liveNodes.contains($0) }
+            if inherited, !live.isEmpty {
+                actions.append(.pullState(from: live))
                 lastInheritedPullMilliseconds = now
             }
         }

@@ -130,7 +130,7 @@ public final class SnapshotServer: Service, @unchecked Sendable {
             metadata: [
                 "node": "\(configuration.nodeID)", "unixSocket": "\(configuration.unixSocketPath)",
                 "tcp": "\(boundTCPPort.map { "\(configuration.tcpListen!.split(separator: ":").first!):\($0)" } ?? "off")",
-                "arena": "\(arena.root)", "budgetBytes": "\(store.budgetBytes)",
+                "arena": "\(arena.root)", "budgetBytes": "\(configuration.memoryBudgetBytes)",
                 "rdma": "\(devices.isEmpty ? "no RDMA device, using TCP" : devices.map(\.name).joined(separator: ","))",
             ])
         SystemdNotifier.notify("READY=1")
