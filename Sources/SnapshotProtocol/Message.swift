@@ -175,6 +175,7 @@ public enum Message: Hashable, Sendable {
             w.write(m.job)
             w.write(m.step)
             w.write(m.nodeID)
+            w.write(m.stable)
         case .clusterStateReply(let m):
             w.writeCount(m.steps.count)
             for s in m.steps {
@@ -185,6 +186,8 @@ public enum Message: Hashable, Sendable {
                 for r in s.ready { w.write(r) }
                 w.writeCount(s.protectedNodes.count)
                 for n in s.protectedNodes { w.write(n) }
+                w.writeCount(s.stableNodes.count)
+                for n in s.stableNodes { w.write(n) }
             }
         case .rebuildOrder(let m):
             w.write(m.nodeID)
@@ -276,7 +279,7 @@ public enum Message: Hashable, Sendable {
             return .heartbeat(Heartbeat(nodeID: node, incarnation: incarnation, liveNodes: live, needsRebuild: try r.readBool("needsRebuild")))
         case .stepReady: return .stepReady(try r.readStepReady())
         case .stepProtected:
-            return .stepProtected(StepProtected(job: try r.readJobID(), step: try r.read(Step.self, "step"), nodeID: try r.read(NodeID.self, "nodeID")))
+            return .stepProtected(StepProtected(job: try r.readJobID(), step: try r.read(Step.self, "step"), nodeID: try r.read(NodeID.self, "nodeID"), stable: try r.readBool("stable")))
         case .clusterStateRequest: return .clusterStateRequest
         case .clusterStateReply: return .clusterStateReply(try r.readClusterState())
         case .rebuildOrder:
@@ -408,7 +411,8 @@ extension ByteReader {
             let readyCount = try readCount("ready", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 27)
             var ready: [StepReady] = []
             for _ in 0..<readyCount { ready.append(try readStepReady()) }
-            steps.append(ClusterStepState(job: job, step: step, committed: committed, ready: ready, protectedNodes: try readNodeList("protectedNodes")))
+            let protectedNodes = try readNodeList("protectedNodes")
+            steps.append(ClusterStepState(job: job, step: step, committed: committed, ready: ready, protectedNodes: protectedNodes, stableNodes: try readNodeList("stableNodes")))
         }
         return ClusterStateReply(steps: steps)
     }

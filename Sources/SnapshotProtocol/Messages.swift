@@ -343,15 +343,21 @@ public struct StepReady: Hashable, Sendable {
     }
 }
 
-/// Every fragment of a node's share of a step has been acknowledged by its parity holders.
+/// Every fragment of a node's share of a step has been acknowledged by its
+/// parity holders; with `stable`, the node also knows every node's protected
+/// report for the step (a step commits only once every node is stable, so a
+/// commit anywhere means every node knew it could: no node's death can take
+/// the knowledge with it).
 public struct StepProtected: Hashable, Sendable {
     public var job: JobID
     public var step: Step
     public var nodeID: NodeID
-    public init(job: JobID, step: Step, nodeID: NodeID) {
+    public var stable: Bool
+    public init(job: JobID, step: Step, nodeID: NodeID, stable: Bool = false) {
         self.job = job
         self.step = step
         self.nodeID = nodeID
+        self.stable = stable
     }
 }
 
@@ -368,12 +374,15 @@ public struct ClusterStepState: Hashable, Sendable {
     public var committed: Bool
     public var ready: [StepReady]
     public var protectedNodes: [NodeID]
-    public init(job: JobID, step: Step, committed: Bool, ready: [StepReady], protectedNodes: [NodeID]) {
+    /// Nodes known to hold every node's protected report.
+    public var stableNodes: [NodeID]
+    public init(job: JobID, step: Step, committed: Bool, ready: [StepReady], protectedNodes: [NodeID], stableNodes: [NodeID] = []) {
         self.job = job
         self.step = step
         self.committed = committed
         self.ready = ready
         self.protectedNodes = protectedNodes
+        self.stableNodes = stableNodes
     }
 }
 

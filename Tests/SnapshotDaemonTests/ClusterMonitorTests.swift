@@ -220,7 +220,7 @@ struct ClusterLedgerTests {
         #expect(loadError("repair = \"fast\"\n" + valid)?.contains("repair must be one of \"pipelined\", \"gather\"") == true)
     }
 
-    @Test func commitNeedsEveryNodeProtectedAndEveryRankCovered() throws {
+    @Test func commitNeedsEveryNodeProtectedKnownEverywhereAndEveryRankCovered() throws {
         var ledger = ClusterLedger(configuration: try cluster(nodes: 3, parity: 1))
         let job = try JobID("j")
         for node in 0..<3 as Range<NodeID> {
@@ -233,6 +233,14 @@ struct ClusterLedgerTests {
         committed = ledger.commitIfComplete(job: job, step: 5)
         #expect(!committed, "node 2 has not protected its share")
         ledger.recordProtected(job: job, step: 5, node: 2)
+        #expect(ledger.isFullyProtected(job: job, step: 5))
+        committed = ledger.commitIfComplete(job: job, step: 5)
+        #expect(!committed, "no node has said it knows every protected report")
+        ledger.recordStable(job: job, step: 5, node: 0)
+        ledger.recordStable(job: job, step: 5, node: 1)
+        committed = ledger.commitIfComplete(job: job, step: 5)
+        #expect(!committed, "node 2 has not said it knows every report")
+        ledger.recordStable(job: job, step: 5, node: 2)
         committed = ledger.commitIfComplete(job: job, step: 5)
         #expect(committed)
         committed = ledger.commitIfComplete(job: job, step: 5)

@@ -83,15 +83,39 @@ struct ProtectionMachineTests {
     }
 
     /// A replacement whose predecessor's protected report arrived only at
-    /// some peers still learns the step committed from any of them.
+    /// some peers still counts it (it is what the cluster counted), and the
+    /// step commits only once every node says it knows every report.
     @Test func aReplacementCountsItsPredecessorsProtectedReport() throws {
         let fresh = SnapshotStore(budgetBytes: 1 << 30, snapshotsKeptPerJob: 2, commitsLocally: false)
         var replacement = try machine(1)
         let reports = try [ready(0, step: 5, ranks: [0], world: 3), ready(1, step: 5, ranks: [1], world: 3), ready(2, step: 5, ranks: [2], world: 3)]
         _ = replacement.merge(ClusterStateReply(steps: [ClusterStepState(job: job, step: 5, committed: false, ready: reports, protectedNodes: [0, 1])]), store: fresh, nowMilliseconds: 0)
-        _ = replacement.received(StepProtected(job: job, step: 5, nodeID: 2), store: fresh)
+        let knowing = replacement.received(StepProtected(job: job, step: 5, nodeID: 2, stable: true), store: fresh)
+        #expect(knowing.contains(.broadcast(.stepProtected(StepProtected(job: job, step: 5, nodeID: 1, stable: true)))), "it now knows every report and says so")
+        #expect(replacement.ledger.entry(job: job, step: 5)?.committed == false, "node 0 has not said it knows every report")
+        _ = replacement.received(StepProtected(job: job, step: 5, nodeID: 0, stable: true), store: fresh)
         #expect(replacement.ledger.entry(job: job, step: 5)?.committed == true)
         #expect(replacement.missingSteps(store: fresh).map(\.step) == [5])
+    }
+
+    /// The last node to report protected must not commit alone: if it died
+    /// right after, no survivor would know the step had committed.
+    @Test func theLastReporterDoesNotCommitBeforeEveryNodeKnows() throws {
+        let empty = SnapshotStore(budgetBytes: 1 << 30, snapshotsKeptPerJob: 2, commitsLocally: false)
+        var last = try machine(0, nodes: 2)
+        var store = empty
+        let mine = try ready(0, step: 1, ranks: [0], world: 2)
+        _ = last.received(try ready(1, step: 1, ranks: [1], world: 2), store: store, nowMilliseconds: 0)
+        _ = last.received(StepProtected(job: job, step: 1, nodeID: 1), store: store)
+        _ = last.shareSealed(mine, store: store, nowMilliseconds: 0)
+        // Its parity of node 1's data (stripe 0) is sealed; its own fragments are acknowledged.
+        _ = try store.reserveParity(ParityKey(job: job, step: 1, stripe: 0), row: 0, fragmentSizeBytes: 3000, world: 2)
+        store.updateParity(ParityKey(job: job, step: 1, stripe: 0)) { $0.crc32c = 7 }
+        let actions = last.fragmentsAcknowledged(job: job, step: 1, store: store)
+        #expect(!actions.contains { if case .commit = $0 { true } else { false } }, "\(actions)")
+        #expect(actions.contains(.broadcast(.stepProtected(StepProtected(job: job, step: 1, nodeID: 0, stable: true)))))
+        let committed = last.received(StepProtected(job: job, step: 1, nodeID: 1, stable: true), store: store)
+        #expect(committed.contains(.commit(job: job, step: 1, world: 2)))
     }
 
     /// Reports are final: a second, different report of a node is ignored.

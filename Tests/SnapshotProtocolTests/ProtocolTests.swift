@@ -44,6 +44,7 @@ let samples: [Message] = [
     .heartbeat(Heartbeat(nodeID: 0, incarnation: 0x1234_5678_9ABC, liveNodes: [0, 1, 2, 5], needsRebuild: true)),
     .stepReady(StepReady(job: job, step: 7, nodeID: 2, world: 12, dataSizeBytes: 1 << 30, manifests: [[1, 2, 3], []])),
     .stepProtected(StepProtected(job: job, step: 7, nodeID: 2)),
+    .stepProtected(StepProtected(job: job, step: 7, nodeID: 2, stable: true)),
     .clusterStateRequest,
     .clusterStateReply(ClusterStateReply(steps: [ClusterStepState(
         job: job, step: 7, committed: true, ready: [StepReady(job: job, step: 7, nodeID: 1, world: 12, dataSizeBytes: 5, manifests: [[9]])],

@@ -12,6 +12,8 @@ public struct ClusterLedger: Sendable {
         public var world: UInt32
         public var ready: [NodeID: StepReady] = [:]
         public var protectedNodes: Set<NodeID> = []
+        /// Nodes known to hold every node's protected report (see ``StepProtected/stable``).
+        public var stableNodes: Set<NodeID> = []
         public var committed = false
         /// Ranks covered by the manifests in the readiness reports.
         public var ranksByNode: [NodeID: [Rank]] = [:]
@@ -47,17 +49,33 @@ public struct ClusterLedger: Sendable {
         steps[id]!.protectedNodes.insert(node)
     }
 
+    /// `node` holds every node's protected report for the step (so it is protected too).
+    public mutating func recordStable(job: JobID, step: Step, node: NodeID) {
+        let id = StepID(job: job, step: step)
+        guard steps[id] != nil else { return }
+        steps[id]!.protectedNodes.insert(node)
+        steps[id]!.stableNodes.insert(node)
+    }
+
+    /// Every node of the cluster reported ready and protected, and their
+    /// shards cover ranks 0..<world exactly: the step can commit once every
+    /// node knows it (``commitIfComplete(job:step:requireStable:)``).
+    public func isFullyProtected(job: JobID, step: Step) -> Bool {
+        guard let entry = entry(job: job, step: step) else { return false }
+        let nodes = Set(configuration.nodeIDs)
+        guard Set(entry.ready.keys) == nodes, entry.protectedNodes.isSuperset(of: nodes) else { return false }
+        let ranks = entry.ranksByNode.values.flatMap { $0 }
+        return ranks.count == Int(entry.world) && Set(ranks) == Set(0..<entry.world)
+    }
+
     /// Whether the step is now committed: every node of the cluster reported
     /// ready and protected (a node with an empty share too: its report says
     /// it holds the parity it owes the step), and their shards cover ranks 0..<world exactly.
     /// Returns true once, on the transition.
-    public mutating func commitIfComplete(job: JobID, step: Step) -> Bool {
+    public mutating func commitIfComplete(job: JobID, step: Step, requireStable: Bool = true) -> Bool {
         let id = StepID(job: job, step: step)
-        guard let entry = steps[id], !entry.committed else { return false }
-        let nodes = Set(configuration.nodeIDs)
-        guard Set(entry.ready.keys) == nodes, entry.protectedNodes.isSuperset(of: nodes) else { return false }
-        let ranks = entry.ranksByNode.values.flatMap { $0 }
-        guard ranks.count == Int(entry.world), Set(ranks) == Set(0..<entry.world) else { return false }
+        guard let entry = steps[id], !entry.committed, isFullyProtected(job: job, step: step) else { return false }
+        guard !requireStable || entry.stableNodes.isSuperset(of: configuration.nodeIDs) else { return false }
         steps[id]!.committed = true
         return true
     }
@@ -143,7 +161,9 @@ public struct ClusterLedger: Sendable {
 
     public func clusterState() -> ClusterStateReply {
         ClusterStateReply(steps: steps.sorted { $0.key < $1.key }.map { id, entry in
-            ClusterStepState(job: id.job, step: id.step, committed: entry.committed, ready: entry.ready.values.sorted { $0.nodeID < $1.nodeID }, protectedNodes: entry.protectedNodes.sorted())
+            ClusterStepState(
+                job: id.job, step: id.step, committed: entry.committed, ready: entry.ready.values.sorted { $0.nodeID < $1.nodeID },
+                protectedNodes: entry.protectedNodes.sorted(), stableNodes: entry.stableNodes.sorted())
         })
     }
 }

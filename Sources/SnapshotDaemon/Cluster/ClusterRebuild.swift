@@ -16,17 +16,17 @@ extension ClusterNode {
     static let maximumRebuildPasses = 4
 
     func beginRebuild() {
-        let start = server.lock.withLock { () -> Bool in
-            guard !stopping, rebuild != .running else { return false }
-            guard discovered else {
-                rebuild = .orderedBeforeDiscovery
+        let start = state.withLock { state -> Bool in
+            guard !state.stopping, state.cluster!.rebuild != .running else { return false }
+            guard state.cluster!.discovered else {
+                state.cluster!.rebuild = .orderedBeforeDiscovery
                 return false
             }
-            guard !protection.missingSteps(store: server.store).isEmpty else {
-                rebuild = .idle
+            guard !state.cluster!.protection.missingSteps(store: state.store).isEmpty else {
+                state.cluster!.rebuild = .idle
                 return false
             }
-            rebuild = .running
+            state.cluster!.rebuild = .running
             return true
         }
         guard start else { return }
@@ -45,7 +45,7 @@ extension ClusterNode {
         var lostSteps: [String] = []
         var tally = RebuildTally()
         for _ in 0..<Self.maximumRebuildPasses {
-            let steps = server.lock.withLock { protection.missingSteps(store: server.store) }.filter { !attempted.contains($0) }
+            let steps = state.withLock { $0.cluster!.protection.missingSteps(store: $0.store) }.filter { !attempted.contains($0) }
             if steps.isEmpty { break }
             logger.notice("rebuild started", metadata: ["steps": "\(steps.map { "\($0.job)/\($0.step)" })"])
             for id in steps {
@@ -55,7 +55,7 @@ extension ClusterNode {
                 } catch let error as StoreError where error.code == .checksumMismatch {
                     lostSteps.append("\(id.job)/\(id.step)")
                     logger.error("step cannot be rebuilt: its surviving bytes fail their checksums; this node serves its other steps", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
-                    server.lock.withLock { protection.stepLost(job: id.job, step: id.step, reason: error.message) }
+                    state.withLock { $0.cluster!.protection.stepLost(job: id.job, step: id.step, reason: error.message) }
                 } catch {
                     retryLater.append("\(id.job)/\(id.step)")
                     logger.error("rebuild of a step failed; it is retried on the coordinator's next order", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
@@ -63,11 +63,11 @@ extension ClusterNode {
             }
         }
         let seconds = Double(monotonicMilliseconds() - started) / 1000
-        server.lock.withLock {
-            rebuild = .idle
-            refreshRebuildNeed()
-            server.lock.broadcast()
+        state.withLock { state in
+            state.cluster!.rebuild = .idle
+            state.cluster!.refreshRebuildNeed(store: state.store)
         }
+        state.broadcast()
         if retryLater.isEmpty {
             logger.notice("rebuild complete: this node serves its ranks again", metadata: [
                 "steps": "\(attempted.count - lostSteps.count)", "lostSteps": "\(lostSteps)", "bytes": "\(tally.bytes)", "seconds": "\(seconds)",
@@ -81,8 +81,9 @@ extension ClusterNode {
 
     /// Rebuilds this node's shards and parity of one step.
     private func rebuildStep(job: JobID, step: Step, tally: inout RebuildTally) throws {
-        let (entry, fragmentSize) = try server.lock.withLock { () throws -> (ClusterLedger.StepEntry, UInt64) in
-            guard let entry = protection.ledger.entry(job: job, step: step), let size = protection.ledger.fragmentSizeBytes(job: job, step: step, group: group) else {
+        let (entry, fragmentSize) = try state.withLock { state throws -> (ClusterLedger.StepEntry, UInt64) in
+            let ledger = state.cluster!.protection.ledger
+            guard let entry = ledger.entry(job: job, step: step), let size = ledger.fragmentSizeBytes(job: job, step: step, group: group) else {
                 throw StoreError(.unrecoverable, "the cluster state for \(job)/\(step) is incomplete")
             }
             return (entry, size)
@@ -90,8 +91,8 @@ extension ClusterNode {
         let own = entry.ready[selfID]!
         let manifests = try own.manifests.map { try ManifestFile(decoding: $0) }.sorted { $0.key.rank < $1.key.rank }
         // Fresh segments for this node's shards.
-        let segments = try server.lock.withLock {
-            try manifests.map { try server.arena.createSegment($0.key, sizeBytes: $0.shard.segmentSizeBytes) }
+        let segments = try state.withLock { _ in
+            try manifests.map { try arena.createSegment($0.key, sizeBytes: $0.shard.segmentSizeBytes) }
         }
         let data = NodeStepData(segments: segments)
         guard UInt64(data.totalBytes) == own.dataSizeBytes else {
@@ -110,14 +111,14 @@ extension ClusterNode {
         for (stripe, row) in try layout.parityStripes(node: position) {
             let key = ParityKey(job: job, step: step, stripe: stripe)
             let segmentSize = SegmentLayout.roundUp(fragmentSize, to: SegmentLayout.segmentGranularityBytes)
-            let segment = try server.lock.withLock { try server.arena.createParitySegment(key, sizeBytes: segmentSize) }
+            let segment = try state.withLock { _ in try arena.createParitySegment(key, sizeBytes: segmentSize) }
             do {
                 try rebuildFragment(job: job, step: step, stripe: stripe, target: layout.dataFragmentCount + row, entry: entry, fragmentSizeBytes: fragmentSize, workspace: &workspace, tally: &tally, into: segment.base!)
             } catch let error as StoreError where error.code == .checksumMismatch {
                 // The survivors' bytes for this stripe are bad: this node's data is
                 // intact and served, but the step has one less parity here.
                 logger.error("parity of a step cannot be rebuilt: the group tolerates one loss fewer for this step", metadata: ["job": "\(job)", "step": "\(step)", "stripe": "\(stripe)", "error": "\(error)"])
-                server.lock.withLock { server.arena.releaseParity(key, segment: segment, poolLimitBytes: 0) }
+                state.withLock { _ in arena.releaseParity(key, segment: segment, poolLimitBytes: 0) }
                 continue
             }
             let crc = CRC32C.checksum(UnsafeRawBufferPointer(segment.bytes(offset: 0, count: size)))
@@ -128,19 +129,21 @@ extension ClusterNode {
         for (manifest, segment) in zip(manifests, segments) {
             let bad = corruptedTensors(manifest.shard, in: segment)
             guard bad.isEmpty else { throw StoreError(.checksumMismatch, "rebuilt \(manifest.key) fails the CRC check for \(bad)") }
-            try server.arena.writeManifest(manifest)
+            try arena.writeManifest(manifest)
         }
-        let actions = try server.lock.withLock {
+        let actions = try state.withLock { state in
             // Parity this node folded from late fragments before the rebuild is replaced.
-            for stripe in (server.store.jobs[job]?.parity[step] ?? [:]).keys.sorted() { server.apply(server.store.releaseParity(ParityKey(job: job, step: step, stripe: stripe))) }
-            for (manifest, segment) in zip(manifests, segments) { server.segments[manifest.key] = segment }
-            for (stripe, segment) in paritySegmentsBuilt { paritySegments[ParityKey(job: job, step: step, stripe: stripe)] = segment }
+            for stripe in (state.store.jobs[job]?.parity[step] ?? [:]).keys.sorted() {
+                storeEffects.apply(state.store.releaseParity(ParityKey(job: job, step: step, stripe: stripe)), to: &state)
+            }
+            for (manifest, segment) in zip(manifests, segments) { state.segments[manifest.key] = segment }
+            for (stripe, segment) in paritySegmentsBuilt { state.paritySegments[ParityKey(job: job, step: step, stripe: stripe)] = segment }
             var shards: [Rank: ShardRecord] = [:]
             for manifest in manifests { shards[manifest.key.rank] = manifest.shard }
-            server.store.adoptCommitted(job: job, step: step, world: entry.world, shards: shards, parity: parity)
-            try server.arena.writeCommitMarker(job: job, step: step, world: entry.world, ranks: Array(shards.keys), parity: parity)
-            protection.stepRebuilt(job: job, step: step)
-            return protection.paritySealed(job: job, step: step, store: server.store)
+            state.store.adoptCommitted(job: job, step: step, world: entry.world, shards: shards, parity: parity)
+            try arena.writeCommitMarker(job: job, step: step, world: entry.world, ranks: Array(shards.keys), parity: parity)
+            state.cluster!.protection.stepRebuilt(job: job, step: step)
+            return state.cluster!.protection.paritySealed(job: job, step: step, store: state.store)
         }
         execute(actions)
         logger.info("step rebuilt", metadata: ["job": "\(job)", "step": "\(step)", "ranks": "\(manifests.map(\.key.rank))", "dataBytes": "\(data.totalBytes)", "parityStripes": "\(parity.keys.sorted())"])
@@ -174,7 +177,7 @@ extension ClusterNode {
     /// rebuilding or not yet heard from come last.
     private func repairSources(stripe: Int, target: Int, entry: ClusterLedger.StepEntry, fragmentSizeBytes: UInt64) throws -> RepairSources {
         let k = layout.dataFragmentCount
-        let doubtful = server.lock.withLock { lostNodes().union(monitor.unheardNodes) }
+        let doubtful = state.withLock { $0.cluster!.lostNodes.union($0.cluster!.monitor.unheardNodes) }
         var zeroSlots: [Int] = []
         var remote: [(index: Int, node: NodeID)] = []
         for index in 0..<layout.groupSize where index != target {

@@ -76,6 +76,10 @@ public struct ProtectionMachine: Sendable {
         public static let commitWithoutHolding = Faults(rawValue: 1 << 1)
         /// Let a later readiness report replace an earlier one.
         public static let mutableReports = Faults(rawValue: 1 << 2)
+        /// Commit as soon as this node knows every protected report, before
+        /// every node does (the last reporter can then commit and die alone
+        /// knowing it).
+        public static let commitBeforeStable = Faults(rawValue: 1 << 3)
     }
 
     public enum Action: Sendable, Equatable {
@@ -167,7 +171,11 @@ public struct ProtectionMachine: Sendable {
 
     public mutating func received(_ report: StepProtected, store: SnapshotStore) -> [Action] {
         guard report.nodeID != selfID else { return [] }
-        ledger.recordProtected(job: report.job, step: report.step, node: report.nodeID)
+        if report.stable {
+            ledger.recordStable(job: report.job, step: report.step, node: report.nodeID)
+        } else {
+            ledger.recordProtected(job: report.job, step: report.step, node: report.nodeID)
+        }
         return advance(StepID(job: report.job, step: report.step), store: store)
     }
 
@@ -181,6 +189,7 @@ public struct ProtectionMachine: Sendable {
             }
             // This node's own protected report too: an earlier incarnation's report is what the cluster counted.
             for node in step.protectedNodes { ledger.recordProtected(job: step.job, step: step.step, node: node) }
+            for node in step.stableNodes where node != selfID { ledger.recordStable(job: step.job, step: step.step, node: node) }
             if step.committed { ledger.markCommitted(job: step.job, step: step.step) }
             actions += reportEmptyShareIfProven(id, store: store, nowMilliseconds: now)
             actions += advance(id, store: store)
@@ -373,7 +382,14 @@ public struct ProtectionMachine: Sendable {
                 actions.append(.broadcast(.stepProtected(StepProtected(job: id.job, step: id.step, nodeID: selfID))))
             }
         }
-        _ = ledger.commitIfComplete(job: id.job, step: id.step)
+        // Knowing every protected report, this node says so: the step commits
+        // once every node has (then a commit anywhere survives any m losses
+        // of the knowledge as well as of the bytes).
+        if ledger.isFullyProtected(job: id.job, step: id.step), ledger.entry(job: id.job, step: id.step)?.stableNodes.contains(selfID) == false {
+            ledger.recordStable(job: id.job, step: id.step, node: selfID)
+            actions.append(.broadcast(.stepProtected(StepProtected(job: id.job, step: id.step, nodeID: selfID, stable: true))))
+        }
+        _ = ledger.commitIfComplete(job: id.job, step: id.step, requireStable: !faults.contains(.commitBeforeStable))
         if ledger.entry(job: id.job, step: id.step)?.committed == true, !store.isCommitted(job: id.job, step: id.step),
             holds(id, store: store) || faults.contains(.commitWithoutHolding)
         {

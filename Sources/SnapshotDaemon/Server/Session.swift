@@ -130,13 +130,13 @@ final class Session {
         case (.trainer, .commitSave(let m)): try commitSave(m, requestID: header.requestID)
         case (.trainer, .abortSave(let m)): try abortSave(m, requestID: header.requestID)
         case (.trainer, .latestCommitted):
-            let latest = try server.lock.withLock { () throws -> Step? in try latestCommitted(job: job!) }
+            let latest = try server.latestCommitted(job: job!)
             reply(.latestCommittedReply(LatestCommittedReply(step: latest)), to: header.requestID)
         case (.trainer, .waitCommitted(let m)): try waitCommitted(m, requestID: header.requestID)
         case (.trainer, .restore(let m)): try restore(m, requestID: header.requestID)
         case (.trainer, .releaseRestore(let m)): release(ShardKey(job: job!, step: m.step, rank: rank), requestID: header.requestID)
         case (_, .status(let m)): status(m, requestID: header.requestID)
-        case (.operatorTool, .recover): reply(.recoverReply(recoverReport()), to: header.requestID)
+        case (.operatorTool, .recover): reply(.recoverReply(server.recoverReport()), to: header.requestID)
         case (.peer, _): try handlePeer(message, header: header)
         default:
             if header.bulkLength > 0 { throw SessionEnd(reason: "unexpected \(header.type) with bulk bytes") }
@@ -149,10 +149,7 @@ final class Session {
         switch hello.role {
         case .trainer:
             let job = hello.job!  // the decoder guarantees trainers name a job
-            if server.cluster != nil, hello.localWorld == 0, hello.world > 1 {
-                throw StoreError(.invalidRequest, "in a cluster, trainers must say how many ranks use this node (localWorld)")
-            }
-            try server.lock.withLock { try server.store.attach(session: id, job: job, rank: hello.rank, world: hello.world, localWorld: hello.localWorld) }
+            try server.attachTrainer(session: id, job: job, rank: hello.rank, world: hello.world, localWorld: hello.localWorld)
             self.job = job
             rank = hello.rank
             world = hello.world
@@ -181,21 +178,7 @@ final class Session {
         guard m.transport == .stream || !isTCP else {
             throw StoreError(.invalidRequest, "shared-memory transport needs the Unix socket; use stream over TCP")
         }
-        let (record, segment) = try server.lock.withLock { () throws -> (ShardRecord, MappedSegment) in
-            if let refusal = server.cluster?.refusalOfSave(job: key.job, step: key.step) { throw refusal }
-            let (record, effects) = try server.store.beginSave(session: id, key: key, specs: m.tensors, topology: topology)
-            server.apply(effects)
-            // The pool is memory too: keep held + pooled within the budget.
-            server.arena.trimPool(toBytes: server.store.freeBytes)
-            do {
-                let segment = try server.arena.createSegment(key, sizeBytes: record.segmentSizeBytes)
-                server.segments[key] = segment
-                return (record, segment)
-            } catch {
-                server.apply(try server.store.abort(session: id, key: key))
-                throw StoreError(.overBudget, "cannot allocate \(record.segmentSizeBytes) bytes in the arena: \(error)")
-            }
-        }
+        let (record, segment) = try server.beginSave(session: id, key: key, specs: m.tensors, topology: topology)
         logger.debug("save begun", metadata: ["step": "\(m.step)", "bytes": "\(record.segmentSizeBytes)", "tensors": "\(m.tensors.count)"])
         let ready = Message.saveReady(SaveReady(step: m.step, segmentSizeBytes: record.segmentSizeBytes, tensorOffsets: record.tensorOffsets))
         reply(ready, to: requestID, passing: m.transport == .sharedMemory ? [segment.fd] : [])
@@ -204,15 +187,7 @@ final class Session {
     /// Bulk bytes go straight from the socket into the arena segment.
     private func putTensor(_ m: PutTensor, header: FrameHeader) throws {
         let key = ShardKey(job: job!, step: m.step, rank: rank)
-        let target: (MappedSegment, Int)? = server.lock.withLock {
-            guard let shard = server.store.jobs[key.job]?.steps[key.step]?[key.rank], shard.writer == id,
-                shard.state == .receiving, let segment = server.segments[key],
-                Int(m.tensorIndex) < shard.specs.count,
-                m.offsetBytes <= shard.specs[Int(m.tensorIndex)].byteLength,
-                header.bulkLength <= shard.specs[Int(m.tensorIndex)].byteLength - m.offsetBytes
-            else { return nil }
-            return (segment, Int(shard.tensorOffsets[Int(m.tensorIndex)] + m.offsetBytes))
-        }
+        let target = server.putDestination(session: id, key: key, tensorIndex: Int(m.tensorIndex), offsetBytes: m.offsetBytes, lengthBytes: header.bulkLength)
         guard let (segment, offset) = target else {
             guard header.bulkLength <= Self.maximumDiscardBytes else {
                 throw SessionEnd(reason: "refused put of \(header.bulkLength) bulk bytes for \(key) tensor \(m.tensorIndex)")
@@ -228,16 +203,13 @@ final class Session {
 
     private func commitSave(_ m: CommitSave, requestID: UInt64) throws {
         let key = ShardKey(job: job!, step: m.step, rank: rank)
-        _ = try server.lock.withLock {
-            try server.store.commit(session: id, key: key, clientChecksums: m.checksums, gradientNorm: m.gradientNorm, metadata: m.metadata)
-        }
-        server.seal(key, clientChecksums: m.checksums)
+        try server.commitSave(session: id, key: key, checksums: m.checksums, gradientNorm: m.gradientNorm, metadata: m.metadata)
         reply(.saveAccepted(SaveAccepted(step: m.step, state: .sealing)), to: requestID)
     }
 
     private func abortSave(_ m: StepRequest, requestID: UInt64) throws {
         let key = ShardKey(job: job!, step: m.step, rank: rank)
-        try server.lock.withLock { server.apply(try server.store.abort(session: id, key: key)) }
+        try server.abortSave(session: id, key: key)
         logger.info("save aborted by the client", metadata: ["step": "\(m.step)"])
         reply(.ok, to: requestID)
     }
@@ -253,23 +225,8 @@ final class Session {
         let job = job!
         while true {
             // One slice with the lock held; nil: the slice ended before the step committed.
-            let committed: Step? = try server.lock.withLock {
-                let sliceEnd = min(deadline, Date().addingTimeInterval(Double(Self.waitCommittedSliceMilliseconds) / 1000))
-                while true {
-                    if let latest = server.store.latestCommitted(job: job), latest >= m.step { return latest }
-                    let shards = server.store.jobs[job]?.steps[m.step] ?? [:]
-                    if let bad = shards.first(where: { $0.value.state == .corrupted }) {
-                        throw StoreError(.checksumMismatch, "step \(m.step) cannot commit: rank \(bad.key)'s shard failed its checksum check")
-                    }
-                    if server.stopping { throw StoreError(.shuttingDown, "snapshotd is stopping") }
-                    if !server.lock.wait(until: sliceEnd) {
-                        if Date() < deadline { return nil }
-                        let complete = shards.values.filter { $0.state == .localComplete || $0.state == .protected }.count
-                        if let latest = server.store.latestCommitted(job: job), latest >= m.step { return latest }
-                        throw StoreError(.timeout, "step \(m.step) not committed within \(m.timeoutMilliseconds) ms (\(complete) of \(world) shards complete)")
-                    }
-                }
-            }
+            let sliceEnd = min(deadline, Date().addingTimeInterval(Double(Self.waitCommittedSliceMilliseconds) / 1000))
+            let committed = try server.waitForCommit(job: job, step: m.step, world: world, sliceEnd: sliceEnd, deadline: deadline, timeoutMilliseconds: m.timeoutMilliseconds)
             if let committed {
                 reply(.latestCommittedReply(LatestCommittedReply(step: committed)), to: requestID)
                 return
@@ -282,43 +239,25 @@ final class Session {
         }
     }
 
-    /// With the lock held: the job's newest committed step. In a cluster that
-    /// is the cluster's (every rank restores the same step), which a node that
-    /// is joining or rebuilding cannot answer for yet.
-    private func latestCommitted(job: JobID) throws -> Step? {
-        if let cluster = server.cluster { return try cluster.latestCommitted(job: job) }
-        return server.store.latestCommitted(job: job)
-    }
-
     // MARK: Restoring
 
     private func restore(_ m: Restore, requestID: UInt64) throws {
         guard m.transport == .stream || !isTCP else {
             throw StoreError(.invalidRequest, "shared-memory transport needs the Unix socket; use stream over TCP")
         }
-        let job = job!
-        let (step, shard, segment) = try server.lock.withLock { () throws -> (Step, ShardRecord, MappedSegment) in
-            let chosen = try m.step ?? latestCommitted(job: job)
-            if let cluster = server.cluster, let chosen { try cluster.checkRestorable(job: job, step: chosen) }
-            let (step, shard) = try server.store.restorable(job: job, rank: rank, step: chosen)
-            let key = ShardKey(job: job, step: step, rank: rank)
-            guard let segment = server.segments[key] else { throw StoreError(.internalError, "\(key) has no segment") }
-            server.store.pin(key)
-            return (step, shard, segment)
-        }
-        let key = ShardKey(job: job, step: step, rank: rank)
-        // Checksums are verified before anything is served, every time.
-        let corrupted = corruptedTensors(shard, in: segment)
-        guard corrupted.isEmpty else {
-            unpin(key)
-            logger.error("refusing to serve a corrupted shard", metadata: ["step": "\(step)", "tensors": "\(corrupted)"])
-            throw StoreError(.checksumMismatch, "step \(step) rank \(rank): tensor(s) \(corrupted.map { "'\($0)'" }.joined(separator: ", ")) failed the checksum check and are not served")
-        }
+        let (step, shard, segment) = try server.pinForRestore(job: job!, rank: rank, step: m.step)
+        let key = ShardKey(job: job!, step: step, rank: rank)
         let ready = RestoreReady(
             step: step, entries: shard.manifest, tensorOffsets: shard.tensorOffsets, segmentSizeBytes: shard.segmentSizeBytes,
             gradientNorm: shard.gradientNorm, metadata: shard.metadata)
         if m.transport == .sharedMemory {
-            let fd = try server.arena.openReadOnly(key)
+            let fd: Int32
+            do {
+                fd = try server.arena.openReadOnly(key)
+            } catch {
+                unpin(key)
+                throw error
+            }
             defer { close(fd) }
             pins[key, default: 0] += 1  // released by releaseRestore or when the session ends
             reply(.restoreReady(ready), to: requestID, passing: [fd])
@@ -342,9 +281,7 @@ final class Session {
         reply(.ok, to: requestID)
     }
 
-    private func unpin(_ key: ShardKey) {
-        server.lock.withLock { server.apply(server.store.unpin(key)) }
-    }
+    private func unpin(_ key: ShardKey) { server.unpin(key) }
 
     private func releasePins() {
         for (key, count) in pins {
@@ -375,40 +312,11 @@ final class Session {
         }
     }
 
-    /// A node answers for the whole cluster from its own view; on a single
-    /// node, from its store.
-    private func recoverReport() -> RecoverReply {
-        if let cluster = server.cluster { return cluster.recoverReport() }
-        let jobs = server.lock.withLock {
-            server.store.jobs.keys.sorted().map { job in
-                let latest = server.store.latestCommitted(job: job)
-                return JobRecovery(job: job, latestCommitted: latest, newestRestorable: latest, lostRanks: [], summary: latest == nil ? "no committed step" : "single node: all ranks intact")
-            }
-        }
-        return RecoverReply(coordinator: server.configuration.nodeID, deadNodes: [], rebuildingNodes: [], jobs: jobs)
-    }
-
     // MARK: Operators
 
     private func status(_ m: StatusRequest, requestID: UInt64) {
         // A trainer sees only its own job.
-        let filter = role == .trainer ? job : m.job
-        let reply: StatusReply = server.lock.withLock {
-            let store = server.store
-            let jobs = store.jobs.keys.sorted().filter { filter == nil || $0 == filter }.map { name -> JobStatus in
-                let record = store.jobs[name]!
-                let steps = record.steps.keys.sorted().map { step -> StepStatus in
-                    let shards = record.steps[step]!
-                    return StepStatus(
-                        step: step, committed: record.committedSteps.contains(step),
-                        completeRanks: UInt32(shards.values.filter { $0.state == .localComplete || $0.state == .protected }.count),
-                        bytes: shards.values.reduce(0) { $0 + $1.segmentSizeBytes })
-                }
-                return JobStatus(job: name, world: record.world, localRanks: UInt32(record.sessions.count), steps: steps)
-            }
-            return StatusReply(nodeID: server.configuration.nodeID, daemonVersion: SnapshotServer.version, budgetBytes: store.budgetBytes, usedBytes: store.heldBytes, jobs: jobs)
-        }
-        self.reply(.statusReply(reply), to: requestID)
+        reply(.statusReply(server.status(job: role == .trainer ? job : m.job)), to: requestID)
     }
 }
 

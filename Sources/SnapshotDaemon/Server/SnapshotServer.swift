@@ -4,17 +4,18 @@ public import Logging
 import ServiceLifecycle
 import SnapshotIO
 import SnapshotProtocol
+import Synchronization
 
 /// The per-node daemon: owns the arena, serves trainers over the Unix socket
 /// (file descriptors, zero copy) and TCP (bulk bytes straight into the arena),
 /// seals shards off the trainers' critical path, commits and retains steps.
 ///
 /// Concurrency: one thread per connection (bounded by `maximumConnections`)
-/// doing blocking I/O, a concurrent queue for sealing, and one lock (an
-/// NSCondition, so waiters can sleep on commits) around the store, the mapped
-/// segments and the arena's pool. Byte-moving work (socket reads into the
-/// arena, CRCs) happens outside the lock.
-public final class SnapshotServer: Service, @unchecked Sendable {
+/// doing blocking I/O, a concurrent queue for sealing, and one owner of all
+/// mutable state: ``state``, a ``NodeState`` behind one lock that sessions
+/// can wait on (commits, freed shards). Byte-moving work (socket reads into
+/// the arena, CRCs) happens outside the lock.
+public final class SnapshotServer: Service, Sendable {
     public static let version = "0.1.0"
 
     let configuration: DaemonConfiguration
@@ -22,18 +23,14 @@ public final class SnapshotServer: Service, @unchecked Sendable {
     let secret: [UInt8]?
     let arena: Arena
     /// Set in cluster mode (a cluster file was given).
-    private(set) var cluster: ClusterNode?
+    let cluster: ClusterNode?
     let clusterConfiguration: ClusterConfiguration?
-
-    /// Guards everything below it.
-    let lock = NSCondition()
-    var store: SnapshotStore
-    var segments: [ShardKey: MappedSegment] = [:]
-    var sessions: [SessionID: Socket] = [:]
-    var nextSessionID: SessionID = 1
-    var listeners: [Socket] = []
-    var stopping = false
-    public private(set) var boundTCPPort: UInt16?
+    /// Everything the node changes while it runs.
+    let state: Locked<NodeState>
+    let storeEffects: StoreEffects
+    /// The TCP port the listener bound (known once ``start()`` returned).
+    public var boundTCPPort: UInt16? { boundPort.withLock { $0 } }
+    private let boundPort = Mutex<UInt16?>(nil)
 
     let sealQueue = DispatchQueue(label: "snapshotd.seal", attributes: .concurrent)
     /// Bounds concurrent sealing to the core count: CRC work is CPU-bound.
@@ -54,15 +51,22 @@ public final class SnapshotServer: Service, @unchecked Sendable {
         self.logger = logger
         secret = try configuration.sharedSecretFile.map(Self.readSecret)
         arena = try Arena(root: configuration.arenaDirectory, logger: logger)
-        store = SnapshotStore(
+        storeEffects = StoreEffects(arena: arena, logger: logger)
+        var initial = NodeState(store: SnapshotStore(
             budgetBytes: configuration.memoryBudgetBytes, snapshotsKeptPerJob: configuration.snapshotsKeptPerJob,
-            commitsLocally: clusterConfiguration == nil)
+            commitsLocally: clusterConfiguration == nil))
         if let clusterConfiguration {
-            cluster = try ClusterNode(
-                server: self, cluster: clusterConfiguration, selfID: configuration.nodeID, secret: secret!,
-                keptStepsPerJob: configuration.snapshotsKeptPerJob, logger: logger)
+            initial.cluster = try ClusterNode.initialState(
+                selfID: configuration.nodeID, cluster: clusterConfiguration, keptStepsPerJob: configuration.snapshotsKeptPerJob)
         }
-        try recoverArena()
+        try Self.recoverArena(arena, into: &initial, logger: logger)
+        let state = Locked(initial)
+        self.state = state
+        if let clusterConfiguration, let secret {
+            cluster = try ClusterNode(state: state, storeEffects: storeEffects, cluster: clusterConfiguration, selfID: configuration.nodeID, secret: secret, logger: logger)
+        } else {
+            cluster = nil
+        }
     }
 
     static func loadCluster(path: String) throws -> ClusterConfiguration {
@@ -109,7 +113,7 @@ public final class SnapshotServer: Service, @unchecked Sendable {
             do {
                 let (host, port) = try DaemonConfiguration.parseHostPort(listen)
                 let tcp = try Socket.listenTCP(host: host, port: port)
-                boundTCPPort = tcp.localPort()
+                boundPort.withLock { $0 = tcp.localPort() }
                 opened.append((tcp, true))
             } catch {
                 // Do not leave a socket file behind that no one will ever answer.
@@ -118,7 +122,7 @@ public final class SnapshotServer: Service, @unchecked Sendable {
                 throw error
             }
         }
-        lock.withLock { listeners = opened.map(\.0) }
+        state.withLock { $0.listeners = opened.map(\.0) }
         for (listener, isTCP) in opened {
             Thread.detachNewThread { [self] in acceptLoop(listener, isTCP: isTCP) }
         }
@@ -138,10 +142,11 @@ public final class SnapshotServer: Service, @unchecked Sendable {
 
     public func stop() {
         cluster?.stop()
-        let open = lock.withLock {
-            stopping = true
-            return (listeners, Array(sessions.values))
+        let open = state.withLock { state in
+            state.stopping = true
+            return (state.listeners, Array(state.sessions.values))
         }
+        state.broadcast()
         for listener in open.0 {
             listener.shutdownBoth()
             listener.close()
@@ -149,7 +154,7 @@ public final class SnapshotServer: Service, @unchecked Sendable {
         unlink(configuration.unixSocketPath)
         for session in open.1 { session.shutdownBoth() }
         sealQueue.sync(flags: .barrier) {}  // let sealing in flight finish: its shards become durable
-        logger.info("snapshotd stopped", metadata: ["heldBytes": "\(lock.withLock { store.heldBytes })"])
+        logger.info("snapshotd stopped", metadata: ["heldBytes": "\(state.withLock { $0.store.heldBytes })"])
     }
 
     private func acceptLoop(_ listener: Socket, isTCP: Bool) {
@@ -158,16 +163,16 @@ public final class SnapshotServer: Service, @unchecked Sendable {
             do {
                 socket = try listener.accept()
             } catch {
-                if lock.withLock({ stopping }) { return }
+                if state.withLock({ $0.stopping }) { return }
                 logger.warning("accept failed", metadata: ["error": "\(error)"])
                 usleep(10_000)
                 continue
             }
-            let id: SessionID? = lock.withLock {
-                guard !stopping, sessions.count < configuration.maximumConnections else { return nil }
-                defer { nextSessionID += 1 }
-                sessions[nextSessionID] = socket
-                return nextSessionID
+            let id: SessionID? = state.withLock { state in
+                guard !state.stopping, state.sessions.count < configuration.maximumConnections else { return nil }
+                defer { state.nextSessionID += 1 }
+                state.sessions[state.nextSessionID] = socket
+                return state.nextSessionID
             }
             guard let id else {
                 logger.warning("refusing connection: session limit reached", metadata: ["limit": "\(configuration.maximumConnections)"])
@@ -185,9 +190,9 @@ public final class SnapshotServer: Service, @unchecked Sendable {
     }
 
     private func endSession(_ id: SessionID) {
-        lock.withLock {
-            sessions[id] = nil
-            apply(store.detach(session: id))
+        state.withLock { state in
+            state.sessions[id] = nil
+            apply(state.store.detach(session: id), to: &state)
         }
     }
 
@@ -208,57 +213,37 @@ public final class SnapshotServer: Service, @unchecked Sendable {
     // MARK: Restart
 
     /// Re-attaches to every committed step in the arena and verifies it.
-    private func recoverArena() throws {
+    private static func recoverArena(_ arena: Arena, into state: inout NodeState, logger: Logger) throws {
         var steps = 0
         var corrupted: [String] = []
         for found in arena.scan() {
             for (rank, shard) in found.shards {
                 let key = ShardKey(job: found.job, step: found.step, rank: rank)
                 let segment = try arena.mapSegment(key, sizeBytes: shard.segmentSizeBytes)
-                segments[key] = segment
+                state.segments[key] = segment
                 corrupted += corruptedTensors(shard, in: segment).map { "\(key): \($0)" }
             }
-            for (stripe, record) in found.parity {
+            let parity = state.cluster == nil ? [:] : found.parity
+            for (stripe, record) in parity {
                 let key = ParityKey(job: found.job, step: found.step, stripe: stripe)
-                cluster?.paritySegments[key] = try arena.mapParitySegment(key, sizeBytes: record.segmentSizeBytes)
+                state.paritySegments[key] = try arena.mapParitySegment(key, sizeBytes: record.segmentSizeBytes)
             }
-            store.adoptCommitted(job: found.job, step: found.step, world: found.world, shards: found.shards, parity: cluster == nil ? [:] : found.parity)
+            state.store.adoptCommitted(job: found.job, step: found.step, world: found.world, shards: found.shards, parity: parity)
             steps += 1
         }
-        arena.trimPool(toBytes: store.freeBytes)
-        logger.info("arena recovered", metadata: ["committedSteps": "\(steps)", "heldBytes": "\(store.heldBytes)", "pooledBytes": "\(arena.pooledBytes)"])
+        arena.trimPool(toBytes: state.store.freeBytes)
+        logger.info("arena recovered", metadata: ["committedSteps": "\(steps)", "heldBytes": "\(state.store.heldBytes)", "pooledBytes": "\(arena.pooledBytes)"])
         for entry in corrupted {
             logger.error("checksum mismatch in a recovered snapshot; it will not be served", metadata: ["tensor": "\(entry)"])
         }
     }
 
-    // MARK: Applying store decisions (call with the lock held)
+    // MARK: Applying store decisions (inside state.withLock)
 
-    func apply(_ effects: SnapshotStore.Effects) {
-        for (job, step, world) in effects.committed {
-            do {
-                let record = store.jobs[job]
-                try arena.writeCommitMarker(
-                    job: job, step: step, world: world, ranks: Array((record?.steps[step] ?? [:]).keys),
-                    parity: record?.parity[step] ?? [:])
-            } catch {
-                logger.error("cannot write commit marker; step will not survive a daemon restart", metadata: ["job": "\(job)", "step": "\(step)", "error": "\(error)"])
-            }
-            logger.info("step committed", metadata: ["job": "\(job)", "step": "\(step)", "ranks": "\(world)"])
-        }
-        for (job, step) in effects.uncommitted { arena.removeCommitMarker(job: job, step: step) }
-        let poolLimit = store.budgetBytes > store.heldBytes ? store.budgetBytes - store.heldBytes : 0
-        for key in effects.freed {
-            guard let segment = segments.removeValue(forKey: key) else { continue }
-            arena.release(key, segment: segment, poolLimitBytes: poolLimit)
-            logger.debug("shard freed", metadata: ["shard": "\(key)"])
-        }
-        for key in effects.freedParity {
-            guard let segment = cluster?.paritySegments.removeValue(forKey: key) else { continue }
-            arena.releaseParity(key, segment: segment, poolLimitBytes: poolLimit)
-        }
-        for (job, step) in effects.localComplete { cluster?.shareSealed(job: job, step: step) }
-        if !effects.committed.isEmpty || !effects.freed.isEmpty { lock.broadcast() }
+    /// Carries out what the store decided; a share sealed here goes to protection.
+    func apply(_ effects: SnapshotStore.Effects, to state: inout NodeState) {
+        for (job, step) in storeEffects.apply(effects, to: &state) { cluster?.shareSealed(job: job, step: step, state: &state) }
+        if !effects.committed.isEmpty || !effects.freed.isEmpty { self.state.broadcast() }
     }
 
     // MARK: Sealing
@@ -269,9 +254,9 @@ public final class SnapshotServer: Service, @unchecked Sendable {
         sealQueue.async { [self] in
             sealSlots.wait()
             defer { sealSlots.signal() }
-            guard let (shard, segment, world) = lock.withLock({ () -> (ShardRecord, MappedSegment, UInt32)? in
-                guard let shard = store.jobs[key.job]?.steps[key.step]?[key.rank], shard.state == .sealing,
-                    let segment = segments[key], let world = store.jobs[key.job]?.world
+            guard let (shard, segment, world) = state.withLock({ state -> (ShardRecord, MappedSegment, UInt32)? in
+                guard let shard = state.store.jobs[key.job]?.steps[key.step]?[key.rank], shard.state == .sealing,
+                    let segment = state.segments[key], let world = state.store.jobs[key.job]?.world
                 else { return nil }
                 return (shard, segment, world)
             }) else { return }
@@ -280,10 +265,8 @@ public final class SnapshotServer: Service, @unchecked Sendable {
             if let clientChecksums, clientChecksums != checksums {
                 let bad = zip(shard.specs, zip(checksums, clientChecksums)).filter { $1.0 != $1.1 }.map(\.0.name)
                 logger.error("client checksums do not match the bytes received; shard refused", metadata: ["shard": "\(key)", "tensors": "\(bad)"])
-                lock.withLock {
-                    store.sealFailed(key: key)
-                    lock.broadcast()
-                }
+                state.withLock { $0.store.sealFailed(key: key) }
+                state.broadcast()
                 return
             }
             var sealed = shard
@@ -292,16 +275,12 @@ public final class SnapshotServer: Service, @unchecked Sendable {
                 try arena.writeManifest(ManifestFile(key: key, world: world, shard: sealed))
             } catch {
                 logger.error("cannot write manifest; shard not sealed", metadata: ["shard": "\(key)", "error": "\(error)"])
-                lock.withLock {
-                    store.sealFailed(key: key)
-                    lock.broadcast()
-                }
+                state.withLock { $0.store.sealFailed(key: key) }
+                state.broadcast()
                 return
             }
-            lock.withLock {
-                apply(store.sealed(key: key, checksums: checksums))
-                lock.broadcast()
-            }
+            state.withLock { state in apply(state.store.sealed(key: key, checksums: checksums), to: &state) }
+            state.broadcast()
             logger.debug("shard sealed", metadata: ["shard": "\(key)", "bytes": "\(shard.segmentSizeBytes)", "milliseconds": "\(monotonicMilliseconds() - started)"])
         }
     }

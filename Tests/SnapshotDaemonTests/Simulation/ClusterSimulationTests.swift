@@ -74,6 +74,7 @@ struct ClusterSimulationTests {
     @Test(arguments: [
         ("eager empty share, mutable reports", ProtectionMachine.Faults([.eagerEmptyShare, .mutableReports])),
         ("commit without holding", ProtectionMachine.Faults.commitWithoutHolding),
+        ("commit before every node knows every report", ProtectionMachine.Faults.commitBeforeStable),
     ])
     func aBrokenRuleIsCaught(name: String, faults: ProtectionMachine.Faults) throws {
         var caughtBy: UInt64?

@@ -25,12 +25,14 @@ final class SimulatedCluster {
         var lateMilliseconds: Int64
         var crashes: [(atMilliseconds: Int64, node: Int, losesArena: Bool, downMilliseconds: Int64)]
         var freeze: (atMilliseconds: Int64, node: Int, forMilliseconds: Int64)?
+        /// Kill the first node that commits this step, at that instant (arena lost), down this long.
+        var killAtCommit: (step: Step, downMilliseconds: Int64)?
         var trainerDeathProbability: Double
         var dropProbability: Double
         var duplicateProbability: Double
 
         var description: String {
-            "n=\(nodes) m=\(parity) ranks=\(ranksPerNode) steps=\(steps) late=node \(lateNode)+\(lateMilliseconds)ms crashes=\(crashes.map { "node \($0.node)@\($0.atMilliseconds)ms\($0.losesArena ? " (arena lost)" : "") down \($0.downMilliseconds)ms" }) freeze=\(freeze.map { "node \($0.node)@\($0.atMilliseconds)ms for \($0.forMilliseconds)ms" } ?? "none") drop=\(dropProbability) dup=\(duplicateProbability)"
+            "n=\(nodes) m=\(parity) ranks=\(ranksPerNode) steps=\(steps) late=node \(lateNode)+\(lateMilliseconds)ms killAtCommit=\(killAtCommit.map { "step \($0.step), down \($0.downMilliseconds)ms" } ?? "none") crashes=\(crashes.map { "node \($0.node)@\($0.atMilliseconds)ms\($0.losesArena ? " (arena lost)" : "") down \($0.downMilliseconds)ms" }) freeze=\(freeze.map { "node \($0.node)@\($0.atMilliseconds)ms for \($0.forMilliseconds)ms" } ?? "none") drop=\(dropProbability) dup=\(duplicateProbability)"
         }
 
         /// A random scenario: every m < n the layout allows, crashes never
@@ -53,10 +55,12 @@ final class SimulatedCluster {
                 at += down + 6000
             }
             let freeze: (Int64, Int, Int64)? = rng.chance(0.3) ? (Int64(rng.next(below: UInt64(horizon))), Int(rng.next(below: UInt64(nodes))), Int64(rng.next(below: 1200)) + 100) : nil
+            // The worst moment to die, aimed at (buggify): right after committing, in runs with no other loss.
+            let killAtCommit: (Step, Int64)? = crashes.isEmpty && rng.chance(0.4) ? (Step(rng.next(below: UInt64(steps)) + 1), Int64(rng.next(below: 1400)) + 100) : nil
             return Scenario(
                 nodes: nodes, parity: parity, ranksPerNode: ranks, steps: steps, stepIntervalMilliseconds: interval,
                 lateNode: Int(rng.next(below: UInt64(nodes))), lateMilliseconds: Int64(rng.next(below: 2000)),
-                crashes: crashes, freeze: freeze, trainerDeathProbability: rng.chance(0.3) ? 0.05 : 0,
+                crashes: crashes, freeze: freeze, killAtCommit: killAtCommit, trainerDeathProbability: rng.chance(0.3) ? 0.05 : 0,
                 dropProbability: rng.chance(0.5) ? 0.02 : 0, duplicateProbability: rng.chance(0.5) ? 0.02 : 0)
         }
     }
@@ -82,6 +86,10 @@ final class SimulatedCluster {
     var committed: [Step: [NodeID: StepReady]] = [:]
     /// Ground truth of availability, for the failure-detection invariant.
     var lastUnavailableMilliseconds: [NodeID: Int64] = [:]
+    /// When each node was last killed: what it sent in the moments before
+    /// never left its queues (the daemon sends from worker pools).
+    var killedAtMilliseconds: [NodeID: Int64] = [:]
+    static let unsentWindowMilliseconds: Int64 = 5
     var violations: [String] = []
     var eventsRun = 0
     /// With `tracing`, what happened, for replaying a failing seed.
@@ -157,6 +165,7 @@ final class SimulatedCluster {
         case .deliver(let to, let from, let message):
             let node = nodes[Int(to)]
             guard node.isUp, sentAt >= node.startedAtMilliseconds else { return }  // a connection to a dead process
+            if let killed = killedAtMilliseconds[from], killed >= sentAt, killed - sentAt <= Self.unsentWindowMilliseconds { return }
             if node.isFrozen(at: now) { return schedule(at: node.frozenUntil + Int64(rng.next(below: 5)), .deliver(to: to, from: from, message), sentAt: sentAt) }
             receive(message, at: to, from: from)
         case .timeout(let id, let requestID):
@@ -170,6 +179,7 @@ final class SimulatedCluster {
             note("node \(id) killed\(losesArena ? ", arena lost" : "")")
             nodes[Int(id)].crash(losesArena: losesArena)
             lastUnavailableMilliseconds[id] = now
+            killedAtMilliseconds[id] = now
         case .start(let id):
             start(id)
             lastUnavailableMilliseconds[id] = now
@@ -493,6 +503,10 @@ final class SimulatedCluster {
 
     private func stepCommitted(_ step: Step, at id: NodeID) {
         note("node \(id) committed step \(step)")
+        if let kill = scenario.killAtCommit, kill.step == step, committed[step] == nil {
+            schedule(at: now, .crash(id, losesArena: true))
+            schedule(at: now + kill.downMilliseconds, .start(id))
+        }
         let entry = nodes[Int(id)].machine.ledger.entry(job: job, step: step)?.ready ?? [:]
         // Invariant: every node that commits a step agrees on what it is.
         if let first = committed[step] {
@@ -573,7 +587,7 @@ final class SimulatedCluster {
                 if survivors > layout.dataFragmentCount { buffers[slot] = nil }
             }
             buffers[target] = [UInt8](repeating: 0, count: size)
-            var output = buffers.map { $0 ?? [] }
+            let output = buffers.map { $0 ?? [] }
             let pointers = output.indices.map { slot -> UnsafeMutableRawPointer? in buffers[slot] == nil ? nil : UnsafeMutableRawPointer.allocate(byteCount: max(1, size), alignment: 64) }
             defer { pointers.forEach { $0?.deallocate() } }
             for slot in output.indices where pointers[slot] != nil { output[slot].withUnsafeBytes { pointers[slot]!.copyMemory(from: $0.baseAddress!, byteCount: size) } }

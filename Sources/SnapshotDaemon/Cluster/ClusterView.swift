@@ -1,0 +1,98 @@
+import Foundation
+import Glibc
+import Logging
+import SnapshotIO
+import SnapshotProtocol
+
+/// The cluster's view of its steps: learning it when the node joins, pulling
+/// what was missed (anti-entropy), taking peers' reports, and answering for
+/// the whole cluster to peers and operators.
+extension ClusterNode {
+    /// Learns the cluster's steps from every peer that answers; a node that
+    /// took part in a committed step it does not hold needs a rebuild (it
+    /// replaced a lost node, or restarted on an empty arena).
+    func discover() {
+        // Silence is not an answer: a replacement that concluded "nothing to
+        // rebuild" from slow peers would serve an empty node. Only when every
+        // peer refuses the connection (none is running: a fresh cluster) does
+        // the node go on without the cluster's view.
+        var learned = false
+        var round = 0
+        while !learned, !isStopping {
+            var everyPeerRefused = true
+            for peer in mesh.peers {
+                do {
+                    guard case .clusterStateReply(let reply) = try mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
+                    merge(reply)
+                    learned = true
+                } catch let error as IOError where error.errnoCode == ECONNREFUSED {
+                    continue
+                } catch {
+                    everyPeerRefused = false
+                }
+            }
+            round += 1
+            if learned || (everyPeerRefused && round * 100 >= Int(cluster.failureTimeoutMilliseconds)) { break }
+            if round % 50 == 0 { logger.warning("still waiting for a peer to share the cluster's state") }
+            usleep(100_000)
+        }
+        let (missing, ordered) = state.withLock { state in
+            state.cluster!.discovered = true
+            return (state.cluster!.refreshRebuildNeed(store: state.store), state.cluster!.rebuild == .orderedBeforeDiscovery)
+        }
+        state.broadcast()
+        if missing > 0 {
+            logger.warning("this node holds less than the cluster committed for it; waiting for the coordinator's rebuild order", metadata: ["steps": "\(missing)"])
+            if ordered { beginRebuild() }
+        } else {
+            logger.info("cluster view established", metadata: ["peersAnswered": "\(learned)", "group": "\(group.index)", "position": "\(position)"])
+        }
+    }
+
+    /// Asks `peers` for their view and merges it; with `firstAnswerSuffices`,
+    /// stops at the first peer that answers.
+    func pullState(from peers: [NodeID], firstAnswerSuffices: Bool = false) {
+        for peer in peers {
+            guard case .clusterStateReply(let reply)? = try? mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
+            merge(reply)
+            if firstAnswerSuffices { return }
+        }
+    }
+
+    private func merge(_ reply: ClusterStateReply) {
+        let now = monotonicMilliseconds()
+        decide { cluster, store in cluster.protection.merge(reply, store: store, nowMilliseconds: now) }
+    }
+
+    func handleStepReady(_ ready: StepReady) -> Message {
+        let now = monotonicMilliseconds()
+        decide { cluster, store in cluster.protection.received(ready, store: store, nowMilliseconds: now) }
+        return .ok
+    }
+
+    func handleStepProtected(_ report: StepProtected) -> Message {
+        decide { cluster, store in cluster.protection.received(report, store: store) }
+        return .ok
+    }
+
+    func handleClusterState() -> Message { .clusterStateReply(state.withLock { $0.cluster!.protection.ledger.clusterState() }) }
+
+    func handleRebuildOrder(_ order: RebuildOrder) -> Message {
+        logger.notice("rebuild ordered", metadata: ["coordinator": "\(order.coordinator)"])
+        if order.nodeID == selfID { beginRebuild() }
+        return .ok
+    }
+
+    /// This node's view; it lists itself as rebuilding until it has joined and
+    /// holds everything the cluster committed for it (peers may not have heard yet).
+    func recoverReport() -> RecoverReply {
+        state.withLock { state in
+            var rebuilding = state.cluster!.monitor.needsRebuild
+            if !state.cluster!.discovered || state.cluster!.refreshRebuildNeed(store: state.store) > 0 { rebuilding.insert(selfID) }
+            let cluster = state.cluster!
+            return RecoverReply(
+                coordinator: cluster.monitor.coordinator, deadNodes: cluster.monitor.deadNodes,
+                rebuildingNodes: rebuilding.sorted(), jobs: cluster.protection.recovery(lostNodes: cluster.lostNodes.union(rebuilding)))
+        }
+    }
+}

@@ -1,0 +1,153 @@
+import Foundation
+import SnapshotIO
+import SnapshotProtocol
+
+/// What a session can ask of its node, as transactions on the node's one
+/// state: each takes the lock once, decides through the store (and in a
+/// cluster the protection machine), and returns what the session needs for
+/// its I/O. Sessions (``Session``) only speak the protocol around these.
+extension SnapshotServer {
+    // MARK: Trainers
+
+    func attachTrainer(session: SessionID, job: JobID, rank: Rank, world: UInt32, localWorld: UInt32) throws {
+        if cluster != nil, localWorld == 0, world > 1 {
+            throw StoreError(.invalidRequest, "in a cluster, trainers must say how many ranks use this node (localWorld)")
+        }
+        try state.withLock { try $0.store.attach(session: session, job: job, rank: rank, world: world, localWorld: localWorld) }
+    }
+
+    /// Reserves the shard's memory and maps its segment (refused up front,
+    /// touching nothing held, when over budget or not allowed here).
+    func beginSave(session: SessionID, key: ShardKey, specs: [TensorSpec], topology: Topology) throws -> (ShardRecord, MappedSegment) {
+        try state.withLock { state throws -> (ShardRecord, MappedSegment) in
+            if let refusal = cluster?.refusalOfSave(job: key.job, step: key.step, state: state) { throw refusal }
+            let (record, effects) = try state.store.beginSave(session: session, key: key, specs: specs, topology: topology)
+            apply(effects, to: &state)
+            // The pool is memory too: keep held + pooled within the budget.
+            arena.trimPool(toBytes: state.store.freeBytes)
+            do {
+                let segment = try arena.createSegment(key, sizeBytes: record.segmentSizeBytes)
+                state.segments[key] = segment
+                return (record, segment)
+            } catch {
+                apply(try state.store.abort(session: session, key: key), to: &state)
+                throw StoreError(.overBudget, "cannot allocate \(record.segmentSizeBytes) bytes in the arena: \(error)")
+            }
+        }
+    }
+
+    /// Where `lengthBytes` of tensor `tensorIndex` at `offsetBytes` go, if
+    /// they belong to a save this session has in progress.
+    func putDestination(session: SessionID, key: ShardKey, tensorIndex: Int, offsetBytes: UInt64, lengthBytes: UInt64) -> (MappedSegment, Int)? {
+        state.withLock { state in
+            guard let shard = state.store.jobs[key.job]?.steps[key.step]?[key.rank], shard.writer == session,
+                shard.state == .receiving, let segment = state.segments[key], tensorIndex < shard.specs.count,
+                offsetBytes <= shard.specs[tensorIndex].byteLength, lengthBytes <= shard.specs[tensorIndex].byteLength - offsetBytes
+            else { return nil }
+            return (segment, Int(shard.tensorOffsets[tensorIndex] + offsetBytes))
+        }
+    }
+
+    /// The bytes are in: the shard is sealed off the caller's thread.
+    func commitSave(session: SessionID, key: ShardKey, checksums: [UInt32]?, gradientNorm: Double?, metadata: [UInt8]) throws {
+        _ = try state.withLock { try $0.store.commit(session: session, key: key, clientChecksums: checksums, gradientNorm: gradientNorm, metadata: metadata) }
+        seal(key, clientChecksums: checksums)
+    }
+
+    func abortSave(session: SessionID, key: ShardKey) throws {
+        try state.withLock { state in apply(try state.store.abort(session: session, key: key), to: &state) }
+    }
+
+    /// The job's newest committed step. In a cluster that is the cluster's
+    /// (every rank restores the same step), which a node that is joining or
+    /// rebuilding cannot answer for yet.
+    func latestCommitted(job: JobID) throws -> Step? {
+        try state.withLock { state in try latestCommitted(job: job, state: state) }
+    }
+
+    private func latestCommitted(job: JobID, state: NodeState) throws -> Step? {
+        if let cluster { return try cluster.latestCommitted(job: job, state: state) }
+        return state.store.latestCommitted(job: job)
+    }
+
+    /// Waits until step `step` of `job` is committed (its newest committed
+    /// step then) or `sliceEnd`; nil when the slice ended first. Past
+    /// `deadline` that is a timeout; a corrupted shard or a stopping daemon
+    /// end the wait with their own errors.
+    func waitForCommit(job: JobID, step: Step, world: UInt32, sliceEnd: Date, deadline: Date, timeoutMilliseconds: UInt32) throws -> Step? {
+        try state.withLock(waitingUntil: sliceEnd) { state throws -> Step?? in
+            if let latest = state.store.latestCommitted(job: job), latest >= step { return .some(latest) }
+            let shards = state.store.jobs[job]?.steps[step] ?? [:]
+            if let bad = shards.first(where: { $0.value.state == .corrupted }) {
+                throw StoreError(.checksumMismatch, "step \(step) cannot commit: rank \(bad.key)'s shard failed its checksum check")
+            }
+            if state.stopping { throw StoreError(.shuttingDown, "snapshotd is stopping") }
+            guard Date() >= sliceEnd else { return nil }
+            if Date() < deadline { return .some(nil) }
+            let complete = shards.values.filter { $0.state == .localComplete || $0.state == .protected }.count
+            throw StoreError(.timeout, "step \(step) not committed within \(timeoutMilliseconds) ms (\(complete) of \(world) shards complete)")
+        } ?? nil
+    }
+
+    // MARK: Restores
+
+    /// The shard a rank restores (a committed step, the newest by default),
+    /// pinned so retention cannot free it while the client maps it, and its
+    /// checksums verified before anything is served.
+    func pinForRestore(job: JobID, rank: Rank, step: Step?) throws -> (step: Step, shard: ShardRecord, segment: MappedSegment) {
+        let (chosen, shard, segment) = try state.withLock { state throws -> (Step, ShardRecord, MappedSegment) in
+            let wanted = try step ?? latestCommitted(job: job, state: state)
+            if let cluster, let wanted { try cluster.checkRestorable(job: job, step: wanted, state: state) }
+            let (chosen, shard) = try state.store.restorable(job: job, rank: rank, step: wanted)
+            let key = ShardKey(job: job, step: chosen, rank: rank)
+            guard let segment = state.segments[key] else { throw StoreError(.internalError, "\(key) has no segment") }
+            state.store.pin(key)
+            return (chosen, shard, segment)
+        }
+        let corrupted = corruptedTensors(shard, in: segment)
+        guard corrupted.isEmpty else {
+            unpin(ShardKey(job: job, step: chosen, rank: rank))
+            logger.error("refusing to serve a corrupted shard", metadata: ["job": "\(job)", "step": "\(chosen)", "rank": "\(rank)", "tensors": "\(corrupted)"])
+            throw StoreError(.checksumMismatch, "step \(chosen) rank \(rank): tensor(s) \(corrupted.map { "'\($0)'" }.joined(separator: ", ")) failed the checksum check and are not served")
+        }
+        return (chosen, shard, segment)
+    }
+
+    func unpin(_ key: ShardKey) {
+        state.withLock { state in apply(state.store.unpin(key), to: &state) }
+    }
+
+    // MARK: Operators
+
+    /// `filter`: one job only (a trainer sees only its own).
+    func status(job filter: JobID?) -> StatusReply {
+        state.withLock { state in
+            let store = state.store
+            let jobs = store.jobs.keys.sorted().filter { filter == nil || $0 == filter }.map { name -> JobStatus in
+                let record = store.jobs[name]!
+                let steps = record.steps.keys.sorted().map { step -> StepStatus in
+                    let shards = record.steps[step]!
+                    return StepStatus(
+                        step: step, committed: record.committedSteps.contains(step),
+                        completeRanks: UInt32(shards.values.filter { $0.state == .localComplete || $0.state == .protected }.count),
+                        bytes: shards.values.reduce(0) { $0 + $1.segmentSizeBytes })
+                }
+                return JobStatus(job: name, world: record.world, localRanks: UInt32(record.sessions.count), steps: steps)
+            }
+            return StatusReply(nodeID: configuration.nodeID, daemonVersion: Self.version, budgetBytes: store.budgetBytes, usedBytes: store.heldBytes, jobs: jobs)
+        }
+    }
+
+    /// A node answers for the whole cluster from its own view; on a single
+    /// node, from its store.
+    func recoverReport() -> RecoverReply {
+        if let cluster { return cluster.recoverReport() }
+        let jobs = state.withLock { state in
+            state.store.jobs.keys.sorted().map { job in
+                let latest = state.store.latestCommitted(job: job)
+                return JobRecovery(job: job, latestCommitted: latest, newestRestorable: latest, lostRanks: [], summary: latest == nil ? "no committed step" : "single node: all ranks intact")
+            }
+        }
+        return RecoverReply(coordinator: configuration.nodeID, deadNodes: [], rebuildingNodes: [], jobs: jobs)
+    }
+}

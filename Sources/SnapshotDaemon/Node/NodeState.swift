@@ -1,0 +1,56 @@
+import ErasureCoding
+import SnapshotIO
+import SnapshotProtocol
+
+/// Everything a node changes while it runs, as one value with one owner
+/// (``SnapshotServer/state``, a ``Locked``): the store's bookkeeping, the
+/// mapped segments it decided about, the sessions and listeners, and in a
+/// cluster the machines that decide membership, protection, commit and
+/// rebuild. Code holding the lock does bookkeeping only; threads carry out
+/// what it decided (socket I/O, fragment streams, CRCs) without it.
+struct NodeState: Sendable {
+    var store: SnapshotStore
+    /// The mapped segment of every shard the store holds.
+    var segments: [ShardKey: MappedSegment] = [:]
+    /// The mapped segment of every parity fragment the store holds (cluster mode).
+    var paritySegments: [ParityKey: MappedSegment] = [:]
+    var sessions: [SessionID: Socket] = [:]
+    var nextSessionID: SessionID = 1
+    var listeners: [Socket] = []
+    var stopping = false
+    /// Cluster mode (a cluster file was given).
+    var cluster: ClusterState?
+}
+
+/// A cluster node's part of ``NodeState``.
+struct ClusterState: Sendable {
+    var monitor: ClusterMonitor
+    var protection: ProtectionMachine
+    /// Until the node has learned the cluster's committed steps it cannot say
+    /// what it holds: "not committed" from a replacement would make a trainer
+    /// start over, so it answers "unavailable" instead.
+    var discovered = false
+    var rebuild: RebuildPhase = .idle
+    /// Shares whose tensors were checked against their sealed CRCs for
+    /// serving, and when: a rebuild asks for every fragment of a share, and
+    /// checking the whole share once serves them all.
+    var verifiedShares: [ProtectionMachine.StepID: Int64] = [:]
+
+    enum RebuildPhase: Equatable, Sendable {
+        case idle
+        /// Ordered before discovery finished; starts when it does.
+        case orderedBeforeDiscovery
+        case running
+    }
+
+    /// Nodes whose data is not available now.
+    var lostNodes: Set<NodeID> { Set(monitor.deadNodes).union(monitor.needsRebuild) }
+
+    /// Tells the monitor whether this node needs a rebuild; returns how many steps it misses.
+    @discardableResult
+    mutating func refreshRebuildNeed(store: SnapshotStore) -> Int {
+        let missing = discovered ? protection.missingSteps(store: store).count : 0
+        monitor.setSelfNeedsRebuild(missing > 0)
+        return missing
+    }
+}
