@@ -49,6 +49,8 @@ struct ClusterBenchmark: ParsableCommand {
         let lost = nodes / 2
         let (pipelined, recovery) = try measureRebuild(cluster, node: lost, strategy: "pipelined")
         let (gathered, _) = try measureRebuild(cluster, node: lost, strategy: "gather")
+        print("rebuilds of node \(lost): pipelined \(pipelined.pipelinedFragments) chained + \(pipelined.gatheredFragments) gathered fragments in \(format(pipelined.seconds)) s; "
+            + "gather \(gathered.pipelinedFragments) chained + \(gathered.gatheredFragments) gathered fragments in \(format(gathered.seconds)) s")
 
         print("")
         print(padded("figure", 50) + padded("value", 12) + padded("reference", 28) + padded("ratio", 10))

@@ -30,6 +30,26 @@ struct ClusterTests {
         #expect(cluster.log(0).contains("step committed"))
     }
 
+    /// The same node lost twice: its second replacement rebuilds again (from
+    /// what the first one rebuilt), here by gathering k fragments.
+    @Test func aNodeReplacedTwiceRebuildsBothTimes() throws {
+        let cluster = try LocalCluster.forTest(nodes: 4, parity: 1)
+        try cluster.saveStep(1)
+        try cluster.saveStep(2)
+        try cluster.kill(2)
+        try cluster.replace(2)
+        try cluster.waitUntilRebuilt([2], observer: 0)
+        try cluster.run(["repair", cluster.directory, "gather"])
+        try cluster.kill(2)
+        try cluster.replace(2)
+        try cluster.waitUntilRebuilt([2], observer: 0)
+        let completed = cluster.log(2).split(separator: "\n").filter { $0.contains("rebuild complete") }
+        #expect(completed.count == 2, "\(completed)")
+        let second = try #require(cluster.lastRebuild(2))
+        #expect(second.gatheredFragments > 0 && second.pipelinedFragments == 0, "\(second)")
+        try cluster.verify(step: 2, ranks: cluster.ranks(on: 2))
+    }
+
     @Test func everyPairOfLostNodesRebuildsByteIdenticalWithTwoParity() throws {
         let cluster = try LocalCluster.forTest(nodes: 6, parity: 2)
         try cluster.saveStep(1)

@@ -63,11 +63,8 @@ extension ClusterNode {
             }
         }
         let seconds = Double(monotonicMilliseconds() - started) / 1000
-        state.withLock { state in
-            state.cluster!.rebuild = .idle
-            state.cluster!.refreshRebuildNeed(store: state.store)
-        }
-        state.broadcast()
+        // Said before the node stops counting itself as rebuilding: whoever
+        // sees it healthy can read how the rebuild went.
         if retryLater.isEmpty {
             logger.notice("rebuild complete: this node serves its ranks again", metadata: [
                 "steps": "\(attempted.count - lostSteps.count)", "lostSteps": "\(lostSteps)", "bytes": "\(tally.bytes)", "seconds": "\(seconds)",
@@ -77,6 +74,11 @@ extension ClusterNode {
         } else {
             logger.error("rebuild incomplete; the coordinator will order it again", metadata: ["failedSteps": "\(retryLater)", "lostSteps": "\(lostSteps)"])
         }
+        state.withLock { state in
+            state.cluster!.rebuild = .idle
+            state.cluster!.refreshRebuildNeed(store: state.store)
+        }
+        state.broadcast()
     }
 
     /// Rebuilds this node's shards and parity of one step.

@@ -83,12 +83,15 @@ extension ClusterNode {
         return .ok
     }
 
-    /// This node's view; it lists itself as rebuilding until it has joined and
-    /// holds everything the cluster committed for it (peers may not have heard yet).
+    /// This node's view; it lists itself as rebuilding until it has joined,
+    /// holds everything the cluster committed for it (peers may not have
+    /// heard yet) and its rebuild has finished.
     func recoverReport() -> RecoverReply {
         state.withLock { state in
             var rebuilding = state.cluster!.monitor.needsRebuild
-            if !state.cluster!.discovered || state.cluster!.refreshRebuildNeed(store: state.store) > 0 { rebuilding.insert(selfID) }
+            if !state.cluster!.discovered || state.cluster!.rebuild == .running || state.cluster!.refreshRebuildNeed(store: state.store) > 0 {
+                rebuilding.insert(selfID)
+            }
             let cluster = state.cluster!
             return RecoverReply(
                 coordinator: cluster.monitor.coordinator, deadNodes: cluster.monitor.deadNodes,
