@@ -83,9 +83,11 @@ struct ProtectionMachineTests {
     }
 
     /// A replacement whose predecessor's protected report arrived only at
-    /// some peers still counts it (it is what the cluster counted), and the
-    /// step commits only once every node says it knows every report.
-    @Test func aReplacementCountsItsPredecessorsProtectedReport() throws {
+    /// some peers still counts it (it is what the cluster counted), and votes
+    /// that it knows every report: the node that committed may have died
+    /// before its own vote left. The step commits once every node voted, and
+    /// is then missing here (to rebuild).
+    @Test func aReplacementCountsItsPredecessorsReportAndVotes() throws {
         let fresh = SnapshotStore(budgetBytes: 1 << 30, snapshotsKeptPerJob: 2, commitsLocally: false)
         var replacement = try machine(1)
         let reports = try [ready(0, step: 5, ranks: [0], world: 3), ready(1, step: 5, ranks: [1], world: 3), ready(2, step: 5, ranks: [2], world: 3)]
@@ -96,6 +98,15 @@ struct ProtectionMachineTests {
         _ = replacement.received(StepProtected(job: job, step: 5, nodeID: 0, stable: true), store: fresh)
         #expect(replacement.ledger.entry(job: job, step: 5)?.committed == true)
         #expect(replacement.missingSteps(store: fresh).map(\.step) == [5])
+    }
+
+    /// Step 0 is a step like any other: a replacement rebuilds it.
+    @Test func stepZeroIsRebuiltLikeAnyOther() throws {
+        let fresh = SnapshotStore(budgetBytes: 1 << 30, snapshotsKeptPerJob: 2, commitsLocally: false)
+        var replacement = try machine(1)
+        let reports = try [ready(0, step: 0, ranks: [0], world: 3), ready(1, step: 0, ranks: [1], world: 3), ready(2, step: 0, ranks: [2], world: 3)]
+        _ = replacement.merge(ClusterStateReply(steps: [ClusterStepState(job: job, step: 0, committed: true, ready: reports, protectedNodes: [0, 1, 2], stableNodes: [0, 1, 2])]), store: fresh, nowMilliseconds: 0)
+        #expect(replacement.missingSteps(store: fresh).map(\.step) == [0])
     }
 
     /// The last node to report protected must not commit alone: if it died

@@ -84,9 +84,8 @@ final class ClusterNode: Sendable {
 
     /// Why a trainer may not start saving `step` here, if it may not.
     func refusalOfSave(job: JobID, step: Step, state: NodeState) -> StoreError? {
-        guard let cluster = state.cluster else { return nil }
-        if !cluster.discovered { return StoreError(.unavailable, "node \(selfID) is joining the cluster; retry shortly") }
-        return cluster.protection.refusalOfSave(job: job, step: step)
+        // While joining, saves are taken; their report waits for discovery (``shareSealed``).
+        state.cluster?.protection.refusalOfSave(job: job, step: step)
     }
 
     /// The step a restore of `job` without a step number gets: the newest the
@@ -95,7 +94,7 @@ final class ClusterNode: Sendable {
         guard let cluster = state.cluster else { return state.store.latestCommitted(job: job) }
         if !cluster.discovered { throw StoreError(.unavailable, "node \(selfID) is joining the cluster; retry shortly") }
         let local = state.store.latestCommitted(job: job)
-        guard let newest = cluster.protection.newestCommitted(job: job), newest > local ?? 0 else { return local }
+        guard let newest = cluster.protection.newestCommitted(job: job), local.map({ newest > $0 }) ?? true else { return local }
         if cluster.protection.lostReason(job: job, step: newest) != nil { return newest }  // a restore then says why
         if cluster.protection.missingSteps(store: state.store).contains(.init(job: job, step: newest)) {
             throw StoreError(.unavailable, "node \(selfID) is being rebuilt from its peers (step \(newest) of \(job)); retry shortly")

@@ -22,7 +22,7 @@ extension ClusterNode {
                 state.cluster!.rebuild = .orderedBeforeDiscovery
                 return false
             }
-            guard !state.cluster!.protection.missingSteps(store: state.store).isEmpty else {
+            guard !state.cluster!.protection.rebuildableSteps(store: state.store).isEmpty else {
                 state.cluster!.rebuild = .idle
                 return false
             }
@@ -45,7 +45,7 @@ extension ClusterNode {
         var lostSteps: [String] = []
         var tally = RebuildTally()
         for _ in 0..<Self.maximumRebuildPasses {
-            let steps = state.withLock { $0.cluster!.protection.missingSteps(store: $0.store) }.filter { !attempted.contains($0) }
+            let steps = state.withLock { $0.cluster!.protection.rebuildableSteps(store: $0.store) }.filter { !attempted.contains($0) }
             if steps.isEmpty { break }
             logger.notice("rebuild started", metadata: ["steps": "\(steps.map { "\($0.job)/\($0.step)" })"])
             for id in steps {

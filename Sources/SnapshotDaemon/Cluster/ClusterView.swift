@@ -27,6 +27,8 @@ extension ClusterNode {
                     learned = true
                 } catch let error as IOError where error.errnoCode == ECONNREFUSED {
                     continue
+                } catch let error as PeerError where error.code == .unavailable {
+                    continue  // joining too: like a peer not running, it knows nothing yet
                 } catch {
                     everyPeerRefused = false
                 }
@@ -38,6 +40,8 @@ extension ClusterNode {
         }
         let (missing, ordered) = state.withLock { state in
             state.cluster!.discovered = true
+            for share in state.cluster!.sealedBeforeDiscovery { shareSealed(job: share.job, step: share.step, state: &state) }
+            state.cluster!.sealedBeforeDiscovery = []
             return (state.cluster!.refreshRebuildNeed(store: state.store), state.cluster!.rebuild == .orderedBeforeDiscovery)
         }
         state.broadcast()
@@ -75,7 +79,14 @@ extension ClusterNode {
         return .ok
     }
 
-    func handleClusterState() -> Message { .clusterStateReply(state.withLock { $0.cluster!.protection.ledger.clusterState() }) }
+    /// A node that is itself joining has no view to give: an empty one would
+    /// tell a joining peer that nothing was committed.
+    func handleClusterState() -> Message {
+        state.withLock { state in
+            guard state.cluster!.discovered else { return .error(ErrorReply(code: .unavailable, message: "node \(selfID) is joining the cluster itself")) }
+            return .clusterStateReply(state.cluster!.protection.ledger.clusterState())
+        }
+    }
 
     func handleRebuildOrder(_ order: RebuildOrder) -> Message {
         logger.notice("rebuild ordered", metadata: ["coordinator": "\(order.coordinator)"])

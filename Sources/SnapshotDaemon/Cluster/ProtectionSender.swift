@@ -11,12 +11,25 @@ extension ClusterNode {
     /// Inside state.withLock, when this node's share of a step is sealed.
     func shareSealed(job: JobID, step: Step, state: inout NodeState) {
         guard !state.stopping, let world = state.store.jobs[job]?.world else { return }
+        guard state.cluster!.discovered else {
+            state.cluster!.sealedBeforeDiscovery.append(.init(job: job, step: step))
+            return
+        }
         let shards = state.store.localShards(job: job, step: step)
         let manifests = shards.map { ManifestFile(key: ShardKey(job: job, step: step, rank: $0.rank), world: world, shard: $0.shard).encoded() }
         let dataBytes = shards.reduce(UInt64(0)) { $0 + $1.shard.segmentSizeBytes }
         let ready = StepReady(job: job, step: step, nodeID: selfID, world: world, dataSizeBytes: dataBytes, manifests: manifests)
-        let actions = state.cluster!.protection.shareSealed(ready, store: state.store, nowMilliseconds: monotonicMilliseconds())
-        controlPool.submit { [self] in execute(actions) }
+        var actions = state.cluster!.protection.shareSealed(ready, store: state.store, nowMilliseconds: monotonicMilliseconds())
+        // A share the cluster already has from an earlier incarnation is dropped
+        // now, under this lock: a rebuild may be about to adopt the same step.
+        actions.removeAll { action in
+            guard case .discardShare(let job, let step, let reason) = action else { return false }
+            logger.error("dropping this node's share of a step", metadata: ["job": "\(job)", "step": "\(step)", "reason": "\(reason)"])
+            storeEffects.apply(state.store.dropUncommittedStep(job: job, step: step), to: &state)
+            return true
+        }
+        let rest = actions
+        controlPool.submit { [self] in execute(rest) }
     }
 
     /// Streams this node's share to its parity holders; reports the outcome to the machine.

@@ -35,6 +35,10 @@ struct ClusterState: Sendable {
     /// serving, and when: a rebuild asks for every fragment of a share, and
     /// checking the whole share once serves them all.
     var verifiedShares: [ProtectionMachine.StepID: Int64] = [:]
+    /// Shares sealed while the node was still joining: reported once it knows
+    /// the cluster (a replacement's share of a step its predecessor reported is
+    /// then dropped, never reported twice).
+    var sealedBeforeDiscovery: [ProtectionMachine.StepID] = []
 
     enum RebuildPhase: Equatable, Sendable {
         case idle

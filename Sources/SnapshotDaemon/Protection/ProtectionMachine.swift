@@ -189,7 +189,8 @@ public struct ProtectionMachine: Sendable {
             }
             // This node's own protected report too: an earlier incarnation's report is what the cluster counted.
             for node in step.protectedNodes { ledger.recordProtected(job: step.job, step: step.step, node: node) }
-            for node in step.stableNodes where node != selfID { ledger.recordStable(job: step.job, step: step.step, node: node) }
+            // An earlier incarnation's vote too: it held its part when it gave it.
+            for node in step.stableNodes { ledger.recordStable(job: step.job, step: step.step, node: node) }
             if step.committed { ledger.markCommitted(job: step.job, step: step.step) }
             actions += reportEmptyShareIfProven(id, store: store, nowMilliseconds: now)
             actions += advance(id, store: store)
@@ -233,6 +234,9 @@ public struct ProtectionMachine: Sendable {
     /// steps stuck short of a commit, give up protections that took too long.
     public mutating func tick(nowMilliseconds now: Int64, liveNodes: Set<NodeID>) -> [Action] {
         var actions: [Action] = []
+        // A peer's state covers every step: one pull per peer per tick, however many steps wait.
+        var pullFrom = Set<NodeID>()
+        let live = configuration.nodeIDs.filter { $0 != selfID && liveNodes.contains($0) }
         for (id, step) in own.sorted(by: { $0.key < $1.key }) {
             guard now - step.lastRetryMilliseconds >= retryIntervalMilliseconds, let entry = ledger.entry(job: id.job, step: id.step), !entry.committed else { continue }
             switch step.phase {
@@ -244,12 +248,11 @@ public struct ProtectionMachine: Sendable {
                 }
                 let silent = configuration.nodeIDs.filter { $0 != selfID && entry.ready[$0] == nil }
                 if let mine = entry.ready[selfID], !silent.isEmpty { actions.append(.send(.stepReady(mine), to: silent)) }
-                if !silent.isEmpty { actions.append(.pullState(from: silent)) }
+                pullFrom.formUnion(silent)
             case .protected:
                 // Anti-entropy: every live peer may hold the reports this node
                 // missed (the node that sent one may have died right after).
-                let live = configuration.nodeIDs.filter { $0 != selfID && liveNodes.contains($0) }
-                if !live.isEmpty { actions.append(.pullState(from: live)) }
+                pullFrom.formUnion(live)
             case .sending, .failed:
                 continue
             }
@@ -258,12 +261,12 @@ public struct ProtectionMachine: Sendable {
         // Steps an earlier incarnation of this node reported: learn their outcome (commit → rebuild).
         if now - lastInheritedPullMilliseconds >= retryIntervalMilliseconds {
             let inherited = ledger.steps.contains { id, entry in !entry.committed && own[id] == nil && entry.ready[selfID] != nil }
-            let live = configuration.nodeIDs.filter { $0 != selfID && liveNodes.contains($0) }
             if inherited, !live.isEmpty {
-                actions.append(.pullState(from: live))
+                pullFrom.formUnion(live)
                 lastInheritedPullMilliseconds = now
             }
         }
+        if !pullFrom.isEmpty { actions.append(.pullState(from: pullFrom.sorted())) }
         return actions
     }
 
@@ -275,7 +278,13 @@ public struct ProtectionMachine: Sendable {
     public func admit(_ put: FragmentPut, record: ParityRecord?, store: SnapshotStore) -> Admission {
         let slot = Int(put.fragment.index)
         let id = StepID(job: put.fragment.job, step: put.fragment.step)
-        if store.isCommitted(job: id.job, step: id.step) { return .duplicate }
+        if store.isCommitted(job: id.job, step: id.step) {
+            // Late (its source retried): acknowledged only, unless it brings other bytes than were folded.
+            if let record, let folded = record.foldedSlots[slot], folded != put.crc32c {
+                return .refuse(StoreError(.invalidRequest, "slot \(slot) of committed \(id.job)/\(id.step) stripe \(put.fragment.stripe) was folded with other bytes (CRC \(folded), now \(put.crc32c))"))
+            }
+            return .duplicate
+        }
         if let size = ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group), size != put.fragmentSizeBytes {
             return .refuse(StoreError(.invalidRequest, "fragment \(put.fragment) is \(put.fragmentSizeBytes) bytes; the group's reports give \(size)"))
         }
@@ -301,16 +310,25 @@ public struct ProtectionMachine: Sendable {
 
     // MARK: What this node holds
 
-    /// Committed steps (within retention) that this node took part in and does
-    /// not hold: the rebuild's work list. Steps lost here are not in it, nor
-    /// steps older than the newest one the store committed (the cluster
-    /// committed them out of order; the store already superseded them).
+    /// Steps this node took part in and does not hold, that are committed or
+    /// about to be (every node's protected report is known: the votes that
+    /// commit it follow), within retention: while any is left the node counts
+    /// as rebuilding. Steps lost here are not in it, nor steps older than the
+    /// newest one the store committed (the cluster committed them out of
+    /// order; the store already superseded them).
     public func missingSteps(store: SnapshotStore) -> [StepID] {
         ledger.steps.filter { id, entry in
-            entry.committed && entry.ready[selfID] != nil && !store.isCommitted(job: id.job, step: id.step)
-                && id.step > store.latestCommitted(job: id.job) ?? 0
+            (entry.committed || ledger.isFullyProtected(job: id.job, step: id.step)) && entry.ready[selfID] != nil
+                && !store.isCommitted(job: id.job, step: id.step)
+                && store.latestCommitted(job: id.job).map { id.step > $0 } ?? true
                 && lost[id] == nil && isWithinRetention(id) && !holds(id, store: store)
         }.map(\.key).sorted()
+    }
+
+    /// The missing steps a rebuild can work on now: committed ones (survivors
+    /// serve fragments of committed steps only).
+    public func rebuildableSteps(store: SnapshotStore) -> [StepID] {
+        missingSteps(store: store).filter { ledger.entry(job: $0.job, step: $0.step)?.committed == true }
     }
 
     /// The newest step the cluster committed for `job`, as far as this node knows.
@@ -338,6 +356,9 @@ public struct ProtectionMachine: Sendable {
     /// Records a readiness report; a second, different one from the same node is a conflict (rule 1).
     @discardableResult
     private mutating func record(_ ready: StepReady) -> [Action] {
+        if let problem = Self.problem(with: ready, dataFragments: layout.dataFragmentCount) {
+            return [.log(.error, "ignoring node \(ready.nodeID)'s report: \(problem)", job: ready.job, step: ready.step)]
+        }
         if let earlier = ledger.entry(job: ready.job, step: ready.step)?.ready[ready.nodeID], !faults.contains(.mutableReports) {
             guard earlier != ready else { return [] }
             return [.log(.error, "node \(ready.nodeID) sent a second, different report of its share; the first one stands", job: ready.job, step: ready.step)]
@@ -385,6 +406,11 @@ public struct ProtectionMachine: Sendable {
         // Knowing every protected report, this node says so: the step commits
         // once every node has (then a commit anywhere survives any m losses
         // of the knowledge as well as of the bytes).
+        // Any process of this node votes, a replacement too: the node that
+        // committed may have died before its own vote left, and without the
+        // replacement's vote the survivors would never learn of a commit its
+        // trainers were told about. (A replacement's missing share is then
+        // rebuilt like any lost node's.)
         if ledger.isFullyProtected(job: id.job, step: id.step), ledger.entry(job: id.job, step: id.step)?.stableNodes.contains(selfID) == false {
             ledger.recordStable(job: id.job, step: id.step, node: selfID)
             actions.append(.broadcast(.stepProtected(StepProtected(job: id.job, step: id.step, nodeID: selfID, stable: true))))
@@ -401,7 +427,12 @@ public struct ProtectionMachine: Sendable {
     /// Rule 3: this incarnation reported the share, it is protected, and
     /// every parity fragment the node owes the step is sealed.
     public func holds(_ id: StepID, store: SnapshotStore) -> Bool {
-        if store.isCommitted(job: id.job, step: id.step) { return true }
+        store.isCommitted(job: id.job, step: id.step) || holdsOwnPart(id, store: store)
+    }
+
+    /// This process reported its share, protected it, and sealed every parity
+    /// fragment it owes the step.
+    private func holdsOwnPart(_ id: StepID, store: SnapshotStore) -> Bool {
         guard own[id]?.phase == .protected, let size = ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group),
             let stripes = try? layout.parityStripes(node: position)
         else { return false }
@@ -417,6 +448,23 @@ public struct ProtectionMachine: Sendable {
     private func isWithinRetention(_ id: StepID) -> Bool {
         let newer = ledger.steps.filter { $0.key.job == id.job && $0.key.step > id.step && $0.value.committed }.count
         return newer < keptStepsPerJob
+    }
+
+    /// Why a readiness report cannot be used, if it cannot: sizes beyond what
+    /// a group can encode, or manifests of another step or with repeated ranks.
+    static func problem(with ready: StepReady, dataFragments: Int) -> String? {
+        guard ready.dataSizeBytes <= UInt64(dataFragments) * UInt64(ReedSolomon.maximumFragmentSizeBytes) else {
+            return "its share of \(ready.dataSizeBytes) bytes exceeds what RS(\(dataFragments), m) fragments can carry"
+        }
+        guard ready.world > 0, ready.world <= UInt32(Int32.max) else { return "world size \(ready.world) is out of range" }
+        var ranks = Set<Rank>()
+        for manifest in ready.manifests {
+            guard let decoded = try? ManifestFile(decoding: manifest) else { return "a manifest does not decode" }
+            guard decoded.key.job == ready.job, decoded.key.step == ready.step, decoded.key.rank < ready.world, ranks.insert(decoded.key.rank).inserted else {
+                return "manifest \(decoded.key) does not belong in this report"
+            }
+        }
+        return nil
     }
 
     /// The ranks a readiness report's manifests cover.

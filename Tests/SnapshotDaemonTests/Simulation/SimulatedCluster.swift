@@ -231,6 +231,9 @@ final class SimulatedCluster {
             execute(nodes[index].machine.merge(state, store: nodes[index].store, nowMilliseconds: now), at: id)
             if !nodes[index].discovered {
                 nodes[index].discovered = true
+                let sealed = nodes[index].sealedBeforeDiscovery
+                nodes[index].sealedBeforeDiscovery = []
+                for step in sealed { shareSealed(node: id, step: step) }
                 refreshNeed(id)
             }
         case .put(let requestID, let put, let bytes):
@@ -330,7 +333,8 @@ final class SimulatedCluster {
     private func trainerSave(node id: NodeID, rank: Rank, step: Step) {
         let index = Int(id)
         guard nodes[index].isUp, !nodes[index].isFrozen(at: now) else { return }  // a trainer of a dead node saves nothing
-        guard nodes[index].discovered, nodes[index].machine.refusalOfSave(job: job, step: step) == nil else { return note("node \(id) rank \(rank) step \(step): save refused") }
+        // Like the daemon: saves are taken while joining; their report waits for discovery.
+        guard nodes[index].machine.refusalOfSave(job: job, step: step) == nil else { return note("node \(id) rank \(rank) step \(step): save refused") }
         let key = ShardKey(job: job, step: step, rank: rank)
         // Bytes differ by incarnation: a re-save after a restart need not match.
         var bytesRandom = SimulationRandom(seed: seed ^ (UInt64(step) << 40) ^ (UInt64(rank) << 20) ^ nodes[index].incarnation)
@@ -364,6 +368,7 @@ final class SimulatedCluster {
 
     private func shareSealed(node id: NodeID, step: Step) {
         let index = Int(id)
+        guard nodes[index].discovered else { return nodes[index].sealedBeforeDiscovery.append(step) }
         let shards = nodes[index].store.localShards(job: job, step: step)
         let manifests = shards.map { ManifestFile(key: ShardKey(job: job, step: step, rank: $0.rank), world: world, shard: $0.shard).encoded() }
         let ready = StepReady(job: job, step: step, nodeID: id, world: world, dataSizeBytes: UInt64(nodes[index].shareBytes(step: step).count), manifests: manifests)
@@ -525,7 +530,7 @@ final class SimulatedCluster {
         let index = Int(id)
         if ordered, nodes[index].rebuild == nil { nodes[index].rebuildAttempted = [] }
         guard nodes[index].discovered, nodes[index].rebuild == nil,
-            let step = nodes[index].machine.missingSteps(store: nodes[index].store).first(where: { !nodes[index].rebuildAttempted.contains($0.step) })?.step,
+            let step = nodes[index].machine.rebuildableSteps(store: nodes[index].store).first(where: { !nodes[index].rebuildAttempted.contains($0.step) })?.step,
             let size = nodes[index].machine.ledger.fragmentSizeBytes(job: job, step: step, group: configuration.groups[0])
         else { return }
         nodes[index].rebuildAttempted.insert(step)
@@ -759,6 +764,7 @@ struct SimulatedNode {
     var pending: [UInt64: PendingRequest] = [:]
     var rebuild: RebuildInFlight?
     var rebuildAttempted: Set<Step> = []
+    var sealedBeforeDiscovery: [Step] = []
     var sessionGeneration: [Rank: UInt64] = [:]
 
     init(id: NodeID, ranks: [Rank], configuration: ClusterConfiguration, keptSteps: Int, faults: ProtectionMachine.Faults, now: Int64, discovered: Bool) throws {
@@ -796,6 +802,7 @@ struct SimulatedNode {
         pending = [:]
         sends = [:]
         rebuild = nil
+        sealedBeforeDiscovery = []
         if losesArena {
             shares = [:]
             parity = [:]
