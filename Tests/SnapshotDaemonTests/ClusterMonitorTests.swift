@@ -90,11 +90,18 @@ struct ClusterMonitorTests {
         #expect(sim.needsRebuild.isEmpty)
     }
 
+    /// Ticks every 100 ms (the heartbeat interval) over `range`, returning what they decided.
+    private func ticks(_ monitor: inout ClusterMonitor, _ range: StrideThrough<Int64>) -> [ClusterMonitor.Action] {
+        range.flatMap { monitor.handle(.tick(nowMilliseconds: $0)) }
+    }
+
     @Test func declaresDeadOnlyAfterTheTimeout() throws {
         var monitor = ClusterMonitor(selfID: 1, configuration: try cluster(nodes: 3, parity: 2, timeout: 1000), nowMilliseconds: 0)
+        #expect(ticks(&monitor, stride(from: 100, through: 800, by: 100)).isEmpty)
         #expect(monitor.handle(.heartbeat(from: 2, incarnation: 7, needsRebuild: false, nowMilliseconds: 900)).isEmpty)
-        #expect(monitor.handle(.tick(nowMilliseconds: 1000)).isEmpty)
+        #expect(ticks(&monitor, stride(from: 900, through: 1000, by: 100)).isEmpty)
         #expect(monitor.handle(.tick(nowMilliseconds: 1001)) == [.declaredDead(0), .becameCoordinator])
+        #expect(ticks(&monitor, stride(from: 1100, through: 1900, by: 100)).isEmpty)
         #expect(monitor.handle(.tick(nowMilliseconds: 1901)) == [.declaredDead(2)])
         #expect(monitor.handle(.heartbeat(from: 2, incarnation: 7, needsRebuild: false, nowMilliseconds: 2000)) == [.declaredAlive(2, incarnation: 7)])
         // A restart is noticed through the incarnation even without a timeout.
@@ -107,10 +114,39 @@ struct ClusterMonitorTests {
         #expect(monitor.handle(.heartbeat(from: 1, incarnation: 1, needsRebuild: true, nowMilliseconds: 4300)).isEmpty)
     }
 
+    /// A node stopped for longer than its peers' timeout (SIGSTOP, CPU
+    /// starvation) resumes without declaring anyone dead: the silence was its
+    /// own. A peer that stays silent after the resume is still declared dead,
+    /// one timeout later.
+    @Test func ownPauseIsNotCountedAgainstPeers() throws {
+        var monitor = ClusterMonitor(selfID: 1, configuration: try cluster(nodes: 3, parity: 1, timeout: 1000), nowMilliseconds: 0)
+        for now in stride(from: Int64(100), through: 1000, by: 100) {
+            _ = monitor.handle(.heartbeat(from: 0, incarnation: 1, needsRebuild: false, nowMilliseconds: now))
+            if now <= 500 { _ = monitor.handle(.heartbeat(from: 2, incarnation: 1, needsRebuild: false, nowMilliseconds: now)) }
+            #expect(monitor.handle(.tick(nowMilliseconds: now)).isEmpty)
+        }
+        // Stopped from 1000 to 3000; node 0 was last heard at 1000, node 2 (gone silent) at 500.
+        #expect(monitor.handle(.tick(nowMilliseconds: 3000)) == [.resumedAfterPause(milliseconds: 2000)])
+        _ = monitor.handle(.heartbeat(from: 0, incarnation: 1, needsRebuild: false, nowMilliseconds: 3010))
+        for now in stride(from: Int64(3100), through: 3400, by: 100) {
+            _ = monitor.handle(.heartbeat(from: 0, incarnation: 1, needsRebuild: false, nowMilliseconds: now))
+            #expect(monitor.handle(.tick(nowMilliseconds: now)).isEmpty, "at \(now) ms")
+        }
+        // Node 2's silence outside the pause still counts: 500 ms before it
+        // (plus one interval of slack), then 500 ms after it.
+        _ = monitor.handle(.heartbeat(from: 0, incarnation: 1, needsRebuild: false, nowMilliseconds: 3500))
+        #expect(monitor.handle(.tick(nowMilliseconds: 3500)) == [.declaredDead(2)])
+        #expect(monitor.deadNodes == [2])
+        // A gap under half the timeout (a slow tick) is not a pause.
+        _ = monitor.handle(.heartbeat(from: 0, incarnation: 1, needsRebuild: false, nowMilliseconds: 3900))
+        #expect(monitor.handle(.tick(nowMilliseconds: 4000)).isEmpty)
+    }
+
     @Test func aFreshMonitorOrdersNothingUntilItCanTellSilentFromDead() throws {
         var monitor = ClusterMonitor(selfID: 0, configuration: try cluster(nodes: 4, parity: 1, timeout: 1000), nowMilliseconds: 0)
         // Node 2 needs a rebuild, but node 3 has not been heard from: it may be dead too.
         #expect(monitor.handle(.heartbeat(from: 2, incarnation: 1, needsRebuild: true, nowMilliseconds: 100)).isEmpty)
+        #expect(ticks(&monitor, stride(from: 100, through: 1000, by: 100)).isEmpty)
         #expect(monitor.handle(.heartbeat(from: 1, incarnation: 1, needsRebuild: false, nowMilliseconds: 1000)).isEmpty)
         #expect(monitor.handle(.heartbeat(from: 2, incarnation: 1, needsRebuild: true, nowMilliseconds: 1000)).isEmpty)
         #expect(monitor.handle(.tick(nowMilliseconds: 1100)) == [.declaredDead(3), .beyondTolerance(group: 0, lost: [2, 3], tolerated: 1)])

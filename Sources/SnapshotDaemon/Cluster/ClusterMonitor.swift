@@ -15,6 +15,13 @@ public import SnapshotProtocol
 /// A monitor decides nothing for one failure timeout after it starts: until
 /// then it cannot tell a silent peer from a dead one (a replacement that
 /// started believing everyone alive would order rebuilds beyond tolerance).
+///
+/// A node judges a peer silent only for time it was awake to listen: when
+/// its own ticks stop for more than half a failure timeout (the process was
+/// stopped, or starved of CPU), the pause is not counted against its peers —
+/// their heartbeats were queued behind it, not missing. Without this, a node
+/// resuming from SIGSTOP declared live peers dead before reading their
+/// heartbeats (found by the simulation, seeds 24066 and 65685).
 public struct ClusterMonitor: Sendable {
     public enum PeerState: Sendable, Equatable {
         case alive
@@ -28,6 +35,8 @@ public struct ClusterMonitor: Sendable {
 
     public enum Action: Sendable, Equatable {
         case declaredDead(NodeID)
+        /// This node's ticks stopped for this long; the pause was not counted against its peers.
+        case resumedAfterPause(milliseconds: Int64)
         case declaredAlive(NodeID, incarnation: UInt64)
         case becameCoordinator
         case coordinatorChanged(to: NodeID)
@@ -38,7 +47,10 @@ public struct ClusterMonitor: Sendable {
     public let selfID: NodeID
     public let groups: [ClusterConfiguration.Group]
     public let failureTimeoutMilliseconds: Int64
+    public let heartbeatIntervalMilliseconds: Int64
     public let reorderIntervalMilliseconds: Int64
+    /// A gap between ticks longer than this is a pause of this node.
+    public var pauseThresholdMilliseconds: Int64 { failureTimeoutMilliseconds / 2 }
 
     public private(set) var states: [NodeID: PeerState] = [:]
     public private(set) var lastHeard: [NodeID: Int64] = [:]
@@ -47,7 +59,10 @@ public struct ClusterMonitor: Sendable {
     public private(set) var coordinator: NodeID
     private var lastOrder: [NodeID: Int64] = [:]
     private var reportedBeyond: Set<Int> = []
-    private let startedAtMilliseconds: Int64
+    /// No orders before this: one failure timeout after start or after a
+    /// pause, the node cannot yet tell a silent peer from a dead one.
+    private var ordersFromMilliseconds: Int64
+    private var lastTickMilliseconds: Int64
 
     /// Peers start alive as of `nowMilliseconds`: a node that never answers is
     /// declared dead one timeout after start.
@@ -55,8 +70,10 @@ public struct ClusterMonitor: Sendable {
         self.selfID = selfID
         groups = configuration.groups
         failureTimeoutMilliseconds = configuration.failureTimeoutMilliseconds
+        heartbeatIntervalMilliseconds = configuration.heartbeatIntervalMilliseconds
         self.reorderIntervalMilliseconds = reorderIntervalMilliseconds
-        startedAtMilliseconds = nowMilliseconds
+        ordersFromMilliseconds = nowMilliseconds + configuration.failureTimeoutMilliseconds
+        lastTickMilliseconds = nowMilliseconds
         for id in configuration.nodeIDs {
             states[id] = .alive
             lastHeard[id] = nowMilliseconds
@@ -92,6 +109,7 @@ public struct ClusterMonitor: Sendable {
             }
             actions += electAndOrder(now: now)
         case .tick(let now):
+            actions += discountOwnPause(now: now)
             for (id, state) in states.sorted(by: { $0.key < $1.key }) where id != selfID && state == .alive {
                 if now - (lastHeard[id] ?? now) > failureTimeoutMilliseconds {
                     states[id] = .dead
@@ -103,6 +121,18 @@ public struct ClusterMonitor: Sendable {
         return actions
     }
 
+    /// Moves every peer's last-heard time forward by the part of the gap since
+    /// the last tick that exceeds one heartbeat interval, if the gap shows a pause.
+    private mutating func discountOwnPause(now: Int64) -> [Action] {
+        defer { lastTickMilliseconds = max(lastTickMilliseconds, now) }
+        let gap = now - lastTickMilliseconds
+        guard gap > pauseThresholdMilliseconds else { return [] }
+        let credit = gap - heartbeatIntervalMilliseconds
+        for (id, heard) in lastHeard { lastHeard[id] = min(now, heard + credit) }
+        ordersFromMilliseconds = max(ordersFromMilliseconds, now + failureTimeoutMilliseconds)
+        return [.resumedAfterPause(milliseconds: gap)]
+    }
+
     private mutating func electAndOrder(now: Int64) -> [Action] {
         var actions: [Action] = []
         let elected = liveNodes.min() ?? selfID
@@ -110,7 +140,7 @@ public struct ClusterMonitor: Sendable {
             coordinator = elected
             actions.append(elected == selfID ? .becameCoordinator : .coordinatorChanged(to: elected))
         }
-        guard isCoordinator, now - startedAtMilliseconds > failureTimeoutMilliseconds else { return actions }
+        guard isCoordinator, now > ordersFromMilliseconds else { return actions }
         for group in groups {
             let lost = group.nodes.filter { states[$0] == .dead || needsRebuild.contains($0) }.sorted()
             if lost.count > group.parity {

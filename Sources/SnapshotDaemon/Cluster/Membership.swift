@@ -7,24 +7,41 @@ import SnapshotProtocol
 /// Membership: heartbeats to every peer and the coordinator's decisions
 /// (``ClusterMonitor``), carried out.
 extension ClusterNode {
+    /// Failure detection never waits on one peer: each peer has its own
+    /// heartbeat thread (a frozen or black-holed peer stalls only its own,
+    /// for at most one connect or reply timeout), and the clock ticks the
+    /// monitor on this thread at a fixed interval whatever the peers do.
+    /// Threads: one per peer, bounded by ``ClusterConfiguration``'s node limit.
     func heartbeatLoop() {
+        for peer in mesh.peers {
+            Thread.detachNewThread { [self] in peerHeartbeatLoop(peer) }
+        }
         while !isStopping {
             let started = monotonicMilliseconds()
-            for peer in mesh.peers {
-                let beat = state.withLock { ownHeartbeat(&$0) }
-                guard case .heartbeat(let reply)? = try? mesh.request(peer, .heartbeat, .heartbeat(beat), timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
-                observe(reply)
-            }
-            let now = monotonicMilliseconds()
             let (monitorActions, protectionActions) = state.withLock { state in
-                (state.cluster!.monitor.handle(.tick(nowMilliseconds: now)),
-                 state.cluster!.protection.tick(nowMilliseconds: now, liveNodes: Set(state.cluster!.monitor.liveNodes)))
+                (state.cluster!.monitor.handle(.tick(nowMilliseconds: started)),
+                 state.cluster!.protection.tick(nowMilliseconds: started, liveNodes: Set(state.cluster!.monitor.liveNodes)))
             }
             perform(monitorActions)
             execute(protectionActions)
-            let elapsed = monotonicMilliseconds() - started
-            if elapsed < cluster.heartbeatIntervalMilliseconds { usleep(useconds_t((cluster.heartbeatIntervalMilliseconds - elapsed) * 1000)) }
+            sleepRestOfInterval(since: started)
         }
+    }
+
+    private func peerHeartbeatLoop(_ peer: NodeID) {
+        while !isStopping {
+            let started = monotonicMilliseconds()
+            let beat = state.withLock { ownHeartbeat(&$0) }
+            if case .heartbeat(let reply)? = try? mesh.request(peer, .heartbeat, .heartbeat(beat), timeoutMilliseconds: heartbeatTimeoutMilliseconds) {
+                observe(reply)
+            }
+            sleepRestOfInterval(since: started)
+        }
+    }
+
+    private func sleepRestOfInterval(since started: Int64) {
+        let elapsed = monotonicMilliseconds() - started
+        if elapsed < cluster.heartbeatIntervalMilliseconds { usleep(useconds_t((cluster.heartbeatIntervalMilliseconds - elapsed) * 1000)) }
     }
 
     func handleHeartbeat(_ beat: Heartbeat) -> Message {
@@ -50,6 +67,8 @@ extension ClusterNode {
             switch action {
             case .declaredDead(let node):
                 logger.error("peer declared dead: no heartbeat within the failure timeout", metadata: ["peer": "\(node)", "timeoutMilliseconds": "\(cluster.failureTimeoutMilliseconds)"])
+            case .resumedAfterPause(let milliseconds):
+                logger.warning("this node was paused (stopped or starved of CPU); the pause is not counted against its peers", metadata: ["pausedMilliseconds": "\(milliseconds)"])
             case .declaredAlive(let node, let incarnation):
                 logger.notice("peer alive", metadata: ["peer": "\(node)", "incarnation": "\(incarnation)"])
             case .becameCoordinator:

@@ -315,7 +315,7 @@ final class SimulatedCluster {
                 let lower = configuration.nodeIDs.filter { $0 < id && nodes[Int($0)].isUp && !nodes[Int($0)].isFrozen(at: now) && (lastUnavailableMilliseconds[$0] ?? -1) < now - configuration.failureTimeoutMilliseconds - 200 }
                 if !lower.isEmpty { violations.append("node \(id) ordered a rebuild of node \(target) at \(now) ms while node \(lower[0]) was up throughout") }
                 if target == id { beginRebuild(id, ordered: true) } else { send(.control(.rebuildOrder(RebuildOrder(nodeID: target, incarnation: 0, coordinator: id))), from: id, to: target) }
-            case .declaredAlive, .becameCoordinator, .coordinatorChanged, .beyondTolerance:
+            case .declaredAlive, .becameCoordinator, .coordinatorChanged, .beyondTolerance, .resumedAfterPause:
                 break
             }
         }
