@@ -19,10 +19,12 @@ struct SnapshotdCommand: AsyncParsableCommand {
     @Option(help: "TCP listen address host:port for remote clients (needs --shared-secret-file).") var tcpListen: String?
     @Option(help: "Arena directory on a tmpfs.") var arenaDirectory: String?
     @Option(help: "Memory budget, e.g. 64GiB.") var memoryBudget: String?
-    @Option(help: "Committed snapshots kept per job.") var keep: Int?
+    @Option(name: [.customLong("snapshots-kept-per-job"), .customLong("keep")], help: "Committed snapshots kept per job.") var snapshotsKeptPerJob: Int?
     @Option(help: "File holding the shared secret for TCP authentication.") var sharedSecretFile: String?
     @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
     @Option(help: "Cluster file (nodes, addresses, protection groups); omit for a single node.") var clusterFile: String?
+    @Option(name: .customLong("max-connections"), help: "Most concurrent client sessions (each is a thread).") var maximumConnections: Int?
+    @Option(name: .customLong("frame-timeout-ms"), help: "Once a frame has started, the rest must arrive within this many milliseconds.") var frameTimeoutMilliseconds: Int64?
 
     func run() async throws {
         let settings: DaemonConfiguration
@@ -65,7 +67,9 @@ struct SnapshotdCommand: AsyncParsableCommand {
         if let tcpListen { settings.tcpListen = tcpListen }
         if let arenaDirectory { settings.arenaDirectory = arenaDirectory }
         if let memoryBudget { settings.memoryBudgetBytes = try DaemonConfiguration.parseByteSize(memoryBudget) }
-        if let keep { settings.snapshotsKeptPerJob = keep }
+        if let snapshotsKeptPerJob { settings.snapshotsKeptPerJob = snapshotsKeptPerJob }
+        if let maximumConnections { settings.maximumConnections = maximumConnections }
+        if let frameTimeoutMilliseconds { settings.frameTimeoutMilliseconds = frameTimeoutMilliseconds }
         if let sharedSecretFile { settings.sharedSecretFile = sharedSecretFile }
         if let logLevel { settings.logLevel = try DaemonConfiguration.parseLogLevel(logLevel) }
         if let clusterFile { settings.clusterFile = clusterFile }

@@ -57,17 +57,20 @@ struct BadInputTests {
         try good.waitCommitted(step: 1)
 
         // Random bytes: a bad-magic error, then the daemon hangs up.
-        var rng = SystemRandomNumberGenerator()
+        let seed = testSeed("bad input")
+        var rng = SeededGenerator(seed: seed)
         for _ in 0..<20 {
             let raw = try Raw.unix(daemon)
             try raw.send(bytes: (0..<Int.random(in: 40...400, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) })
-            #expect(errorCode(raw.reply()) == .malformedFrame)
+            #expect(errorCode(raw.reply()) == .malformedFrame, "seed \(seed)")
             raw.close()
         }
-        // Truncated header, then the client vanishes.
+        // Truncated header, then the client vanishes: its session ends, the daemon serves on.
         let truncated = try Raw.unix(daemon)
         try truncated.send(bytes: Array(Frame.encode(.latestCommitted, requestID: 1).prefix(17)))
         truncated.close()
+        #expect(daemon.isRunning)
+        #expect(errorCode(try Raw.unix(daemon).call(.latestCommitted)) == .helloRequired)
         // Oversize payload claim.
         let oversize = try Raw.unix(daemon)
         var header = FrameHeader(type: .beginSave, requestID: 5, payloadLength: 100 << 20, payloadChecksum: 0, bulkLength: 0).encoded()
@@ -134,6 +137,46 @@ struct BadInputTests {
         #expect(log.contains("malformed frame"))
         #expect(log.contains("TCP client failed authentication"))
         #expect(log.contains("request refused"))
+    }
+
+    /// Sizes that overflow 64 bits (a shape product, a sum of tensor lengths)
+    /// are refused before any arithmetic on them, over both sockets.
+    @Test func beginSavesWhoseSizesOverflowAreRefused() throws {
+        let daemon = try DaemonProcess()
+        let huge = Int64.max  // 2^63 − 1 elements
+        let overflowing: [(String, [TensorSpec])] = [
+            ("one 2-byte tensor of 2^63 − 1 elements", [try TensorSpec(name: "w", dtype: .float16, shape: [huge], kind: .parameter)]),
+            ("two 1-byte tensors of 2^63 − 1 elements", [
+                try TensorSpec(name: "a", dtype: .bytes, shape: [huge], kind: .parameter),
+                try TensorSpec(name: "b", dtype: .bytes, shape: [huge], kind: .parameter),
+            ]),
+            ("2^63 + 2^40 bytes, past the shard limit", [
+                try TensorSpec(name: "c", dtype: .bytes, shape: [1 << 40], kind: .parameter),
+                try TensorSpec(name: "d", dtype: .float32, shape: [1 << 31, 1 << 30], kind: .parameter),
+            ]),
+        ]
+        let (tcp, ok) = try Raw.tcp(daemon, secret: daemon.secret)
+        #expect(ok == .ok)
+        let unix = try Raw.unix(daemon)
+        for (raw, transport) in [(unix, DataTransport.sharedMemory), (tcp, .stream)] {
+            guard case .welcome = try raw.call(.hello(Hello(role: .trainer, job: try JobID("overflow-\(transport)"), rank: 0, world: 1))) else {
+                throw HarnessError("hello refused")
+            }
+            for (name, specs) in overflowing {
+                guard case .error(let refusal) = try raw.call(.beginSave(BeginSave(step: 1, transport: transport, tensors: specs))) else {
+                    Issue.record("\(name) over \(transport) was accepted")
+                    continue
+                }
+                #expect(refusal.code == .invalidRequest, "\(name) over \(transport): \(refusal.message)")
+                #expect(refusal.message.contains("the most any shard may hold"), "\(refusal.message)")
+            }
+            #expect(daemon.isRunning)
+        }
+        // The daemon serves on: a real save commits.
+        let client = try daemon.unixClient(job: try JobID("after-overflow"), rank: 0, world: 1)
+        try client.save(step: 1, tensors: tensors(step: 1, rank: 0, sizes: Self.sizes))
+        #expect(try client.waitCommitted(step: 1) == 1)
+        #expect(daemon.log().contains("the most any shard may hold"))
     }
 
     @Test func clientChecksumsThatDoNotMatchKeepTheStepUncommitted() throws {

@@ -273,12 +273,12 @@ public final class Arena: @unchecked Sendable {
         var parity: [Int: ParityRecord] = [:]
         for entry in (fields["parity"] ?? "").split(separator: ",") {
             let parts = entry.split(separator: ":").compactMap { UInt64($0) }
-            guard parts.count == 4 else { return nil }
-            let size = SegmentLayout.roundUp(max(parts[2], 1), to: SegmentLayout.segmentGranularityBytes)
+            guard parts.count == 4, let stripe = Int(exactly: parts[0]), let row = Int(exactly: parts[1]), let crc = UInt32(exactly: parts[3]),
+                let size = SegmentLayout.fragmentSegmentBytes(parts[2]) else { return nil }
             var info = stat()
-            let key = ParityKey(job: job, step: step, stripe: Int(parts[0]))
+            let key = ParityKey(job: job, step: step, stripe: stripe)
             guard stat(paritySegmentPath(key), &info) == 0, UInt64(info.st_size) == size else { return nil }
-            parity[Int(parts[0])] = ParityRecord(row: Int(parts[1]), fragmentSizeBytes: parts[2], segmentSizeBytes: size, crc32c: UInt32(truncatingIfNeeded: parts[3]))
+            parity[stripe] = ParityRecord(row: row, fragmentSizeBytes: parts[2], segmentSizeBytes: size, crc32c: crc)
         }
         return RecoveredStep(job: job, step: step, world: world, shards: shards, parity: parity)
     }

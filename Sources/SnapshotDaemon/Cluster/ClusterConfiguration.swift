@@ -34,11 +34,17 @@ public struct ClusterConfiguration: Sendable, Equatable {
         /// Members in layout order: position p in this list is node index p of the StripeLayout.
         public let nodes: [NodeID]
         public let parity: Int
-        public var layout: StripeLayout { try! StripeLayout(groupSize: nodes.count, parityCount: parity) }
+        public let layout: StripeLayout
 
         public func position(of node: NodeID) -> Int? { nodes.firstIndex(of: node) }
 
-        public init(index: Int, nodes: [NodeID], parity: Int) {
+        /// Checks that RS(n − m, m) over these nodes exists (0 ≤ m < n ≤ 255).
+        public init(index: Int, nodes: [NodeID], parity: Int) throws {
+            do {
+                layout = try StripeLayout(groupSize: nodes.count, parityCount: parity)
+            } catch {
+                throw ConfigurationError("cluster file: group \(index) (\(nodes.count) nodes, parity \(parity)): \(error); need 0 ≤ parity < nodes ≤ \(ReedSolomon.maximumTotalFragments)")
+            }
             self.index = index
             self.nodes = nodes
             self.parity = parity
@@ -76,16 +82,23 @@ public struct ClusterConfiguration: Sendable, Equatable {
                 guard seen.contains(id) else { throw ConfigurationError("cluster file: group \(group.index) names unknown node \(id)") }
                 guard grouped.insert(id).inserted else { throw ConfigurationError("cluster file: node \(id) is in more than one group") }
             }
-            guard group.parity >= 0 else { throw ConfigurationError("cluster file: group \(group.index) has negative parity") }
-            guard group.parity < group.nodes.count else {
-                throw ConfigurationError("cluster file: group \(group.index) has parity m = \(group.parity) ≥ n = \(group.nodes.count); need m < n")
-            }
         }
         for node in nodes where !grouped.contains(node.id) {
             throw ConfigurationError("cluster file: node \(node.id) is in no protection group")
         }
-        guard heartbeatIntervalMilliseconds > 0, failureTimeoutMilliseconds > 2 * heartbeatIntervalMilliseconds else {
-            throw ConfigurationError("cluster file: failure_timeout_ms must exceed twice heartbeat_interval_ms")
+        guard Limits.heartbeatIntervalMilliseconds.contains(heartbeatIntervalMilliseconds) else {
+            throw ConfigurationError("cluster file: heartbeat_interval_ms = \(heartbeatIntervalMilliseconds) is outside \(Limits.heartbeatIntervalMilliseconds)")
+        }
+        guard Limits.failureTimeoutMilliseconds.contains(failureTimeoutMilliseconds) else {
+            throw ConfigurationError("cluster file: failure_timeout_ms = \(failureTimeoutMilliseconds) is outside \(Limits.failureTimeoutMilliseconds)")
+        }
+        // A node must hear at least two heartbeats of a live peer within the
+        // timeout, or one lost beat is a false death.
+        guard failureTimeoutMilliseconds > 2 * heartbeatIntervalMilliseconds else {
+            throw ConfigurationError("cluster file: failure_timeout_ms (\(failureTimeoutMilliseconds)) must exceed twice heartbeat_interval_ms (\(heartbeatIntervalMilliseconds)); raise failure_timeout_ms or lower heartbeat_interval_ms")
+        }
+        guard nodes.count <= Limits.maximumNodes else {
+            throw ConfigurationError("cluster file: \(nodes.count) nodes; at most \(Limits.maximumNodes) are supported (each peer has a heartbeat thread)")
         }
         self.nodes = nodes
         self.groups = groups
@@ -115,7 +128,7 @@ public struct ClusterConfiguration: Sendable, Equatable {
                 guard let id = member.int, let nodeID = NodeID(exactly: id) else { throw ConfigurationError("cluster file: group \(index) has a non-integer node") }
                 return nodeID
             }
-            return Group(index: index, nodes: ids, parity: parity)
+            return try Group(index: index, nodes: ids, parity: parity)
         }
         var repair = RepairStrategy.pipelined
         if let value = table["repair"] {
@@ -126,8 +139,14 @@ public struct ClusterConfiguration: Sendable, Equatable {
         }
         return try ClusterConfiguration(
             nodes: nodes, groups: groups,
-            heartbeatIntervalMilliseconds: Int64(table["heartbeat_interval_ms"]?.int ?? 200),
-            failureTimeoutMilliseconds: Int64(table["failure_timeout_ms"]?.int ?? 2000), repair: repair)
+            heartbeatIntervalMilliseconds: Int64(try integer(table, "heartbeat_interval_ms") ?? 200),
+            failureTimeoutMilliseconds: Int64(try integer(table, "failure_timeout_ms") ?? 2000), repair: repair)
+    }
+
+    private static func integer(_ table: TOMLTable, _ key: String) throws -> Int? {
+        guard let value = table[key] else { return nil }
+        guard let number = value.int else { throw ConfigurationError("cluster file: \(key) must be an integer") }
+        return number
     }
 
     public func node(_ id: NodeID) -> Node? { nodes.first { $0.id == id } }

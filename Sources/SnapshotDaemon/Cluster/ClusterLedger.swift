@@ -96,10 +96,11 @@ public struct ClusterLedger: Sendable {
         guard let entry = entry(job: job, step: step) else { return nil }
         var sizes: [Int] = []
         for node in group.nodes {
-            guard let ready = entry.ready[node] else { return nil }
-            sizes.append(Int(ready.dataSizeBytes))
+            // Reports are validated on arrival (``ProtectionMachine.problem(with:dataFragments:)``): sizes fit.
+            guard let ready = entry.ready[node], let size = Int(exactly: ready.dataSizeBytes) else { return nil }
+            sizes.append(size)
         }
-        return UInt64(try! group.layout.fragmentSizeBytes(nodeDataSizesBytes: sizes))
+        return (try? group.layout.fragmentSizeBytes(nodeDataSizesBytes: sizes)).flatMap { UInt64(exactly: $0) }
     }
 
     /// Data slots of `stripe` that carry bytes (a source whose data ends before
@@ -109,9 +110,8 @@ public struct ClusterLedger: Sendable {
         let layout = group.layout
         var slots = Set<Int>()
         for slot in 0..<layout.dataFragmentCount {
-            let position = try! layout.dataSource(stripe: stripe, slot: slot)
-            guard let ready = entry.ready[group.nodes[position]] else { return nil }
-            guard case .data(_, let fragment) = try! layout.role(node: position, stripe: stripe) else { continue }
+            guard let position = try? layout.dataSource(stripe: stripe, slot: slot), let ready = entry.ready[group.nodes[position]] else { return nil }
+            guard case .data(_, let fragment)? = try? layout.role(node: position, stripe: stripe) else { continue }
             if UInt64(fragment) * fragmentSizeBytes < ready.dataSizeBytes { slots.insert(slot) }
         }
         return slots

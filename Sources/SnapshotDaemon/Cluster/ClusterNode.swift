@@ -34,9 +34,9 @@ final class ClusterNode: Sendable {
     /// Serializes folding into parity buffers (two sources of one stripe may arrive at once).
     let accumulateLock = NSLock()
     /// Reports, state pulls and rebuild orders: small, latency-bound messages.
-    let controlPool = WorkerPool(name: "snapshotd.control", threads: 4)
+    let controlPool = WorkerPool(name: "snapshotd.control", threads: Limits.controlPoolThreads)
     /// Fragment streams to parity holders: one per step in flight, bounded.
-    let dataPool = WorkerPool(name: "snapshotd.protect", threads: 4)
+    let dataPool = WorkerPool(name: "snapshotd.protect", threads: Limits.dataPoolThreads)
 
     static func initialState(selfID: NodeID, cluster: ClusterConfiguration, keptStepsPerJob: Int) throws -> ClusterState {
         ClusterState(

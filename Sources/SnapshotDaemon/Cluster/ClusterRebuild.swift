@@ -112,7 +112,9 @@ extension ClusterNode {
         var paritySegmentsBuilt: [Int: MappedSegment] = [:]
         for (stripe, row) in try layout.parityStripes(node: position) {
             let key = ParityKey(job: job, step: step, stripe: stripe)
-            let segmentSize = SegmentLayout.roundUp(fragmentSize, to: SegmentLayout.segmentGranularityBytes)
+            guard let segmentSize = SegmentLayout.fragmentSegmentBytes(fragmentSize) else {
+                throw StoreError(.invalidRequest, "a fragment of \(fragmentSize) bytes is over the segment limit")
+            }
             let segment = try state.withLock { _ in try arena.createParitySegment(key, sizeBytes: segmentSize) }
             do {
                 try rebuildFragment(job: job, step: step, stripe: stripe, target: layout.dataFragmentCount + row, entry: entry, fragmentSizeBytes: fragmentSize, workspace: &workspace, tally: &tally, into: segment.base!)

@@ -5,11 +5,10 @@ import Logging
 /// runs here, never on one new thread per event. Jobs do blocking I/O (with
 /// deadlines), so the pools are sized by how much of it may be in flight.
 final class WorkerPool: @unchecked Sendable {  // `jobs` and `stopping` are guarded by `condition`
-    /// Beyond this many queued jobs a submission is refused and logged. Every
-    /// job the daemon queues is either retried by a periodic tick (reports,
-    /// pulls) or only delays a commit (a protection), so refusing one never
-    /// loses data; an unbounded queue could exhaust memory instead.
-    static let maximumQueuedJobs = 4096
+    /// Beyond ``Limits/queuedJobsPerPool`` queued jobs a submission is refused
+    /// and logged. Every job the daemon queues is either retried by a periodic
+    /// tick (reports, pulls) or only delays a commit (a protection), so
+    /// refusing one never loses data; an unbounded queue could exhaust memory.
 
     private let condition = NSCondition()
     private var jobs: [@Sendable () -> Void] = []
@@ -29,12 +28,12 @@ final class WorkerPool: @unchecked Sendable {  // `jobs` and `stopping` are guar
 
     func submit(_ job: @escaping @Sendable () -> Void) {
         let accepted = condition.withLock {
-            guard !stopping, jobs.count < Self.maximumQueuedJobs else { return false }
+            guard !stopping, jobs.count < Limits.queuedJobsPerPool else { return false }
             jobs.append(job)
             condition.signal()
             return true
         }
-        if !accepted { logger.error("work queue full or stopped; job dropped", metadata: ["pool": "\(name)", "limit": "\(Self.maximumQueuedJobs)"]) }
+        if !accepted { logger.error("work queue full or stopped; job dropped", metadata: ["pool": "\(name)", "limit": "\(Limits.queuedJobsPerPool)"]) }
     }
 
     /// Lets queued jobs finish; takes no new ones.

@@ -42,7 +42,12 @@ public struct DaemonConfiguration: Sendable, Equatable {
         if let v = table["tcp_listen"] { config.tcpListen = try string(v, "tcp_listen") }
         if let v = table["arena_directory"] { config.arenaDirectory = try string(v, "arena_directory") }
         if let v = table["memory_budget"] {
-            if let text = v.string { config.memoryBudgetBytes = try parseByteSize(text) } else { config.memoryBudgetBytes = UInt64(try integer(v, "memory_budget")) }
+            if let text = v.string {
+                config.memoryBudgetBytes = try parseByteSize(text)
+            } else {
+                let bytes = try integer(v, "memory_budget")
+                config.memoryBudgetBytes = try UInt64(exactly: bytes).orThrow("memory_budget = \(bytes) is negative; give a size such as \"64GiB\"")
+            }
         }
         if let v = table["snapshots_kept_per_job"] { config.snapshotsKeptPerJob = try integer(v, "snapshots_kept_per_job") }
         if let v = table["shared_secret_file"] { config.sharedSecretFile = try string(v, "shared_secret_file") }
@@ -55,10 +60,10 @@ public struct DaemonConfiguration: Sendable, Equatable {
 
     /// Checks that the configuration can work, with errors that say what to change.
     public func validate() throws {
-        guard snapshotsKeptPerJob >= 1 else { throw ConfigurationError("snapshots_kept_per_job must be at least 1") }
-        guard memoryBudgetBytes >= 1 << 20 else { throw ConfigurationError("memory_budget must be at least 1 MiB") }
-        guard maximumConnections >= 1 else { throw ConfigurationError("max_connections must be at least 1") }
-        guard frameTimeoutMilliseconds >= 100 else { throw ConfigurationError("frame_timeout_ms must be at least 100") }
+        try Self.check("snapshots_kept_per_job", snapshotsKeptPerJob, within: Limits.snapshotsKeptPerJob)
+        try Self.check("memory_budget", memoryBudgetBytes, within: Limits.memoryBudgetBytes)
+        try Self.check("max_connections", maximumConnections, within: Limits.maximumConnections)
+        try Self.check("frame_timeout_ms", frameTimeoutMilliseconds, within: Limits.frameTimeoutMilliseconds)
         if clusterFile != nil, sharedSecretFile == nil {
             throw ConfigurationError("cluster_file is set but shared_secret_file is not: peers must authenticate")
         }
@@ -67,6 +72,12 @@ public struct DaemonConfiguration: Sendable, Equatable {
             guard sharedSecretFile != nil else {
                 throw ConfigurationError("tcp_listen is set but shared_secret_file is not: TCP clients must authenticate")
             }
+        }
+    }
+
+    private static func check<T: Comparable>(_ key: String, _ value: T, within range: ClosedRange<T>) throws {
+        guard range.contains(value) else {
+            throw ConfigurationError("\(key) = \(value) is out of range: it must be between \(range.lowerBound) and \(range.upperBound)")
         }
     }
 

@@ -27,10 +27,6 @@ final class Session {
     var scratch: MappedSegment?
     var peerNode: NodeID?
 
-    /// Bulk bytes of a refused put are read and dropped up to this size to keep
-    /// the session; a larger refused put closes it instead.
-    static let maximumDiscardBytes: UInt64 = 64 << 20
-
     init(server: SnapshotServer, id: SessionID, connection: FramedConnection, isTCP: Bool) {
         self.server = server
         self.id = id
@@ -189,7 +185,7 @@ final class Session {
         let key = ShardKey(job: job!, step: m.step, rank: rank)
         let target = server.putDestination(session: id, key: key, tensorIndex: Int(m.tensorIndex), offsetBytes: m.offsetBytes, lengthBytes: header.bulkLength)
         guard let (segment, offset) = target else {
-            guard header.bulkLength <= Self.maximumDiscardBytes else {
+            guard header.bulkLength <= Limits.maximumDiscardBytes else {
                 throw SessionEnd(reason: "refused put of \(header.bulkLength) bulk bytes for \(key) tensor \(m.tensorIndex)")
             }
             try connection.socket.discard(count: header.bulkLength, deadlineMilliseconds: connection.bulkDeadline(header.bulkLength))

@@ -37,6 +37,7 @@ public final class SnapshotServer: Service, Sendable {
     let sealSlots = DispatchSemaphore(value: max(1, ProcessInfo.processInfo.activeProcessorCount))
 
     public init(configuration: DaemonConfiguration, logger: Logger) throws {
+        Limits.checkRelationships()
         try configuration.validate()
         var configuration = configuration
         clusterConfiguration = try configuration.clusterFile.map(Self.loadCluster)

@@ -147,7 +147,9 @@ public struct SnapshotStore: Sendable {
             }
             reclaimable = existing.segmentSizeBytes
         }
-        let layout = SegmentLayout.offsets(for: specs)
+        guard let layout = SegmentLayout.offsets(for: specs) else {
+            throw StoreError(.invalidRequest, "save of \(key): its \(specs.count) tensors add up to more than \(SegmentLayout.maximumSegmentBytes) bytes, the most any shard may hold")
+        }
         let available = freeBytes + reclaimable
         guard layout.segmentSizeBytes <= available else {
             throw StoreError(.overBudget, "save of \(key) needs \(layout.segmentSizeBytes) bytes; \(freeBytes) of \(budgetBytes) budget bytes are free")
@@ -254,7 +256,9 @@ public struct SnapshotStore: Sendable {
         if let latest = jobs[key.job]?.latestCommitted, key.step <= latest, !(jobs[key.job]!.committedSteps.contains(key.step)) {
             throw StoreError(.invalidRequest, "\(key) is older than committed step \(latest)")
         }
-        let size = SegmentLayout.roundUp(max(fragmentSizeBytes, 1), to: SegmentLayout.segmentGranularityBytes)
+        guard let size = SegmentLayout.fragmentSegmentBytes(fragmentSizeBytes) else {
+            throw StoreError(.invalidRequest, "parity for \(key): a fragment of \(fragmentSizeBytes) bytes is over the segment limit")
+        }
         guard size <= freeBytes else {
             throw StoreError(.overBudget, "parity for \(key) needs \(size) bytes; \(freeBytes) of \(budgetBytes) budget bytes are free")
         }

@@ -1,0 +1,48 @@
+import ErasureCoding
+import SnapshotProtocol
+
+/// Every bound and timeout of the daemon, in one place (TIGER_STYLE: a limit
+/// on everything). Configuration values are checked against the ranges here
+/// with an error naming the setting; the relationships between limits are
+/// checked by ``checkRelationships()`` at start and by a unit test.
+/// Wire-format limits live in ``ProtocolLimits`` (shared with clients).
+public enum Limits {
+    // MARK: Ranges of configurable values
+
+    /// A budget below one segment granule holds nothing; one above the
+    /// largest segment could not be laid out without overflow.
+    public static let memoryBudgetBytes: ClosedRange<UInt64> = (1 << 20)...SegmentLayout.maximumSegmentBytes
+    public static let snapshotsKeptPerJob: ClosedRange<Int> = 1...64
+    public static let maximumConnections: ClosedRange<Int> = 1...65_536
+    public static let frameTimeoutMilliseconds: ClosedRange<Int64> = 100...3_600_000
+    public static let heartbeatIntervalMilliseconds: ClosedRange<Int64> = 10...60_000
+    public static let failureTimeoutMilliseconds: ClosedRange<Int64> = 30...600_000
+    /// Nodes in one cluster file: each peer has a heartbeat thread.
+    public static let maximumNodes = 1024
+
+    // MARK: Threads and queues
+
+    /// Reports, state pulls, rebuild orders.
+    static let controlPoolThreads = 4
+    /// Fragment streams to parity holders.
+    static let dataPoolThreads = 4
+    /// Queued jobs per pool; beyond it a submission is refused and logged.
+    static let queuedJobsPerPool = 4096
+
+    // MARK: Sessions
+
+    /// Bulk bytes of a refused put are read and dropped up to this size to
+    /// keep the session; a larger refused put closes it instead.
+    static let maximumDiscardBytes: UInt64 = 64 << 20
+
+    /// Checks how the limits relate; a violation is a programming error in
+    /// this file, so it traps at start (never on input).
+    static func checkRelationships() {
+        precondition(memoryBudgetBytes.lowerBound >= SegmentLayout.segmentGranularityBytes, "a budget must hold one segment")
+        precondition(heartbeatIntervalMilliseconds.lowerBound * 2 < failureTimeoutMilliseconds.upperBound)
+        precondition(failureTimeoutMilliseconds.lowerBound > 2 * heartbeatIntervalMilliseconds.lowerBound)
+        precondition(maximumNodes >= ReedSolomon.maximumTotalFragments, "a cluster holds at least one full group")
+        precondition(maximumDiscardBytes <= ProtocolLimits.maximumBulkBytes)
+        precondition(UInt64(ProtocolLimits.maximumControlPayloadBytes) < SegmentLayout.maximumSegmentBytes)
+    }
+}

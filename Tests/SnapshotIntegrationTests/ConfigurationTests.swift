@@ -1,0 +1,79 @@
+import Foundation
+import Glibc
+import Testing
+
+/// Bad configuration values, given to a real `snapshotd`: each gives one clear
+/// error line naming the setting and a non-zero exit, never a trap (a trap
+/// exits by signal: SIGILL or SIGTRAP).
+@Suite("Bad configuration values")
+struct ConfigurationTests {
+    struct Outcome {
+        let status: Int32
+        let reason: Process.TerminationReason
+        let output: String
+    }
+
+    /// Runs snapshotd with `config` as its TOML file (and a cluster file, if
+    /// given) and waits for it to exit.
+    func run(config: String, cluster: String? = nil) throws -> Outcome {
+        let scratch = try makeScratchDirectory()
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        try "integration-test-secret-0123456789".write(toFile: scratch + "/secret", atomically: true, encoding: .utf8)
+        var text = """
+            unix_socket = "\(scratch)/snapshotd.sock"
+            arena_directory = "/dev/shm/snapshotd-config-test-\(UUID().uuidString.prefix(8))"
+            shared_secret_file = "\(scratch)/secret"
+
+            """
+        if let cluster {
+            try cluster.write(toFile: scratch + "/cluster.toml", atomically: true, encoding: .utf8)
+            text += "cluster_file = \"\(scratch)/cluster.toml\"\n"
+        }
+        try (text + config).write(toFile: scratch + "/snapshotd.toml", atomically: true, encoding: .utf8)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Executables.path("snapshotd"))
+        process.arguments = ["--config", scratch + "/snapshotd.toml"]
+        let pipe = Pipe()
+        process.standardError = pipe
+        process.standardOutput = pipe
+        try process.run()
+        let deadline = Date().addingTimeInterval(20)
+        while process.isRunning, Date() < deadline { usleep(20_000) }
+        if process.isRunning {
+            process.terminate()
+            process.waitUntilExit()
+            throw HarnessError("snapshotd started with a bad configuration:\n\(config)")
+        }
+        let output = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        return Outcome(status: process.terminationStatus, reason: process.terminationReason, output: output)
+    }
+
+    static func clusterFile(groupSize: Int, heartbeat: Int = 200, timeout: Int = 2000) -> String {
+        var text = "heartbeat_interval_ms = \(heartbeat)\nfailure_timeout_ms = \(timeout)\n"
+        for id in 0..<groupSize { text += "[[node]]\nid = \(id)\naddress = \"127.0.0.1:\(20000 + id)\"\n" }
+        text += "[[group]]\nnodes = [\((0..<groupSize).map(String.init).joined(separator: ", "))]\nparity = 1\n"
+        return text
+    }
+
+    static let cases: [(name: String, config: String, cluster: String?, expected: String)] = [
+        ("negative memory budget", "memory_budget = -1\n", nil, "memory_budget = -1 is negative"),
+        ("budget below a segment", "memory_budget = 1000\n", nil, "memory_budget = 1000 is out of range"),
+        ("no snapshots kept", "snapshots_kept_per_job = 0\n", nil, "snapshots_kept_per_job = 0 is out of range"),
+        ("negative frame timeout", "frame_timeout_ms = -5\n", nil, "frame_timeout_ms = -5 is out of range"),
+        ("zero connections", "max_connections = 0\n", nil, "max_connections = 0 is out of range"),
+        ("a 300-node group", "", clusterFile(groupSize: 300), "group 0 (300 nodes, parity 1)"),
+        ("negative failure timeout", "", clusterFile(groupSize: 3, timeout: -100), "failure_timeout_ms = -100 is outside"),
+        ("negative heartbeat interval", "", clusterFile(groupSize: 3, heartbeat: -1), "heartbeat_interval_ms = -1 is outside"),
+        ("heartbeat that cannot fit the timeout", "", clusterFile(groupSize: 3, heartbeat: 600, timeout: 1000), "must exceed twice heartbeat_interval_ms"),
+    ]
+
+    @Test(arguments: 0..<cases.count)
+    func aBadValueIsOneClearErrorAndANonZeroExit(index: Int) throws {
+        let bad = Self.cases[index]
+        let outcome = try run(config: bad.config, cluster: bad.cluster)
+        #expect(outcome.reason == .exit, "\(bad.name): snapshotd died by signal \(outcome.status)\n\(outcome.output)")
+        #expect(outcome.status != 0, "\(bad.name)")
+        #expect(outcome.output.contains(bad.expected), "\(bad.name): \(outcome.output)")
+        #expect(!outcome.output.contains("Fatal error"), "\(bad.name): \(outcome.output)")
+    }
+}
