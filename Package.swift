@@ -72,7 +72,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "snapshotctl",
-            dependencies: ["SnapshotClient", "SnapshotProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["SnapshotClient", "SnapshotDaemon", "SnapshotProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strictSettings
         ),
 

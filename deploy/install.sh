@@ -13,11 +13,14 @@ install -m 0755 .build/release/snapshotd .build/release/snapshotctl "$prefix/bin
 install -d -m 0755 /etc/snapshotd "$prefix/share/doc/snapshotd"
 install -m 0644 README.md "$prefix/share/doc/snapshotd/"
 if [ ! -f /etc/snapshotd/snapshotd.toml ]; then install -m 0644 deploy/snapshotd.toml /etc/snapshotd/; fi
-if [ ! -f /etc/snapshotd/secret ]; then
-    # The same secret must be copied to every node of the cluster.
-    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > /etc/snapshotd/secret
-    chmod 0600 /etc/snapshotd/secret
-fi
+# Two secrets: one for trainers and operators, one for peers (cluster mode).
+# Copy both to every node of the cluster.
+for name in secret peer-secret; do
+    if [ ! -f "/etc/snapshotd/$name" ]; then
+        head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "/etc/snapshotd/$name"
+        chmod 0600 "/etc/snapshotd/$name"
+    fi
+done
 sed "s#/usr/local/bin#$prefix/bin#" deploy/snapshotd.service > /etc/systemd/system/snapshotd.service
 systemctl daemon-reload
 echo "installed; start with: systemctl enable --now snapshotd"

@@ -99,7 +99,7 @@ start_node() {
     local prefix
     network_prefix "$dir" "$id"
     "${prefix[@]}" "$binary" --node-id "$id" --cluster-file "$dir/cluster.toml" \
-        --shared-secret-file "$dir/secret" --unix-socket "$dir/node$id.sock" \
+        --shared-secret-file "$dir/secret" --peer-secret-file "$dir/peer-secret" --unix-socket "$dir/node$id.sock" \
         --arena-directory "$(arena "$dir" "$id")" --memory-budget "${BUDGET:-4GiB}" --keep "${KEEP:-2}" \
         --log-level "${LOG_LEVEL:-info}" >>"$dir/node$id.log" 2>&1 &
     echo $! >"$dir/node$id.pid"
@@ -122,7 +122,8 @@ start)
     echo "$base_port" >"$dir/base_port"
     if [ "${NETNS:-0}" = 1 ]; then create_network "$dir" "$nodes"; fi
     head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/secret"
-    chmod 600 "$dir/secret"
+    head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/peer-secret"
+    chmod 600 "$dir/secret" "$dir/peer-secret"
     {
         echo "heartbeat_interval_ms = ${HEARTBEAT_MS:-200}"
         echo "failure_timeout_ms = ${FAILURE_MS:-1500}"

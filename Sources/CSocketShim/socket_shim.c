@@ -32,7 +32,7 @@ ssize_t snapshotd_send_with_fds(int socket_fd, const void *buffer, size_t length
     }
     ssize_t sent;
     do {
-        sent = sendmsg(socket_fd, &message, MSG_NOSIGNAL);
+        sent = sendmsg(socket_fd, &message, MSG_NOSIGNAL | MSG_DONTWAIT);  // the caller polls for POLLOUT under its deadline
     } while (sent < 0 && errno == EINTR);
     return sent;
 }

@@ -10,6 +10,9 @@ final class DaemonChannel: @unchecked Sendable {
     let connection: FramedConnection
     let lock = NSLock()
     private var nextRequestID: UInt64 = 1
+    /// How long a reply may take to start, unless a call says otherwise.
+    let replyTimeoutMilliseconds: Int64
+    static let defaultReplyTimeoutMilliseconds: Int64 = 60_000
 
     var usesSharedMemory: Bool {
         if case .unix = endpoint { return true }
@@ -17,14 +20,16 @@ final class DaemonChannel: @unchecked Sendable {
     }
 
     /// Connects and, over TCP, answers the daemon's challenge before anything else.
-    init(endpoint: Endpoint) throws {
+    init(endpoint: Endpoint, replyTimeoutMilliseconds: Int64 = DaemonChannel.defaultReplyTimeoutMilliseconds) throws {
         self.endpoint = endpoint
+        self.replyTimeoutMilliseconds = replyTimeoutMilliseconds
         switch endpoint {
         case .unix(let path):
             connection = FramedConnection(socket: try Socket.connectUnix(path: path))
         case .tcp(let host, let port, let secret):
             connection = FramedConnection(socket: try Socket.connectTCP(host: host, port: port))
             do {
+                try connection.socket.waitReadable(until: monotonicMilliseconds() + replyTimeoutMilliseconds)
                 let (_, challenge) = try receiveFrame()
                 guard case .challenge(let c) = challenge else { throw unexpected(challenge) }
                 let reply = try call(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: c.nonce))))
@@ -53,20 +58,55 @@ final class DaemonChannel: @unchecked Sendable {
     }
 
     /// With `lock` held: sends a request and returns its reply.
-    func callLocked(_ message: Message, collecting descriptors: inout [Int32]) throws -> Message {
-        try connection.send(message, requestID: takeRequestID())
-        return try receiveReply(collecting: &descriptors).message
+    func callLocked(_ message: Message, collecting descriptors: inout [Int32], timeoutMilliseconds: Int64? = nil) throws -> Message {
+        let requestID = takeRequestID()
+        try send(message, requestID: requestID)
+        return try receiveReply(to: requestID, collecting: &descriptors, timeoutMilliseconds: timeoutMilliseconds).message
     }
 
-    /// The next reply; an error reply (possibly for an earlier put) is thrown.
-    func receiveReply(collecting descriptors: inout [Int32]) throws -> (header: FrameHeader, message: Message) {
-        let (header, message) = try receiveFrame(collecting: &descriptors)
-        if case .error(let e) = message {
+    func send(_ message: Message, requestID: UInt64, bulkLength: UInt64 = 0) throws {
+        do {
+            try connection.send(message, requestID: requestID, bulkLength: bulkLength)
+        } catch {
+            connection.close()
+            throw SnapshotClientError(code: nil, message: "connection to snapshotd lost while sending \(message.type): \(error)")
+        }
+    }
+
+    /// The reply to `requestID`, which must start within `timeoutMilliseconds`
+    /// (default ``replyTimeoutMilliseconds``). Error replies to earlier
+    /// requests that had none of their own (a refused put) are read on the
+    /// way: the first is thrown once this request's reply is in, so the
+    /// stream stays in step. A timeout or a reply to a request never made
+    /// closes the connection: it can no longer be trusted to be in step.
+    func receiveReply(to requestID: UInt64, collecting descriptors: inout [Int32], timeoutMilliseconds: Int64? = nil) throws -> (header: FrameHeader, message: Message) {
+        let deadline = monotonicMilliseconds() + (timeoutMilliseconds ?? replyTimeoutMilliseconds)
+        var earlierRefusal: SnapshotClientError?
+        while true {
+            do {
+                try connection.socket.waitReadable(until: deadline)
+            } catch {
+                connection.close()
+                throw SnapshotClientError(code: .timeout, message: "snapshotd did not answer request \(requestID) within \(timeoutMilliseconds ?? replyTimeoutMilliseconds) ms; connection closed")
+            }
+            let (header, message) = try receiveFrame(collecting: &descriptors)
+            if header.requestID == requestID {
+                let refusal: SnapshotClientError? = if case .error(let e) = message { SnapshotClientError(code: e.code, message: e.message) } else { nil }
+                if let failure = earlierRefusal ?? refusal {
+                    descriptors.forEach { _ = close($0) }
+                    descriptors = []
+                    throw failure
+                }
+                return (header, message)
+            }
+            guard header.requestID < requestID, case .error(let e) = message else {
+                connection.close()
+                throw SnapshotClientError(code: .malformedFrame, message: "snapshotd answered request \(header.requestID) while request \(requestID) was waiting; connection closed")
+            }
             descriptors.forEach { _ = close($0) }
             descriptors = []
-            throw SnapshotClientError(code: e.code, message: e.message)
+            earlierRefusal = earlierRefusal ?? SnapshotClientError(code: e.code, message: "an earlier request (\(header.requestID)) was refused: \(e.message)")
         }
-        return (header, message)
     }
 
     private func receiveFrame() throws -> (header: FrameHeader, message: Message) {
@@ -97,8 +137,10 @@ public final class OperatorClient: @unchecked Sendable {
     let channel: DaemonChannel
     public private(set) var daemonNodeID: NodeID = 0
 
-    public init(endpoint: Endpoint) throws {
-        channel = try DaemonChannel(endpoint: endpoint)
+    /// - Parameter replyTimeoutMilliseconds: how long a reply may take to
+    ///   start before the call fails with ``ErrorCode/timeout``.
+    public init(endpoint: Endpoint, replyTimeoutMilliseconds: Int64 = 60_000) throws {
+        channel = try DaemonChannel(endpoint: endpoint, replyTimeoutMilliseconds: replyTimeoutMilliseconds)
         let welcome = try channel.call(.hello(Hello(role: .operatorTool, job: nil)))
         guard case .welcome(let w) = welcome else { throw unexpected(welcome) }
         daemonNodeID = w.nodeID

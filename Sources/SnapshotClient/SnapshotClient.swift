@@ -58,14 +58,21 @@ public final class SnapshotClient: @unchecked Sendable {
 
     public var usesSharedMemory: Bool { channel.usesSharedMemory }
 
-    /// - Parameter localWorld: ranks of the job using this daemon (torchrun's
-    ///   LOCAL_WORLD_SIZE); 0 when all `world` ranks are on one node.
-    public init(endpoint: Endpoint, job: JobID, rank: Rank, world: UInt32, localWorld: UInt32 = 0, topology: Topology = Topology()) throws {
+    /// - Parameters:
+    ///   - localWorld: ranks of the job using this daemon (torchrun's
+    ///     LOCAL_WORLD_SIZE); 0 when all `world` ranks are on one node.
+    ///   - replyTimeoutMilliseconds: how long any reply may take to start
+    ///     (``waitCommitted(step:timeoutMilliseconds:)`` adds its own wait)
+    ///     before the call fails with ``ErrorCode/timeout`` and the connection closes.
+    public init(
+        endpoint: Endpoint, job: JobID, rank: Rank, world: UInt32, localWorld: UInt32 = 0, topology: Topology = Topology(),
+        replyTimeoutMilliseconds: Int64 = 60_000
+    ) throws {
         self.job = job
         self.rank = rank
         self.world = world
         self.endpoint = endpoint
-        channel = try DaemonChannel(endpoint: endpoint)
+        channel = try DaemonChannel(endpoint: endpoint, replyTimeoutMilliseconds: replyTimeoutMilliseconds)
         let welcome = try call(.hello(Hello(role: .trainer, job: job, rank: rank, world: world, topology: topology, localWorld: localWorld)))
         guard case .welcome(let w) = welcome else { throw unexpected(welcome) }
         daemonNodeID = w.nodeID
@@ -126,8 +133,14 @@ public final class SnapshotClient: @unchecked Sendable {
     func put(step: Step, tensorIndex: Int, offsetBytes: UInt64, bytes: UnsafeRawBufferPointer) throws {
         try lock.withLock {
             let message = PutTensor(step: step, tensorIndex: UInt32(tensorIndex), offsetBytes: offsetBytes)
-            try connection.send(.putTensor(message), requestID: takeRequestID(), bulkLength: UInt64(bytes.count))
-            if let base = bytes.baseAddress { try connection.socket.writeAll(base, count: bytes.count) }
+            // No reply unless refused: a refusal is read with the next call's reply.
+            try channel.send(.putTensor(message), requestID: takeRequestID(), bulkLength: UInt64(bytes.count))
+            do {
+                if let base = bytes.baseAddress { try connection.sendBulk(base, count: bytes.count) }
+            } catch {
+                connection.close()
+                throw SnapshotClientError(code: nil, message: "connection to snapshotd lost while sending tensor \(tensorIndex): \(error)")
+            }
         }
     }
 
@@ -152,7 +165,13 @@ public final class SnapshotClient: @unchecked Sendable {
     /// Blocks until `step` (or a newer one) is committed for the whole job.
     @discardableResult
     public func waitCommitted(step: Step, timeoutMilliseconds: UInt32 = 60_000) throws -> Step {
-        let reply = try call(.waitCommitted(WaitCommitted(step: step, timeoutMilliseconds: timeoutMilliseconds)))
+        let reply = try lock.withLock {
+            var descriptors: [Int32] = []
+            // The daemon answers at its timeout at the latest; allow it the usual reply time beyond.
+            return try channel.callLocked(
+                .waitCommitted(WaitCommitted(step: step, timeoutMilliseconds: timeoutMilliseconds)), collecting: &descriptors,
+                timeoutMilliseconds: Int64(timeoutMilliseconds) + channel.replyTimeoutMilliseconds)
+        }
         guard case .latestCommittedReply(let r) = reply, let committed = r.step else { throw unexpected(reply) }
         return committed
     }
@@ -173,8 +192,8 @@ public final class SnapshotClient: @unchecked Sendable {
             var descriptors: [Int32] = []
             let transport: DataTransport = usesSharedMemory ? .sharedMemory : .stream
             let requestID = takeRequestID()
-            try connection.send(.restore(Restore(step: step, transport: transport)), requestID: requestID)
-            let (header, reply) = try receiveReply(collecting: &descriptors)
+            try channel.send(.restore(Restore(step: step, transport: transport)), requestID: requestID)
+            let (header, reply) = try channel.receiveReply(to: requestID, collecting: &descriptors)
             guard case .restoreReady(let ready) = reply else {
                 descriptors.forEach { _ = close($0) }
                 throw unexpected(reply)
@@ -231,9 +250,5 @@ public final class SnapshotClient: @unchecked Sendable {
 
     private func callLocked(_ message: Message, collecting descriptors: inout [Int32]) throws -> Message {
         try channel.callLocked(message, collecting: &descriptors)
-    }
-
-    private func receiveReply(collecting descriptors: inout [Int32]) throws -> (header: FrameHeader, message: Message) {
-        try channel.receiveReply(collecting: &descriptors)
     }
 }

@@ -28,8 +28,14 @@ public struct FramedConnection: Sendable {
         self.frameTimeoutMilliseconds = frameTimeoutMilliseconds
     }
 
+    /// Sends one frame (header and control payload) within the frame timeout.
     public func send(_ message: Message, requestID: UInt64, bulkLength: UInt64 = 0, passing descriptors: [Int32] = []) throws {
-        try socket.writeAll(Frame.encode(message, requestID: requestID, bulkLength: bulkLength), passing: descriptors)
+        try socket.writeAll(Frame.encode(message, requestID: requestID, bulkLength: bulkLength), passing: descriptors, deadlineMilliseconds: deadline())
+    }
+
+    /// Writes bulk bytes that follow a frame, within ``bulkDeadline(_:)``.
+    public func sendBulk(_ buffer: UnsafeRawPointer, count: Int) throws {
+        try socket.writeAll(buffer, count: count, deadlineMilliseconds: bulkDeadline(UInt64(count)))
     }
 
     /// Waits (without limit) for the next frame, then reads it under the frame deadline.
@@ -42,26 +48,25 @@ public struct FramedConnection: Sendable {
     /// for request/reply between daemons, where waiting forever on a stuck
     /// peer would stall the caller (the idle wait suits only a server).
     public func receiveReply(deadlineMilliseconds: Int64) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
-        do {
-            var first: UInt8 = 0
-            try socket.readExact(into: &first, count: 1, deadlineMilliseconds: deadlineMilliseconds)
-            return try receive(afterFirstByte: first)
-        } catch let error as ConnectionError {
-            throw error
-        } catch {
-            throw .io(Self.ioError(error))
-        }
+        try receive(firstByteBy: deadlineMilliseconds, restBy: nil, maximumPayloadBytes: ProtocolLimits.maximumControlPayloadBytes)
     }
 
-    private func receive(afterFirstByte first: UInt8) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+    /// A whole frame by `deadlineMilliseconds`, with a payload of at most
+    /// `maximumPayloadBytes`: what a server reads from a stranger before it
+    /// has authenticated (it cannot hold a session open or buy memory).
+    public func receiveBounded(deadlineMilliseconds: Int64, maximumPayloadBytes: Int) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+        try receive(firstByteBy: deadlineMilliseconds, restBy: deadlineMilliseconds, maximumPayloadBytes: maximumPayloadBytes)
+    }
+
+    private func receive(firstByteBy firstDeadline: Int64, restBy restDeadline: Int64?, maximumPayloadBytes: Int) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
         var headerBytes = [UInt8](repeating: 0, count: FrameHeader.sizeBytes)
-        headerBytes[0] = first
         do {
             try headerBytes.withUnsafeMutableBytes { b in
-                try socket.readExact(into: b.baseAddress! + 1, count: FrameHeader.sizeBytes - 1, deadlineMilliseconds: deadline())
+                try socket.readExact(into: b.baseAddress!, count: 1, deadlineMilliseconds: firstDeadline)
+                try socket.readExact(into: b.baseAddress! + 1, count: FrameHeader.sizeBytes - 1, deadlineMilliseconds: restDeadline ?? deadline())
             }
         } catch { throw .io(Self.ioError(error)) }
-        return try decodeRest(headerBytes)
+        return try decodeRest(headerBytes, payloadDeadline: restDeadline, maximumPayloadBytes: maximumPayloadBytes)
     }
 
     /// As ``receive()``, also collecting file descriptors passed with the frame.
@@ -72,18 +77,22 @@ public struct FramedConnection: Sendable {
                 ? try socket.readExact(count: FrameHeader.sizeBytes, collecting: &descriptors)
                 : try readHeaderBytes()
         } catch { throw .io(Self.ioError(error)) }
-        return try decodeRest(headerBytes)
+        return try decodeRest(headerBytes, payloadDeadline: nil, maximumPayloadBytes: ProtocolLimits.maximumControlPayloadBytes)
     }
 
-    /// Validates the header, then reads and decodes the payload.
-    private func decodeRest(_ headerBytes: [UInt8]) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+    /// Validates the header, then reads and decodes the payload (by
+    /// `payloadDeadline`, or within the frame timeout).
+    private func decodeRest(_ headerBytes: [UInt8], payloadDeadline: Int64?, maximumPayloadBytes: Int) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
         let header: FrameHeader
         do {
             header = try FrameHeader(decoding: headerBytes)
         } catch { throw .malformed(error, framingIntact: false, requestID: 0) }
+        guard Int(header.payloadLength) <= maximumPayloadBytes else {
+            throw .malformed(.payloadTooLarge(claimedBytes: UInt64(header.payloadLength), limitBytes: UInt64(maximumPayloadBytes)), framingIntact: false, requestID: header.requestID)
+        }
         let payload: [UInt8]
         do {
-            payload = try socket.readExact(count: Int(header.payloadLength), deadlineMilliseconds: deadline())
+            payload = try socket.readExact(count: Int(header.payloadLength), deadlineMilliseconds: payloadDeadline ?? deadline())
         } catch { throw .io(Self.ioError(error)) }
         do {
             try header.validatePayload(payload)

@@ -169,13 +169,24 @@ public struct Socket: Sendable {
         }
     }
 
+    /// Reads exactly `count` bytes into a new array that grows only as bytes
+    /// arrive (in chunks of ``readChunkBytes``): a peer that claims a large
+    /// length and then sends nothing costs one chunk, not the claim.
     public func readExact(count: Int, deadlineMilliseconds: Int64? = nil) throws -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: count)
-        try bytes.withUnsafeMutableBytes { (b) throws in
-            if count > 0 { try readExact(into: b.baseAddress!, count: count, deadlineMilliseconds: deadlineMilliseconds) }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(min(count, Self.readChunkBytes))
+        while bytes.count < count {
+            let chunk = min(count - bytes.count, Self.readChunkBytes)
+            let start = bytes.count
+            bytes.append(contentsOf: repeatElement(0, count: chunk))
+            try bytes.withUnsafeMutableBytes { (b) throws in
+                try readExact(into: b.baseAddress! + start, count: chunk, deadlineMilliseconds: deadlineMilliseconds)
+            }
         }
         return bytes
     }
+
+    public static let readChunkBytes = 64 << 10
 
     /// Reads and throws away `count` bytes.
     public func discard(count: UInt64, deadlineMilliseconds: Int64? = nil) throws {
@@ -190,35 +201,46 @@ public struct Socket: Sendable {
         }
     }
 
-    public func writeAll(_ buffer: UnsafeRawPointer, count: Int) throws {
+    /// Writes all `count` bytes by `deadlineMilliseconds` (monotonic): a
+    /// reader that stops reading is cut off at the deadline instead of
+    /// pinning this thread, and whatever it holds, forever.
+    public func writeAll(_ buffer: UnsafeRawPointer, count: Int, deadlineMilliseconds: Int64) throws {
         var done = 0
         while done < count {
-            let n = send(fd, buffer + done, min(count - done, 1 << 30), Int32(MSG_NOSIGNAL))
+            let n = send(fd, buffer + done, min(count - done, 1 << 30), Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
             if n > 0 {
                 done += n
+            } else if n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                try waitWritable(until: deadlineMilliseconds)
             } else if n < 0 && errno != EINTR {
                 throw IOError("write")
             }
         }
     }
 
-    public func writeAll(_ bytes: [UInt8]) throws {
+    public func writeAll(_ bytes: [UInt8], deadlineMilliseconds: Int64) throws {
         try bytes.withUnsafeBytes { (b) throws in
-            if !b.isEmpty { try writeAll(b.baseAddress!, count: b.count) }
+            if !b.isEmpty { try writeAll(b.baseAddress!, count: b.count, deadlineMilliseconds: deadlineMilliseconds) }
         }
     }
 
     /// Writes `bytes` with file descriptors attached to the first byte.
-    public func writeAll(_ bytes: [UInt8], passing descriptors: [Int32]) throws {
-        guard !descriptors.isEmpty else { return try writeAll(bytes) }
+    public func writeAll(_ bytes: [UInt8], passing descriptors: [Int32], deadlineMilliseconds: Int64) throws {
+        guard !descriptors.isEmpty else { return try writeAll(bytes, deadlineMilliseconds: deadlineMilliseconds) }
         precondition(!bytes.isEmpty && descriptors.count <= Self.maximumPassedDescriptors)
-        let sent = bytes.withUnsafeBytes { b in
-            descriptors.withUnsafeBufferPointer { d in
-                snapshotd_send_with_fds(fd, b.baseAddress!, b.count, d.baseAddress!, Int32(d.count))
+        while true {
+            try waitWritable(until: deadlineMilliseconds)
+            let sent = bytes.withUnsafeBytes { b in
+                descriptors.withUnsafeBufferPointer { d in
+                    snapshotd_send_with_fds(fd, b.baseAddress!, b.count, d.baseAddress!, Int32(d.count))
+                }
             }
+            if sent > 0 {
+                if sent < bytes.count { try writeAll(Array(bytes[sent...]), deadlineMilliseconds: deadlineMilliseconds) }
+                return
+            }
+            guard errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR else { throw IOError("sendmsg(SCM_RIGHTS)") }
         }
-        guard sent > 0 else { throw IOError("sendmsg(SCM_RIGHTS)") }
-        if sent < bytes.count { try writeAll(Array(bytes[sent...])) }
     }
 
     /// Reads exactly `count` bytes, collecting any descriptors that arrive with them.
@@ -247,11 +269,20 @@ public struct Socket: Sendable {
 
     // MARK: Helpers
 
-    private func waitReadable(until deadlineMilliseconds: Int64) throws {
+    /// Waits until a byte can be read, or throws ``IOError/timedOut(_:)`` at the deadline.
+    public func waitReadable(until deadlineMilliseconds: Int64) throws {
+        try wait(for: Int16(POLLIN), until: deadlineMilliseconds, "read")
+    }
+
+    private func waitWritable(until deadlineMilliseconds: Int64) throws {
+        try wait(for: Int16(POLLOUT), until: deadlineMilliseconds, "write")
+    }
+
+    private func wait(for events: Int16, until deadlineMilliseconds: Int64, _ operation: String) throws {
         while true {
             let left = deadlineMilliseconds - monotonicMilliseconds()
-            guard left > 0 else { throw IOError.timedOut("read") }
-            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard left > 0 else { throw IOError.timedOut(operation) }
+            var poller = pollfd(fd: fd, events: events, revents: 0)
             let ready = poll(&poller, 1, Int32(min(left, Int64(Int32.max))))
             if ready > 0 { return }
             if ready < 0 && errno != EINTR { throw IOError("poll") }

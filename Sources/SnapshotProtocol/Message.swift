@@ -339,6 +339,11 @@ extension ByteWriter {
                 write(s.bytes)
             }
         }
+        writeCount(m.counters.count)
+        for counter in m.counters {
+            write(counter.name)
+            write(counter.value)
+        }
     }
 }
 
@@ -515,6 +520,12 @@ extension ByteReader {
             }
             jobs.append(JobStatus(job: job, world: world, localRanks: local, steps: steps))
         }
-        return StatusReply(nodeID: node, daemonVersion: version, budgetBytes: budget, usedBytes: used, jobs: jobs)
+        let counterCount = try readCount("counters", limit: ProtocolLimits.maximumCounters, minimumElementBytes: 10)
+        var counters: [StatusCounter] = []
+        counters.reserveCapacity(counterCount)
+        for _ in 0..<counterCount {
+            counters.append(StatusCounter(name: try readString("counter.name", limitBytes: ProtocolLimits.maximumNameBytes), value: try read(UInt64.self, "counter.value")))
+        }
+        return StatusReply(nodeID: node, daemonVersion: version, budgetBytes: budget, usedBytes: used, jobs: jobs, counters: counters)
     }
 }

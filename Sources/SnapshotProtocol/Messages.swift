@@ -191,12 +191,28 @@ public struct StatusReply: Hashable, Sendable {
     public var budgetBytes: UInt64
     public var usedBytes: UInt64
     public var jobs: [JobStatus]
-    public init(nodeID: NodeID, daemonVersion: String, budgetBytes: UInt64, usedBytes: UInt64, jobs: [JobStatus]) {
+    /// Monotonic event counters since the daemon started, by name (e.g.
+    /// `peers_declared_dead`): what tests and dashboards assert on instead of
+    /// log lines.
+    public var counters: [StatusCounter]
+    public init(nodeID: NodeID, daemonVersion: String, budgetBytes: UInt64, usedBytes: UInt64, jobs: [JobStatus], counters: [StatusCounter] = []) {
         self.nodeID = nodeID
         self.daemonVersion = daemonVersion
         self.budgetBytes = budgetBytes
         self.usedBytes = usedBytes
         self.jobs = jobs
+        self.counters = counters
+    }
+
+    public func counter(_ name: String) -> UInt64? { counters.first { $0.name == name }?.value }
+}
+
+public struct StatusCounter: Hashable, Sendable {
+    public var name: String
+    public var value: UInt64
+    public init(name: String, value: UInt64) {
+        self.name = name
+        self.value = value
     }
 }
 

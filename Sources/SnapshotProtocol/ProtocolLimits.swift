@@ -19,6 +19,8 @@ public enum ProtocolLimits {
     public static let maximumWorldSize: UInt32 = 1 << 20
     /// Entries in list replies (jobs, steps, nodes, ranks).
     public static let maximumListEntries = 65_536
+    /// Named counters in a status reply.
+    public static let maximumCounters = 256
     /// Pipelined repair: survivors in one chain (at most k ≤ 255) and the
     /// bounds on a slice, which every hop buffers once.
     public static let maximumRepairChainHops = 255

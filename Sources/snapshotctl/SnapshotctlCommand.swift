@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import SnapshotClient
+import SnapshotDaemon
 import SnapshotProtocol
 
 @main
@@ -14,14 +15,35 @@ struct SnapshotctlCommand: ParsableCommand {
 
 /// How to reach the daemon, shared by every subcommand.
 struct DaemonOptions: ParsableArguments {
-    @Option(help: "Unix socket of the local snapshotd.") var socket = "/run/snapshotd/snapshotd.sock"
+    @Option(help: "Unix socket of the local snapshotd (default: the one in --config, else $SNAPSHOTD_SOCKET, else /run/snapshotd/snapshotd.sock).") var socket: String?
+    @Option(help: "The daemon's configuration file: its unix_socket is used.") var config: String?
     @Option(help: "host:port of a snapshotd over TCP (instead of --socket).") var tcp: String?
     @Option(help: "Shared secret file for TCP.") var secretFile = "/etc/snapshotd/secret"
     @Flag(help: "Machine-readable JSON instead of tables.") var json = false
 
+    /// The daemon's socket, found the way the daemon was started.
+    func socketPath() throws -> String {
+        if let socket { return socket }
+        if let config {
+            guard let text = try? String(contentsOfFile: config, encoding: .utf8) else { throw ValidationError("cannot read config file \(config)") }
+            do {
+                return try DaemonConfiguration.load(tomlText: text).unixSocketPath
+            } catch {
+                throw ValidationError("config file \(config): \(error)")
+            }
+        }
+        return ProcessInfo.processInfo.environment["SNAPSHOTD_SOCKET"] ?? DaemonConfiguration().unixSocketPath
+    }
+
     func connect() throws -> OperatorClient {
+        let socket = try socketPath()
         do {
-            guard let tcp else { return try OperatorClient(endpoint: .unix(path: socket)) }
+            guard let tcp else {
+                guard FileManager.default.fileExists(atPath: socket) else {
+                    throw CLIError(description: "no snapshotd socket at \(socket): is snapshotd running? (pass --socket, or --config with the daemon's config file)")
+                }
+                return try OperatorClient(endpoint: .unix(path: socket))
+            }
             let parts = tcp.split(separator: ":")
             guard parts.count == 2, let port = UInt16(parts[1]) else { throw ValidationError("--tcp takes host:port") }
             guard let text = try? String(contentsOfFile: secretFile, encoding: .utf8) else {
@@ -30,6 +52,8 @@ struct DaemonOptions: ParsableArguments {
             let secret = Array(text.trimmingCharacters(in: .whitespacesAndNewlines).utf8)
             return try OperatorClient(endpoint: .tcp(host: String(parts[0]), port: port, secret: secret))
         } catch let error as ValidationError {
+            throw error
+        } catch let error as CLIError {
             throw error
         } catch {
             throw CLIError(description: "cannot reach snapshotd at \(tcp ?? socket): \(error)")
@@ -53,17 +77,23 @@ struct Status: ParsableCommand {
 
     struct Output: Encodable {
         let node: UInt32, version: String, budgetBytes: UInt64, usedBytes: UInt64, jobs: Int
+        let counters: [String: UInt64]
     }
 
     func run() throws {
         let status = try daemon.connect().status()
-        let output = Output(node: status.nodeID, version: status.daemonVersion, budgetBytes: status.budgetBytes, usedBytes: status.usedBytes, jobs: status.jobs.count)
+        let output = Output(
+            node: status.nodeID, version: status.daemonVersion, budgetBytes: status.budgetBytes, usedBytes: status.usedBytes, jobs: status.jobs.count,
+            counters: Dictionary(status.counters.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 }))
         try daemon.emit(output) {
             let percent = status.budgetBytes == 0 ? 0 : Double(status.usedBytes) * 100 / Double(status.budgetBytes)
-            return Table(["node", "version", "memory used", "budget", "used %", "jobs"], [[
+            let summary = Table(["node", "version", "memory used", "budget", "used %", "jobs"], [[
                 "\(status.nodeID)", status.daemonVersion, bytes(status.usedBytes), bytes(status.budgetBytes),
                 String(format: "%.1f", percent), "\(status.jobs.count)",
             ]]).render()
+            let events = status.counters.filter { $0.value > 0 }
+            guard !events.isEmpty else { return summary }
+            return summary + "\n" + Table(["event", "count"], events.map { [$0.name, "\($0.value)"] }).render()
         }
     }
 }

@@ -20,7 +20,8 @@ struct SnapshotdCommand: AsyncParsableCommand {
     @Option(help: "Arena directory on a tmpfs.") var arenaDirectory: String?
     @Option(help: "Memory budget, e.g. 64GiB.") var memoryBudget: String?
     @Option(name: [.customLong("snapshots-kept-per-job"), .customLong("keep")], help: "Committed snapshots kept per job.") var snapshotsKeptPerJob: Int?
-    @Option(help: "File holding the shared secret for TCP authentication.") var sharedSecretFile: String?
+    @Option(help: "File holding the shared secret remote trainers and operators authenticate with over TCP.") var sharedSecretFile: String?
+    @Option(help: "File holding the secret peers (other snapshotd nodes) authenticate with; required with a cluster file.") var peerSecretFile: String?
     @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
     @Option(help: "Cluster file (nodes, addresses, protection groups); omit for a single node.") var clusterFile: String?
     @Option(name: .customLong("max-connections"), help: "Most concurrent client sessions (each is a thread).") var maximumConnections: Int?
@@ -71,6 +72,7 @@ struct SnapshotdCommand: AsyncParsableCommand {
         if let maximumConnections { settings.maximumConnections = maximumConnections }
         if let frameTimeoutMilliseconds { settings.frameTimeoutMilliseconds = frameTimeoutMilliseconds }
         if let sharedSecretFile { settings.sharedSecretFile = sharedSecretFile }
+        if let peerSecretFile { settings.peerSecretFile = peerSecretFile }
         if let logLevel { settings.logLevel = try DaemonConfiguration.parseLogLevel(logLevel) }
         if let clusterFile { settings.clusterFile = clusterFile }
         return settings

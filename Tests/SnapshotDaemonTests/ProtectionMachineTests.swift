@@ -129,6 +129,24 @@ struct ProtectionMachineTests {
         #expect(committed.contains(.commit(job: job, step: 1, world: 2)))
     }
 
+    /// The node that committed may die before its stable vote leaves. Every
+    /// live node knows every protected report, so nothing is lost with it:
+    /// once the monitor declares it dead, the survivors commit without its
+    /// vote instead of stalling until a replacement arrives (found by running
+    /// the late-trainer test under load). While it is only silent, not dead,
+    /// they wait.
+    @Test func aDeadNodesMissingVoteDoesNotStallTheCommit() throws {
+        let fresh = SnapshotStore(budgetBytes: 1 << 30, snapshotsKeptPerJob: 2, commitsLocally: false)
+        var survivor = try machine(1)
+        let reports = try [ready(0, step: 5, ranks: [0], world: 3), ready(1, step: 5, ranks: [1], world: 3), ready(2, step: 5, ranks: [2], world: 3)]
+        _ = survivor.merge(ClusterStateReply(steps: [ClusterStepState(job: job, step: 5, committed: false, ready: reports, protectedNodes: [0, 1, 2], stableNodes: [1])]), store: fresh, nowMilliseconds: 0)
+        _ = survivor.received(StepProtected(job: job, step: 5, nodeID: 2, stable: true), store: fresh)
+        _ = survivor.tick(nowMilliseconds: 100, liveNodes: [0, 1, 2], store: fresh)
+        #expect(survivor.ledger.entry(job: job, step: 5)?.committed == false, "node 0 is alive and has not voted")
+        _ = survivor.tick(nowMilliseconds: 2000, liveNodes: [1, 2], store: fresh)
+        #expect(survivor.ledger.entry(job: job, step: 5)?.committed == true, "node 0 is dead: its vote is excused")
+    }
+
     /// Reports are final: a second, different report of a node is ignored.
     @Test func aSecondDifferentReportDoesNotReplaceTheFirst() throws {
         let empty = SnapshotStore(budgetBytes: 1 << 30, snapshotsKeptPerJob: 2, commitsLocally: false)

@@ -29,7 +29,7 @@ struct BadInputTests {
             return (raw, try? raw.connection.receive().message)
         }
 
-        func send(bytes: [UInt8]) throws { try connection.socket.writeAll(bytes) }
+        func send(bytes: [UInt8]) throws { try connection.socket.writeAll(bytes, deadlineMilliseconds: connection.deadline()) }
 
         func call(_ message: Message) throws -> Message {
             try connection.send(message, requestID: 77)
@@ -177,6 +177,70 @@ struct BadInputTests {
         try client.save(step: 1, tensors: tensors(step: 1, rank: 0, sizes: Self.sizes))
         #expect(try client.waitCommitted(step: 1) == 1)
         #expect(daemon.log().contains("the most any shard may hold"))
+    }
+
+    /// A client that asks for a restore and stops reading: the daemon's write
+    /// deadline (frame timeout + 10 ms per MiB) cuts it, which frees the
+    /// session's thread, its rank and the restore's pin.
+    @Test func aClientThatStopsReadingMidRestoreIsCutAtTheWriteDeadline() throws {
+        let daemon = try DaemonProcess(keep: 1, extraArguments: ["--frame-timeout-ms", "1000"])
+        let job = try JobID("stalled-restore")
+        let sizes: [(String, DType, Int)] = [("w", .float32, 64 << 20)]
+        do {
+            let client = try daemon.unixClient(job: job, rank: 0, world: 1)
+            try client.save(step: 1, tensors: tensors(step: 1, rank: 0, sizes: sizes))
+            try client.waitCommitted(step: 1)
+        }
+        let stalled = try Raw.unix(daemon)
+        guard case .welcome = try stalled.call(.hello(Hello(role: .trainer, job: job, rank: 0, world: 1))) else { throw HarnessError("hello refused") }
+        try stalled.connection.send(.restore(Restore(step: 1, transport: .stream)), requestID: 2)
+        let asked = Date()
+        // Never read. The rank is held until the daemon gives up on the write.
+        var client: SnapshotClient?
+        while client == nil, Date().timeIntervalSince(asked) < 10 {
+            do {
+                client = try daemon.unixClient(job: job, rank: 0, world: 1)
+            } catch let error as SnapshotClientError where error.code == .duplicateRank {
+                usleep(100_000)
+            }
+        }
+        let freedAfter = Date().timeIntervalSince(asked)
+        guard let client else { throw HarnessError("rank 0 was still held 10 s after the reader stalled") }
+        // Deadline: 1 s frame timeout + 10 ms per MiB of 64 MiB = 1.64 s; slack for the check interval.
+        #expect(freedAfter < 4, "the stalled session ended after \(freedAfter) s")
+        // The pin is gone: with one step kept, committing step 2 drops step 1.
+        try client.save(step: 2, tensors: tensors(step: 2, rank: 0, sizes: sizes))
+        try client.waitCommitted(step: 2)
+        let status = try OperatorClient(endpoint: .unix(path: daemon.socketPath)).status(job: job)
+        #expect(status.jobs.first?.steps.map(\.step) == [2], "step 1 is still held (pinned?)")
+        stalled.close()
+    }
+
+    /// A refused TCP put has no reply of its own: its error arrives ahead of
+    /// the next call's reply. The client matches replies by request id, so
+    /// the next call reports the refusal and every later call gets its own
+    /// reply (it used to be off by one from then on).
+    @Test func aRefusedPutDoesNotShiftLaterReplies() throws {
+        let daemon = try DaemonProcess()
+        let job = try JobID("refused-put")
+        let client = try daemon.tcpClient(job: job, rank: 0, world: 1)
+        try client.save(step: 1, tensors: tensors(step: 1, rank: 0, sizes: Self.sizes))
+        #expect(try client.waitCommitted(step: 1) == 1)
+        let data = tensors(step: 2, rank: 0, sizes: Self.sizes)
+        let pending = try client.beginSave(step: 2, specs: data.map(\.spec))
+        try client.abortSave(step: 2)
+        try pending.write(tensorIndex: 0, from: data[0].bytes)  // refused by the daemon: no such save
+        do {
+            _ = try client.latestCommittedStep()
+            Issue.record("the refused put went unreported")
+        } catch let error as SnapshotClientError {
+            #expect(error.code == .invalidRequest, "\(error)")
+            #expect(error.message.contains("earlier request"), "\(error)")
+        }
+        #expect(try client.latestCommittedStep() == 1)
+        #expect(try client.status().jobs.map(\.job) == [job])
+        try client.save(step: 3, tensors: tensors(step: 3, rank: 0, sizes: Self.sizes))
+        #expect(try client.waitCommitted(step: 3) == 3)
     }
 
     @Test func clientChecksumsThatDoNotMatchKeepTheStepUncommitted() throws {

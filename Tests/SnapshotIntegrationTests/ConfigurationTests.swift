@@ -14,7 +14,7 @@ struct ConfigurationTests {
     }
 
     /// Runs snapshotd with `config` as its TOML file (and a cluster file, if
-    /// given) and waits for it to exit.
+    /// given) and waits for it to exit. `$SCRATCH` in `config` is its directory.
     func run(config: String, cluster: String? = nil) throws -> Outcome {
         let scratch = try makeScratchDirectory()
         defer { try? FileManager.default.removeItem(atPath: scratch) }
@@ -27,9 +27,11 @@ struct ConfigurationTests {
             """
         if let cluster {
             try cluster.write(toFile: scratch + "/cluster.toml", atomically: true, encoding: .utf8)
+            try "integration-test-peer-secret-98765".write(toFile: scratch + "/peer-secret", atomically: true, encoding: .utf8)
             text += "cluster_file = \"\(scratch)/cluster.toml\"\n"
+            if !config.contains("peer_secret_file") { text += "peer_secret_file = \"\(scratch)/peer-secret\"\n" }
         }
-        try (text + config).write(toFile: scratch + "/snapshotd.toml", atomically: true, encoding: .utf8)
+        try (text + config.replacingOccurrences(of: "$SCRATCH", with: scratch)).write(toFile: scratch + "/snapshotd.toml", atomically: true, encoding: .utf8)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Executables.path("snapshotd"))
         process.arguments = ["--config", scratch + "/snapshotd.toml"]
@@ -65,6 +67,8 @@ struct ConfigurationTests {
         ("negative failure timeout", "", clusterFile(groupSize: 3, timeout: -100), "failure_timeout_ms = -100 is outside"),
         ("negative heartbeat interval", "", clusterFile(groupSize: 3, heartbeat: -1), "heartbeat_interval_ms = -1 is outside"),
         ("heartbeat that cannot fit the timeout", "", clusterFile(groupSize: 3, heartbeat: 600, timeout: 1000), "must exceed twice heartbeat_interval_ms"),
+        ("a missing peer secret", "peer_secret_file = \"$SCRATCH/missing\"\n", clusterFile(groupSize: 3), "cannot read secret file"),
+        ("peers sharing the trainers' secret", "peer_secret_file = \"$SCRATCH/secret\"\n", clusterFile(groupSize: 3), "peer_secret_file and shared_secret_file are the same file"),
     ]
 
     @Test(arguments: 0..<cases.count)

@@ -29,16 +29,18 @@ final class DaemonProcess: @unchecked Sendable {
     let tcpPort: UInt16
     let budget: String
     let keep: Int
+    let extraArguments: [String]
     private(set) var process: Process?
     var logPath: String { scratch + "/snapshotd.log" }
 
-    init(budget: String = "2GiB", keep: Int = 2, arena: String? = nil) throws {
+    init(budget: String = "2GiB", keep: Int = 2, arena: String? = nil, extraArguments: [String] = []) throws {
         scratch = try makeScratchDirectory()
         self.arena = arena ?? "/dev/shm/snapshotd-test-\(UUID().uuidString.prefix(8))"
         socketPath = scratch + "/snapshotd.sock"
         secretPath = scratch + "/secret"
         self.budget = budget
         self.keep = keep
+        self.extraArguments = extraArguments
         tcpPort = try freeTCPPort()
         try String(decoding: secret, as: UTF8.self).write(toFile: secretPath, atomically: true, encoding: .utf8)
         try start()
@@ -50,7 +52,7 @@ final class DaemonProcess: @unchecked Sendable {
         process.arguments = [
             "--unix-socket", socketPath, "--arena-directory", arena, "--tcp-listen", "127.0.0.1:\(tcpPort)",
             "--shared-secret-file", secretPath, "--memory-budget", budget, "--keep", "\(keep)", "--log-level", "debug",
-        ]
+        ] + extraArguments
         if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
         log.seekToEndOfFile()
@@ -81,6 +83,8 @@ final class DaemonProcess: @unchecked Sendable {
         kill(process.processIdentifier, SIGKILL)
         process.waitUntilExit()
     }
+
+    var pid: Int32? { process.map(\.processIdentifier) }
 
     func log() -> String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
 

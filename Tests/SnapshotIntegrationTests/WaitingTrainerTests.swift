@@ -74,7 +74,7 @@ struct WaitingTrainerTests {
         let (local, remote) = (Socket(fd: fds[0]), Socket(fd: fds[1]))
         defer { local.close() }
         #expect(!local.peerHasClosed(), "idle live peer")
-        try remote.writeAll(Array("hello".utf8))
+        try remote.writeAll(Array("hello".utf8), deadlineMilliseconds: monotonicMilliseconds() + 5000)
         #expect(!local.peerHasClosed(), "live peer with bytes waiting")
         remote.close()
         #expect(local.peerHasClosed(), "Unix peer closed with bytes still waiting")
@@ -87,7 +87,7 @@ struct WaitingTrainerTests {
         let served = try listener.accept()
         defer { served.close() }
         #expect(!served.peerHasClosed(), "idle live TCP peer")
-        try client.writeAll(Array("request".utf8))
+        try client.writeAll(Array("request".utf8), deadlineMilliseconds: monotonicMilliseconds() + 5000)
         usleep(50_000)
         #expect(!served.peerHasClosed(), "live TCP peer with bytes waiting")
         client.close()

@@ -36,7 +36,8 @@ let samples: [Message] = [
     .status(StatusRequest(job: job)),
     .statusReply(StatusReply(
         nodeID: 3, daemonVersion: "0.1.0", budgetBytes: 1 << 40, usedBytes: 1 << 33,
-        jobs: [JobStatus(job: job, world: 16, localRanks: 8, steps: [StepStatus(step: 1199, committed: true, completeRanks: 8, bytes: 1 << 32)])])),
+        jobs: [JobStatus(job: job, world: 16, localRanks: 8, steps: [StepStatus(step: 1199, committed: true, completeRanks: 8, bytes: 1 << 32)])],
+        counters: [StatusCounter(name: "peers_declared_dead", value: 3), StatusCounter(name: "connections_refused", value: 1 << 40)])),
     .fragmentPut(FragmentPut(fragment: fragment, sourceNode: 1, fragmentSizeBytes: 1 << 20, crc32c: 99)),
     .fragmentAck(FragmentAck(fragment: fragment, holderNode: 2)),
     .fragmentGet(FragmentGet(fragment: fragment)),

@@ -40,6 +40,10 @@ public struct ClusterConfiguration: Sendable, Equatable {
 
         /// Checks that RS(n − m, m) over these nodes exists (0 ≤ m < n ≤ 255).
         public init(index: Int, nodes: [NodeID], parity: Int) throws {
+            guard parity >= 0 else { throw ConfigurationError("cluster file: group \(index) has negative parity") }
+            guard parity < nodes.count else {
+                throw ConfigurationError("cluster file: group \(index) has parity m = \(parity) ≥ n = \(nodes.count); need m < n")
+            }
             do {
                 layout = try StripeLayout(groupSize: nodes.count, parityCount: parity)
             } catch {

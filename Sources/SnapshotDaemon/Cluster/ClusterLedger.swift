@@ -72,10 +72,15 @@ public struct ClusterLedger: Sendable {
     /// ready and protected (a node with an empty share too: its report says
     /// it holds the parity it owes the step), and their shards cover ranks 0..<world exactly.
     /// Returns true once, on the transition.
-    public mutating func commitIfComplete(job: JobID, step: Step, requireStable: Bool = true) -> Bool {
+    ///
+    /// Stable votes are needed from every node but `excused` ones (declared
+    /// dead): a dead node's knowledge cannot be lost with it once every live
+    /// node knows every protected report, and waiting for its vote would stall
+    /// the commit until a replacement arrives.
+    public mutating func commitIfComplete(job: JobID, step: Step, requireStable: Bool = true, excused: Set<NodeID> = []) -> Bool {
         let id = StepID(job: job, step: step)
         guard let entry = steps[id], !entry.committed, isFullyProtected(job: job, step: step) else { return false }
-        guard !requireStable || entry.stableNodes.isSuperset(of: configuration.nodeIDs) else { return false }
+        guard !requireStable || entry.stableNodes.union(excused).isSuperset(of: configuration.nodeIDs) else { return false }
         steps[id]!.committed = true
         return true
     }

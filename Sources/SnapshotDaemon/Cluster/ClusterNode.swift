@@ -31,6 +31,7 @@ final class ClusterNode: Sendable {
     let mesh: PeerMesh
     let incarnation = UInt64.random(in: 1...UInt64.max)
     let logger: Logger
+    let counters: Counters
     /// Serializes folding into parity buffers (two sources of one stripe may arrive at once).
     let accumulateLock = NSLock()
     /// Reports, state pulls and rebuild orders: small, latency-bound messages.
@@ -44,7 +45,7 @@ final class ClusterNode: Sendable {
             protection: try ProtectionMachine(selfID: selfID, configuration: cluster, keptStepsPerJob: keptStepsPerJob))
     }
 
-    init(state: Locked<NodeState>, storeEffects: StoreEffects, cluster: ClusterConfiguration, selfID: NodeID, secret: [UInt8], logger: Logger) throws {
+    init(state: Locked<NodeState>, storeEffects: StoreEffects, cluster: ClusterConfiguration, selfID: NodeID, secret: [UInt8], counters: Counters, logger: Logger) throws {
         guard let group = cluster.group(of: selfID), let position = group.position(of: selfID) else {
             throw ConfigurationError("node \(selfID) is not in the cluster file")
         }
@@ -58,6 +59,7 @@ final class ClusterNode: Sendable {
         code = try ReedSolomon(dataFragmentCount: layout.dataFragmentCount, parityFragmentCount: layout.parityCount)
         mesh = PeerMesh(selfID: selfID, cluster: cluster, secret: secret, logger: logger)
         self.logger = logger
+        self.counters = counters
     }
 
     var heartbeatTimeoutMilliseconds: Int64 { max(200, cluster.failureTimeoutMilliseconds / 2) }

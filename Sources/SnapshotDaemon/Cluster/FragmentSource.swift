@@ -16,7 +16,7 @@ extension ClusterNode {
         let local = try localFragment(request.fragment)
         let crc = local.storedCRC32C ?? local.checksum()
         try connection.send(.fragmentData(FragmentData(fragment: request.fragment, fragmentSizeBytes: UInt64(local.sizeBytes), crc32c: crc)), requestID: requestID, bulkLength: UInt64(local.sizeBytes))
-        try local.bytes.write(offset: local.offsetBytes, count: local.sizeBytes, to: connection.socket)
+        try local.bytes.write(offset: local.offsetBytes, count: local.sizeBytes, to: connection)
     }
 
     /// Fragment `id` as this node holds it: a range of its step data (zero

@@ -20,7 +20,7 @@ extension ClusterNode {
             let started = monotonicMilliseconds()
             let (monitorActions, protectionActions) = state.withLock { state in
                 (state.cluster!.monitor.handle(.tick(nowMilliseconds: started)),
-                 state.cluster!.protection.tick(nowMilliseconds: started, liveNodes: Set(state.cluster!.monitor.liveNodes)))
+                 state.cluster!.protection.tick(nowMilliseconds: started, liveNodes: Set(state.cluster!.monitor.liveNodes), store: state.store))
             }
             perform(monitorActions)
             execute(protectionActions)
@@ -66,8 +66,10 @@ extension ClusterNode {
         for action in actions {
             switch action {
             case .declaredDead(let node):
+                counters.increment(.peersDeclaredDead)
                 logger.error("peer declared dead: no heartbeat within the failure timeout", metadata: ["peer": "\(node)", "timeoutMilliseconds": "\(cluster.failureTimeoutMilliseconds)"])
             case .resumedAfterPause(let milliseconds):
+                counters.increment(.ownPausesDiscounted)
                 logger.warning("this node was paused (stopped or starved of CPU); the pause is not counted against its peers", metadata: ["pausedMilliseconds": "\(milliseconds)"])
             case .declaredAlive(let node, let incarnation):
                 logger.notice("peer alive", metadata: ["peer": "\(node)", "incarnation": "\(incarnation)"])

@@ -45,15 +45,17 @@ struct NodeStepData {
         return crc
     }
 
-    /// Writes the fragment to a socket, pieces straight from the segments.
-    func write(offset: Int, count: Int, to socket: Socket) throws {
+    /// Writes the fragment to a connection, pieces straight from the
+    /// segments, all by one bulk deadline.
+    func write(offset: Int, count: Int, to connection: FramedConnection) throws {
+        let deadline = connection.bulkDeadline(UInt64(count))
         let (zeros, _) = try visit(offset: offset, count: count) { piece in
-            if let base = piece.baseAddress { try socket.writeAll(base, count: piece.count) }
+            if let base = piece.baseAddress { try connection.socket.writeAll(base, count: piece.count, deadlineMilliseconds: deadline) }
         }
         var left = zeros
         while left > 0 {
             let chunk = min(left, ZeroBytes.capacity)
-            try socket.writeAll(ZeroBytes.buffer(chunk).baseAddress!, count: chunk)
+            try connection.socket.writeAll(ZeroBytes.buffer(chunk).baseAddress!, count: chunk, deadlineMilliseconds: deadline)
             left -= chunk
         }
     }

@@ -68,7 +68,7 @@ extension ClusterNode {
                     try connection.send(
                         .fragmentPut(FragmentPut(fragment: id, sourceNode: selfID, fragmentSizeBytes: size, crc32c: crc)),
                         requestID: 1, bulkLength: size)
-                    try data.write(offset: offset, count: fragmentSize, to: connection.socket)
+                    try data.write(offset: offset, count: fragmentSize, to: connection)
                     let reply = try PeerMesh.reply(connection)
                     guard case .fragmentAck = reply else {
                         throw PeerError(code: nil, message: "holder \(holder) did not acknowledge fragment \(id): \(reply.type)")

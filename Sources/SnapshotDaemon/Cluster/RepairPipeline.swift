@@ -92,7 +92,7 @@ extension ClusterNode {
             }
             let crc = CRC32C.checksum(UnsafeRawBufferPointer(start: buffer.base!, count: count))
             try connection.send(.repairSlice(RepairSlice(offsetBytes: offset, crc32c: crc)), requestID: requestID, bulkLength: UInt64(count))
-            try connection.socket.writeAll(buffer.base!, count: count)
+            try connection.sendBulk(buffer.base!, count: count)
         }
     }
 

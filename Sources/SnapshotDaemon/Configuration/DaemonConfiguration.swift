@@ -13,6 +13,10 @@ public struct DaemonConfiguration: Sendable, Equatable {
     public var memoryBudgetBytes: UInt64 = 8 << 30
     public var snapshotsKeptPerJob = 2
     public var sharedSecretFile: String?
+    /// The secret peers (other snapshotd nodes) authenticate with; required
+    /// in cluster mode and different from `sharedSecretFile`, so a trainer's
+    /// secret cannot speak for a node.
+    public var peerSecretFile: String?
     public var logLevel: Logger.Level = .info
     /// Bound on concurrent client sessions (each is a thread).
     public var maximumConnections = 1024
@@ -26,7 +30,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
 
     static let knownKeys: Set<String> = [
         "node_id", "unix_socket", "tcp_listen", "arena_directory", "memory_budget", "snapshots_kept_per_job",
-        "shared_secret_file", "log_level", "max_connections", "frame_timeout_ms", "cluster_file",
+        "shared_secret_file", "peer_secret_file", "log_level", "max_connections", "frame_timeout_ms", "cluster_file",
     ]
 
     /// Reads a TOML file over the defaults. Unknown keys are errors: a typo
@@ -51,6 +55,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
         }
         if let v = table["snapshots_kept_per_job"] { config.snapshotsKeptPerJob = try integer(v, "snapshots_kept_per_job") }
         if let v = table["shared_secret_file"] { config.sharedSecretFile = try string(v, "shared_secret_file") }
+        if let v = table["peer_secret_file"] { config.peerSecretFile = try string(v, "peer_secret_file") }
         if let v = table["log_level"] { config.logLevel = try parseLogLevel(try string(v, "log_level")) }
         if let v = table["max_connections"] { config.maximumConnections = try integer(v, "max_connections") }
         if let v = table["frame_timeout_ms"] { config.frameTimeoutMilliseconds = Int64(try integer(v, "frame_timeout_ms")) }
@@ -64,8 +69,14 @@ public struct DaemonConfiguration: Sendable, Equatable {
         try Self.check("memory_budget", memoryBudgetBytes, within: Limits.memoryBudgetBytes)
         try Self.check("max_connections", maximumConnections, within: Limits.maximumConnections)
         try Self.check("frame_timeout_ms", frameTimeoutMilliseconds, within: Limits.frameTimeoutMilliseconds)
-        if clusterFile != nil, sharedSecretFile == nil {
-            throw ConfigurationError("cluster_file is set but shared_secret_file is not: peers must authenticate")
+        if clusterFile != nil {
+            guard let peerSecretFile else { throw ConfigurationError("cluster_file is set but peer_secret_file is not: peers must authenticate") }
+            guard sharedSecretFile != nil else {
+                throw ConfigurationError("cluster_file is set but shared_secret_file is not: the node listens on TCP for its peers, and remote clients must authenticate")
+            }
+            guard peerSecretFile != sharedSecretFile else {
+                throw ConfigurationError("peer_secret_file and shared_secret_file are the same file: peers need a secret of their own")
+            }
         }
         if let tcpListen {
             _ = try Self.parseHostPort(tcpListen)

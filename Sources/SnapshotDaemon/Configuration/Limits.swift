@@ -34,6 +34,14 @@ public enum Limits {
     /// Bulk bytes of a refused put are read and dropped up to this size to
     /// keep the session; a larger refused put closes it instead.
     static let maximumDiscardBytes: UInt64 = 64 << 20
+    /// TCP connections still authenticating, all together; more are refused
+    /// at accept (no thread, no memory). Each must finish within
+    /// ``authenticationTimeoutMilliseconds``.
+    static let maximumHandshakes = 256
+    static let authenticationTimeoutMilliseconds: Int64 = 5000
+    /// The largest frame read before authentication: the authenticate frame
+    /// (a 32-byte tag) fits many times over, an 8 MiB claim does not.
+    static let unauthenticatedPayloadBytes = 1024
 
     /// Checks how the limits relate; a violation is a programming error in
     /// this file, so it traps at start (never on input).
@@ -43,6 +51,8 @@ public enum Limits {
         precondition(failureTimeoutMilliseconds.lowerBound > 2 * heartbeatIntervalMilliseconds.lowerBound)
         precondition(maximumNodes >= ReedSolomon.maximumTotalFragments, "a cluster holds at least one full group")
         precondition(maximumDiscardBytes <= ProtocolLimits.maximumBulkBytes)
+        precondition(unauthenticatedPayloadBytes >= 64 + ProtocolLimits.authenticationTagBytes, "the authenticate frame must fit")
+        precondition(authenticationTimeoutMilliseconds <= frameTimeoutMilliseconds.upperBound)
         precondition(UInt64(ProtocolLimits.maximumControlPayloadBytes) < SegmentLayout.maximumSegmentBytes)
     }
 }

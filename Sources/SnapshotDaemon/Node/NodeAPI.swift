@@ -134,7 +134,7 @@ extension SnapshotServer {
                 }
                 return JobStatus(job: name, world: record.world, localRanks: UInt32(record.sessions.count), steps: steps)
             }
-            return StatusReply(nodeID: configuration.nodeID, daemonVersion: Self.version, budgetBytes: store.budgetBytes, usedBytes: store.heldBytes, jobs: jobs)
+            return StatusReply(nodeID: configuration.nodeID, daemonVersion: Self.version, budgetBytes: store.budgetBytes, usedBytes: store.heldBytes, jobs: jobs, counters: counters.snapshot)
         }
     }
 

@@ -14,12 +14,56 @@ struct NodeState: Sendable {
     var segments: [ShardKey: MappedSegment] = [:]
     /// The mapped segment of every parity fragment the store holds (cluster mode).
     var paritySegments: [ParityKey: MappedSegment] = [:]
-    var sessions: [SessionID: Socket] = [:]
+    var sessions: [SessionID: OpenSession] = [:]
     var nextSessionID: SessionID = 1
     var listeners: [Socket] = []
     var stopping = false
     /// Cluster mode (a cluster file was given).
     var cluster: ClusterState?
+}
+
+/// Which pool of connection slots a session occupies. Remote strangers can
+/// only ever hold handshake slots (few, each cut at the authentication
+/// deadline), so they cannot exhaust the slots of local clients or of
+/// authenticated peers and remote trainers.
+enum ConnectionSlot: Sendable, Hashable {
+    /// The Unix socket: this node's trainers and operators.
+    case local
+    /// TCP, not yet authenticated.
+    case handshake
+    /// TCP, authenticated: peers and remote clients.
+    case remote
+    /// Shut down to make room, ending; counted in no pool.
+    case evicted
+}
+
+struct OpenSession: Sendable {
+    let socket: Socket
+    var slot: ConnectionSlot
+}
+
+extension NodeState {
+    func sessionCount(_ slot: ConnectionSlot) -> Int { sessions.values.count { $0.slot == slot } }
+
+    /// Takes a slot of `slot`'s pool for a new session. A full handshake pool
+    /// evicts its oldest member instead of refusing (a real client
+    /// authenticates within milliseconds, so under a flood of strangers the
+    /// oldest handshake is the likeliest stranger); a full local or remote
+    /// pool refuses. Returns the new session's id and the evicted socket to
+    /// shut down, or nil when refused.
+    mutating func admit(_ socket: Socket, to slot: ConnectionSlot, limit: Int) -> (id: SessionID, evicted: Socket?)? {
+        guard !stopping else { return nil }
+        var evicted: Socket?
+        if sessionCount(slot) >= limit {
+            guard slot == .handshake, let oldest = sessions.filter({ $0.value.slot == .handshake }).keys.min() else { return nil }
+            sessions[oldest]!.slot = .evicted
+            evicted = sessions[oldest]!.socket
+        }
+        let id = nextSessionID
+        nextSessionID += 1
+        sessions[id] = OpenSession(socket: socket, slot: slot)
+        return (id, evicted)
+    }
 }
 
 /// A cluster node's part of ``NodeState``.

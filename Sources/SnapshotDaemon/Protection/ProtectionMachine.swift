@@ -49,6 +49,8 @@ public struct ProtectionMachine: Sendable {
     /// Steps that could not be rebuilt here, with the reason.
     public private(set) var lost: [StepID: String] = [:]
     private var lastInheritedPullMilliseconds: Int64 = .min / 2
+    /// Nodes the monitor declared dead at the last tick: excused from the stable round.
+    private var excusedNodes: Set<NodeID> = []
 
     public struct OwnStep: Sendable, Equatable {
         public var phase: Phase
@@ -232,8 +234,17 @@ public struct ProtectionMachine: Sendable {
 
     /// Periodic work: resend reports to silent group members, pull state for
     /// steps stuck short of a commit, give up protections that took too long.
-    public mutating func tick(nowMilliseconds now: Int64, liveNodes: Set<NodeID>) -> [Action] {
+    public mutating func tick(nowMilliseconds now: Int64, liveNodes: Set<NodeID>, store: SnapshotStore) -> [Action] {
         var actions: [Action] = []
+        // Dead nodes are excused from the stable round; a step that waited
+        // only for a dead node's vote commits now.
+        let dead = Set(configuration.nodeIDs).subtracting(liveNodes).subtracting([selfID])
+        if dead != excusedNodes {
+            excusedNodes = dead
+            for (id, entry) in ledger.steps.sorted(by: { $0.key < $1.key }) where !entry.committed && ledger.isFullyProtected(job: id.job, step: id.step) {
+                actions += advance(id, store: store)
+            }
+        }
         // A peer's state covers every step: one pull per peer per tick, however many steps wait.
         var pullFrom = Set<NodeID>()
         let live = configuration.nodeIDs.filter { $0 != selfID && liveNodes.contains($0) }
@@ -415,7 +426,7 @@ public struct ProtectionMachine: Sendable {
             ledger.recordStable(job: id.job, step: id.step, node: selfID)
             actions.append(.broadcast(.stepProtected(StepProtected(job: id.job, step: id.step, nodeID: selfID, stable: true))))
         }
-        _ = ledger.commitIfComplete(job: id.job, step: id.step, requireStable: !faults.contains(.commitBeforeStable))
+        _ = ledger.commitIfComplete(job: id.job, step: id.step, requireStable: !faults.contains(.commitBeforeStable), excused: excusedNodes)
         if ledger.entry(job: id.job, step: id.step)?.committed == true, !store.isCommitted(job: id.job, step: id.step),
             holds(id, store: store) || faults.contains(.commitWithoutHolding)
         {

@@ -26,6 +26,8 @@ final class Session {
     /// Peer sessions: where incoming fragments land before they fold into parity.
     var scratch: MappedSegment?
     var peerNode: NodeID?
+    /// TCP sessions: what the session authenticated as (nil on the Unix socket).
+    var credential: Credential?
 
     init(server: SnapshotServer, id: SessionID, connection: FramedConnection, isTCP: Bool) {
         self.server = server
@@ -40,7 +42,8 @@ final class Session {
     func serve() {
         defer { releasePins() }
         if isTCP {
-            guard authenticate() else { return }
+            guard let credential = authenticate() else { return }
+            self.credential = credential
         }
         while true {
             let header: FrameHeader
@@ -66,6 +69,11 @@ final class Session {
             } catch let error as SessionEnd {
                 logger.warning("closing session", metadata: ["reason": "\(error.reason)"])
                 return
+            } catch let error as IOError {
+                // Mid-request I/O failed (a write deadline passed, the client
+                // left): the stream is no longer at a frame boundary.
+                logger.warning("closing session: connection failed mid-request", metadata: ["type": "\(header.type)", "error": "\(error)"])
+                return
             } catch {
                 logger.error("request failed", metadata: ["type": "\(header.type)", "error": "\(error)"])
                 reply(.error(ErrorReply(code: .internalError, message: "\(error)")), to: header.requestID)
@@ -85,31 +93,59 @@ final class Session {
 
     // MARK: Handshake
 
-    private func authenticate() -> Bool {
-        guard let secret = server.secret else { return false }
+    /// Who a TCP session proved to be: the secret it answered with decides
+    /// which roles it may take in hello.
+    enum Credential {
+        /// Answered with the trainers' secret: trainer or operator.
+        case client
+        /// Answered with the peers' secret: another snapshotd node.
+        case peer
+    }
+
+    /// The challenge, and its answer within ``Limits/authenticationTimeoutMilliseconds``
+    /// in a frame of at most ``Limits/unauthenticatedPayloadBytes``: a
+    /// stranger cannot hold a session open or make the daemon allocate.
+    private func authenticate() -> Credential? {
         let nonce = Authentication.makeNonce()
         reply(.challenge(Challenge(nonce: nonce)), to: 0)
-        // The answer must come promptly, and it is the only frame read before it is checked.
         let header: FrameHeader
         let message: Message
         do {
-            (header, message) = try connection.receive()
+            (header, message) = try connection.receiveBounded(
+                deadlineMilliseconds: monotonicMilliseconds() + Limits.authenticationTimeoutMilliseconds,
+                maximumPayloadBytes: Limits.unauthenticatedPayloadBytes)
         } catch {
-            if case .io = error {
-                logger.debug("TCP connection closed before authenticating (a reachability probe?)")
+            server.counters.increment(.authenticationFailures)
+            if case .io(let error) = error {
+                logger.debug("TCP connection closed or cut before authenticating", metadata: ["error": "\(error)"])
             } else {
                 logger.warning("TCP client did not answer the authentication challenge", metadata: ["error": "\(error)"])
                 reply(.error(ErrorReply(code: .unauthenticated, message: "expected an authenticate frame: \(error)")), to: 0)
             }
-            return false
+            return nil
         }
-        guard case .authenticate(let answer) = message, Authentication.verify(tag: answer.tag, secret: secret, nonce: nonce) else {
+        let credential: Credential?
+        switch message {
+        case .authenticate(let answer) where server.secret.map({ Authentication.verify(tag: answer.tag, secret: $0, nonce: nonce) }) == true:
+            credential = .client
+        case .authenticate(let answer) where server.peerSecret.map({ Authentication.verify(tag: answer.tag, secret: $0, nonce: nonce) }) == true:
+            credential = .peer
+        default:
+            credential = nil
+        }
+        guard let credential else {
+            server.counters.increment(.authenticationFailures)
             logger.warning("TCP client failed authentication", metadata: ["firstFrame": "\(header.type)"])
             reply(.error(ErrorReply(code: .unauthenticated, message: "authentication failed: wrong or missing shared secret")), to: header.requestID)
-            return false
+            return nil
+        }
+        guard server.promoteToRemote(id) else {
+            logger.warning("refusing authenticated TCP session: remote slots full", metadata: ["limit": "\(server.configuration.maximumConnections)"])
+            reply(.error(ErrorReply(code: .tooManyConnections, message: "snapshotd has \(server.configuration.maximumConnections) remote sessions, the maximum")), to: header.requestID)
+            return nil
         }
         reply(.ok, to: header.requestID)
-        return true
+        return credential
     }
 
     // MARK: Dispatch
@@ -142,6 +178,17 @@ final class Session {
 
     private func handleHello(_ hello: Hello, requestID: UInt64) throws {
         guard role == nil else { throw StoreError(.invalidRequest, "hello was already sent on this session") }
+        // A session's role is what it authenticated as: only the peers' secret
+        // speaks for a node, and peers come over TCP.
+        guard (hello.role == .peer) == (credential == .peer) else {
+            server.counters.increment(.rolesRefused)
+            logger.warning("hello refused: claimed role does not match the credential", metadata: [
+                "claimed": "\(hello.role)", "authenticatedAs": "\(credential.map { "\($0)" } ?? "local (Unix socket)")",
+            ])
+            throw StoreError(.unauthenticated, hello.role == .peer
+                ? "only a session authenticated with the peers' secret may act as a peer"
+                : "a session authenticated with the peers' secret may act only as a peer")
+        }
         switch hello.role {
         case .trainer:
             let job = hello.job!  // the decoder guarantees trainers name a job
@@ -261,9 +308,12 @@ final class Session {
             defer { unpin(key) }
             let total = shard.specs.reduce(UInt64(0)) { $0 + $1.byteLength }
             try connection.send(.restoreReady(ready), requestID: requestID, bulkLength: total)
+            // One deadline for the whole shard: a client that stops reading
+            // frees this thread and the restore's pin when it passes.
+            let deadline = connection.bulkDeadline(total)
             for (spec, offset) in zip(shard.specs, shard.tensorOffsets) where spec.byteLength > 0 {
                 let bytes = segment.bytes(offset: Int(offset), count: Int(spec.byteLength))
-                try connection.socket.writeAll(bytes.baseAddress!, count: bytes.count)
+                try connection.socket.writeAll(bytes.baseAddress!, count: bytes.count, deadlineMilliseconds: deadline)
             }
         }
         logger.info("shard restored", metadata: ["step": "\(step)", "transport": "\(m.transport)"])

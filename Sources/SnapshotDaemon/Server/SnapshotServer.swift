@@ -20,7 +20,10 @@ public final class SnapshotServer: Service, Sendable {
 
     let configuration: DaemonConfiguration
     let logger: Logger
+    /// What remote trainers and operators authenticate with.
     let secret: [UInt8]?
+    /// What peers authenticate with (cluster mode).
+    let peerSecret: [UInt8]?
     let arena: Arena
     /// Set in cluster mode (a cluster file was given).
     let cluster: ClusterNode?
@@ -28,6 +31,9 @@ public final class SnapshotServer: Service, Sendable {
     /// Everything the node changes while it runs.
     let state: Locked<NodeState>
     let storeEffects: StoreEffects
+    let counters = Counters()
+    /// Refusals come in floods: one log line per second says how many so far.
+    let refusalLog = LogRateLimiter(intervalMilliseconds: 1000)
     /// The TCP port the listener bound (known once ``start()`` returned).
     public var boundTCPPort: UInt16? { boundPort.withLock { $0 } }
     private let boundPort = Mutex<UInt16?>(nil)
@@ -51,6 +57,8 @@ public final class SnapshotServer: Service, Sendable {
         self.configuration = configuration
         self.logger = logger
         secret = try configuration.sharedSecretFile.map(Self.readSecret)
+        peerSecret = try configuration.peerSecretFile.map(Self.readSecret)
+        if let secret, secret == peerSecret { throw ConfigurationError("peer_secret_file and shared_secret_file hold the same secret: peers need a secret of their own") }
         arena = try Arena(root: configuration.arenaDirectory, logger: logger)
         storeEffects = StoreEffects(arena: arena, logger: logger)
         var initial = NodeState(store: SnapshotStore(
@@ -63,8 +71,8 @@ public final class SnapshotServer: Service, Sendable {
         try Self.recoverArena(arena, into: &initial, logger: logger)
         let state = Locked(initial)
         self.state = state
-        if let clusterConfiguration, let secret {
-            cluster = try ClusterNode(state: state, storeEffects: storeEffects, cluster: clusterConfiguration, selfID: configuration.nodeID, secret: secret, logger: logger)
+        if let clusterConfiguration, let peerSecret {
+            cluster = try ClusterNode(state: state, storeEffects: storeEffects, cluster: clusterConfiguration, selfID: configuration.nodeID, secret: peerSecret, counters: counters, logger: logger)
         } else {
             cluster = nil
         }
@@ -78,11 +86,11 @@ public final class SnapshotServer: Service, Sendable {
     }
 
     static func readSecret(path: String) throws -> [UInt8] {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            throw ConfigurationError("cannot read shared secret file \(path)")
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+            throw ConfigurationError("cannot read secret file \(path)")
         }
-        let secret = Array(String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines).utf8)
-        guard secret.count >= 16 else { throw ConfigurationError("shared secret in \(path) is shorter than 16 bytes") }
+        let secret = Array(text.trimmingCharacters(in: .whitespacesAndNewlines).utf8)
+        guard secret.count >= 16 else { throw ConfigurationError("secret in \(path) is shorter than 16 bytes") }
         return secret
     }
 
@@ -108,6 +116,12 @@ public final class SnapshotServer: Service, Sendable {
     /// Opens the listeners and starts accepting. Separate from `run` so tests
     /// and benchmarks can host a server in-process.
     public func start() throws {
+        // The runtime directory (systemd's RuntimeDirectory, or one of our own when run by hand).
+        let socketDirectory = (configuration.unixSocketPath as NSString).deletingLastPathComponent
+        if !socketDirectory.isEmpty, mkdir(socketDirectory, 0o755) != 0, errno != EEXIST {
+            throw IOError("cannot create the directory of unix_socket \(configuration.unixSocketPath)")
+        }
+        warnIfBudgetExceedsArenaFileSystem()
         let unix = try Socket.listenUnix(path: configuration.unixSocketPath, mode: 0o660)
         var opened = [(unix, false)]
         if let listen = configuration.tcpListen {
@@ -145,7 +159,7 @@ public final class SnapshotServer: Service, Sendable {
         cluster?.stop()
         let open = state.withLock { state in
             state.stopping = true
-            return (state.listeners, Array(state.sessions.values))
+            return (state.listeners, state.sessions.values.map(\.socket))
         }
         state.broadcast()
         for listener in open.0 {
@@ -169,17 +183,15 @@ public final class SnapshotServer: Service, Sendable {
                 usleep(10_000)
                 continue
             }
-            let id: SessionID? = state.withLock { state in
-                guard !state.stopping, state.sessions.count < configuration.maximumConnections else { return nil }
-                defer { state.nextSessionID += 1 }
-                state.sessions[state.nextSessionID] = socket
-                return state.nextSessionID
-            }
-            guard let id else {
-                logger.warning("refusing connection: session limit reached", metadata: ["limit": "\(configuration.maximumConnections)"])
-                try? FramedConnection(socket: socket).send(.error(ErrorReply(code: .tooManyConnections, message: "snapshotd has \(configuration.maximumConnections) sessions, the configured maximum")), requestID: 0)
-                socket.close()
+            let slot: ConnectionSlot = isTCP ? .handshake : .local
+            let limit = isTCP ? Limits.maximumHandshakes : configuration.maximumConnections
+            guard let (id, evicted) = state.withLock({ $0.admit(socket, to: slot, limit: limit) }) else {
+                refuse(socket, "snapshotd has \(limit) local sessions, the maximum; try again later")
                 continue
+            }
+            if let evicted {
+                counters.increment(.handshakesEvicted)
+                evicted.shutdownBoth()  // its thread's read fails at once and the session ends
             }
             Thread.detachNewThread { [self] in
                 let session = Session(server: self, id: id, connection: FramedConnection(socket: socket, frameTimeoutMilliseconds: configuration.frameTimeoutMilliseconds), isTCP: isTCP)
@@ -190,11 +202,43 @@ public final class SnapshotServer: Service, Sendable {
         }
     }
 
+    /// Answers `tooManyConnections` (without waiting on the client) and closes.
+    private func refuse(_ socket: Socket, _ reason: String) {
+        counters.increment(.connectionsRefused)
+        if refusalLog.shouldLog(nowMilliseconds: monotonicMilliseconds()) {
+            logger.warning("refusing connection: slots full", metadata: ["reason": "\(reason)", "refusedSoFar": "\(counters.value(.connectionsRefused))"])
+        }
+        try? socket.writeAll(Frame.encode(.error(ErrorReply(code: .tooManyConnections, message: reason)), requestID: 0), deadlineMilliseconds: monotonicMilliseconds())
+        socket.close()
+    }
+
+    /// An authenticated TCP session moves from a handshake slot to a remote
+    /// one; false (and the caller ends the session) when those are full.
+    func promoteToRemote(_ id: SessionID) -> Bool {
+        state.withLock { state in
+            guard state.sessionCount(.remote) < configuration.maximumConnections else { return false }
+            state.sessions[id]?.slot = .remote
+            return true
+        }
+    }
+
     private func endSession(_ id: SessionID) {
         state.withLock { state in
             state.sessions[id] = nil
             apply(state.store.detach(session: id), to: &state)
         }
+    }
+
+    /// A budget the arena's file system cannot hold would fail saves late
+    /// (ENOSPC at fallocate) instead of at the budget check: say so at start.
+    private func warnIfBudgetExceedsArenaFileSystem() {
+        var info = statvfs()
+        guard statvfs(arena.root, &info) == 0 else { return }
+        let (capacity, overflow) = UInt64(info.f_blocks).multipliedReportingOverflow(by: UInt64(info.f_frsize))
+        guard !overflow, capacity < configuration.memoryBudgetBytes else { return }
+        logger.warning("memory_budget exceeds the arena's file system: saves will fail with overBudget (no space) before the budget is reached", metadata: [
+            "budgetBytes": "\(configuration.memoryBudgetBytes)", "fileSystemBytes": "\(capacity)", "arena": "\(arena.root)",
+        ])
     }
 
     /// Unreachable peers are worth a warning at start, not an error: they may

@@ -294,7 +294,7 @@ final class SimulatedCluster {
         let beat = Heartbeat(nodeID: id, incarnation: nodes[index].incarnation, liveNodes: nodes[index].monitor.liveNodes, needsRebuild: nodes[index].needsRebuild)
         for peer in configuration.nodeIDs where peer != id { send(.control(.heartbeat(beat)), from: id, to: peer) }
         perform(nodes[index].monitor.handle(.tick(nowMilliseconds: now)), at: id)
-        execute(nodes[index].machine.tick(nowMilliseconds: now, liveNodes: Set(nodes[index].monitor.liveNodes)), at: id)
+        execute(nodes[index].machine.tick(nowMilliseconds: now, liveNodes: Set(nodes[index].monitor.liveNodes), store: nodes[index].store), at: id)
     }
 
     private func lastHeard(_ beat: Heartbeat, at id: NodeID) {
