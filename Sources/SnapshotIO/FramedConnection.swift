@@ -30,7 +30,9 @@ public struct FramedConnection: Sendable {
 
     /// Sends one frame (header and control payload) within the frame timeout.
     public func send(_ message: Message, requestID: UInt64, bulkLength: UInt64 = 0, passing descriptors: [Int32] = []) throws {
-        try socket.writeAll(Frame.encode(message, requestID: requestID, bulkLength: bulkLength), passing: descriptors, deadlineMilliseconds: deadline())
+        let frame = try Frame.encode(message, requestID: requestID, bulkLength: bulkLength)
+        // A large frame (a manifests-carrying report) gets the bulk allowance on top.
+        try socket.writeAll(frame, passing: descriptors, deadlineMilliseconds: bulkDeadline(UInt64(frame.count)))
     }
 
     /// Writes bulk bytes that follow a frame, within ``bulkDeadline(_:)``.
@@ -39,16 +41,18 @@ public struct FramedConnection: Sendable {
     }
 
     /// Waits (without limit) for the next frame, then reads it under the frame deadline.
-    public func receive() throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+    /// `maximumPayloadBytes`: the most control payload accepted from this
+    /// peer (large manifests-carrying messages only from authenticated daemons).
+    public func receive(maximumPayloadBytes: Int = ProtocolLimits.maximumControlPayloadBytes) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
         var ignored: [Int32] = []
-        return try receive(collecting: &ignored, acceptDescriptors: false)
+        return try receive(collecting: &ignored, acceptDescriptors: false, maximumPayloadBytes: maximumPayloadBytes)
     }
 
     /// A reply that must start arriving by `deadlineMilliseconds` (monotonic):
     /// for request/reply between daemons, where waiting forever on a stuck
     /// peer would stall the caller (the idle wait suits only a server).
-    public func receiveReply(deadlineMilliseconds: Int64) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
-        try receive(firstByteBy: deadlineMilliseconds, restBy: nil, maximumPayloadBytes: ProtocolLimits.maximumControlPayloadBytes)
+    public func receiveReply(deadlineMilliseconds: Int64, maximumPayloadBytes: Int = ProtocolLimits.maximumControlPayloadBytes) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+        try receive(firstByteBy: deadlineMilliseconds, restBy: nil, maximumPayloadBytes: maximumPayloadBytes)
     }
 
     /// A whole frame by `deadlineMilliseconds`, with a payload of at most
@@ -70,14 +74,16 @@ public struct FramedConnection: Sendable {
     }
 
     /// As ``receive()``, also collecting file descriptors passed with the frame.
-    public func receive(collecting descriptors: inout [Int32], acceptDescriptors: Bool = true) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+    public func receive(
+        collecting descriptors: inout [Int32], acceptDescriptors: Bool = true, maximumPayloadBytes: Int = ProtocolLimits.maximumControlPayloadBytes
+    ) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
         let headerBytes: [UInt8]
         do {
             headerBytes = acceptDescriptors
                 ? try socket.readExact(count: FrameHeader.sizeBytes, collecting: &descriptors)
                 : try readHeaderBytes()
         } catch { throw .io(Self.ioError(error)) }
-        return try decodeRest(headerBytes, payloadDeadline: nil, maximumPayloadBytes: ProtocolLimits.maximumControlPayloadBytes)
+        return try decodeRest(headerBytes, payloadDeadline: nil, maximumPayloadBytes: maximumPayloadBytes)
     }
 
     /// Validates the header, then reads and decodes the payload (by
@@ -92,7 +98,7 @@ public struct FramedConnection: Sendable {
         }
         let payload: [UInt8]
         do {
-            payload = try socket.readExact(count: Int(header.payloadLength), deadlineMilliseconds: payloadDeadline ?? deadline())
+            payload = try socket.readExact(count: Int(header.payloadLength), deadlineMilliseconds: payloadDeadline ?? bulkDeadline(UInt64(header.payloadLength)))
         } catch { throw .io(Self.ioError(error)) }
         do {
             try header.validatePayload(payload)

@@ -173,15 +173,21 @@ public struct Socket: Sendable {
     /// arrive (in chunks of ``readChunkBytes``): a peer that claims a large
     /// length and then sends nothing costs one chunk, not the claim.
     public func readExact(count: Int, deadlineMilliseconds: Int64? = nil) throws -> [UInt8] {
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(min(count, Self.readChunkBytes))
-        while bytes.count < count {
-            let chunk = min(count - bytes.count, Self.readChunkBytes)
-            let start = bytes.count
-            bytes.append(contentsOf: repeatElement(0, count: chunk))
+        if count <= Self.readChunkBytes {
+            var bytes = [UInt8](repeating: 0, count: count)
             try bytes.withUnsafeMutableBytes { (b) throws in
-                try readExact(into: b.baseAddress! + start, count: chunk, deadlineMilliseconds: deadlineMilliseconds)
+                if count > 0 { try readExact(into: b.baseAddress!, count: count, deadlineMilliseconds: deadlineMilliseconds) }
             }
+            return bytes
+        }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: Self.readChunkBytes)
+        while bytes.count < count {
+            let length = min(count - bytes.count, Self.readChunkBytes)
+            try chunk.withUnsafeMutableBytes { (b) throws in
+                try readExact(into: b.baseAddress!, count: length, deadlineMilliseconds: deadlineMilliseconds)
+            }
+            bytes.append(contentsOf: chunk[..<length])  // a memcpy; the array doubles as bytes arrive
         }
         return bytes
     }

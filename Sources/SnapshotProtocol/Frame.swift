@@ -73,10 +73,11 @@ public struct FrameHeader: Hashable, Sendable {
         // Checksum first: a corrupted header must not be misreported as, say, an unknown type.
         guard headerChecksum == computed else { throw .headerChecksumMismatch(expected: headerChecksum, actual: computed) }
         guard let type = MessageType(rawValue: rawType) else { throw .unknownMessageType(rawType) }
+        // (The payload limit depends on the type, so it is checked after it.)
         guard flags == 0 else { throw .unknownFlags(flags) }
         guard reserved == 0 else { throw .nonZeroReserved }
-        guard payloadLength <= ProtocolLimits.maximumControlPayloadBytes else {
-            throw .payloadTooLarge(claimedBytes: UInt64(payloadLength), limitBytes: UInt64(ProtocolLimits.maximumControlPayloadBytes))
+        guard payloadLength <= type.maximumPayloadBytes else {
+            throw .payloadTooLarge(claimedBytes: UInt64(payloadLength), limitBytes: UInt64(type.maximumPayloadBytes))
         }
         guard bulkLength <= ProtocolLimits.maximumBulkBytes else {
             throw .bulkTooLarge(claimedBytes: bulkLength, limitBytes: ProtocolLimits.maximumBulkBytes)
@@ -97,10 +98,15 @@ public struct FrameHeader: Hashable, Sendable {
 /// Encoding and decoding of whole frames (header + control payload; bulk bytes
 /// are written and read by the transport).
 public enum Frame {
-    public static func encode(_ message: Message, requestID: UInt64, bulkLength: UInt64 = 0) -> [UInt8] {
+    /// Throws ``ProtocolError/payloadTooLarge(claimedBytes:limitBytes:)`` for
+    /// a message over its type's limit: the sender fails that one message
+    /// (and says so) instead of trapping.
+    public static func encode(_ message: Message, requestID: UInt64, bulkLength: UInt64 = 0) throws(ProtocolError) -> [UInt8] {
         precondition(bulkLength == 0 || message.type.carriesBulk, "\(message.type) carries no bulk bytes")
         let payload = message.encodedPayload()
-        precondition(payload.count <= ProtocolLimits.maximumControlPayloadBytes, "control payload over the protocol limit")
+        guard payload.count <= message.type.maximumPayloadBytes else {
+            throw .payloadTooLarge(claimedBytes: UInt64(payload.count), limitBytes: UInt64(message.type.maximumPayloadBytes))
+        }
         let header = FrameHeader(
             type: message.type, requestID: requestID, payloadLength: UInt32(payload.count),
             payloadChecksum: CRC32C.checksum(payload), bulkLength: bulkLength)

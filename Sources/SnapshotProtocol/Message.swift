@@ -25,7 +25,7 @@ public enum Message: Hashable, Sendable {
     case heartbeat(Heartbeat)
     case stepReady(StepReady)
     case stepProtected(StepProtected)
-    case clusterStateRequest
+    case clusterStateRequest(ClusterStateRequest)
     case clusterStateReply(ClusterStateReply)
     case rebuildOrder(RebuildOrder)
     case repairRequest(RepairRequest)
@@ -118,7 +118,14 @@ public enum Message: Hashable, Sendable {
             w.write(m.step)
             w.write(m.state.rawValue)
         case .abortSave(let m), .releaseRestore(let m): w.write(m.step)
-        case .latestCommitted, .ok, .clusterStateRequest, .recover: break
+        case .latestCommitted, .ok, .recover: break
+        case .clusterStateRequest(let m):
+            w.writeCount(m.known.count)
+            for report in m.known {
+                w.write(report.job)
+                w.write(report.step)
+                w.write(report.node)
+            }
         case .latestCommittedReply(let m): w.writeOptional(m.step)
         case .waitCommitted(let m):
             w.write(m.step)
@@ -280,7 +287,12 @@ public enum Message: Hashable, Sendable {
         case .stepReady: return .stepReady(try r.readStepReady())
         case .stepProtected:
             return .stepProtected(StepProtected(job: try r.readJobID(), step: try r.read(Step.self, "step"), nodeID: try r.read(NodeID.self, "nodeID"), stable: try r.readBool("stable")))
-        case .clusterStateRequest: return .clusterStateRequest
+        case .clusterStateRequest:
+            let count = try r.readCount("known", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 14)
+            var known: [ReportID] = []
+            known.reserveCapacity(count)
+            for _ in 0..<count { known.append(ReportID(job: try r.readJobID(), step: try r.read(Step.self, "step"), node: try r.read(NodeID.self, "node"))) }
+            return .clusterStateRequest(ClusterStateRequest(known: known))
         case .clusterStateReply: return .clusterStateReply(try r.readClusterState())
         case .rebuildOrder:
             return .rebuildOrder(RebuildOrder(nodeID: try r.read(NodeID.self, "nodeID"), incarnation: try r.read(UInt64.self, "incarnation"), coordinator: try r.read(NodeID.self, "coordinator")))
@@ -402,7 +414,7 @@ extension ByteReader {
         let count = try readCount("manifests", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 4)
         var manifests: [[UInt8]] = []
         manifests.reserveCapacity(count)
-        for _ in 0..<count { manifests.append(try readBlob("manifests", limitBytes: ProtocolLimits.maximumControlPayloadBytes)) }
+        for _ in 0..<count { manifests.append(try readBlob("manifests", limitBytes: ProtocolLimits.maximumManifestBytes)) }
         return StepReady(job: job, step: step, nodeID: node, world: world, dataSizeBytes: size, manifests: manifests)
     }
 

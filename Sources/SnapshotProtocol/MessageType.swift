@@ -52,6 +52,20 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         }
     }
 
+    /// The most control payload a frame of this type may carry. Messages
+    /// between daemons that carry whole manifests (a node's readiness
+    /// report, the cluster's state) scale with the job: at 8 ranks × 16,384
+    /// tensors with long names a report alone is ~32 MiB. They may reach
+    /// ``ProtocolLimits/maximumLargeControlPayloadBytes``; receivers accept
+    /// that much only from authenticated peers. Everything else stays under
+    /// ``ProtocolLimits/maximumControlPayloadBytes``.
+    public var maximumPayloadBytes: Int {
+        switch self {
+        case .stepReady, .clusterStateReply: ProtocolLimits.maximumLargeControlPayloadBytes
+        default: ProtocolLimits.maximumControlPayloadBytes
+        }
+    }
+
     public var description: String { "\(name)(\(rawValue))" }
 
     private var name: String {

@@ -379,6 +379,27 @@ public struct StepProtected: Hashable, Sendable {
 
 /// What a node knows of the cluster's steps: the readiness and protection
 /// reports it holds. A replacement learns from this what to rebuild.
+/// One node's readiness report of one step.
+public struct ReportID: Hashable, Sendable {
+    public var job: JobID
+    public var step: Step
+    public var node: NodeID
+    public init(job: JobID, step: Step, node: NodeID) {
+        self.job = job
+        self.step = step
+        self.node = node
+    }
+}
+
+/// A request for the peer's view of the cluster's steps. `known` lists the
+/// readiness reports the requester already holds: the reply leaves them out,
+/// so a state pull (every tick while a step waits) carries only what is new
+/// instead of every node's manifests again (tens of MiB at LLM scale).
+public struct ClusterStateRequest: Hashable, Sendable {
+    public var known: [ReportID]
+    public init(known: [ReportID] = []) { self.known = known }
+}
+
 public struct ClusterStateReply: Hashable, Sendable {
     public var steps: [ClusterStepState]
     public init(steps: [ClusterStepState]) { self.steps = steps }

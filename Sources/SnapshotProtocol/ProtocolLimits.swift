@@ -5,6 +5,9 @@ public enum ProtocolLimits {
     public static let version: UInt8 = 1
     /// Control payload of one frame (manifests, status). Bulk bytes are separate.
     public static let maximumControlPayloadBytes = 8 << 20
+    /// Control payload of the peer messages that carry manifests (see
+    /// ``MessageType/maximumPayloadBytes``).
+    public static let maximumLargeControlPayloadBytes = 1 << 30
     /// Bulk bytes following one frame's payload (a tensor or a fragment).
     public static let maximumBulkBytes: UInt64 = 1 << 40
     /// Tensor names, job ids and other identifiers, in UTF-8 bytes.
@@ -19,6 +22,8 @@ public enum ProtocolLimits {
     public static let maximumWorldSize: UInt32 = 1 << 20
     /// Entries in list replies (jobs, steps, nodes, ranks).
     public static let maximumListEntries = 65_536
+    /// One rank's manifest file (16,384 tensors with 256-byte names fit).
+    public static let maximumManifestBytes = 16 << 20
     /// Named counters in a status reply.
     public static let maximumCounters = 256
     /// Pipelined repair: survivors in one chain (at most k ≤ 255) and the

@@ -80,7 +80,7 @@ struct BadInputTests {
         #expect(oversize.reply() == nil, "the stream cannot be trusted after a bad header")
         // Unknown message type behind a valid checksum.
         let unknown = try Raw.unix(daemon)
-        header = Frame.encode(.ok, requestID: 6)
+        header = try Frame.encode(.ok, requestID: 6)
         header[5] = 99
         let crc = CRC32C.checksum(Array(header[0..<36]))
         withUnsafeBytes(of: crc.littleEndian) { header.replaceSubrange(36..<40, with: $0) }

@@ -46,7 +46,8 @@ let samples: [Message] = [
     .stepReady(StepReady(job: job, step: 7, nodeID: 2, world: 12, dataSizeBytes: 1 << 30, manifests: [[1, 2, 3], []])),
     .stepProtected(StepProtected(job: job, step: 7, nodeID: 2)),
     .stepProtected(StepProtected(job: job, step: 7, nodeID: 2, stable: true)),
-    .clusterStateRequest,
+    .clusterStateRequest(ClusterStateRequest()),
+    .clusterStateRequest(ClusterStateRequest(known: [ReportID(job: job, step: 7, node: 2), ReportID(job: job, step: 8, node: 0)])),
     .clusterStateReply(ClusterStateReply(steps: [ClusterStepState(
         job: job, step: 7, committed: true, ready: [StepReady(job: job, step: 7, nodeID: 1, world: 12, dataSizeBytes: 5, manifests: [[9]])],
         protectedNodes: [0, 1])])),
@@ -72,7 +73,7 @@ struct ProtocolRoundTripTests {
     @Test(arguments: samples)
     func roundTrip(message: Message) throws {
         let bulk: UInt64 = message.type.carriesBulk ? 4096 : 0
-        let bytes = Frame.encode(message, requestID: 42, bulkLength: bulk)
+        let bytes = try Frame.encode(message, requestID: 42, bulkLength: bulk)
         let (header, decoded, consumed) = try Frame.decode(bytes)
         #expect(decoded == message)
         #expect(header.requestID == 42)
@@ -81,8 +82,8 @@ struct ProtocolRoundTripTests {
     }
 
     @Test func frameDecodingIgnoresFollowingBytes() throws {
-        let first = Frame.encode(.latestCommitted, requestID: 1)
-        let second = Frame.encode(.ok, requestID: 2)
+        let first = try Frame.encode(.latestCommitted, requestID: 1)
+        let second = try Frame.encode(.ok, requestID: 2)
         let (_, message, consumed) = try Frame.decode(first + second)
         #expect(message == .latestCommitted)
         #expect(consumed == first.count)
@@ -138,7 +139,7 @@ extension ByteWriter {
 
 @Suite("Malformed frames each get their specific error")
 struct MalformedInputTests {
-    let valid = Frame.encode(.beginSave(BeginSave(step: 5, transport: .stream, tensors: [weights, rngState])), requestID: 1)
+    let valid = try! Frame.encode(.beginSave(BeginSave(step: 5, transport: .stream, tensors: [weights, rngState])), requestID: 1)
 
     @Test func truncatedHeader() {
         #expect(throws: ProtocolError.truncatedHeader(haveBytes: 39, needBytes: 40)) { try Frame.decode(Array(valid.prefix(39))) }
@@ -150,12 +151,12 @@ struct MalformedInputTests {
         #expect(throws: ProtocolError.truncatedPayload(haveBytes: payloadBytes - 1, needBytes: payloadBytes)) { try Frame.decode(Array(valid.dropLast())) }
     }
 
-    @Test func oversizeLengthClaims() {
+    @Test func oversizeLengthClaims() throws {
         let huge = resealed(valid) { put(UInt32.max, at: 16, in: &$0) }
         #expect(throws: ProtocolError.payloadTooLarge(claimedBytes: UInt64(UInt32.max), limitBytes: UInt64(ProtocolLimits.maximumControlPayloadBytes))) { try Frame.decode(huge) }
-        let bulk = resealed(Frame.encode(.putTensor(PutTensor(step: 1, tensorIndex: 0, offsetBytes: 0)), requestID: 1)) { put(UInt64.max, at: 24, in: &$0) }
+        let bulk = resealed(try Frame.encode(.putTensor(PutTensor(step: 1, tensorIndex: 0, offsetBytes: 0)), requestID: 1)) { put(UInt64.max, at: 24, in: &$0) }
         #expect(throws: ProtocolError.bulkTooLarge(claimedBytes: UInt64.max, limitBytes: ProtocolLimits.maximumBulkBytes)) { try Frame.decode(bulk) }
-        let unexpected = resealed(Frame.encode(.ok, requestID: 1)) { put(UInt64(10), at: 24, in: &$0) }
+        let unexpected = resealed(try Frame.encode(.ok, requestID: 1)) { put(UInt64(10), at: 24, in: &$0) }
         #expect(throws: ProtocolError.unexpectedBulk(type: .ok, bytes: 10)) { try Frame.decode(unexpected) }
     }
 

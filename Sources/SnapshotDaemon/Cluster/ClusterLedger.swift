@@ -101,7 +101,7 @@ public struct ClusterLedger: Sendable {
         guard let entry = entry(job: job, step: step) else { return nil }
         var sizes: [Int] = []
         for node in group.nodes {
-            // Reports are validated on arrival (``ProtectionMachine.problem(with:dataFragments:)``): sizes fit.
+            // Reports are validated on arrival (``ProtectionMachine.validate(_:dataFragments:)``): sizes fit.
             guard let ready = entry.ready[node], let size = Int(exactly: ready.dataSizeBytes) else { return nil }
             sizes.append(size)
         }
@@ -164,11 +164,18 @@ public struct ClusterLedger: Sendable {
         }
     }
 
-    public func clusterState() -> ClusterStateReply {
+    /// This node's view, without the reports the requester says it holds.
+    public func clusterState(omitting known: Set<ReportID> = []) -> ClusterStateReply {
         ClusterStateReply(steps: steps.sorted { $0.key < $1.key }.map { id, entry in
             ClusterStepState(
-                job: id.job, step: id.step, committed: entry.committed, ready: entry.ready.values.sorted { $0.nodeID < $1.nodeID },
+                job: id.job, step: id.step, committed: entry.committed,
+                ready: entry.ready.values.filter { !known.contains(ReportID(job: id.job, step: id.step, node: $0.nodeID)) }.sorted { $0.nodeID < $1.nodeID },
                 protectedNodes: entry.protectedNodes.sorted(), stableNodes: entry.stableNodes.sorted())
         })
+    }
+
+    /// The reports this node holds (for ``ClusterStateRequest/known``).
+    public var knownReports: [ReportID] {
+        steps.flatMap { id, entry in entry.ready.keys.map { ReportID(job: id.job, step: id.step, node: $0) } }
     }
 }

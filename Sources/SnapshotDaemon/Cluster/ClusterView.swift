@@ -22,7 +22,7 @@ extension ClusterNode {
             var everyPeerRefused = true
             for peer in mesh.peers {
                 do {
-                    guard case .clusterStateReply(let reply) = try mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
+                    guard case .clusterStateReply(let reply) = try mesh.request(peer, .control, .clusterStateRequest(stateRequest()), timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
                     merge(reply)
                     learned = true
                 } catch let error as IOError where error.errnoCode == ECONNREFUSED {
@@ -57,10 +57,15 @@ extension ClusterNode {
     /// stops at the first peer that answers.
     func pullState(from peers: [NodeID], firstAnswerSuffices: Bool = false) {
         for peer in peers {
-            guard case .clusterStateReply(let reply)? = try? mesh.request(peer, .control, .clusterStateRequest, timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
+            guard case .clusterStateReply(let reply)? = try? mesh.request(peer, .control, .clusterStateRequest(stateRequest()), timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
             merge(reply)
             if firstAnswerSuffices { return }
         }
+    }
+
+    /// Asks only for what this node lacks: the reports it holds are left out of the reply.
+    private func stateRequest() -> ClusterStateRequest {
+        ClusterStateRequest(known: state.withLock { $0.cluster!.protection.ledger.knownReports })
     }
 
     private func merge(_ reply: ClusterStateReply) {
@@ -81,10 +86,11 @@ extension ClusterNode {
 
     /// A node that is itself joining has no view to give: an empty one would
     /// tell a joining peer that nothing was committed.
-    func handleClusterState() -> Message {
-        state.withLock { state in
+    func handleClusterState(_ request: ClusterStateRequest) -> Message {
+        let known = Set(request.known)
+        return state.withLock { state in
             guard state.cluster!.discovered else { return .error(ErrorReply(code: .unavailable, message: "node \(selfID) is joining the cluster itself")) }
-            return .clusterStateReply(state.cluster!.protection.ledger.clusterState())
+            return .clusterStateReply(state.cluster!.protection.ledger.clusterState(omitting: known))
         }
     }
 

@@ -105,7 +105,8 @@ final class PeerMesh: Sendable {
     /// The peer's reply, which must start within the connection's frame timeout.
     static func reply(_ connection: FramedConnection) throws -> Message {
         do {
-            let message = try connection.receiveReply(deadlineMilliseconds: connection.deadline()).message
+            // Replies come from authenticated peers: manifests-carrying ones may be large.
+            let message = try connection.receiveReply(deadlineMilliseconds: connection.deadline(), maximumPayloadBytes: ProtocolLimits.maximumLargeControlPayloadBytes).message
             if case .error(let e) = message { throw PeerError(code: e.code, message: e.message) }
             return message
         } catch let error as ConnectionError {

@@ -1,3 +1,4 @@
+import Glibc
 import ErasureCoding
 public import SnapshotProtocol
 
@@ -367,15 +368,20 @@ public struct ProtectionMachine: Sendable {
     /// Records a readiness report; a second, different one from the same node is a conflict (rule 1).
     @discardableResult
     private mutating func record(_ ready: StepReady) -> [Action] {
-        if let problem = Self.problem(with: ready, dataFragments: layout.dataFragmentCount) {
-            return [.log(.error, "ignoring node \(ready.nodeID)'s report: \(problem)", job: ready.job, step: ready.step)]
-        }
+        // A report already known is the common case (every state pull repeats
+        // them all): compare before decoding anything, so a repeat of an
+        // LLM-sized report costs a memcmp, not a decode of its manifests.
         if let earlier = ledger.entry(job: ready.job, step: ready.step)?.ready[ready.nodeID], !faults.contains(.mutableReports) {
-            guard earlier != ready else { return [] }
+            guard !Self.sameReport(earlier, ready) else { return [] }
             return [.log(.error, "node \(ready.nodeID) sent a second, different report of its share; the first one stands", job: ready.job, step: ready.step)]
         }
-        ledger.recordReady(ready, ranks: Self.ranks(of: ready))
-        return []
+        switch Self.validate(ready, dataFragments: layout.dataFragmentCount) {
+        case .failure(let problem):
+            return [.log(.error, "ignoring node \(ready.nodeID)'s report: \(problem.reason)", job: ready.job, step: ready.step)]
+        case .success(let ranks):
+            ledger.recordReady(ready, ranks: ranks)
+            return []
+        }
     }
 
     /// Rule 2: report an empty share once the other nodes' reports cover
@@ -463,23 +469,40 @@ public struct ProtectionMachine: Sendable {
 
     /// Why a readiness report cannot be used, if it cannot: sizes beyond what
     /// a group can encode, or manifests of another step or with repeated ranks.
-    static func problem(with ready: StepReady, dataFragments: Int) -> String? {
-        guard ready.dataSizeBytes <= UInt64(dataFragments) * UInt64(ReedSolomon.maximumFragmentSizeBytes) else {
-            return "its share of \(ready.dataSizeBytes) bytes exceeds what RS(\(dataFragments), m) fragments can carry"
+    /// Equality of two reports, comparing manifests with memcmp (the
+    /// synthesized `==` compares them byte by byte, which at tens of MiB per
+    /// report is slow outside optimized builds).
+    static func sameReport(_ a: StepReady, _ b: StepReady) -> Bool {
+        guard a.job == b.job, a.step == b.step, a.nodeID == b.nodeID, a.world == b.world, a.dataSizeBytes == b.dataSizeBytes,
+            a.manifests.count == b.manifests.count
+        else { return false }
+        return zip(a.manifests, b.manifests).allSatisfy { x, y in
+            x.count == y.count && x.withUnsafeBytes { p in y.withUnsafeBytes { q in p.count == 0 || memcmp(p.baseAddress!, q.baseAddress!, p.count) == 0 } }
         }
-        guard ready.world > 0, ready.world <= UInt32(Int32.max) else { return "world size \(ready.world) is out of range" }
-        var ranks = Set<Rank>()
-        for manifest in ready.manifests {
-            guard let decoded = try? ManifestFile(decoding: manifest) else { return "a manifest does not decode" }
-            guard decoded.key.job == ready.job, decoded.key.step == ready.step, decoded.key.rank < ready.world, ranks.insert(decoded.key.rank).inserted else {
-                return "manifest \(decoded.key) does not belong in this report"
-            }
-        }
-        return nil
     }
 
-    /// The ranks a readiness report's manifests cover.
-    public static func ranks(of ready: StepReady) -> [Rank] {
-        ready.manifests.compactMap { try? ManifestFile(decoding: $0).key.rank }
+    struct InvalidReport: Error {
+        let reason: String
     }
+
+    /// Checks a peer's report (sizes within what RS fragments carry, a sane
+    /// world, manifests that decode and belong to this step with distinct
+    /// ranks) and returns the ranks it covers, decoding each manifest once.
+    static func validate(_ ready: StepReady, dataFragments: Int) -> Result<[Rank], InvalidReport> {
+        guard ready.dataSizeBytes <= UInt64(dataFragments) * UInt64(ReedSolomon.maximumFragmentSizeBytes) else {
+            return .failure(InvalidReport(reason: "its share of \(ready.dataSizeBytes) bytes exceeds what RS(\(dataFragments), m) fragments can carry"))
+        }
+        guard ready.world > 0, ready.world <= UInt32(Int32.max) else { return .failure(InvalidReport(reason: "world size \(ready.world) is out of range")) }
+        var ranks: [Rank] = []
+        var seen = Set<Rank>()
+        for manifest in ready.manifests {
+            guard let decoded = try? ManifestFile(decoding: manifest) else { return .failure(InvalidReport(reason: "a manifest does not decode")) }
+            guard decoded.key.job == ready.job, decoded.key.step == ready.step, decoded.key.rank < ready.world, seen.insert(decoded.key.rank).inserted else {
+                return .failure(InvalidReport(reason: "manifest \(decoded.key) does not belong in this report"))
+            }
+            ranks.append(decoded.key.rank)
+        }
+        return .success(ranks)
+    }
+
 }

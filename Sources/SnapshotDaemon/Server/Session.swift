@@ -49,7 +49,9 @@ final class Session {
             let header: FrameHeader
             let message: Message
             do {
-                (header, message) = try connection.receive()
+                // Only authenticated peers may send the large, manifests-carrying messages.
+                (header, message) = try connection.receive(
+                    maximumPayloadBytes: role == .peer ? ProtocolLimits.maximumLargeControlPayloadBytes : ProtocolLimits.maximumControlPayloadBytes)
             } catch {
                 switch error {
                 case .io(let error):
@@ -346,7 +348,7 @@ final class Session {
             reply(cluster.handleHeartbeat(beat), to: header.requestID)
         case .stepReady(let ready): reply(cluster.handleStepReady(ready), to: header.requestID)
         case .stepProtected(let report): reply(cluster.handleStepProtected(report), to: header.requestID)
-        case .clusterStateRequest: reply(cluster.handleClusterState(), to: header.requestID)
+        case .clusterStateRequest(let request): reply(cluster.handleClusterState(request), to: header.requestID)
         case .rebuildOrder(let order): reply(cluster.handleRebuildOrder(order), to: header.requestID)
         case .fragmentPut(let put):
             reply(try cluster.handleFragmentPut(put, header: header, connection: connection, scratch: &scratch), to: header.requestID)
