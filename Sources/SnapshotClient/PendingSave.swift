@@ -1,3 +1,4 @@
+import ErasureCoding
 import Glibc
 import SnapshotIO
 public import SnapshotProtocol
@@ -10,6 +11,10 @@ public final class PendingSave: @unchecked Sendable {
     let offsets: [UInt64]
     let segment: MappedSegment?
     var committed = false
+    /// Over TCP: each tensor's CRC-32C, computed chunk by chunk while it was
+    /// sent (cache-hot, no second pass); the commit carries them so the
+    /// daemon verifies the bytes that arrived.
+    var streamedChecksums: [UInt32?]
     /// Chunk size for TCP puts: large enough to amortize the frame header,
     /// small enough that a refused put costs little.
     static let streamChunkBytes = 16 << 20
@@ -20,6 +25,7 @@ public final class PendingSave: @unchecked Sendable {
         self.specs = specs
         self.offsets = offsets
         self.segment = segment
+        streamedChecksums = Array(repeating: nil, count: specs.count)
     }
 
     /// Over shared memory: where tensor `tensorIndex` lives in the daemon's
@@ -38,17 +44,24 @@ public final class PendingSave: @unchecked Sendable {
             return
         }
         var offset = 0
+        var crc: UInt32 = 0
         repeat {
             let count = min(Self.streamChunkBytes, bytes.count - offset)
             let chunk = UnsafeRawBufferPointer(rebasing: bytes[offset..<(offset + count)])
+            crc = CRC32C.checksum(chunk, seed: crc)
             try client.put(step: step, tensorIndex: tensorIndex, offsetBytes: UInt64(offset), bytes: chunk)
             offset += count
         } while offset < bytes.count
+        streamedChecksums[tensorIndex] = crc
     }
 
+    /// Commits the save. Over TCP, without `checksums`, the CRCs computed
+    /// while streaming are sent, so the daemon checks what arrived (a tensor
+    /// never written leaves the daemon to compute its own).
     public func commit(gradientNorm: Double? = nil, metadata: [UInt8] = [], checksums: [UInt32]? = nil) throws {
         precondition(!committed, "save of step \(step) committed twice")
-        try client.commit(step: step, checksums: checksums, gradientNorm: gradientNorm, metadata: metadata)
+        let streamed = streamedChecksums.allSatisfy { $0 != nil } && segment == nil ? streamedChecksums.compactMap { $0 } : nil
+        try client.commit(step: step, checksums: checksums ?? streamed, gradientNorm: gradientNorm, metadata: metadata)
         committed = true
     }
 }

@@ -88,7 +88,10 @@ public final class SnapshotClient: @unchecked Sendable {
     ) throws {
         let pending = try beginSave(step: step, specs: tensors.map(\.spec))
         for (index, tensor) in tensors.enumerated() { try pending.write(tensorIndex: index, from: tensor.bytes) }
-        let checksums = sendChecksums ? tensors.map { CRC32C.checksum($0.bytes) } : nil
+        // Over TCP the checksums computed while streaming go with the commit
+        // anyway (``PendingSave/commit(gradientNorm:metadata:checksums:)``);
+        // `sendChecksums` also covers shared memory, at the cost of a pass over the data.
+        let checksums = sendChecksums && pending.segment != nil ? tensors.map { CRC32C.checksum($0.bytes) } : nil
         try pending.commit(gradientNorm: gradientNorm, metadata: metadata, checksums: checksums)
     }
 

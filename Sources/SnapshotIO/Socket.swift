@@ -194,6 +194,16 @@ public struct Socket: Sendable {
 
     public static let readChunkBytes = 64 << 10
 
+    /// One read of up to `count` bytes (waiting without limit): how many
+    /// arrived, 0 when the peer has closed.
+    public func readSome(into buffer: UnsafeMutableRawPointer, count: Int) throws -> Int {
+        while true {
+            let n = Glibc.read(fd, buffer, count)
+            if n >= 0 { return n }
+            if errno != EINTR { throw IOError("read") }
+        }
+    }
+
     /// Reads and throws away `count` bytes.
     public func discard(count: UInt64, deadlineMilliseconds: Int64? = nil) throws {
         var left = count

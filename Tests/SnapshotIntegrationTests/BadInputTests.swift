@@ -243,6 +243,52 @@ struct BadInputTests {
         #expect(try client.waitCommitted(step: 3) == 3)
     }
 
+    /// A TCP save is checked on arrival by default: the client computes each
+    /// tensor's CRC while streaming it and the commit carries them. A proxy
+    /// between client and daemon flips one byte of tensor data in flight; the
+    /// step does not commit (`checksumMismatch`), and a clean save after it does.
+    @Test func aByteFlippedInFlightOverTCPIsCaught() throws {
+        let daemon = try DaemonProcess()
+        let proxy = try Socket.listenTCP(host: "127.0.0.1", port: 0)
+        defer { proxy.close() }
+        let flipAtByte = 200_000  // well inside the first tensor's bulk bytes (1 MiB of bfloat16)
+        let forwarding = inBackground {
+            guard let client = try? proxy.accept(), let server = try? Socket.connectTCP(host: "127.0.0.1", port: daemon.tcpPort) else { return }
+            let back = inBackground {
+                var buffer = [UInt8](repeating: 0, count: 64 << 10)
+                while let n = try? buffer.withUnsafeMutableBytes({ b in try server.readSome(into: b.baseAddress!, count: b.count) }), n > 0 {
+                    try? client.writeAll(Array(buffer[..<n]), deadlineMilliseconds: monotonicMilliseconds() + 5000)
+                }
+                client.shutdownBoth()
+            }
+            var forwarded = 0
+            var buffer = [UInt8](repeating: 0, count: 64 << 10)
+            while let n = try? buffer.withUnsafeMutableBytes({ b in try client.readSome(into: b.baseAddress!, count: b.count) }), n > 0 {
+                if forwarded <= flipAtByte, flipAtByte < forwarded + n { buffer[flipAtByte - forwarded] ^= 0x01 }
+                forwarded += n
+                try? server.writeAll(Array(buffer[..<n]), deadlineMilliseconds: monotonicMilliseconds() + 5000)
+            }
+            server.shutdownBoth()
+            back.wait()
+        }
+        let job = try JobID("flipped-in-flight")
+        do {  // the client closes its connection (and the proxy's) at the end of this scope
+            let viaProxy = try SnapshotClient(endpoint: .tcp(host: "127.0.0.1", port: proxy.localPort()!, secret: daemon.secret), job: job, rank: 0, world: 1)
+            try viaProxy.save(step: 1, tensors: tensors(step: 1, rank: 0, sizes: Self.sizes))
+            do {
+                try viaProxy.waitCommitted(step: 1, timeoutMilliseconds: 5000)
+                Issue.record("a shard corrupted in flight committed")
+            } catch let error as SnapshotClientError {
+                #expect(error.code == .checksumMismatch, "\(error)")
+            }
+        }
+        forwarding.wait()
+        let direct = try daemon.tcpClient(job: job, rank: 0, world: 1)
+        try direct.save(step: 2, tensors: tensors(step: 2, rank: 0, sizes: Self.sizes))
+        #expect(try direct.waitCommitted(step: 2) == 2)
+        #expect(matches(try direct.restore(step: 2), tensors(step: 2, rank: 0, sizes: Self.sizes)))
+    }
+
     @Test func clientChecksumsThatDoNotMatchKeepTheStepUncommitted() throws {
         let daemon = try DaemonProcess()
         let client = try daemon.unixClient(job: try JobID("crc"), rank: 0, world: 1)
