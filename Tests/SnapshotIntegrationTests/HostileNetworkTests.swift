@@ -131,6 +131,37 @@ struct HostileNetworkTests {
         #expect(attacked.counter("roles_refused") == 2)
     }
 
+    /// Two of six nodes (RS(4,2)) frozen with SIGSTOP: they are declared dead
+    /// within the failure timeout (plus one heartbeat interval and scheduling
+    /// slack on a loaded machine), no other node is ever declared dead
+    /// (each live node's counter is exactly 2), and their replacements
+    /// rebuild byte-identical. Heartbeats to a frozen peer block only that
+    /// peer's own thread.
+    @Test func frozenPeersAreDeclaredDeadAndNoOneElse() throws {
+        let cluster = try LocalCluster.forTest(nodes: 6, parity: 2, ranksPerNode: 1)
+        try cluster.saveStep(1)
+        let frozen = [4, 5]
+        let pids = try frozen.map { try daemonPID(cluster, node: $0) }
+        let stoppedAt = Date()
+        for pid in pids { kill(pid, SIGSTOP) }
+        defer { for pid in pids { kill(pid, SIGCONT) } }
+        try cluster.waitForReport(from: 0, seconds: 30) { $0.deadNodes == frozen.map { NodeID($0) } }
+        let detectedMilliseconds = Int(Date().timeIntervalSince(stoppedAt) * 1000)
+        let failureTimeoutMilliseconds = 1500, heartbeatMilliseconds = 100, slackMilliseconds = 1500
+        print("[frozenPeers] declared dead after \(detectedMilliseconds) ms")
+        #expect(detectedMilliseconds <= failureTimeoutMilliseconds + heartbeatMilliseconds + slackMilliseconds)
+        usleep(3_000_000)  // two more failure timeouts: nobody else may fall
+        for node in 0..<4 {
+            let status = try cluster.operatorClient(node).status()
+            #expect(status.counter("peers_declared_dead") == 2, "node \(node): \(status.counters)")
+            #expect(try cluster.operatorClient(node).recover().deadNodes == frozen.map { NodeID($0) }, "node \(node)")
+        }
+        for node in frozen { try cluster.killNow(node) }
+        for node in frozen { try cluster.replace(node) }
+        try cluster.waitUntilRebuilt(frozen, observer: 0, seconds: 120)
+        try cluster.verify(step: 1, ranks: Array(0..<cluster.world))
+    }
+
     /// Authenticates with the named secret file of the cluster, claims `role`
     /// in hello, and returns the error code of the refusal (nil if accepted).
     private func claimRole(_ cluster: LocalCluster, secretFile: String, role: PeerRole) throws -> ErrorCode? {
