@@ -32,6 +32,25 @@ struct ClusterTests {
 
     /// The same node lost twice: its second replacement rebuilds again (from
     /// what the first one rebuilt), here by gathering k fragments.
+    /// A node restarted on its own arena after one byte of one of its shards
+    /// rotted: the step it belongs to is quarantined (kept on disk, counted)
+    /// and rebuilt from the peers byte-identical; the other step is served
+    /// from the arena as it was.
+    @Test func aRestartedNodeRebuildsWhatItQuarantined() throws {
+        let cluster = try LocalCluster.forTest(nodes: 3, parity: 1)
+        try cluster.saveStep(1)
+        try cluster.saveStep(2)
+        try cluster.killNow(1)
+        let rank = cluster.ranks(on: 1)[0]
+        try flipByte(in: try cluster.arenaDirectory(1) + "/jobs/\(cluster.job)/00000000000000000002/rank-\(rank).seg", at: 256 + 1000)
+        try cluster.run(["node", cluster.directory, "1"])  // the same arena, not a fresh one
+        try cluster.waitUntilRebuilt([1], observer: 0, seconds: 60)
+        #expect(try cluster.operatorClient(1).status().counter("quarantined_files") == 1)
+        try cluster.verify(step: 1, ranks: Array(0..<cluster.world))
+        try cluster.verify(step: 2, ranks: Array(0..<cluster.world))
+        #expect(cluster.steps(logged: "step rebuilt", by: 1) == [2], "only the quarantined step is rebuilt")
+    }
+
     @Test func aNodeReplacedTwiceRebuildsBothTimes() throws {
         let cluster = try LocalCluster.forTest(nodes: 4, parity: 1)
         try cluster.saveStep(1)

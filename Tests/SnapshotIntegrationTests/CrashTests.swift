@@ -67,9 +67,9 @@ struct CrashTests {
                 #expect(matches(shard, tensors(step: step, rank: Rank(rank), sizes: Self.sizes)), "step \(step) rank \(rank)")
             }
         }
-        #expect(throws: SnapshotClientError.self) { try clients[2].restore(step: 4) }
+        #expect(restoreError { try clients[2].restore(step: 4) } == .notCommitted)
         #expect(!FileManager.default.fileExists(atPath: daemon.arena + "/jobs/killed-daemon/00000000000000000004"))
-        #expect(daemon.log().contains("discarding uncommitted or incomplete step"))
+        #expect(daemon.log().contains("discarding an uncommitted step found at start"))
 
         // A byte flipped in the arena: that tensor is named and refused, everything else still served.
         let segment = daemon.arena + "/jobs/killed-daemon/00000000000000000003/rank-2.seg"
@@ -85,6 +85,47 @@ struct CrashTests {
         #expect(matches(try clients[1].restore(step: 3), tensors(step: 3, rank: 1, sizes: Self.sizes)))
         #expect(matches(try clients[2].restore(step: 2), tensors(step: 2, rank: 2, sizes: Self.sizes)))
         #expect(daemon.log().contains("refusing to serve a corrupted shard"))
+    }
+
+    /// One flipped byte in one shard of a committed step, then a restart: the
+    /// bad shard is quarantined (kept under quarantine/, counted in status),
+    /// and every other shard of that step and of the others is still served.
+    @Test func aRestartQuarantinesOneBadShardAndServesEverythingElse() throws {
+        let daemon = try DaemonProcess(keep: 3)
+        let job = try JobID("quarantine")
+        do {
+            let clients = try (0..<4 as Range<Rank>).map { try daemon.unixClient(job: job, rank: $0, world: 4) }
+            for step in 1...3 as ClosedRange<Step> {
+                for (rank, client) in clients.enumerated() { try client.save(step: step, tensors: tensors(step: step, rank: Rank(rank), sizes: Self.sizes)) }
+                try clients[0].waitCommitted(step: step, timeoutMilliseconds: 10_000)
+            }
+        }
+        daemon.kill9()
+        try flipByte(in: daemon.arena + "/jobs/quarantine/00000000000000000003/rank-2.seg", at: 256 + 1000)
+        try daemon.start()
+        let clients = try (0..<4 as Range<Rank>).map { try daemon.unixClient(job: job, rank: $0, world: 4) }
+        let status = try clients[0].status()
+        #expect(status.counter("quarantined_files") == 1)
+        #expect(restoreError { try clients[2].restore(step: 3) } == .unknownStep)
+        for step in 1...3 as ClosedRange<Step> {
+            for (rank, client) in clients.enumerated() where !(step == 3 && rank == 2) {
+                #expect(matches(try client.restore(step: step), tensors(step: step, rank: Rank(rank), sizes: Self.sizes)), "step \(step) rank \(rank)")
+            }
+        }
+        let quarantined = (try? FileManager.default.contentsOfDirectory(atPath: daemon.arena + "/quarantine")) ?? []
+        #expect(quarantined.contains { $0.hasSuffix("rank-2.seg") } && quarantined.contains { $0.hasSuffix("rank-2.manifest") }, "\(quarantined)")
+    }
+
+    /// The error code of a failed restore (nil if it succeeded).
+    private func restoreError(_ body: () throws -> RestoredShard) -> ErrorCode? {
+        do {
+            _ = try body()
+            return nil
+        } catch let error as SnapshotClientError {
+            return error.code
+        } catch {
+            return nil
+        }
     }
 
     @Test func overBudgetSaveIsRefusedAndEarlierStepsStayIntact() throws {

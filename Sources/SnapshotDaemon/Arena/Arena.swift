@@ -9,6 +9,7 @@ public import SnapshotProtocol
 ///     <root>/jobs/<job>/<step, 20 digits>/rank-<r>.seg        tensor bytes
 ///     <root>/jobs/<job>/<step, 20 digits>/rank-<r>.manifest   sealed manifest
 ///     <root>/jobs/<job>/<step, 20 digits>/parity-<stripe>.seg  parity held for the group
+///     <root>/quarantine/…                                     files set aside at start (bad), kept for inspection
 ///     <root>/jobs/<job>/<step, 20 digits>/COMMITTED           the step is committed:
 ///                                                             world, local ranks, parity held
 ///     <root>/pool/<capacity>-<n>.seg                          freed, resident, reusable
@@ -221,18 +222,26 @@ public final class Arena: @unchecked Sendable {
 
     // MARK: Restart
 
-    /// A committed step found on disk.
+    /// A committed step found on disk: what of it is intact, and which of
+    /// its files were set aside.
     public struct RecoveredStep: Sendable {
         public var job: JobID
         public var step: Step
         public var world: UInt32
         public var shards: [Rank: ShardRecord]
         public var parity: [Int: ParityRecord]
+        /// Ranks and parity stripes the marker names whose files were missing or bad.
+        public var quarantinedRanks: [Rank] = []
+        public var quarantinedStripes: [Int] = []
+        public var isComplete: Bool { quarantinedRanks.isEmpty && quarantinedStripes.isEmpty }
     }
 
-    /// Finds every committed step; discards steps without a COMMITTED marker
-    /// (half-written before a crash) and committed steps with missing or
-    /// unreadable manifests.
+    /// Finds every committed step. A step without a COMMITTED marker was
+    /// half-written before a crash and is removed. In a committed step, a
+    /// shard or parity fragment whose files are missing, unreadable or the
+    /// wrong size is quarantined (moved under `quarantine/`, never deleted)
+    /// and the rest of the step is kept: one bad file must not cost the
+    /// others. A marker that does not parse quarantines the whole step.
     public func scan() -> [RecoveredStep] {
         var recovered: [RecoveredStep] = []
         let jobsDirectory = root + "/jobs"
@@ -240,15 +249,38 @@ public final class Arena: @unchecked Sendable {
             guard let job = try? JobID(jobName) else { continue }
             for stepName in ((try? FileManager.default.contentsOfDirectory(atPath: "\(jobsDirectory)/\(jobName)")) ?? []).sorted() {
                 guard let step = Step(stepName) else { continue }
+                guard FileManager.default.fileExists(atPath: markerPath(job, step)) else {
+                    logger.warning("discarding an uncommitted step found at start (half-written before a crash)", metadata: ["job": "\(job)", "step": "\(step)"])
+                    try? FileManager.default.removeItem(atPath: stepDirectory(job, step))
+                    continue
+                }
                 if let found = recoverStep(job, step) {
                     recovered.append(found)
                 } else {
-                    logger.warning("discarding uncommitted or incomplete step found at start", metadata: ["job": "\(job)", "step": "\(step)"])
-                    try? FileManager.default.removeItem(atPath: stepDirectory(job, step))
+                    quarantine(stepDirectory(job, step), as: "\(job)-\(step)", reason: "its COMMITTED marker does not parse")
                 }
             }
         }
         return recovered
+    }
+
+    /// Moves `path` under `quarantine/` (kept for inspection, never served).
+    public func quarantine(_ path: String, as name: String, reason: String) {
+        let directory = root + "/quarantine"
+        if mkdir(directory, 0o700) != 0 && errno != EEXIST { logger.error("cannot create the quarantine directory", metadata: ["directory": "\(directory)"]) }
+        let target = "\(directory)/\(name)-\(UInt64(monotonicMilliseconds()))-\((path as NSString).lastPathComponent)"
+        if rename(path, target) == 0 {
+            logger.error("file quarantined", metadata: ["file": "\(path)", "to": "\(target)", "reason": "\(reason)"])
+        } else {
+            logger.error("cannot quarantine a bad file; leaving it in place, unserved", metadata: ["file": "\(path)", "reason": "\(reason)"])
+        }
+    }
+
+    /// Quarantines shard `key`'s segment and manifest.
+    public func quarantineShard(_ key: ShardKey, reason: String) {
+        for path in [segmentPath(key), manifestPath(key)] where FileManager.default.fileExists(atPath: path) {
+            quarantine(path, as: "\(key.job)-\(key.step)", reason: reason)
+        }
     }
 
     private func recoverStep(_ job: JobID, _ step: Step) -> RecoveredStep? {
@@ -260,26 +292,36 @@ public final class Arena: @unchecked Sendable {
         }
         guard let world = fields["world"].flatMap({ UInt32($0) }), world > 0 else { return nil }
         let ranks = fields["ranks"].map { $0.split(separator: ",").compactMap { Rank($0) } } ?? Array(0..<world)
-        var shards: [Rank: ShardRecord] = [:]
+        var found = RecoveredStep(job: job, step: step, world: world, shards: [:], parity: [:])
         for rank in ranks {
             let key = ShardKey(job: job, step: step, rank: rank)
-            guard let data = FileManager.default.contents(atPath: manifestPath(key)),
-                let manifest = try? ManifestFile(decoding: Array(data)), manifest.key == key, manifest.world == world
-            else { return nil }
             var info = stat()
-            guard stat(segmentPath(key), &info) == 0, UInt64(info.st_size) == manifest.shard.segmentSizeBytes else { return nil }
-            shards[rank] = manifest.shard
+            guard let data = FileManager.default.contents(atPath: manifestPath(key)),
+                let manifest = try? ManifestFile(decoding: Array(data)), manifest.key == key, manifest.world == world,
+                stat(segmentPath(key), &info) == 0, UInt64(info.st_size) == manifest.shard.segmentSizeBytes
+            else {
+                quarantineShard(key, reason: "its manifest is missing or invalid, or its segment is missing or the wrong size")
+                found.quarantinedRanks.append(rank)
+                continue
+            }
+            found.shards[rank] = manifest.shard
         }
-        var parity: [Int: ParityRecord] = [:]
         for entry in (fields["parity"] ?? "").split(separator: ",") {
             let parts = entry.split(separator: ":").compactMap { UInt64($0) }
             guard parts.count == 4, let stripe = Int(exactly: parts[0]), let row = Int(exactly: parts[1]), let crc = UInt32(exactly: parts[3]),
-                let size = SegmentLayout.fragmentSegmentBytes(parts[2]) else { return nil }
+                let size = SegmentLayout.fragmentSegmentBytes(parts[2])
+            else { return nil }
             var info = stat()
             let key = ParityKey(job: job, step: step, stripe: stripe)
-            guard stat(paritySegmentPath(key), &info) == 0, UInt64(info.st_size) == size else { return nil }
-            parity[stripe] = ParityRecord(row: row, fragmentSizeBytes: parts[2], segmentSizeBytes: size, crc32c: crc)
+            guard stat(paritySegmentPath(key), &info) == 0, UInt64(info.st_size) == size else {
+                if FileManager.default.fileExists(atPath: paritySegmentPath(key)) {
+                    quarantine(paritySegmentPath(key), as: "\(job)-\(step)", reason: "parity segment is the wrong size")
+                }
+                found.quarantinedStripes.append(stripe)
+                continue
+            }
+            found.parity[stripe] = ParityRecord(row: row, fragmentSizeBytes: parts[2], segmentSizeBytes: size, crc32c: crc)
         }
-        return RecoveredStep(job: job, step: step, world: world, shards: shards, parity: parity)
+        return found
     }
 }

@@ -16,6 +16,8 @@ final class Counters: Sendable {
         case handshakesEvicted = "handshakes_evicted"
         /// TCP connections that failed or did not finish authentication in time.
         case authenticationFailures = "authentication_failures"
+        /// Arena files set aside at start (bad manifest, size or CRC), never deleted.
+        case quarantinedFiles = "quarantined_files"
         /// Hellos whose role did not match the session's credential.
         case rolesRefused = "roles_refused"
     }

@@ -1,3 +1,4 @@
+import ErasureCoding
 import Foundation
 import Glibc
 public import Logging
@@ -31,7 +32,7 @@ public final class SnapshotServer: Service, Sendable {
     /// Everything the node changes while it runs.
     let state: Locked<NodeState>
     let storeEffects: StoreEffects
-    let counters = Counters()
+    let counters: Counters
     /// Refusals come in floods: one log line per second says how many so far.
     let refusalLog = LogRateLimiter(intervalMilliseconds: 1000)
     /// The TCP port the listener bound (known once ``start()`` returned).
@@ -61,6 +62,8 @@ public final class SnapshotServer: Service, Sendable {
         if let secret, secret == peerSecret { throw ConfigurationError("peer_secret_file and shared_secret_file hold the same secret: peers need a secret of their own") }
         arena = try Arena(root: configuration.arenaDirectory, logger: logger)
         storeEffects = StoreEffects(arena: arena, logger: logger)
+        let counters = Counters()
+        self.counters = counters
         var initial = NodeState(store: SnapshotStore(
             budgetBytes: configuration.memoryBudgetBytes, snapshotsKeptPerJob: configuration.snapshotsKeptPerJob,
             commitsLocally: clusterConfiguration == nil))
@@ -68,7 +71,7 @@ public final class SnapshotServer: Service, Sendable {
             initial.cluster = try ClusterNode.initialState(
                 selfID: configuration.nodeID, cluster: clusterConfiguration, keptStepsPerJob: configuration.snapshotsKeptPerJob)
         }
-        try Self.recoverArena(arena, into: &initial, logger: logger)
+        try Self.recoverArena(arena, into: &initial, counters: counters, logger: logger)
         let state = Locked(initial)
         self.state = state
         if let clusterConfiguration, let peerSecret {
@@ -258,29 +261,59 @@ public final class SnapshotServer: Service, Sendable {
     // MARK: Restart
 
     /// Re-attaches to every committed step in the arena and verifies it.
-    private static func recoverArena(_ arena: Arena, into state: inout NodeState, logger: Logger) throws {
+    /// Re-attaches every committed step in the arena, checking each shard's
+    /// tensors and each parity fragment against their sealed CRCs. A bad
+    /// file is quarantined (set aside, logged, counted), never deleted, and
+    /// costs nothing else: on a single node the step's other shards are
+    /// served. In a cluster a node's share of a step is rebuilt whole, so a
+    /// step with anything quarantined is set aside entirely (kept on disk)
+    /// and rebuilt from the peers once the node has joined.
+    private static func recoverArena(_ arena: Arena, into state: inout NodeState, counters: Counters, logger: Logger) throws {
         var steps = 0
-        var corrupted: [String] = []
-        for found in arena.scan() {
-            for (rank, shard) in found.shards {
+        for var found in arena.scan() {
+            for (rank, shard) in found.shards.sorted(by: { $0.key < $1.key }) {
                 let key = ShardKey(job: found.job, step: found.step, rank: rank)
                 let segment = try arena.mapSegment(key, sizeBytes: shard.segmentSizeBytes)
+                let corrupted = corruptedTensors(shard, in: segment)
+                guard corrupted.isEmpty else {
+                    arena.quarantineShard(key, reason: "tensors fail their sealed CRC: \(corrupted.prefix(8).joined(separator: ", "))")
+                    found.shards[rank] = nil
+                    found.quarantinedRanks.append(rank)
+                    continue
+                }
                 state.segments[key] = segment
-                corrupted += corruptedTensors(shard, in: segment).map { "\(key): \($0)" }
             }
-            let parity = state.cluster == nil ? [:] : found.parity
-            for (stripe, record) in parity {
-                let key = ParityKey(job: found.job, step: found.step, stripe: stripe)
-                state.paritySegments[key] = try arena.mapParitySegment(key, sizeBytes: record.segmentSizeBytes)
+            if state.cluster != nil {
+                for (stripe, record) in found.parity.sorted(by: { $0.key < $1.key }) {
+                    let key = ParityKey(job: found.job, step: found.step, stripe: stripe)
+                    let segment = try arena.mapParitySegment(key, sizeBytes: record.segmentSizeBytes)
+                    let crc = CRC32C.checksum(UnsafeRawBufferPointer(segment.bytes(offset: 0, count: Int(record.fragmentSizeBytes))))
+                    guard record.crc32c == nil || record.crc32c == crc else {
+                        arena.quarantine(arena.paritySegmentPath(key), as: "\(found.job)-\(found.step)", reason: "parity stripe \(stripe) fails its sealed CRC")
+                        found.parity[stripe] = nil
+                        found.quarantinedStripes.append(stripe)
+                        continue
+                    }
+                    state.paritySegments[key] = segment
+                }
             }
-            state.store.adoptCommitted(job: found.job, step: found.step, world: found.world, shards: found.shards, parity: parity)
+            let setAside = found.quarantinedRanks.count + found.quarantinedStripes.count
+            counters.increment(.quarantinedFiles, by: UInt64(setAside))
+            if state.cluster != nil, !found.isComplete {
+                for rank in found.shards.keys { state.segments[ShardKey(job: found.job, step: found.step, rank: rank)] = nil }
+                for stripe in found.parity.keys { state.paritySegments[ParityKey(job: found.job, step: found.step, stripe: stripe)] = nil }
+                arena.quarantine(arena.stepDirectory(found.job, found.step), as: "\(found.job)", reason: "part of this node's share is quarantined; the step is rebuilt from the peers")
+                continue
+            }
+            state.store.adoptCommitted(
+                job: found.job, step: found.step, world: found.world, shards: found.shards, parity: state.cluster == nil ? [:] : found.parity)
             steps += 1
         }
         arena.trimPool(toBytes: state.store.freeBytes)
-        logger.info("arena recovered", metadata: ["committedSteps": "\(steps)", "heldBytes": "\(state.store.heldBytes)", "pooledBytes": "\(arena.pooledBytes)"])
-        for entry in corrupted {
-            logger.error("checksum mismatch in a recovered snapshot; it will not be served", metadata: ["tensor": "\(entry)"])
-        }
+        logger.info("arena recovered", metadata: [
+            "committedSteps": "\(steps)", "heldBytes": "\(state.store.heldBytes)", "pooledBytes": "\(arena.pooledBytes)",
+            "quarantinedFiles": "\(counters.value(.quarantinedFiles))",
+        ])
     }
 
     // MARK: Applying store decisions (inside state.withLock)
