@@ -233,8 +233,13 @@ struct ConfigurationTests {
         let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path + "/deploy/snapshotd.toml"
         let config = try DaemonConfiguration.load(tomlText: try String(contentsOfFile: path, encoding: .utf8))
         #expect(config.memoryBudgetBytes == 64 << 30)
-        #expect(config.tcpListen == "0.0.0.0:7070")
+        #expect(config.tcpListen == "127.0.0.1:7070", "the shipped config listens on loopback unless told otherwise")
         #expect(throws: Never.self) { try config.validate() }
+        // The local one, for trying it out, needs no secret and no TCP.
+        let localPath = URL(fileURLWithPath: path).deletingLastPathComponent().path + "/snapshotd-local.toml"
+        let local = try DaemonConfiguration.load(tomlText: try String(contentsOfFile: localPath, encoding: .utf8))
+        #expect(local.tcpListen == nil && local.sharedSecretFile == nil)
+        #expect(throws: Never.self) { try local.validate() }
     }
 
     @Test func rejectsMistakes() throws {

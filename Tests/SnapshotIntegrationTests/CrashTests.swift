@@ -48,11 +48,7 @@ struct CrashTests {
         let daemon = try DaemonProcess(keep: 3)
         let job = try JobID("killed-daemon")
         do {
-            let clients = try (0..<4 as Range<Rank>).map { try daemon.unixClient(job: job, rank: $0, world: 4) }
-            for step in 1...3 as ClosedRange<Step> {
-                for (rank, client) in clients.enumerated() { try client.save(step: step, tensors: tensors(step: step, rank: Rank(rank), sizes: Self.sizes)) }
-                try clients[0].waitCommitted(step: step, timeoutMilliseconds: 10_000)
-            }
+            let clients = try saveThreeSteps(daemon, job)
             // A half-written step 4 at the moment of the crash.
             let pending = try clients[2].beginSave(step: 4, specs: tensors(step: 4, rank: 2, sizes: Self.sizes).map(\.spec))
             try pending.write(tensorIndex: 0, from: tensors(step: 4, rank: 2, sizes: Self.sizes)[0].bytes)
@@ -93,13 +89,7 @@ struct CrashTests {
     @Test func aRestartQuarantinesOneBadShardAndServesEverythingElse() throws {
         let daemon = try DaemonProcess(keep: 3)
         let job = try JobID("quarantine")
-        do {
-            let clients = try (0..<4 as Range<Rank>).map { try daemon.unixClient(job: job, rank: $0, world: 4) }
-            for step in 1...3 as ClosedRange<Step> {
-                for (rank, client) in clients.enumerated() { try client.save(step: step, tensors: tensors(step: step, rank: Rank(rank), sizes: Self.sizes)) }
-                try clients[0].waitCommitted(step: step, timeoutMilliseconds: 10_000)
-            }
-        }
+        _ = try saveThreeSteps(daemon, job)  // its clients close before the crash
         daemon.kill9()
         try flipByte(in: daemon.arena + "/jobs/quarantine/00000000000000000003/rank-2.seg", at: 256 + 1000)
         try daemon.start()
@@ -114,6 +104,16 @@ struct CrashTests {
         }
         let quarantined = (try? FileManager.default.contentsOfDirectory(atPath: daemon.arena + "/quarantine")) ?? []
         #expect(quarantined.contains { $0.hasSuffix("rank-2.seg") } && quarantined.contains { $0.hasSuffix("rank-2.manifest") }, "\(quarantined)")
+    }
+
+    /// Four ranks save and commit steps 1…3; returns their clients.
+    private func saveThreeSteps(_ daemon: DaemonProcess, _ job: JobID) throws -> [SnapshotClient] {
+        let clients = try (0..<4 as Range<Rank>).map { try daemon.unixClient(job: job, rank: $0, world: 4) }
+        for step in 1...3 as ClosedRange<Step> {
+            for (rank, client) in clients.enumerated() { try client.save(step: step, tensors: tensors(step: step, rank: Rank(rank), sizes: Self.sizes)) }
+            try clients[0].waitCommitted(step: step, timeoutMilliseconds: 10_000)
+        }
+        return clients
     }
 
     /// The error code of a failed restore (nil if it succeeded).
