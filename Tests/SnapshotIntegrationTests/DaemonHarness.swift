@@ -167,3 +167,16 @@ func concurrently(_ ranks: Range<Rank>, _ body: @escaping @Sendable (Rank) throw
     try onThreads(ranks.count) { try body(ranks.lowerBound + Rank($0)) }
 }
 
+
+/// The daemon's error code for a failed client call (nil if it succeeded or
+/// failed without one): tests pin the exact code, since a crashed daemon also throws.
+func clientErrorCode<T>(_ body: () throws -> T) -> ErrorCode? {
+    do {
+        _ = try body()
+        return nil
+    } catch let error as SnapshotClientError {
+        return error.code
+    } catch {
+        return nil
+    }
+}

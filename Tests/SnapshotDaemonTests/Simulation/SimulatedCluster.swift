@@ -904,7 +904,7 @@ struct EventQueue {
 }
 
 /// SplitMix64: small, fast, and the same sequence for the same seed everywhere.
-struct SimulationRandom {
+struct SimulationRandom: RandomNumberGenerator {
     private var state: UInt64
 
     init(seed: UInt64) { state = seed }
