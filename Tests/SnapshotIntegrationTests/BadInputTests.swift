@@ -289,6 +289,37 @@ struct BadInputTests {
         #expect(matches(try direct.restore(step: 2), tensors(step: 2, rank: 0, sizes: Self.sizes)))
     }
 
+    /// Two jobs on one node save in turns with the segment pool warm (one step
+    /// kept, so every save reuses freed memory). A client of job A keeps a
+    /// writable mapping of every segment it was ever given and finally writes
+    /// over all of them: job B's committed shards are untouched, because a
+    /// pooled segment goes back only to the same job and rank.
+    @Test func aClientOfOneJobCannotWriteIntoAnotherJobsShards() throws {
+        let daemon = try DaemonProcess(keep: 1)
+        let sizes: [(String, DType, Int)] = [("w", .float32, 3 << 20)]
+        let hostile = try Raw.unix(daemon)
+        guard case .welcome = try hostile.call(.hello(Hello(role: .trainer, job: try JobID("job-a"), rank: 0, world: 1))) else { throw HarnessError("hello refused") }
+        let victim = try daemon.unixClient(job: try JobID("job-b"), rank: 0, world: 1)
+        var kept: [MappedSegment] = []
+        for step in 1...4 as ClosedRange<Step> {
+            let data = tensors(step: step, rank: 0, sizes: sizes)
+            try hostile.connection.send(.beginSave(BeginSave(step: step, transport: .sharedMemory, tensors: data.map(\.spec))), requestID: 10 + step)
+            var descriptors: [Int32] = []
+            guard case .saveReady(let ready) = try hostile.connection.receive(collecting: &descriptors).message, descriptors.count == 1 else {
+                throw HarnessError("no segment for job A's step \(step)")
+            }
+            let segment = try MappedSegment(fd: descriptors[0], sizeBytes: Int(ready.segmentSizeBytes), writable: true)
+            segment.bytes(offset: Int(ready.tensorOffsets[0]), count: data[0].bytes.count).copyMemory(from: data[0].bytes)
+            kept.append(segment)
+            guard case .saveAccepted = try hostile.call(.commitSave(CommitSave(step: step))) else { throw HarnessError("job A's commit refused") }
+            try victim.save(step: step, tensors: tensors(step: step, rank: 0, sizes: sizes))
+            #expect(try victim.waitCommitted(step: step) == step)
+        }
+        for segment in kept { memset(segment.base!, 0xFF, segment.sizeBytes) }
+        #expect(matches(try victim.restore(step: 4), tensors(step: 4, rank: 0, sizes: sizes)), "job B's shard was written through job A's mappings")
+        hostile.close()
+    }
+
     @Test func clientChecksumsThatDoNotMatchKeepTheStepUncommitted() throws {
         let daemon = try DaemonProcess()
         let client = try daemon.unixClient(job: try JobID("crc"), rank: 0, world: 1)

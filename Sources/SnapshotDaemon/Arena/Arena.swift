@@ -12,7 +12,7 @@ public import SnapshotProtocol
 ///     <root>/quarantine/…                                     files set aside at start (bad), kept for inspection
 ///     <root>/jobs/<job>/<step, 20 digits>/COMMITTED           the step is committed:
 ///                                                             world, local ranks, parity held
-///     <root>/pool/<capacity>-<n>.seg                          freed, resident, reusable
+///     <root>/pool/<capacity>.<owner>.<pid>.<n>.seg            freed, resident, reusable by the same owner
 ///
 /// Files, not anonymous memory, so a restarted daemon re-attaches to every
 /// snapshot. The COMMITTED marker is written only after all manifests, and
@@ -22,14 +22,46 @@ public import SnapshotProtocol
 /// Freed segments go to a pool instead of being unlinked: their pages stay
 /// resident, so the next step's save writes into memory that is already
 /// allocated (no page faults, no zeroing) and, when the same file comes back
-/// to the same rank, the client can even keep its mapping. Not thread-safe:
-/// the server calls it under its state lock.
+/// to the same rank, the client can even keep its mapping. A pooled segment
+/// goes back only to its owner, the same job and rank (or parity to parity):
+/// a client keeps writable mappings of segments it was given, so handing one
+/// to another job's rank, or to parity, would let a stale or buggy trainer
+/// write into them. A segment nobody of its owner wants is unlinked instead
+/// (its pages are freed once no one maps it). Not thread-safe: the server
+/// calls it under its state lock.
 public final class Arena: @unchecked Sendable {
     public let root: String
     let logger: Logger
-    /// capacity → pooled files, each with the daemon's mapping kept alive so a
-    /// reused segment needs no new page-table entries either.
-    private var pool: [UInt64: [(path: String, segment: MappedSegment?)]] = [:]
+    /// Who may reuse a pooled segment.
+    enum SegmentOwner: Hashable {
+        case shard(JobID, Rank)
+        case parity
+
+        /// Its part of a pool file name (`s<rank>-<job>` or `p`).
+        var tag: String {
+            switch self {
+            case .shard(let job, let rank): "s\(rank)-\(job)"
+            case .parity: "p"
+            }
+        }
+
+        init?(tag: Substring) {
+            if tag == "p" { self = .parity; return }
+            guard tag.first == "s", let dash = tag.firstIndex(of: "-"), let rank = Rank(tag[tag.index(after: tag.startIndex)..<dash]),
+                let job = try? JobID(String(tag[tag.index(after: dash)...]))
+            else { return nil }
+            self = .shard(job, rank)
+        }
+    }
+
+    struct PoolKey: Hashable {
+        let owner: SegmentOwner
+        let sizeBytes: UInt64
+    }
+
+    /// Pooled files by owner and capacity, each with the daemon's mapping
+    /// kept alive so a reused segment needs no new page-table entries either.
+    private var pool: [PoolKey: [(path: String, segment: MappedSegment?)]] = [:]
     public private(set) var pooledBytes: UInt64 = 0
     private var poolCounter = 0
 
@@ -64,13 +96,13 @@ public final class Arena: @unchecked Sendable {
     /// A writable mapping of a fresh or pooled segment of exactly `sizeBytes`.
     public func createSegment(_ key: ShardKey, sizeBytes: UInt64) throws -> MappedSegment {
         try makeDirectories(key.job, key.step)
-        return try createSegment(path: segmentPath(key), sizeBytes: sizeBytes)
+        return try createSegment(path: segmentPath(key), sizeBytes: sizeBytes, owner: .shard(key.job, key.rank))
     }
 
     /// A parity segment, all zeroes: parity accumulates into it.
     public func createParitySegment(_ key: ParityKey, sizeBytes: UInt64) throws -> MappedSegment {
         try makeDirectories(key.job, key.step)
-        let segment = try createSegment(path: paritySegmentPath(key), sizeBytes: sizeBytes)
+        let segment = try createSegment(path: paritySegmentPath(key), sizeBytes: sizeBytes, owner: .parity)
         if let base = segment.base { memset(base, 0, segment.sizeBytes) }  // a pooled segment holds old bytes
         return segment
     }
@@ -80,17 +112,23 @@ public final class Arena: @unchecked Sendable {
     }
 
     public func releaseParity(_ key: ParityKey, segment: MappedSegment, poolLimitBytes: UInt64) {
-        release(path: paritySegmentPath(key), segment: segment, poolLimitBytes: poolLimitBytes)
+        release(path: paritySegmentPath(key), segment: segment, poolLimitBytes: poolLimitBytes, owner: .parity)
         rmdir(stepDirectory(key.job, key.step))
     }
 
-    private func createSegment(path: String, sizeBytes: UInt64) throws -> MappedSegment {
+    private func createSegment(path: String, sizeBytes: UInt64, owner: SegmentOwner) throws -> MappedSegment {
         unlink(path)
-        if let pooled = pool[sizeBytes]?.popLast() {
+        if let pooled = pool[PoolKey(owner: owner, sizeBytes: sizeBytes)]?.popLast() {
             pooledBytes -= sizeBytes
             guard rename(pooled.path, path) == 0 else { throw IOError("rename(\(pooled.path))") }
             if let segment = pooled.segment { return segment }
         } else {
+            // Another owner's pooled segment of this size is not handed over:
+            // it is dropped, so the memory it held comes back to the tmpfs.
+            if let other = pool.first(where: { $0.key.sizeBytes == sizeBytes && !$0.value.isEmpty })?.key, let entry = pool[other]?.popLast() {
+                unlink(entry.path)
+                pooledBytes -= sizeBytes
+            }
             let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
             guard fd >= 0 else { throw IOError("create(\(path))") }
             defer { close(fd) }
@@ -132,17 +170,17 @@ public final class Arena: @unchecked Sendable {
     /// it is unlinked.
     public func release(_ key: ShardKey, segment: MappedSegment, poolLimitBytes: UInt64) {
         unlink(manifestPath(key))
-        release(path: segmentPath(key), segment: segment, poolLimitBytes: poolLimitBytes)
+        release(path: segmentPath(key), segment: segment, poolLimitBytes: poolLimitBytes, owner: .shard(key.job, key.rank))
         rmdir(stepDirectory(key.job, key.step))  // only succeeds once empty
     }
 
-    private func release(path: String, segment: MappedSegment, poolLimitBytes: UInt64) {
+    private func release(path: String, segment: MappedSegment, poolLimitBytes: UInt64, owner: SegmentOwner) {
         let sizeBytes = UInt64(segment.sizeBytes)
         if pooledBytes + sizeBytes <= poolLimitBytes {
             poolCounter += 1
-            let pooled = "\(root)/pool/\(sizeBytes)-\(getpid())-\(poolCounter).seg"
+            let pooled = "\(root)/pool/\(sizeBytes).\(getpid()).\(poolCounter).\(owner.tag).seg"
             if rename(path, pooled) == 0 {
-                pool[sizeBytes, default: []].append((pooled, segment))
+                pool[PoolKey(owner: owner, sizeBytes: sizeBytes), default: []].append((pooled, segment))
                 pooledBytes += sizeBytes
             }
         } else {
@@ -152,10 +190,10 @@ public final class Arena: @unchecked Sendable {
 
     /// Drops pooled segments until at most `limitBytes` remain pooled.
     public func trimPool(toBytes limitBytes: UInt64) {
-        for capacity in pool.keys.sorted(by: >) where pooledBytes > limitBytes {
-            while pooledBytes > limitBytes, let entry = pool[capacity]?.popLast() {
+        for key in pool.keys.sorted(by: { $0.sizeBytes > $1.sizeBytes }) where pooledBytes > limitBytes {
+            while pooledBytes > limitBytes, let entry = pool[key]?.popLast() {
                 unlink(entry.path)
-                pooledBytes -= capacity
+                pooledBytes -= key.sizeBytes
             }
         }
     }
@@ -164,13 +202,16 @@ public final class Arena: @unchecked Sendable {
         let directory = root + "/pool"
         for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] {
             let path = directory + "/" + name
-            guard let capacity = name.split(separator: "-").first.flatMap({ UInt64($0) }),
-                capacity > 0, capacity % SegmentLayout.segmentGranularityBytes == 0
+            // <capacity>.<pid>.<n>.<owner>.seg; the owner's job may itself contain dots.
+            let fields = name.split(separator: ".", maxSplits: 3)
+            guard name.hasSuffix(".seg"), fields.count == 4, let capacity = UInt64(fields[0]),
+                capacity > 0, capacity % SegmentLayout.segmentGranularityBytes == 0,
+                let owner = SegmentOwner(tag: fields[3].dropLast(".seg".count))
             else {
-                unlink(path)
+                unlink(path)  // an older daemon's pool file, or not one of ours: no owner is known
                 continue
             }
-            pool[capacity, default: []].append((path, nil))
+            pool[PoolKey(owner: owner, sizeBytes: capacity), default: []].append((path, nil))
             pooledBytes += capacity
         }
     }
