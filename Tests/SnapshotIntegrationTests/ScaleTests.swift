@@ -13,7 +13,7 @@ import Testing
 /// CI runs the size the trap was seen at (3 nodes RS(2,1), 4 ranks per node);
 /// the full acceptance run is
 /// `SNAPSHOTD_SCALE_NODES=6 SNAPSHOTD_SCALE_PARITY=2 SNAPSHOTD_SCALE_RANKS=8 SNAPSHOTD_SCALE_STEPS=3 swift test --filter ScaleTests`.
-@Suite("LLM-scale manifests", .serialized)
+@Suite("Scale: LLM-sized manifests, many nodes", .serialized)
 struct ScaleTests {
     static let nodes = environmentInteger("SNAPSHOTD_SCALE_NODES") ?? 3
     static let parity = environmentInteger("SNAPSHOTD_SCALE_PARITY") ?? 1
@@ -50,6 +50,26 @@ struct ScaleTests {
         // No daemon died building or reading a large message.
         for node in 0..<Self.nodes {
             #expect(try cluster.operatorClient(node).status().nodeID == NodeID(node))
+        }
+    }
+
+    /// Many nodes, small shards: 16 nodes in one RS(14, 2) group (every node
+    /// heartbeats 15 peers from threads of its own), two lost and replaced,
+    /// every rank restored byte-identical, no node ever declared dead but
+    /// the two. (A 3 s failure timeout: 16 debug-build daemons share 2 cores.)
+    @Test func sixteenNodesLoseTwoAndRebuild() throws {
+        let cluster = try LocalCluster.forTest(nodes: 16, parity: 2, ranksPerNode: 1, settings: ["BUDGET": "256MiB", "FAILURE_MS": "3000"])
+        let small: [(String, DType, Int)] = [("rng.state", .bytes, 16), ("layers.0.weight", .bfloat16, 64 << 10)]
+        try cluster.saveStep(1, sizes: small)
+        try cluster.saveStep(2, sizes: small)
+        let lost = [3, 11]
+        for node in lost { try cluster.killNow(node) }
+        try cluster.waitForReport(from: 0, seconds: 60) { $0.deadNodes == lost.map { NodeID($0) } }
+        for node in lost { try cluster.replace(node) }
+        try cluster.waitUntilRebuilt(lost, observer: 0, seconds: 120)
+        try cluster.verify(step: 2, ranks: Array(0..<cluster.world), sizes: small)
+        for node in 0..<16 where !lost.contains(node) {
+            #expect(try cluster.operatorClient(node).status().counter("peers_declared_dead") == UInt64(lost.count), "node \(node)")
         }
     }
 }
