@@ -27,7 +27,7 @@ final class DaemonChannel: @unchecked Sendable {
         case .unix(let path):
             connection = FramedConnection(socket: try Socket.connectUnix(path: path))
         case .tcp(let host, let port, let secret):
-            connection = FramedConnection(socket: try Socket.connectTCP(host: host, port: port))
+            connection = FramedConnection(socket: try Socket.connectTCP(host: host, port: port, timeoutMilliseconds: replyTimeoutMilliseconds))
             do {
                 try connection.socket.waitReadable(until: monotonicMilliseconds() + replyTimeoutMilliseconds)
                 let (_, challenge) = try receiveFrame()

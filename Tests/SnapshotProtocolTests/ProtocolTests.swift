@@ -1,3 +1,4 @@
+import Foundation
 import ErasureCoding
 import SnapshotProtocol
 import Testing
@@ -326,5 +327,19 @@ struct RandomizedInputTests {
         }
         #expect(rejected > 10_000)
         #expect(accepted + rejected == 30_000)
+    }
+}
+
+/// Writes the fuzz target's seed corpus (fuzz/corpus): every sample message
+/// as a whole frame and as type byte + payload, the two shapes
+/// fuzz/FuzzFrames.swift reads. Runs only when asked:
+/// `SNAPSHOTD_WRITE_FUZZ_CORPUS=fuzz/corpus swift test --filter writeFuzzCorpus`.
+@Test func writeFuzzCorpus() throws {
+    guard let directory = ProcessInfo.processInfo.environment["SNAPSHOTD_WRITE_FUZZ_CORPUS"] else { return }
+    try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+    for (index, message) in samples.enumerated() {
+        let frame = try Frame.encode(message, requestID: UInt64(index))
+        try Data(frame).write(to: URL(fileURLWithPath: "\(directory)/frame-\(index)-\(message.type.rawValue)"))
+        try Data([message.type.rawValue] + message.encodedPayload()).write(to: URL(fileURLWithPath: "\(directory)/payload-\(index)-\(message.type.rawValue)"))
     }
 }
