@@ -54,7 +54,12 @@ extension ClusterNode {
             }
             return (record, segment)
         }
-        let world = state.cluster!.protection.ledger.entry(job: key.job, step: key.step)?.world ?? state.store.jobs[key.job]?.world ?? 1
+        // The job's world comes from the step's reports (or the job this node
+        // already knows); it is never guessed: a store job created with a
+        // wrong world would refuse the job's trainers (`wrongJob`) for good.
+        guard let world = state.cluster!.protection.ledger.entry(job: key.job, step: key.step)?.world ?? state.store.jobs[key.job]?.world else {
+            throw StoreError(.unavailable, "node \(selfID) has no report of \(key.job) step \(key.step) yet; retry")
+        }
         let record = try state.store.reserveParity(key, row: row, fragmentSizeBytes: fragmentSizeBytes, world: world)
         do {
             let segment = try arena.createParitySegment(key, sizeBytes: record.segmentSizeBytes)

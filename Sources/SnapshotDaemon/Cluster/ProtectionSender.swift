@@ -78,15 +78,17 @@ extension ClusterNode {
         }
     }
 
-    /// A few attempts (a connection may have gone stale); a holder that stays
-    /// unreachable, or refuses, fails the protection and the step does not commit.
+    /// A few attempts (a connection may have gone stale, or the holder has
+    /// not yet received the step's reports: `unavailable`); a holder that
+    /// stays unreachable, or refuses, fails the protection and the step does
+    /// not commit.
     private func sendWithRetry(to node: NodeID, _ body: (FramedConnection) throws -> Void) throws {
         var lastError: (any Error)?
-        for attempt in 0..<3 {
+        for attempt in 0..<5 {
             if attempt > 0 { usleep(200_000) }
             do {
                 return try mesh.withConnection(node, .data, timeoutMilliseconds: heartbeatTimeoutMilliseconds, body)
-            } catch let error as PeerError where error.code != nil {
+            } catch let error as PeerError where error.code != nil && error.code != .unavailable {
                 throw error  // the holder said no: retrying cannot change its mind
             } catch {
                 lastError = error
