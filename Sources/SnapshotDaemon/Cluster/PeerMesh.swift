@@ -37,24 +37,27 @@ final class PeerMesh: Sendable {
     let cluster: ClusterConfiguration
     let secret: [UInt8]
     let logger: Logger
-    private let channels = Mutex<[Key: Channel]>([:])
+    /// One channel per (peer, purpose), all made up front: the set never
+    /// changes, so finding one takes no lock.
+    private let channels: [Key: Channel]
 
     init(selfID: NodeID, cluster: ClusterConfiguration, secret: [UInt8], logger: Logger) {
         self.selfID = selfID
         self.cluster = cluster
         self.secret = secret
         self.logger = logger
+        var channels: [Key: Channel] = [:]
+        for node in cluster.nodeIDs where node != selfID {
+            for purpose in [Purpose.heartbeat, .control, .data] { channels[Key(node: node, purpose: purpose)] = Channel() }
+        }
+        self.channels = channels
     }
 
     var peers: [NodeID] { cluster.nodeIDs.filter { $0 != selfID } }
 
-    private func channel(_ key: Key) -> Channel {
-        channels.withLock { channels in
-            if let channel = channels[key] { return channel }
-            let channel = Channel()
-            channels[key] = channel
-            return channel
-        }
+    private func channel(_ key: Key) throws -> Channel {
+        guard let channel = channels[key] else { throw PeerError(code: nil, message: "node \(key.node) is not a peer of node \(selfID)") }
+        return channel
     }
 
     /// Runs `body` with an established connection to `node`, serialized with
@@ -63,7 +66,7 @@ final class PeerMesh: Sendable {
     /// may have been replaced since (same address, new process), which is
     /// exactly when the message matters.
     func withConnection<T: Sendable>(_ node: NodeID, _ purpose: Purpose, timeoutMilliseconds: Int64, _ body: (FramedConnection) throws -> T) throws -> T {
-        let channel = channel(Key(node: node, purpose: purpose))
+        let channel = try channel(Key(node: node, purpose: purpose))
         return try channel.exchange.withLock { _ in
             let reused = channel.connection != nil
             do {
@@ -148,7 +151,7 @@ final class PeerMesh: Sendable {
     }
 
     func closeAll() {
-        for channel in channels.withLock({ Array($0.values) }) { channel.connection?.socket.shutdownBoth() }
+        for channel in channels.values { channel.connection?.socket.shutdownBoth() }
     }
 }
 
