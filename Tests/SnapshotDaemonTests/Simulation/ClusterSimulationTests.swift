@@ -10,7 +10,7 @@ import Testing
 /// replays exactly that one.
 @Suite("Deterministic cluster simulation")
 struct ClusterSimulationTests {
-    static let defaultSeeds = 1000
+    static let defaultSeeds = 3000
 
     static var seeds: [UInt64] {
         let environment = ProcessInfo.processInfo.environment
