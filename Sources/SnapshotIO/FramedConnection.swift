@@ -44,8 +44,7 @@ public struct FramedConnection: Sendable {
     /// `maximumPayloadBytes`: the most control payload accepted from this
     /// peer (large manifests-carrying messages only from authenticated daemons).
     public func receive(maximumPayloadBytes: Int = ProtocolLimits.maximumControlPayloadBytes) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
-        var ignored: [Int32] = []
-        return try receive(collecting: &ignored, acceptDescriptors: false, maximumPayloadBytes: maximumPayloadBytes)
+        try receive(firstByteBy: nil, restBy: nil, maximumPayloadBytes: maximumPayloadBytes)
     }
 
     /// A reply that must start arriving by `deadlineMilliseconds` (monotonic):
@@ -62,7 +61,10 @@ public struct FramedConnection: Sendable {
         try receive(firstByteBy: deadlineMilliseconds, restBy: deadlineMilliseconds, maximumPayloadBytes: maximumPayloadBytes)
     }
 
-    private func receive(firstByteBy firstDeadline: Int64, restBy restDeadline: Int64?, maximumPayloadBytes: Int) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+    /// The first byte by `firstDeadline` (nil: as long as it takes, an idle
+    /// trainer between saves), the rest of the header and the payload by
+    /// `restDeadline` (nil: promptly, within the frame timeout).
+    private func receive(firstByteBy firstDeadline: Int64?, restBy restDeadline: Int64?, maximumPayloadBytes: Int) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
         var headerBytes = [UInt8](repeating: 0, count: FrameHeader.sizeBytes)
         do {
             try headerBytes.withUnsafeMutableBytes { b in
@@ -77,11 +79,10 @@ public struct FramedConnection: Sendable {
     public func receive(
         collecting descriptors: inout [Int32], acceptDescriptors: Bool = true, maximumPayloadBytes: Int = ProtocolLimits.maximumControlPayloadBytes
     ) throws(ConnectionError) -> (header: FrameHeader, message: Message) {
+        guard acceptDescriptors else { return try receive(firstByteBy: nil, restBy: nil, maximumPayloadBytes: maximumPayloadBytes) }
         let headerBytes: [UInt8]
         do {
-            headerBytes = acceptDescriptors
-                ? try socket.readExact(count: FrameHeader.sizeBytes, collecting: &descriptors)
-                : try readHeaderBytes()
+            headerBytes = try socket.readExact(count: FrameHeader.sizeBytes, collecting: &descriptors)
         } catch { throw .io(Self.ioError(error)) }
         return try decodeRest(headerBytes, payloadDeadline: nil, maximumPayloadBytes: maximumPayloadBytes)
     }
@@ -106,17 +107,6 @@ public struct FramedConnection: Sendable {
         } catch {
             throw .malformed(error, framingIntact: header.bulkLength == 0, requestID: header.requestID)
         }
-    }
-
-    /// First byte waits as long as it takes (an idle trainer between saves);
-    /// the rest of the header must follow promptly.
-    private func readHeaderBytes() throws -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: FrameHeader.sizeBytes)
-        try bytes.withUnsafeMutableBytes { (b) throws in
-            try socket.readExact(into: b.baseAddress!, count: 1)
-            try socket.readExact(into: b.baseAddress! + 1, count: FrameHeader.sizeBytes - 1, deadlineMilliseconds: deadline())
-        }
-        return bytes
     }
 
     private static func ioError(_ error: any Error) -> IOError {

@@ -53,13 +53,11 @@ extension ClusterNode {
         }
     }
 
-    /// Asks `peers` for their view and merges it; with `firstAnswerSuffices`,
-    /// stops at the first peer that answers.
-    func pullState(from peers: [NodeID], firstAnswerSuffices: Bool = false) {
+    /// Asks each of `peers` for its view and merges it.
+    func pullState(from peers: [NodeID]) {
         for peer in peers {
             guard case .clusterStateReply(let reply)? = try? mesh.request(peer, .control, .clusterStateRequest(stateRequest()), timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
             merge(reply)
-            if firstAnswerSuffices { return }
         }
     }
 
