@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Logging
+import Synchronization
 public import SnapshotIO
 public import SnapshotProtocol
 
@@ -27,9 +28,14 @@ public import SnapshotProtocol
 /// a client keeps writable mappings of segments it was given, so handing one
 /// to another job's rank, or to parity, would let a stale or buggy trainer
 /// write into them. A segment nobody of its owner wants is unlinked instead
-/// (its pages are freed once no one maps it). Not thread-safe: the server
-/// calls it under its state lock.
-public final class Arena: @unchecked Sendable {
+/// (its pages are freed once no one maps it).
+///
+/// Thread-safe, and meant to be called outside the node's state lock: the
+/// pool has a lock of its own, held only to pick or record an entry, and
+/// the file work (create, reserve, map) runs without any lock. Callers own
+/// the paths they ask for: the store hands a shard or parity key to one
+/// writer at a time.
+public final class Arena: Sendable {
     public let root: String
     let logger: Logger
     /// Who may reuse a pooled segment.
@@ -59,11 +65,37 @@ public final class Arena: @unchecked Sendable {
         let sizeBytes: UInt64
     }
 
-    /// Pooled files by owner and capacity, each with the daemon's mapping
-    /// kept alive so a reused segment needs no new page-table entries either.
-    private var pool: [PoolKey: [(path: String, segment: MappedSegment?)]] = [:]
-    public private(set) var pooledBytes: UInt64 = 0
-    private var poolCounter = 0
+    struct PooledFile {
+        let path: String
+        /// The daemon's mapping, kept alive so a reused segment needs no new
+        /// page-table entries either (nil for files adopted at start).
+        let segment: MappedSegment?
+    }
+
+    /// Pooled files by owner and capacity.
+    struct Pool {
+        var files: [PoolKey: [PooledFile]] = [:]
+        var pooledBytes: UInt64 = 0
+        var counter = 0
+
+        /// Takes a file of `key` out of the pool, if one is there.
+        mutating func take(_ key: PoolKey) -> PooledFile? {
+            guard let file = files[key]?.popLast() else { return nil }
+            pooledBytes -= key.sizeBytes
+            return file
+        }
+
+        /// Takes out a file of the same size that belongs to another owner.
+        mutating func takeOtherOwners(sizeBytes: UInt64) -> PooledFile? {
+            guard let other = files.first(where: { $0.key.sizeBytes == sizeBytes && !$0.value.isEmpty })?.key else { return nil }
+            return take(other)
+        }
+    }
+
+    private let pool = Mutex(Pool())
+    /// Serializes a step directory's first file against its removal.
+    private let directories = Mutex(())
+    public var pooledBytes: UInt64 { pool.withLock { $0.pooledBytes } }
 
     public init(root: String, logger: Logger) throws {
         self.root = root
@@ -95,14 +127,12 @@ public final class Arena: @unchecked Sendable {
 
     /// A writable mapping of a fresh or pooled segment of exactly `sizeBytes`.
     public func createSegment(_ key: ShardKey, sizeBytes: UInt64) throws -> MappedSegment {
-        try makeDirectories(key.job, key.step)
-        return try createSegment(path: segmentPath(key), sizeBytes: sizeBytes, owner: .shard(key.job, key.rank))
+        try createSegment(path: segmentPath(key), job: key.job, step: key.step, sizeBytes: sizeBytes, owner: .shard(key.job, key.rank))
     }
 
     /// A parity segment, all zeroes: parity accumulates into it.
     public func createParitySegment(_ key: ParityKey, sizeBytes: UInt64) throws -> MappedSegment {
-        try makeDirectories(key.job, key.step)
-        let segment = try createSegment(path: paritySegmentPath(key), sizeBytes: sizeBytes, owner: .parity)
+        let segment = try createSegment(path: paritySegmentPath(key), job: key.job, step: key.step, sizeBytes: sizeBytes, owner: .parity)
         if let base = segment.base { memset(base, 0, segment.sizeBytes) }  // a pooled segment holds old bytes
         return segment
     }
@@ -113,32 +143,41 @@ public final class Arena: @unchecked Sendable {
 
     public func releaseParity(_ key: ParityKey, segment: MappedSegment, poolLimitBytes: UInt64) {
         release(path: paritySegmentPath(key), segment: segment, poolLimitBytes: poolLimitBytes, owner: .parity)
-        rmdir(stepDirectory(key.job, key.step))
+        removeStepDirectoryIfEmpty(key.job, key.step)
     }
 
-    private func createSegment(path: String, sizeBytes: UInt64, owner: SegmentOwner) throws -> MappedSegment {
-        unlink(path)
-        if let pooled = pool[PoolKey(owner: owner, sizeBytes: sizeBytes)]?.popLast() {
-            pooledBytes -= sizeBytes
-            guard rename(pooled.path, path) == 0 else { throw IOError("rename(\(pooled.path))") }
-            if let segment = pooled.segment { return segment }
-        } else {
-            // Another owner's pooled segment of this size is not handed over:
-            // it is dropped, so the memory it held comes back to the tmpfs.
-            if let other = pool.first(where: { $0.key.sizeBytes == sizeBytes && !$0.value.isEmpty })?.key, let entry = pool[other]?.popLast() {
-                unlink(entry.path)
-                pooledBytes -= sizeBytes
+    private func createSegment(path: String, job: JobID, step: Step, sizeBytes: UInt64, owner: SegmentOwner) throws -> MappedSegment {
+        let (own, other) = pool.withLock { pool -> (PooledFile?, PooledFile?) in
+            if let own = pool.take(PoolKey(owner: owner, sizeBytes: sizeBytes)) { return (own, nil) }
+            return (nil, pool.takeOtherOwners(sizeBytes: sizeBytes))
+        }
+        // Another owner's pooled segment of this size is not handed over:
+        // it is dropped, so the memory it held comes back to the tmpfs.
+        if let other { unlink(other.path) }
+        // The file appears in its step directory while the directory cannot
+        // be removed under it (another rank's release removes it once empty).
+        let created = try withStepDirectory(job, step) { () throws -> Int32? in
+            unlink(path)
+            if let own {
+                if rename(own.path, path) == 0 { return nil }
+                unlink(own.path)  // cannot be reused: its memory goes back to the tmpfs
             }
             let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
             guard fd >= 0 else { throw IOError("create(\(path))") }
+            return fd
+        }
+        if let fd = created {
             defer { close(fd) }
-            // Reserve the memory now: a full tmpfs fails here, with a clear
-            // error, instead of as SIGBUS inside the trainer's memcpy.
+            // Reserve the memory now (outside every lock: this zeroes the
+            // pages): a full tmpfs fails here, with a clear error, instead of
+            // as SIGBUS inside the trainer's memcpy.
             let result = posix_fallocate(fd, 0, off_t(sizeBytes))
             guard result == 0 else {
                 unlink(path)
                 throw IOError("reserve \(sizeBytes) bytes for \(path)", errno: result)
             }
+        } else if let segment = own?.segment {
+            return segment
         }
         return try mapSegment(path: path, sizeBytes: Int(sizeBytes), writable: true)
     }
@@ -171,31 +210,44 @@ public final class Arena: @unchecked Sendable {
     public func release(_ key: ShardKey, segment: MappedSegment, poolLimitBytes: UInt64) {
         unlink(manifestPath(key))
         release(path: segmentPath(key), segment: segment, poolLimitBytes: poolLimitBytes, owner: .shard(key.job, key.rank))
-        rmdir(stepDirectory(key.job, key.step))  // only succeeds once empty
+        removeStepDirectoryIfEmpty(key.job, key.step)
     }
 
     private func release(path: String, segment: MappedSegment, poolLimitBytes: UInt64, owner: SegmentOwner) {
         let sizeBytes = UInt64(segment.sizeBytes)
-        if pooledBytes + sizeBytes <= poolLimitBytes {
-            poolCounter += 1
-            let pooled = "\(root)/pool/\(sizeBytes).\(getpid()).\(poolCounter).\(owner.tag).seg"
-            if rename(path, pooled) == 0 {
-                pool[PoolKey(owner: owner, sizeBytes: sizeBytes), default: []].append((pooled, segment))
-                pooledBytes += sizeBytes
-            }
-        } else {
+        // The bytes are counted as pooled before the rename, so two releases
+        // at once cannot both fit under the limit.
+        let number = pool.withLock { pool -> Int? in
+            guard pool.pooledBytes + sizeBytes <= poolLimitBytes else { return nil }
+            pool.pooledBytes += sizeBytes
+            pool.counter += 1
+            return pool.counter
+        }
+        guard let number else {
             unlink(path)
+            return
+        }
+        let pooled = "\(root)/pool/\(sizeBytes).\(getpid()).\(number).\(owner.tag).seg"
+        let renamed = rename(path, pooled) == 0
+        pool.withLock { pool in
+            if renamed {
+                pool.files[PoolKey(owner: owner, sizeBytes: sizeBytes), default: []].append(PooledFile(path: pooled, segment: segment))
+            } else {
+                pool.pooledBytes -= sizeBytes
+            }
         }
     }
 
     /// Drops pooled segments until at most `limitBytes` remain pooled.
     public func trimPool(toBytes limitBytes: UInt64) {
-        for key in pool.keys.sorted(by: { $0.sizeBytes > $1.sizeBytes }) where pooledBytes > limitBytes {
-            while pooledBytes > limitBytes, let entry = pool[key]?.popLast() {
-                unlink(entry.path)
-                pooledBytes -= key.sizeBytes
+        let dropped = pool.withLock { pool -> [PooledFile] in
+            var dropped: [PooledFile] = []
+            for key in pool.files.keys.sorted(by: { $0.sizeBytes > $1.sizeBytes }) where pool.pooledBytes > limitBytes {
+                while pool.pooledBytes > limitBytes, let file = pool.take(key) { dropped.append(file) }
             }
+            return dropped
         }
+        for file in dropped { unlink(file.path) }
     }
 
     private func adoptPool() {
@@ -211,8 +263,10 @@ public final class Arena: @unchecked Sendable {
                 unlink(path)  // an older daemon's pool file, or not one of ours: no owner is known
                 continue
             }
-            pool[PoolKey(owner: owner, sizeBytes: capacity), default: []].append((path, nil))
-            pooledBytes += capacity
+            pool.withLock { pool in
+                pool.files[PoolKey(owner: owner, sizeBytes: capacity), default: []].append(PooledFile(path: path, segment: nil))
+                pool.pooledBytes += capacity
+            }
         }
     }
 
@@ -225,13 +279,12 @@ public final class Arena: @unchecked Sendable {
     /// The marker lists what this node holds of the step, so a restart knows
     /// which manifests and parity segments to expect.
     public func writeCommitMarker(job: JobID, step: Step, world: UInt32, ranks: [Rank], parity: [Int: ParityRecord]) throws {
-        try makeDirectories(job, step)
         var text = "world=\(world)\nranks=\(ranks.sorted().map(String.init).joined(separator: ","))\n"
         let entries = parity.sorted { $0.key < $1.key }.compactMap { stripe, record in
             record.crc32c.map { "\(stripe):\(record.row):\(record.fragmentSizeBytes):\($0)" }
         }
         text += "parity=\(entries.joined(separator: ","))\n"
-        try writeAtomically(Array(text.utf8), to: markerPath(job, step))
+        try withStepDirectory(job, step) { try writeAtomically(Array(text.utf8), to: markerPath(job, step)) }
     }
 
     public func removeCommitMarker(job: JobID, step: Step) {
@@ -255,10 +308,20 @@ public final class Arena: @unchecked Sendable {
         guard rename(temporary, path) == 0 else { throw IOError("rename(\(temporary))") }
     }
 
-    private func makeDirectories(_ job: JobID, _ step: Step) throws {
-        for directory in ["\(root)/jobs/\(job)", stepDirectory(job, step)] {
-            if mkdir(directory, 0o700) != 0 && errno != EEXIST { throw IOError("mkdir(\(directory))") }
+    /// Runs `body` (which puts a file in the step's directory) with the
+    /// directory in place: creating a step's first file and removing its
+    /// empty directory are serialized, so neither can undo the other.
+    private func withStepDirectory<Result>(_ job: JobID, _ step: Step, _ body: () throws -> Result) throws -> Result {
+        try directories.withLock { _ in
+            for directory in ["\(root)/jobs/\(job)", stepDirectory(job, step)] {
+                if mkdir(directory, 0o700) != 0 && errno != EEXIST { throw IOError("mkdir(\(directory))") }
+            }
+            return try body()
         }
+    }
+
+    private func removeStepDirectoryIfEmpty(_ job: JobID, _ step: Step) {
+        directories.withLock { _ in _ = rmdir(stepDirectory(job, step)) }  // only succeeds once empty
     }
 
     // MARK: Restart

@@ -7,7 +7,8 @@ import SnapshotProtocol
 
 /// This daemon's part in the cluster, as an executor of pure machines:
 /// ``ClusterMonitor`` decides liveness and coordination, ``ProtectionMachine``
-/// decides protection, commit and what needs a rebuild. This class holds no
+/// decides protection, commit and what needs a rebuild, ``RebuildMachine``
+/// decides which missing step is rebuilt when and what became of each. This class holds no
 /// mutable state of its own (the machines live in ``NodeState``, under the
 /// server's one lock); it feeds them events from the network, the clock and
 /// the store, and carries out the actions they return on bounded pools.
@@ -18,7 +19,8 @@ import SnapshotProtocol
 /// cluster's reports), ``ProtectionSender.swift`` (streaming this node's share
 /// to its parity holders), ``ParityHolder.swift`` (folding and sealing parity),
 /// ``FragmentSource.swift`` (serving fragments for rebuilds),
-/// ``ClusterRebuild.swift`` and ``RepairPipeline.swift`` (rebuilding a node).
+/// and, in `Rebuild/`, ``ClusterRebuild.swift`` and ``RepairPipeline.swift``
+/// (executing the rebuild machine: fetching, decoding, adopting a step).
 final class ClusterNode: Sendable {
     let state: Locked<NodeState>
     let storeEffects: StoreEffects
@@ -34,6 +36,11 @@ final class ClusterNode: Sendable {
     let counters: Counters
     /// Serializes folding into parity buffers (two sources of one stripe may arrive at once).
     let accumulateLock = NSLock()
+    /// Serializes creating parity buffers, which runs outside the state lock
+    /// (reserving and zeroing a fragment-sized file is not bookkeeping): two
+    /// fragments of one new stripe arriving at once create it once.
+    /// Taken before the state lock, never while holding it.
+    let parityAllocationLock = NSLock()
     /// Reports, state pulls and rebuild orders: small, latency-bound messages.
     let controlPool = WorkerPool(name: "snapshotd.control", threads: Limits.controlPoolThreads)
     /// Fragment streams to parity holders: one per step in flight, bounded.

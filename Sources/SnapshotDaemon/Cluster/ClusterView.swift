@@ -38,16 +38,17 @@ extension ClusterNode {
             if round % 50 == 0 { logger.warning("still waiting for a peer to share the cluster's state") }
             usleep(100_000)
         }
-        let (missing, ordered) = state.withLock { state in
+        let (missing, rebuildActions) = state.withLock { state in
             state.cluster!.discovered = true
             for share in state.cluster!.sealedBeforeDiscovery { shareSealed(job: share.job, step: share.step, state: &state) }
             state.cluster!.sealedBeforeDiscovery = []
-            return (state.cluster!.refreshRebuildNeed(store: state.store), state.cluster!.rebuild == .orderedBeforeDiscovery)
+            let missing = state.cluster!.refreshRebuildNeed(store: state.store)
+            return (missing, state.cluster!.rebuild.discovered(rebuildable: state.cluster!.rebuildableSteps(store: state.store)))
         }
         state.broadcast()
+        executeRebuild(rebuildActions)
         if missing > 0 {
             logger.warning("this node holds less than the cluster committed for it; waiting for the coordinator's rebuild order", metadata: ["steps": "\(missing)"])
-            if ordered { beginRebuild() }
         } else {
             logger.info("cluster view established", metadata: ["peersAnswered": "\(learned)", "group": "\(group.index)", "position": "\(position)"])
         }
@@ -104,7 +105,7 @@ extension ClusterNode {
     func recoverReport() -> RecoverReply {
         state.withLock { state in
             var rebuilding = state.cluster!.monitor.needsRebuild
-            if !state.cluster!.discovered || state.cluster!.rebuild == .running || state.cluster!.refreshRebuildNeed(store: state.store) > 0 {
+            if !state.cluster!.discovered || state.cluster!.rebuild.isRunning || state.cluster!.refreshRebuildNeed(store: state.store) > 0 {
                 rebuilding.insert(selfID)
             }
             let cluster = state.cluster!

@@ -13,17 +13,16 @@ extension ClusterNode {
     /// complete ones (a stripe whose sources are all padding completes with
     /// no fragment arriving). Returns the machine's follow-up actions.
     func holdParity(job: JobID, step: Step, fragmentSizeBytes size: UInt64) -> [ProtectionMachine.Action] {
-        let complete: [ParityKey]
+        var complete: [ParityKey] = []
         do {
-            complete = try state.withLock { state throws -> [ParityKey] in
-                guard !state.store.isCommitted(job: job, step: step) else { return [] }
-                var complete: [ParityKey] = []
-                for (stripe, row) in try layout.parityStripes(node: position) {
-                    let key = ParityKey(job: job, step: step, stripe: stripe)
-                    let (record, _) = try ensureParity(key, row: row, fragmentSizeBytes: size, state: &state)
-                    if !record.isComplete, state.cluster!.protection.isParityComplete(job: job, step: step, stripe: stripe, record: record) { complete.append(key) }
+            for (stripe, row) in try layout.parityStripes(node: position) {
+                let key = ParityKey(job: job, step: step, stripe: stripe)
+                guard try ensureParity(key, row: row, fragmentSizeBytes: size, unlessCommitted: true) != nil else { return [] }
+                let isComplete = state.withLock { state -> Bool in
+                    guard let record = state.store.parity(key), !record.isComplete else { return false }
+                    return state.cluster!.protection.isParityComplete(job: job, step: step, stripe: stripe, record: record)
                 }
-                return complete
+                if isComplete { complete.append(key) }
             }
         } catch {
             logger.error("cannot hold parity for the step", metadata: ["job": "\(job)", "step": "\(step)", "error": "\(error)"])
@@ -46,28 +45,48 @@ extension ClusterNode {
         }
     }
 
-    /// Inside state.withLock: the parity buffer for `key`, created zeroed on first use.
-    private func ensureParity(_ key: ParityKey, row: Int, fragmentSizeBytes: UInt64, state: inout NodeState) throws -> (ParityRecord, MappedSegment) {
-        if let record = state.store.parity(key), let segment = state.paritySegments[key] {
-            guard record.fragmentSizeBytes == fragmentSizeBytes else {
-                throw StoreError(.invalidRequest, "\(key) uses \(record.fragmentSizeBytes)-byte fragments, got \(fragmentSizeBytes)")
+    /// The parity buffer for `key`, created zeroed on first use (nil when
+    /// `unlessCommitted` and the step is already committed here). The store
+    /// reserves its bytes under the state lock; the file is created outside
+    /// it, one creator at a time, and installed if the reservation still
+    /// stands (retention may have dropped the step meanwhile).
+    private func ensureParity(_ key: ParityKey, row: Int, fragmentSizeBytes: UInt64, unlessCommitted: Bool = false) throws -> (ParityRecord, MappedSegment)? {
+        try parityAllocationLock.withLock {
+            let reserved = try state.withLock { state throws -> (ParityRecord, MappedSegment?)? in
+                if unlessCommitted, state.store.isCommitted(job: key.job, step: key.step) { return nil }
+                if let record = state.store.parity(key) {
+                    guard record.fragmentSizeBytes == fragmentSizeBytes else {
+                        throw StoreError(.invalidRequest, "\(key) uses \(record.fragmentSizeBytes)-byte fragments, got \(fragmentSizeBytes)")
+                    }
+                    if let segment = state.paritySegments[key] { return (record, segment) }
+                }
+                // The job's world comes from the step's reports (or the job this node
+                // already knows); it is never guessed: a store job created with a
+                // wrong world would refuse the job's trainers (`wrongJob`) for good.
+                guard let world = state.cluster!.protection.ledger.entry(job: key.job, step: key.step)?.world ?? state.store.jobs[key.job]?.world else {
+                    throw StoreError(.unavailable, "node \(selfID) has no report of \(key.job) step \(key.step) yet; retry")
+                }
+                return (try state.store.reserveParity(key, row: row, fragmentSizeBytes: fragmentSizeBytes, world: world), nil)
             }
-            return (record, segment)
-        }
-        // The job's world comes from the step's reports (or the job this node
-        // already knows); it is never guessed: a store job created with a
-        // wrong world would refuse the job's trainers (`wrongJob`) for good.
-        guard let world = state.cluster!.protection.ledger.entry(job: key.job, step: key.step)?.world ?? state.store.jobs[key.job]?.world else {
-            throw StoreError(.unavailable, "node \(selfID) has no report of \(key.job) step \(key.step) yet; retry")
-        }
-        let record = try state.store.reserveParity(key, row: row, fragmentSizeBytes: fragmentSizeBytes, world: world)
-        do {
-            let segment = try arena.createParitySegment(key, sizeBytes: record.segmentSizeBytes)
-            state.paritySegments[key] = segment
-            return (record, segment)
-        } catch {
-            storeEffects.apply(state.store.releaseParity(key), to: &state)
-            throw StoreError(.overBudget, "cannot allocate parity for \(key): \(error)")
+            guard let (record, existing) = reserved else { return nil }
+            if let existing { return (record, existing) }
+            let segment: MappedSegment
+            do {
+                segment = try arena.createParitySegment(key, sizeBytes: record.segmentSizeBytes)
+            } catch {
+                state.withLock { _ = storeEffects.apply($0.store.releaseParity(key), to: &$0) }
+                throw StoreError(.overBudget, "cannot allocate parity for \(key): \(error)")
+            }
+            let installed = state.withLock { state -> ParityRecord? in
+                guard let record = state.store.parity(key), state.paritySegments[key] == nil else { return nil }
+                state.paritySegments[key] = segment
+                return record
+            }
+            guard let installed else {
+                arena.releaseParity(key, segment: segment, poolLimitBytes: 0)
+                throw StoreError(.unknownStep, "\(key) was dropped while its parity was allocated")
+            }
+            return (installed, segment)
         }
     }
 
@@ -86,18 +105,18 @@ extension ClusterNode {
             throw SessionEnd(reason: "fragment \(id) from node \(put.sourceNode) does not belong on this node")
         }
         let key = ParityKey(job: id.job, step: id.step, stripe: stripe)
-        let admitted: Result<MappedSegment?, StoreError> = state.withLock { state in
-            switch state.cluster!.protection.admit(put, record: state.store.parity(key), store: state.store) {
-            case .refuse(let error): return .failure(error)
-            case .duplicate: return .success(nil)
-            case .fold:
-                do {
-                    return .success(try ensureParity(key, row: row, fragmentSizeBytes: put.fragmentSizeBytes, state: &state).1)
-                } catch let error as StoreError {
-                    return .failure(error)
-                } catch {
-                    return .failure(StoreError(.internalError, "\(error)"))
-                }
+        let admission = state.withLock { $0.cluster!.protection.admit(put, record: $0.store.parity(key), store: $0.store) }
+        let admitted: Result<MappedSegment?, StoreError>
+        switch admission {
+        case .refuse(let error): admitted = .failure(error)
+        case .duplicate: admitted = .success(nil)
+        case .fold:
+            do {
+                admitted = .success(try ensureParity(key, row: row, fragmentSizeBytes: put.fragmentSizeBytes)?.1)
+            } catch let error as StoreError {
+                admitted = .failure(error)
+            } catch {
+                admitted = .failure(StoreError(.internalError, "\(error)"))
             }
         }
         let segment: MappedSegment?

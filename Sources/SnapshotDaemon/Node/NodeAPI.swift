@@ -18,22 +18,43 @@ extension SnapshotServer {
 
     /// Reserves the shard's memory and maps its segment (refused up front,
     /// touching nothing held, when over budget or not allowed here).
+    ///
+    /// Three steps, so the file work runs without the state lock (reserving
+    /// a multi-GiB segment zeroes its pages, and heartbeats, protection and
+    /// other sessions must not wait on it): the store reserves the bytes and
+    /// hands the key to this session; the segment is created; it is
+    /// installed if the reservation still stands (a cluster may have dropped
+    /// the step meanwhile), else it is freed again.
     func beginSave(session: SessionID, key: ShardKey, specs: [TensorSpec], topology: Topology) throws -> (ShardRecord, MappedSegment) {
-        try state.withLock { state throws -> (ShardRecord, MappedSegment) in
+        let (record, freeBytes) = try state.withLock { state throws -> (ShardRecord, UInt64) in
             if let refusal = cluster?.refusalOfSave(job: key.job, step: key.step, state: state) { throw refusal }
             let (record, effects) = try state.store.beginSave(session: session, key: key, specs: specs, topology: topology)
             apply(effects, to: &state)
-            // The pool is memory too: keep held + pooled within the budget.
-            arena.trimPool(toBytes: state.store.freeBytes)
-            do {
-                let segment = try arena.createSegment(key, sizeBytes: record.segmentSizeBytes)
-                state.segments[key] = segment
-                return (record, segment)
-            } catch {
-                apply(try state.store.abort(session: session, key: key), to: &state)
-                throw StoreError(.overBudget, "cannot allocate \(record.segmentSizeBytes) bytes in the arena: \(error)")
-            }
+            return (record, state.store.freeBytes)
         }
+        // The pool is memory too: keep held + pooled within the budget.
+        arena.trimPool(toBytes: freeBytes)
+        let segment: MappedSegment
+        do {
+            segment = try arena.createSegment(key, sizeBytes: record.segmentSizeBytes)
+        } catch {
+            state.withLock { state in
+                if let effects = try? state.store.abort(session: session, key: key) { apply(effects, to: &state) }
+            }
+            throw StoreError(.overBudget, "cannot allocate \(record.segmentSizeBytes) bytes in the arena: \(error)")
+        }
+        let installed = state.withLock { state -> Bool in
+            guard let shard = state.store.jobs[key.job]?.steps[key.step]?[key.rank], shard.writer == session,
+                shard.state == .receiving, state.segments[key] == nil
+            else { return false }
+            state.segments[key] = segment
+            return true
+        }
+        guard installed else {
+            arena.release(key, segment: segment, poolLimitBytes: 0)
+            throw StoreError(.unknownStep, "the save of \(key) was dropped while its memory was allocated (the step was superseded or interrupted); save a newer step")
+        }
+        return (record, segment)
     }
 
     /// Where `lengthBytes` of tensor `tensorIndex` at `offsetBytes` go, if

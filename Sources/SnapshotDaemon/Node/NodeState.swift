@@ -74,7 +74,7 @@ struct ClusterState: Sendable {
     /// what it holds: "not committed" from a replacement would make a trainer
     /// start over, so it answers "unavailable" instead.
     var discovered = false
-    var rebuild: RebuildPhase = .idle
+    var rebuild = RebuildMachine()
     /// Shares whose tensors were checked against their sealed CRCs for
     /// serving, and when: a rebuild asks for every fragment of a share, and
     /// checking the whole share once serves them all.
@@ -84,15 +84,11 @@ struct ClusterState: Sendable {
     /// then dropped, never reported twice).
     var sealedBeforeDiscovery: [ProtectionMachine.StepID] = []
 
-    enum RebuildPhase: Equatable, Sendable {
-        case idle
-        /// Ordered before discovery finished; starts when it does.
-        case orderedBeforeDiscovery
-        case running
-    }
-
     /// Nodes whose data is not available now.
     var lostNodes: Set<NodeID> { Set(monitor.deadNodes).union(monitor.needsRebuild) }
+
+    /// The steps this node misses that a rebuild can work on now.
+    func rebuildableSteps(store: SnapshotStore) -> [ProtectionMachine.StepID] { protection.rebuildableSteps(store: store) }
 
     /// Tells the monitor whether this node needs a rebuild; returns how many steps it misses.
     @discardableResult

@@ -220,21 +220,23 @@ final class SimulatedCluster {
         case .control(.stepProtected(let report)):
             execute(nodes[index].machine.received(report, store: nodes[index].store), at: id)
         case .control(.rebuildOrder):
-            beginRebuild(id, ordered: true)
+            orderRebuild(id)
         case .control:
             break
         case .stateRequest(let requestID):
             guard nodes[index].discovered else { return }  // a joining node has no view to give
             send(.stateReply(requestID, nodes[index].machine.ledger.clusterState()), from: id, to: from)
         case .stateReply(let requestID, let state):
-            guard nodes[index].pending.removeValue(forKey: requestID) != nil else { return }
+            guard let purpose = nodes[index].pending.removeValue(forKey: requestID) else { return }
             execute(nodes[index].machine.merge(state, store: nodes[index].store, nowMilliseconds: now), at: id)
+            if case .rebuildState = purpose { rebuildStateAnswered(at: id) }
             if !nodes[index].discovered {
                 nodes[index].discovered = true
                 let sealed = nodes[index].sealedBeforeDiscovery
                 nodes[index].sealedBeforeDiscovery = []
                 for step in sealed { shareSealed(node: id, step: step) }
                 refreshNeed(id)
+                executeRebuild(nodes[index].rebuilder.discovered(rebuildable: nodes[index].machine.rebuildableSteps(store: nodes[index].store)), at: id)
             }
         case .put(let requestID, let put, let bytes):
             let reply = holderReceives(put, bytes: bytes, at: id)
@@ -255,6 +257,8 @@ final class SimulatedCluster {
         switch purpose {
         case .state:
             if !nodes[Int(id)].discovered { discover(id) }
+        case .rebuildState:
+            rebuildStateAnswered(at: id)
         case .fragment(let step, let key):
             fragmentReplied(step: step, key: key, refusal: "timed out", at: id)
         case .rebuildFetch(let step, let stripe, let slot, let attempt):
@@ -314,7 +318,7 @@ final class SimulatedCluster {
                 // Invariant: only the coordinator (the lowest node id that is really up) decides.
                 let lower = configuration.nodeIDs.filter { $0 < id && nodes[Int($0)].isUp && !nodes[Int($0)].isFrozen(at: now) && (lastUnavailableMilliseconds[$0] ?? -1) < now - configuration.failureTimeoutMilliseconds - 200 }
                 if !lower.isEmpty { violations.append("node \(id) ordered a rebuild of node \(target) at \(now) ms while node \(lower[0]) was up throughout") }
-                if target == id { beginRebuild(id, ordered: true) } else { send(.control(.rebuildOrder(RebuildOrder(nodeID: target, incarnation: 0, coordinator: id))), from: id, to: target) }
+                if target == id { orderRebuild(id) } else { send(.control(.rebuildOrder(RebuildOrder(nodeID: target, incarnation: 0, coordinator: id))), from: id, to: target) }
             case .declaredAlive, .becameCoordinator, .coordinatorChanged, .beyondTolerance, .resumedAfterPause:
                 break
             }
@@ -524,16 +528,50 @@ final class SimulatedCluster {
 
     // MARK: Rebuild
 
-    /// Like the daemon: every missing step in turn, each on its own; one that
-    /// cannot be rebuilt now waits for the coordinator's next order.
-    private func beginRebuild(_ id: NodeID, ordered: Bool = false) {
+    /// The daemon's rebuild machine, executed over the simulated network.
+    private func orderRebuild(_ id: NodeID) {
         let index = Int(id)
-        if ordered, nodes[index].rebuild == nil { nodes[index].rebuildAttempted = [] }
-        guard nodes[index].discovered, nodes[index].rebuild == nil,
-            let step = nodes[index].machine.rebuildableSteps(store: nodes[index].store).first(where: { !nodes[index].rebuildAttempted.contains($0.step) })?.step,
-            let size = nodes[index].machine.ledger.fragmentSizeBytes(job: job, step: step, group: configuration.groups[0])
-        else { return }
-        nodes[index].rebuildAttempted.insert(step)
+        executeRebuild(nodes[index].rebuilder.ordered(discovered: nodes[index].discovered, rebuildable: nodes[index].machine.rebuildableSteps(store: nodes[index].store)), at: id)
+    }
+
+    private func executeRebuild(_ actions: [RebuildMachine.Action], at id: NodeID) {
+        let index = Int(id)
+        for action in actions {
+            switch action {
+            case .pullState:
+                let peers = configuration.nodeIDs.filter { $0 != id }
+                nodes[index].rebuildStatePulls = peers.count
+                for peer in peers { _ = request(.stateRequest(nextRequestID), from: id, to: peer, purpose: .rebuildState) }
+            case .rebuild(let stepID):
+                startRebuild(stepID.step, at: id)
+            case .finished:
+                nodes[index].rebuilder.reported()
+                refreshNeed(id)
+            }
+        }
+    }
+
+    private func rebuildStateAnswered(at id: NodeID) {
+        let index = Int(id)
+        nodes[index].rebuildStatePulls -= 1
+        guard nodes[index].rebuildStatePulls == 0 else { return }
+        executeRebuild(nodes[index].rebuilder.statePulled(rebuildable: nodes[index].machine.rebuildableSteps(store: nodes[index].store)), at: id)
+    }
+
+    private func rebuildFinished(_ step: Step, _ outcome: RebuildMachine.Outcome, at id: NodeID) {
+        let index = Int(id)
+        if case .notRebuildable(let reason) = outcome { nodes[index].machine.stepLost(job: job, step: step, reason: reason) }
+        refreshNeed(id)
+        let rebuildable = nodes[index].machine.rebuildableSteps(store: nodes[index].store)
+        executeRebuild(nodes[index].rebuilder.stepFinished(.init(job: job, step: step), outcome, rebuildable: rebuildable), at: id)
+    }
+
+    /// Asks the holders of every other fragment of every stripe.
+    private func startRebuild(_ step: Step, at id: NodeID) {
+        let index = Int(id)
+        guard let size = nodes[index].machine.ledger.fragmentSizeBytes(job: job, step: step, group: configuration.groups[0]) else {
+            return rebuildFinished(step, .failed(reason: "the cluster state of the step is incomplete"), at: id)
+        }
         nodes[index].rebuild = RebuildInFlight(step: step, fragmentSizeBytes: size, fragments: [:], outstanding: 0)
         for stripe in 0..<layout.stripeCount {
             for slot in 0..<layout.groupSize {
@@ -578,14 +616,16 @@ final class SimulatedCluster {
         let size = Int(rebuild.fragmentSizeBytes)
         guard let entry = nodes[index].machine.ledger.entry(job: job, step: rebuild.step), let own = entry.ready[id],
             nodes[index].machine.missingSteps(store: nodes[index].store).contains(.init(job: job, step: rebuild.step))
-        else { return }
+        else { return rebuildFinished(rebuild.step, .failed(reason: "no longer missing"), at: id) }
         // Decode this node's fragment of every stripe from k survivors.
         var mine: [Int: [UInt8]] = [:]
         for stripe in 0..<layout.stripeCount {
             var buffers: [[UInt8]?] = (0..<layout.groupSize).map { rebuild.fragments[FragmentKey(stripe: stripe, slot: $0)] }
             let target = (0..<layout.groupSize).first { (try? holderOf(stripe: stripe, slot: $0)) == index }!
             let available = buffers.enumerated().filter { $0.offset != target && $0.element != nil }.count
-            guard available >= layout.dataFragmentCount else { return beginRebuild(id) }  // retried on the coordinator's next order
+            guard available >= layout.dataFragmentCount else {  // retried on the coordinator's next order
+                return rebuildFinished(rebuild.step, .failed(reason: "stripe \(stripe): \(available) fragments read"), at: id)
+            }
             var survivors = 0
             for slot in 0..<layout.groupSize where slot != target && buffers[slot] != nil {
                 survivors += 1
@@ -600,14 +640,14 @@ final class SimulatedCluster {
                 try pointers.withUnsafeBufferPointer { try code.reconstruct(fragments: $0, rebuilding: [target], fragmentSizeBytes: size) }
             } catch {
                 violations.append("node \(id) could not decode stripe \(stripe) of step \(rebuild.step): \(error)")
-                return
+                return rebuildFinished(rebuild.step, .failed(reason: "\(error)"), at: id)
             }
             mine[stripe] = [UInt8](UnsafeRawBufferPointer(start: pointers[target]!, count: size))
         }
         // Data: this node's fragments in order, cut back into its ranks' shards and checked against their manifests.
         var data: [UInt8] = []
         for fragment in 0..<layout.dataFragmentCount {
-            guard let placement = try? layout.placement(node: index, fragment: fragment) else { return }
+            guard let placement = try? layout.placement(node: index, fragment: fragment) else { return rebuildFinished(rebuild.step, .failed(reason: "no placement"), at: id) }
             data += mine[placement.stripe]!
         }
         let manifests = own.manifests.compactMap { try? ManifestFile(decoding: $0) }.sorted { $0.key.rank < $1.key.rank }
@@ -618,9 +658,7 @@ final class SimulatedCluster {
             let bytes = Array(data[offset..<offset + length])
             offset += length
             guard CRC32C.checksum(bytes) == manifest.shard.checksums?.first else {
-                nodes[index].machine.stepLost(job: job, step: rebuild.step, reason: "rank \(manifest.key.rank) failed its CRC after decoding")
-                refreshNeed(id)
-                return beginRebuild(id)
+                return rebuildFinished(rebuild.step, .notRebuildable(reason: "rank \(manifest.key.rank) failed its CRC after decoding"), at: id)
             }
             shards[manifest.key.rank] = bytes
         }
@@ -636,9 +674,8 @@ final class SimulatedCluster {
         for stripe in parity.keys { nodes[index].parity[ParityKey(job: job, step: rebuild.step, stripe: stripe)] = mine[stripe]! }
         nodes[index].machine.stepRebuilt(job: job, step: rebuild.step)
         execute(nodes[index].machine.paritySealed(job: job, step: rebuild.step, store: nodes[index].store), at: id)
-        refreshNeed(id)
         checkNewestCommittedIsSafe()
-        beginRebuild(id)  // the next missing step, if any
+        rebuildFinished(rebuild.step, .rebuilt, at: id)
     }
 
     // MARK: Invariants
@@ -733,6 +770,8 @@ enum PendingRequest {
     case state
     case fragment(Step, SendKey)
     case rebuildFetch(Step, Int, Int, attempt: Int)
+    /// A rebuild refreshing the node's view before it chooses steps.
+    case rebuildState
 }
 
 struct RebuildInFlight {
@@ -762,8 +801,9 @@ struct SimulatedNode {
     var parity: [ParityKey: [UInt8]] = [:]
     var sends: [Step: [SendKey: PendingFragment]] = [:]
     var pending: [UInt64: PendingRequest] = [:]
+    var rebuilder = RebuildMachine()
+    var rebuildStatePulls = 0
     var rebuild: RebuildInFlight?
-    var rebuildAttempted: Set<Step> = []
     var sealedBeforeDiscovery: [Step] = []
     var sessionGeneration: [Rank: UInt64] = [:]
 
@@ -802,6 +842,8 @@ struct SimulatedNode {
         pending = [:]
         sends = [:]
         rebuild = nil
+        rebuilder = RebuildMachine()
+        rebuildStatePulls = 0
         sealedBeforeDiscovery = []
         if losesArena {
             shares = [:]

@@ -11,91 +11,100 @@ import Synchronization
 /// stripe, decode its data fragments and the parity it held, check every CRC,
 /// and adopt the result. Runs when the coordinator orders it.
 extension ClusterNode {
-    /// Rebuild attempts per order: steps that became missing while a rebuild
-    /// ran are picked up by the next pass, up to this many.
-    static let maximumRebuildPasses = 4
-
+    /// The coordinator ordered this node to rebuild.
     func beginRebuild() {
-        let start = state.withLock { state -> Bool in
-            guard !state.stopping, state.cluster!.rebuild != .running else { return false }
-            guard state.cluster!.discovered else {
-                state.cluster!.rebuild = .orderedBeforeDiscovery
-                return false
-            }
-            guard !state.cluster!.protection.rebuildableSteps(store: state.store).isEmpty else {
-                state.cluster!.rebuild = .idle
-                return false
-            }
-            state.cluster!.rebuild = .running
-            return true
+        let actions = state.withLock { state -> [RebuildMachine.Action] in
+            guard !state.stopping else { return [] }
+            return state.cluster!.rebuild.ordered(discovered: state.cluster!.discovered, rebuildable: state.cluster!.rebuildableSteps(store: state.store))
         }
-        guard start else { return }
-        controlPool.submit { [self] in runRebuild() }
+        executeRebuild(actions)
     }
 
-    /// Rebuilds every missing step, each on its own: a step whose surviving
-    /// bytes fail their checksums is recorded lost (with the reason) and the
-    /// others are served; a step that failed for a reason that may pass
-    /// (a peer unreachable) stays missing for the coordinator's next order.
-    private func runRebuild() {
-        let started = monotonicMilliseconds()
-        pullState(from: mesh.peers)  // fresh knowledge of committed steps
-        var attempted = Set<ProtectionMachine.StepID>()
-        var retryLater: [String] = []
-        var lostSteps: [String] = []
-        var tally = RebuildTally()
-        for _ in 0..<Self.maximumRebuildPasses {
-            let steps = state.withLock { $0.cluster!.protection.rebuildableSteps(store: $0.store) }.filter { !attempted.contains($0) }
-            if steps.isEmpty { break }
-            logger.notice("rebuild started", metadata: ["steps": "\(steps.map { "\($0.job)/\($0.step)" })"])
-            for id in steps {
-                attempted.insert(id)
-                do {
-                    try rebuildStep(job: id.job, step: id.step, tally: &tally)
-                } catch let error as StoreError where error.code == .checksumMismatch {
-                    lostSteps.append("\(id.job)/\(id.step)")
-                    logger.error("step cannot be rebuilt: its surviving bytes fail their checksums; this node serves its other steps", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
-                    state.withLock { $0.cluster!.protection.stepLost(job: id.job, step: id.step, reason: error.message) }
-                } catch {
-                    retryLater.append("\(id.job)/\(id.step)")
-                    logger.error("rebuild of a step failed; it is retried on the coordinator's next order", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
-                }
+    /// Carries out the rebuild machine's actions, on a control-pool thread:
+    /// a run's steps one after another, each on its own (a step whose
+    /// surviving bytes fail their checksums is recorded lost with the reason
+    /// and the others are served; one that failed for a reason that may pass
+    /// waits for the coordinator's next order).
+    func executeRebuild(_ actions: [RebuildMachine.Action]) {
+        guard !actions.isEmpty else { return }
+        controlPool.submit { [self] in
+            let started = monotonicMilliseconds()
+            var tally = RebuildTally()
+            var pending = actions[...]
+            while let action = pending.popFirst() {
+                pending += perform(action, started: started, tally: &tally)
             }
         }
-        let seconds = Double(monotonicMilliseconds() - started) / 1000
-        // Said before the node stops counting itself as rebuilding: whoever
-        // sees it healthy can read how the rebuild went.
-        if retryLater.isEmpty {
-            logger.notice("rebuild complete: this node serves its ranks again", metadata: [
-                "steps": "\(attempted.count - lostSteps.count)", "lostSteps": "\(lostSteps)", "bytes": "\(tally.bytes)", "seconds": "\(seconds)",
-                "megabytesPerSecond": "\(seconds > 0 ? Double(tally.bytes) / seconds / 1e6 : 0)",
-                "pipelinedFragments": "\(tally.pipelinedFragments)", "gatheredFragments": "\(tally.gatheredFragments)",
-            ])
-        } else {
-            logger.error("rebuild incomplete; the coordinator will order it again", metadata: ["failedSteps": "\(retryLater)", "lostSteps": "\(lostSteps)"])
-        }
-        state.withLock { state in
-            state.cluster!.rebuild = .idle
-            state.cluster!.refreshRebuildNeed(store: state.store)
-        }
-        state.broadcast()
     }
 
-    /// Rebuilds this node's shards and parity of one step.
-    private func rebuildStep(job: JobID, step: Step, tally: inout RebuildTally) throws {
-        let (entry, fragmentSize) = try state.withLock { state throws -> (ClusterLedger.StepEntry, UInt64) in
+    private func perform(_ action: RebuildMachine.Action, started: Int64, tally: inout RebuildTally) -> [RebuildMachine.Action] {
+        switch action {
+        case .pullState:
+            pullState(from: mesh.peers)  // fresh knowledge of committed steps
+            return state.withLock { state in
+                let steps = state.cluster!.rebuildableSteps(store: state.store)
+                logger.notice("rebuild started", metadata: ["steps": "\(steps.map { "\($0.job)/\($0.step)" })"])
+                return state.cluster!.rebuild.statePulled(rebuildable: steps)
+            }
+        case .rebuild(let id):
+            let outcome: RebuildMachine.Outcome
+            do {
+                try rebuildStep(job: id.job, step: id.step, tally: &tally)
+                outcome = .rebuilt
+            } catch let error as StoreError where error.code == .checksumMismatch {
+                logger.error("step cannot be rebuilt: its surviving bytes fail their checksums; this node serves its other steps", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
+                outcome = .notRebuildable(reason: error.message)
+            } catch {
+                logger.error("rebuild of a step failed; it is retried on the coordinator's next order", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
+                outcome = .failed(reason: "\(error)")
+            }
+            return state.withLock { state in
+                if case .notRebuildable(let reason) = outcome { state.cluster!.protection.stepLost(job: id.job, step: id.step, reason: reason) }
+                return state.cluster!.rebuild.stepFinished(id, outcome, rebuildable: state.cluster!.rebuildableSteps(store: state.store))
+            }
+        case .finished(let summary):
+            let seconds = Double(monotonicMilliseconds() - started) / 1000
+            let lost = summary.notRebuildable.keys.sorted().map { "\($0.job)/\($0.step)" }
+            // Said before the node stops counting itself as rebuilding: whoever
+            // sees it healthy can read how the rebuild went.
+            if summary.isComplete {
+                logger.notice("rebuild complete: this node serves its ranks again", metadata: [
+                    "steps": "\(summary.rebuilt.count)", "lostSteps": "\(lost)", "bytes": "\(tally.bytes)", "seconds": "\(seconds)",
+                    "megabytesPerSecond": "\(seconds > 0 ? Double(tally.bytes) / seconds / 1e6 : 0)",
+                    "pipelinedFragments": "\(tally.pipelinedFragments)", "gatheredFragments": "\(tally.gatheredFragments)",
+                ])
+            } else {
+                logger.error("rebuild incomplete; the coordinator will order it again", metadata: [
+                    "failedSteps": "\(summary.retryLater.keys.sorted().map { "\($0.job)/\($0.step)" })", "lostSteps": "\(lost)",
+                ])
+            }
+            state.withLock { state in
+                state.cluster!.rebuild.reported()
+                _ = state.cluster!.refreshRebuildNeed(store: state.store)
+            }
+            state.broadcast()
+            return []
+        }
+    }
+
+    /// The cluster's reports of a step and its fragment size.
+    func stepEntry(job: JobID, step: Step) throws -> (ClusterLedger.StepEntry, UInt64) {
+        try state.withLock { state throws -> (ClusterLedger.StepEntry, UInt64) in
             let ledger = state.cluster!.protection.ledger
             guard let entry = ledger.entry(job: job, step: step), let size = ledger.fragmentSizeBytes(job: job, step: step, group: group) else {
                 throw StoreError(.unrecoverable, "the cluster state for \(job)/\(step) is incomplete")
             }
             return (entry, size)
         }
+    }
+
+    /// Rebuilds this node's shards and parity of one step.
+    private func rebuildStep(job: JobID, step: Step, tally: inout RebuildTally) throws {
+        let (entry, fragmentSize) = try stepEntry(job: job, step: step)
         let own = entry.ready[selfID]!
         let manifests = try own.manifests.map { try ManifestFile(decoding: $0) }.sorted { $0.key.rank < $1.key.rank }
-        // Fresh segments for this node's shards.
-        let segments = try state.withLock { _ in
-            try manifests.map { try arena.createSegment($0.key, sizeBytes: $0.shard.segmentSizeBytes) }
-        }
+        // Fresh segments for this node's shards (no one else writes these keys: the store holds none of this step).
+        let segments = try manifests.map { try arena.createSegment($0.key, sizeBytes: $0.shard.segmentSizeBytes) }
         let data = NodeStepData(segments: segments)
         guard UInt64(data.totalBytes) == own.dataSizeBytes else {
             throw StoreError(.unrecoverable, "manifests give \(data.totalBytes) bytes, the node reported \(own.dataSizeBytes)")
@@ -115,14 +124,14 @@ extension ClusterNode {
             guard let segmentSize = SegmentLayout.fragmentSegmentBytes(fragmentSize) else {
                 throw StoreError(.invalidRequest, "a fragment of \(fragmentSize) bytes is over the segment limit")
             }
-            let segment = try state.withLock { _ in try arena.createParitySegment(key, sizeBytes: segmentSize) }
+            let segment = try arena.createParitySegment(key, sizeBytes: segmentSize)
             do {
                 try rebuildFragment(job: job, step: step, stripe: stripe, target: layout.dataFragmentCount + row, entry: entry, fragmentSizeBytes: fragmentSize, workspace: &workspace, tally: &tally, into: segment.base!)
             } catch let error as StoreError where error.code == .checksumMismatch {
                 // The survivors' bytes for this stripe are bad: this node's data is
                 // intact and served, but the step has one less parity here.
                 logger.error("parity of a step cannot be rebuilt: the group tolerates one loss fewer for this step", metadata: ["job": "\(job)", "step": "\(step)", "stripe": "\(stripe)", "error": "\(error)"])
-                state.withLock { _ in arena.releaseParity(key, segment: segment, poolLimitBytes: 0) }
+                arena.releaseParity(key, segment: segment, poolLimitBytes: 0)
                 continue
             }
             let crc = CRC32C.checksum(UnsafeRawBufferPointer(segment.bytes(offset: 0, count: size)))
@@ -157,7 +166,7 @@ extension ClusterNode {
     /// Rebuilds RS fragment `target` of `stripe` into `output`: through a
     /// chain of survivors (``pipelinedRepair``) unless the cluster file says
     /// `repair = "gather"`, and by gathering k fragments if the chain fails.
-    private func rebuildFragment(
+    func rebuildFragment(
         job: JobID, step: Step, stripe: Int, target: Int, entry: ClusterLedger.StepEntry, fragmentSizeBytes: UInt64,
         workspace: inout StripeWorkspace?, tally: inout RebuildTally, into output: UnsafeMutableRawPointer
     ) throws {
