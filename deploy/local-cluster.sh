@@ -10,11 +10,14 @@
 #   local-cluster.sh arena  DIR ID             print a node's arena directory
 #   local-cluster.sh address DIR ID            print a node's peer address (host:port)
 #   local-cluster.sh exec   DIR ID CMD...      run CMD where node ID's network is (its namespace, if any)
+#   local-cluster.sh blackhole DIR ID          NETNS only: node ID's link silently drops every packet, both ways
+#                                              (a powered-off host: no reset, no ICMP); `node` restarting it lifts it
 #   local-cluster.sh repair DIR pipelined|gather   set the repair strategy (read by nodes started later)
 #
 # Environment: SNAPSHOTD (binary; default: .build/release/snapshotd, else
 # .build/debug/snapshotd), BASE_PORT (default 7400), BUDGET (default 4GiB),
-# KEEP (default 2), HEARTBEAT_MS / FAILURE_MS (default 200 / 1500), LOG_LEVEL.
+# KEEP (default 2), HEARTBEAT_MS / FAILURE_MS (default 200 / 1500), SCRUB_MS
+# (scrub interval, default 600000), LOG_LEVEL.
 # At start: NETNS=1 puts every node in its own network namespace (needs root),
 # joined by a bridge, with address 198.18.X.(10+id) (RFC 2544 benchmarking
 # range); LINK_RATE (e.g. 1gbit) then caps each node's link in each direction
@@ -86,6 +89,28 @@ remove_network() {
     rm -f "$dir/netns"
 }
 
+# Every packet through node ID's veth is dropped, in both directions: a
+# token bucket whose burst is smaller than any packet never sends one (this
+# needs only the tbf qdisc that LINK_RATE uses already, not netem).
+blackhole() {
+    local dir=$1 id=$2
+    uses_netns "$dir" || { echo "blackhole needs a cluster started with NETNS=1" >&2; return 1; }
+    tc qdisc replace dev "${tag}v$id" root tbf rate 8bit burst 16 limit 1
+    ip netns exec "$(namespace "$id")" tc qdisc replace dev "${tag}p$id" root tbf rate 8bit burst 16 limit 1
+}
+
+# Lifts a black hole (restores the link cap, if any).
+restore_link() {
+    local dir=$1 id=$2 rate=${LINK_RATE:-}
+    uses_netns "$dir" || return 0
+    tc qdisc del dev "${tag}v$id" root 2>/dev/null || true
+    ip netns exec "$(namespace "$id")" tc qdisc del dev "${tag}p$id" root 2>/dev/null || true
+    if [ -n "$rate" ]; then
+        ip netns exec "$(namespace "$id")" tc qdisc add dev "${tag}p$id" root tbf rate "$rate" burst 1mb latency 50ms
+        tc qdisc add dev "${tag}v$id" root tbf rate "$rate" burst 1mb latency 50ms
+    fi
+}
+
 start_node() {
     local dir=$1 id=$2 fresh=${3:-}
     if [ -f "$dir/node$id.pid" ] && kill -0 "$(cat "$dir/node$id.pid")" 2>/dev/null; then
@@ -94,6 +119,7 @@ start_node() {
     fi
     if [ "$fresh" = "--fresh" ]; then rm -rf "$(arena "$dir" "$id")"; fi
     rm -f "$dir/node$id.sock"  # a killed node leaves its socket file behind
+    if [ -f "$dir/blackholed$id" ]; then restore_link "$dir" "$id" && rm -f "$dir/blackholed$id"; fi
     # A plain command, not in_network, so that $! is the daemon's own pid
     # (`ip netns exec` execs it in place).
     local prefix
@@ -101,7 +127,7 @@ start_node() {
     "${prefix[@]}" "$binary" --node-id "$id" --cluster-file "$dir/cluster.toml" \
         --shared-secret-file "$dir/secret" --peer-secret-file "$dir/peer-secret" --unix-socket "$dir/node$id.sock" \
         --arena-directory "$(arena "$dir" "$id")" --memory-budget "${BUDGET:-4GiB}" --keep "${KEEP:-2}" \
-        --log-level "${LOG_LEVEL:-info}" >>"$dir/node$id.log" 2>&1 &
+        --scrub-interval-ms "${SCRUB_MS:-600000}" --log-level "${LOG_LEVEL:-info}" >>"$dir/node$id.log" 2>&1 &
     echo $! >"$dir/node$id.pid"
     for _ in $(seq 1 200); do
         [ -S "$dir/node$id.sock" ] && return 0
@@ -172,12 +198,16 @@ exec)
     shift 3
     in_network "$dir" "$id" "$@"
     ;;
+blackhole)
+    blackhole "$2" "$3"
+    touch "$2/blackholed$3"
+    ;;
 repair)
     case "$3" in pipelined | gather) ;; *) echo "repair strategy must be pipelined or gather" >&2; exit 2 ;; esac
     sed -i "s/^repair = .*/repair = \"$3\"/" "$2/cluster.toml"
     ;;
 *)
-    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -63,6 +63,7 @@ struct ConfigurationTests {
         ("no snapshots kept", "snapshots_kept_per_job = 0\n", nil, "snapshots_kept_per_job = 0 is out of range"),
         ("negative frame timeout", "frame_timeout_ms = -5\n", nil, "frame_timeout_ms = -5 is out of range"),
         ("zero connections", "max_connections = 0\n", nil, "max_connections = 0 is out of range"),
+        ("negative scrub interval", "scrub_interval_ms = -1\n", nil, "scrub_interval_ms = -1 is out of range"),
         ("a 300-node group", "", clusterFile(groupSize: 300), "group 0 (300 nodes, parity 1)"),
         ("negative failure timeout", "", clusterFile(groupSize: 3, timeout: -100), "failure_timeout_ms = -100 is outside"),
         ("negative heartbeat interval", "", clusterFile(groupSize: 3, heartbeat: -1), "heartbeat_interval_ms = -1 is outside"),

@@ -162,6 +162,34 @@ struct HostileNetworkTests {
         try cluster.verify(step: 1, ranks: Array(0..<cluster.world))
     }
 
+    /// A peer that silently drops every packet (a powered-off host: no reset,
+    /// no ICMP, connects and writes just hang) is declared dead within the
+    /// failure timeout, and no one else is: every heartbeat to it waits on
+    /// its own thread and deadline. Its replacement rebuilds byte-identical.
+    @Test(.enabled(if: networkNamespacesAvailable, "needs root to create network namespaces"))
+    func aBlackHoledPeerIsDeclaredDeadAndNoOneElse() throws {
+        let cluster = try LocalCluster.forTest(nodes: 4, parity: 1, ranksPerNode: 1, settings: ["NETNS": "1"])
+        try cluster.saveStep(1)
+        let victim = 3
+        let cutAt = Date()
+        _ = try cluster.run(["blackhole", cluster.directory, "\(victim)"])
+        try cluster.waitForReport(from: 0, seconds: 30) { $0.deadNodes == [NodeID(victim)] }
+        let detectedMilliseconds = Int(Date().timeIntervalSince(cutAt) * 1000)
+        let failureTimeoutMilliseconds = 1500, heartbeatMilliseconds = 100, slackMilliseconds = 1500
+        print("[blackHoledPeer] declared dead after \(detectedMilliseconds) ms")
+        #expect(detectedMilliseconds <= failureTimeoutMilliseconds + heartbeatMilliseconds + slackMilliseconds)
+        usleep(3_000_000)  // two more failure timeouts, with connects to the victim hanging: nobody else may fall
+        for node in 0..<victim {
+            let status = try cluster.operatorClient(node).status()
+            #expect(status.counter("peers_declared_dead") == 1, "node \(node): \(status.counters)")
+            #expect(try cluster.operatorClient(node).recover().deadNodes == [NodeID(victim)], "node \(node)")
+        }
+        try cluster.killNow(victim)
+        try cluster.replace(victim)  // on a working link again
+        try cluster.waitUntilRebuilt([victim], observer: 0, seconds: 120)
+        try cluster.verify(step: 1, ranks: Array(0..<cluster.world))
+    }
+
     /// Authenticates with the named secret file of the cluster, claims `role`
     /// in hello, and returns the error code of the refusal (nil if accepted).
     private func claimRole(_ cluster: LocalCluster, secretFile: String, role: PeerRole) throws -> ErrorCode? {

@@ -22,6 +22,10 @@ public struct DaemonConfiguration: Sendable, Equatable {
     public var maximumConnections = 1024
     /// A frame, once started, must arrive within this time.
     public var frameTimeoutMilliseconds: Int64 = 30_000
+    /// How often the background scrub re-checks every held shard and parity
+    /// fragment against its sealed CRCs (0: never). It reads at most
+    /// ``Limits/scrubBytesPerSecond``.
+    public var scrubIntervalMilliseconds: Int64 = 600_000
     /// The cluster file (nodes, addresses, protection groups). nil: a single
     /// node, whose steps commit when its own shards are sealed.
     public var clusterFile: String?
@@ -31,6 +35,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
     static let knownKeys: Set<String> = [
         "node_id", "unix_socket", "tcp_listen", "arena_directory", "memory_budget", "snapshots_kept_per_job",
         "shared_secret_file", "peer_secret_file", "log_level", "max_connections", "frame_timeout_ms", "cluster_file",
+        "scrub_interval_ms",
     ]
 
     /// Reads a TOML file over the defaults. Unknown keys are errors: a typo
@@ -59,6 +64,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
         if let v = table["log_level"] { config.logLevel = try parseLogLevel(try string(v, "log_level")) }
         if let v = table["max_connections"] { config.maximumConnections = try integer(v, "max_connections") }
         if let v = table["frame_timeout_ms"] { config.frameTimeoutMilliseconds = Int64(try integer(v, "frame_timeout_ms")) }
+        if let v = table["scrub_interval_ms"] { config.scrubIntervalMilliseconds = Int64(try integer(v, "scrub_interval_ms")) }
         if let v = table["cluster_file"] { config.clusterFile = try string(v, "cluster_file") }
         return config
     }
@@ -69,6 +75,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
         try Self.check("memory_budget", memoryBudgetBytes, within: Limits.memoryBudgetBytes)
         try Self.check("max_connections", maximumConnections, within: Limits.maximumConnections)
         try Self.check("frame_timeout_ms", frameTimeoutMilliseconds, within: Limits.frameTimeoutMilliseconds)
+        try Self.check("scrub_interval_ms", scrubIntervalMilliseconds, within: Limits.scrubIntervalMilliseconds)
         if clusterFile != nil {
             guard let peerSecretFile else { throw ConfigurationError("cluster_file is set but peer_secret_file is not: peers must authenticate") }
             guard sharedSecretFile != nil else {

@@ -17,6 +17,8 @@ public enum Limits {
     public static let frameTimeoutMilliseconds: ClosedRange<Int64> = 100...3_600_000
     public static let heartbeatIntervalMilliseconds: ClosedRange<Int64> = 10...60_000
     public static let failureTimeoutMilliseconds: ClosedRange<Int64> = 30...600_000
+    /// 0 turns the scrub off; at most once a day otherwise.
+    public static let scrubIntervalMilliseconds: ClosedRange<Int64> = 0...86_400_000
     /// Nodes in one cluster file: each peer has a heartbeat thread.
     public static let maximumNodes = 1024
 
@@ -28,6 +30,14 @@ public enum Limits {
     static let dataPoolThreads = 4
     /// Queued jobs per pool; beyond it a submission is refused and logged.
     static let queuedJobsPerPool = 4096
+
+    // MARK: Scrub
+
+    /// What the background scrub reads per second at most: it must not take
+    /// memory bandwidth a trainer's save or a rebuild needs.
+    static let scrubBytesPerSecond = 256 << 20
+    /// The scrub paces itself in pieces of this size.
+    static let scrubChunkBytes = 16 << 20
 
     // MARK: Sessions
 
@@ -54,5 +64,6 @@ public enum Limits {
         precondition(unauthenticatedPayloadBytes >= 64 + ProtocolLimits.authenticationTagBytes, "the authenticate frame must fit")
         precondition(authenticationTimeoutMilliseconds <= frameTimeoutMilliseconds.upperBound)
         precondition(UInt64(ProtocolLimits.maximumControlPayloadBytes) < SegmentLayout.maximumSegmentBytes)
+        precondition(scrubChunkBytes <= scrubBytesPerSecond, "the scrub paces in pieces it may read within a second")
     }
 }

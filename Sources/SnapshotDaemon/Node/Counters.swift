@@ -20,6 +20,12 @@ final class Counters: Sendable {
         case quarantinedFiles = "quarantined_files"
         /// Hellos whose role did not match the session's credential.
         case rolesRefused = "roles_refused"
+        /// Shards and parity fragments the background scrub found failing their sealed CRCs.
+        case scrubCorruptionsFound = "scrub_corruptions_found"
+        /// Of those, the ones healed byte-identical from peers.
+        case scrubCorruptionsHealed = "scrub_corruptions_healed"
+        /// Bytes the scrub has checked.
+        case scrubBytesChecked = "scrub_bytes_checked"
     }
 
     private let values = Mutex<[Name: UInt64]>([:])

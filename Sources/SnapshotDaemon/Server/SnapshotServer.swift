@@ -146,6 +146,7 @@ public final class SnapshotServer: Service, Sendable {
         }
         if let clusterConfiguration { warnAboutUnreachablePeers(clusterConfiguration) }
         cluster?.start()
+        startScrub()
         let devices = RDMADevices.list()
         logger.info(
             "snapshotd ready",
