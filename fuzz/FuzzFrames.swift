@@ -1,6 +1,6 @@
 // libFuzzer target over everything snapshotd decodes from the network before
 // trusting it: frame headers, every message type's payload, tensor specs and
-// the layout arithmetic of a begin-save. Built by fuzz/run.sh with
+// the layout arithmetic of a begin-save (the daemon's own SegmentLayout). Built by fuzz/run.sh with
 // `-sanitize=fuzzer` (coverage-guided); any trap is a crash the fuzzer reports.
 import ErasureCoding
 import SnapshotProtocol
@@ -26,14 +26,13 @@ public func fuzzOneInput(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     return 0
 }
 
-/// The arithmetic a daemon does on a begin-save's sizes before its budget
-/// check (``SegmentLayout``, mirrored here without the daemon's module):
-/// checked, so an overflow is a refusal.
+/// The arithmetic a daemon runs on a begin-save's sizes before its budget
+/// check (``SegmentLayout``, the daemon's own code): an overflow must be a
+/// refusal (nil), never a trap, and what it accepts must be consistent.
 private func checkLayout(_ specs: [TensorSpec]) {
-    let limit: UInt64 = 1 << 50
-    var cursor: UInt64 = 0
-    for spec in specs {
-        guard spec.byteLength <= limit - cursor else { return }
-        cursor = (cursor + spec.byteLength + 255) / 256 * 256
+    guard let (offsets, size) = SegmentLayout.offsets(for: specs) else { return }
+    precondition(offsets.count == specs.count && size <= SegmentLayout.maximumSegmentBytes && size % SegmentLayout.segmentGranularityBytes == 0)
+    for (offset, spec) in zip(offsets, specs) {
+        precondition(offset % SegmentLayout.tensorAlignmentBytes == 0 && offset + spec.byteLength <= size, "tensor outside its segment")
     }
 }

@@ -47,7 +47,7 @@ public final class SnapshotServer: Service, Sendable {
         Limits.checkRelationships()
         try configuration.validate()
         var configuration = configuration
-        clusterConfiguration = try configuration.clusterFile.map(Self.loadCluster)
+        clusterConfiguration = try configuration.clusterFile.map { try StaticClusterFile(path: $0).load() }
         if let cluster = clusterConfiguration {
             guard let node = cluster.node(configuration.nodeID) else {
                 throw ConfigurationError("node id \(configuration.nodeID) is not in the cluster file \(configuration.clusterFile!)")
@@ -79,13 +79,6 @@ public final class SnapshotServer: Service, Sendable {
         } else {
             cluster = nil
         }
-    }
-
-    static func loadCluster(path: String) throws -> ClusterConfiguration {
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
-            throw ConfigurationError("cannot read cluster file \(path)")
-        }
-        return try ClusterConfiguration.load(tomlText: text)
     }
 
     static func readSecret(path: String) throws -> [UInt8] {
