@@ -196,6 +196,7 @@ public enum Message: Hashable, Sendable {
                 w.writeCount(s.stableNodes.count)
                 for n in s.stableNodes { w.write(n) }
             }
+            w.write(m.complete)
         case .rebuildOrder(let m):
             w.write(m.nodeID)
             w.write(m.incarnation)
@@ -431,7 +432,7 @@ extension ByteReader {
             let protectedNodes = try readNodeList("protectedNodes")
             steps.append(ClusterStepState(job: job, step: step, committed: committed, ready: ready, protectedNodes: protectedNodes, stableNodes: try readNodeList("stableNodes")))
         }
-        return ClusterStateReply(steps: steps)
+        return ClusterStateReply(steps: steps, complete: try readBool("complete"))
     }
 
     mutating func readRecoverReply() throws(ProtocolError) -> RecoverReply {

@@ -400,9 +400,16 @@ public struct ClusterStateRequest: Hashable, Sendable {
     public init(known: [ReportID] = []) { self.known = known }
 }
 
+/// One page of a node's view: what the requester lacks, in step order, up
+/// to a page size. `complete` is false when more is left; the requester asks
+/// again, naming what it now knows, until a page is complete.
 public struct ClusterStateReply: Hashable, Sendable {
     public var steps: [ClusterStepState]
-    public init(steps: [ClusterStepState]) { self.steps = steps }
+    public var complete: Bool
+    public init(steps: [ClusterStepState], complete: Bool = true) {
+        self.steps = steps
+        self.complete = complete
+    }
 }
 
 public struct ClusterStepState: Hashable, Sendable {

@@ -64,6 +64,41 @@ struct ProtectionMachineTests {
         #expect(!actions.contains { if case .sendFragments = $0 { true } else { false } }, "nothing to send")
     }
 
+    /// A node's view travels in pages (at LLM scale it is gigabytes of
+    /// manifests): every page brings at least one new report, a step is
+    /// marked committed only in the page that completes its reports, and the
+    /// pages together teach a fresh node everything the whole view would.
+    @Test func clusterStateTravelsInPagesThatNeverMarkAnIncompleteStep() throws {
+        let fresh = SnapshotStore(budgetBytes: 1 << 30, snapshotsKeptPerJob: 2, commitsLocally: false)
+        var source = try machine(0)
+        for step: Step in [1, 2] {
+            let reports = try (0..<3).map { try ready(NodeID($0), step: step, ranks: [Rank($0)], world: 3) }
+            _ = source.merge(ClusterStateReply(steps: [ClusterStepState(job: job, step: step, committed: true, ready: reports, protectedNodes: [0, 1, 2])]), store: fresh, nowMilliseconds: 0)
+        }
+        var learner = try machine(1)
+        var sent: Set<ReportID> = []
+        var pages = 0
+        while pages < 100 {
+            pages += 1
+            let page = source.ledger.clusterState(omitting: Set(learner.ledger.knownReports).union(sent), pageBytes: 1)
+            #expect(page.steps.flatMap(\.ready).count == 1, "one report per page at this page size: \(page.steps.map(\.ready.count))")
+            _ = learner.merge(page, store: fresh, nowMilliseconds: 0)
+            for step in page.steps {
+                sent.formUnion(step.ready.map { ReportID(job: step.job, step: step.step, node: $0.nodeID) })
+                if step.committed {
+                    #expect(learner.ledger.entry(job: job, step: step.step)?.ready.count == 3, "step \(step.step) marked committed before its reports arrived")
+                }
+            }
+            if page.complete { break }
+        }
+        #expect(pages == 6, "six reports, one per page")
+        #expect(Set(learner.ledger.knownReports) == Set(source.ledger.knownReports))
+        for step: Step in [1, 2] { #expect(learner.ledger.entry(job: job, step: step)?.committed == true, "step \(step)") }
+        // The whole view in one page, as before paging.
+        #expect(source.ledger.clusterState().complete)
+        #expect(source.ledger.clusterState().steps.flatMap(\.ready).count == 6)
+    }
+
     /// Observation 2: a replacement learns that a step its predecessor
     /// reported is committed. It must not commit it (it holds nothing of it):
     /// the step is missing, to rebuild, and a trainer cannot save it again.

@@ -164,14 +164,42 @@ public struct ClusterLedger: Sendable {
         }
     }
 
-    /// This node's view, without the reports the requester says it holds.
-    public func clusterState(omitting known: Set<ReportID> = []) -> ClusterStateReply {
-        ClusterStateReply(steps: steps.sorted { $0.key < $1.key }.map { id, entry in
-            ClusterStepState(
-                job: id.job, step: id.step, committed: entry.committed,
-                ready: entry.ready.values.filter { !known.contains(ReportID(job: id.job, step: id.step, node: $0.nodeID)) }.sorted { $0.nodeID < $1.nodeID },
-                protectedNodes: entry.protectedNodes.sorted(), stableNodes: entry.stableNodes.sorted())
-        })
+    /// A page of this node's view: whole steps in order, without the reports
+    /// the requester says it holds, while their reports fit `pageBytes`
+    /// (``Limits/clusterStatePageBytes`` between daemons). A node's view of a
+    /// large cluster at LLM scale is gigabytes of manifests; no message the
+    /// daemon builds may exceed what it accepts, so the view travels in pages.
+    public func clusterState(omitting known: Set<ReportID> = [], pageBytes: Int = Int.max) -> ClusterStateReply {
+        var page: [ClusterStepState] = []
+        var usedBytes = 0
+        for (id, entry) in steps.sorted(by: { $0.key < $1.key }) {
+            let missing = entry.ready.values.filter { !known.contains(ReportID(job: id.job, step: id.step, node: $0.nodeID)) }.sorted { $0.nodeID < $1.nodeID }
+            var included: [StepReady] = []
+            for ready in missing {
+                let bytes = Self.encodedSizeEstimate(ready)
+                // At least one report per page, so every page makes progress.
+                guard usedBytes == 0 || usedBytes + bytes <= pageBytes else { break }
+                included.append(ready)
+                usedBytes += bytes
+            }
+            guard included.count == missing.count else {
+                // The page ends inside this step: its reports so far travel as
+                // plain reports. Its committed, protected and stable marks come
+                // with the page that completes it, so no node ever holds a step
+                // marked committed without the reports that say what it is.
+                if !included.isEmpty { page.append(ClusterStepState(job: id.job, step: id.step, committed: false, ready: included, protectedNodes: [])) }
+                return ClusterStateReply(steps: page, complete: false)
+            }
+            page.append(ClusterStepState(
+                job: id.job, step: id.step, committed: entry.committed, ready: included,
+                protectedNodes: entry.protectedNodes.sorted(), stableNodes: entry.stableNodes.sorted()))
+        }
+        return ClusterStateReply(steps: page, complete: true)
+    }
+
+    /// About how many bytes a report takes on the wire (its manifests dominate).
+    static func encodedSizeEstimate(_ ready: StepReady) -> Int {
+        ready.manifests.reduce(64) { $0 + $1.count + 4 }
     }
 
     /// The reports this node holds (for ``ClusterStateRequest/known``).

@@ -22,8 +22,7 @@ extension ClusterNode {
             var everyPeerRefused = true
             for peer in mesh.peers {
                 do {
-                    guard case .clusterStateReply(let reply) = try mesh.request(peer, .control, .clusterStateRequest(stateRequest()), timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
-                    merge(reply)
+                    guard try pull(from: peer) else { continue }
                     learned = true
                 } catch let error as IOError where error.errnoCode == ECONNREFUSED {
                     continue
@@ -56,15 +55,26 @@ extension ClusterNode {
 
     /// Asks each of `peers` for its view and merges it.
     func pullState(from peers: [NodeID]) {
-        for peer in peers {
-            guard case .clusterStateReply(let reply)? = try? mesh.request(peer, .control, .clusterStateRequest(stateRequest()), timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { continue }
-            merge(reply)
-        }
+        for peer in peers { _ = try? pull(from: peer) }
     }
 
-    /// Asks only for what this node lacks: the reports it holds are left out of the reply.
-    private func stateRequest() -> ClusterStateRequest {
-        ClusterStateRequest(known: state.withLock { $0.cluster!.protection.ledger.knownReports })
+    /// Pulls `peer`'s whole view, page by page: each request names the
+    /// reports this node now holds, so each page brings only new ones.
+    /// True once a complete page arrived.
+    private func pull(from peer: NodeID) throws -> Bool {
+        // Reports already sent in this pull count as known even if this node
+        // did not keep them (too old, or not the first of their node): every
+        // page brings something new, so the pull always ends.
+        var received: [ReportID] = []
+        for _ in 0..<Limits.maximumClusterStatePages {
+            let request = ClusterStateRequest(known: Array(Set(state.withLock { $0.cluster!.protection.ledger.knownReports } + received)))
+            guard case .clusterStateReply(let reply) = try mesh.request(peer, .control, .clusterStateRequest(request), timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { return false }
+            merge(reply)
+            if reply.complete { return true }
+            received += reply.steps.flatMap { step in step.ready.map { ReportID(job: step.job, step: step.step, node: $0.nodeID) } }
+        }
+        logger.warning("a peer's cluster view did not fit the page limit; the rest is pulled later", metadata: ["peer": "\(peer)", "pages": "\(Limits.maximumClusterStatePages)"])
+        return false
     }
 
     private func merge(_ reply: ClusterStateReply) {
@@ -89,7 +99,7 @@ extension ClusterNode {
         let known = Set(request.known)
         return state.withLock { state in
             guard state.cluster!.discovered else { return .error(ErrorReply(code: .unavailable, message: "node \(selfID) is joining the cluster itself")) }
-            return .clusterStateReply(state.cluster!.protection.ledger.clusterState(omitting: known))
+            return .clusterStateReply(state.cluster!.protection.ledger.clusterState(omitting: known, pageBytes: Limits.clusterStatePageBytes))
         }
     }
 

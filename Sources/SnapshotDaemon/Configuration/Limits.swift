@@ -31,6 +31,15 @@ public enum Limits {
     /// Queued jobs per pool; beyond it a submission is refused and logged.
     static let queuedJobsPerPool = 4096
 
+    // MARK: Cluster state
+
+    /// Reports per page of a cluster-state reply (a single larger report
+    /// travels alone: it fits the large-message limit, as a stepReady does).
+    static let clusterStatePageBytes = 64 << 20
+    /// Pages one pull may take; each makes progress, so this is a bound on
+    /// time, not on what a node can learn: 4096 × 64 MiB = 256 GiB of reports.
+    static let maximumClusterStatePages = 4096
+
     // MARK: Scrub
 
     /// What the background scrub reads per second at most: it must not take
@@ -64,6 +73,7 @@ public enum Limits {
         precondition(unauthenticatedPayloadBytes >= 64 + ProtocolLimits.authenticationTagBytes, "the authenticate frame must fit")
         precondition(authenticationTimeoutMilliseconds <= frameTimeoutMilliseconds.upperBound)
         precondition(UInt64(ProtocolLimits.maximumControlPayloadBytes) < SegmentLayout.maximumSegmentBytes)
+        precondition(clusterStatePageBytes * 2 <= ProtocolLimits.maximumLargeControlPayloadBytes, "a page plus one report that overflowed it fits a message")
         precondition(scrubChunkBytes <= scrubBytesPerSecond, "the scrub paces in pieces it may read within a second")
     }
 }

@@ -101,8 +101,16 @@ final class SimulatedCluster {
     }
     private var nextRequestID: UInt64 = 1
 
+    /// How large a page of cluster state may be: whole views, one report per
+    /// page, or a few (from the seed without drawing from its generator, so
+    /// a third of the seeds run exactly as before paging existed).
+    let statePageBytes: Int
+
+    private func knownReports(_ id: NodeID) -> Set<ReportID> { Set(nodes[Int(id)].machine.ledger.knownReports) }
+
     init(seed: UInt64, faults: ProtectionMachine.Faults = []) throws {
         self.seed = seed
+        statePageBytes = [Int.max, 1, 1500][Int(seed % 3)]
         self.faults = faults
         rng = SimulationRandom(seed: seed)
         scenario = Scenario.random(&rng)
@@ -223,12 +231,18 @@ final class SimulatedCluster {
             orderRebuild(id)
         case .control:
             break
-        case .stateRequest(let requestID):
+        case .stateRequest(let requestID, let known):
             guard nodes[index].discovered else { return }  // a joining node has no view to give
-            send(.stateReply(requestID, nodes[index].machine.ledger.clusterState()), from: id, to: from)
-        case .stateReply(let requestID, let state):
+            send(.stateReply(requestID, nodes[index].machine.ledger.clusterState(omitting: known, pageBytes: statePageBytes), known: known), from: id, to: from)
+        case .stateReply(let requestID, let state, let known):
             guard let purpose = nodes[index].pending.removeValue(forKey: requestID) else { return }
             execute(nodes[index].machine.merge(state, store: nodes[index].store, nowMilliseconds: now), at: id)
+            // Like the daemon: the next page, before the view counts as learned.
+            guard state.complete else {
+                let sent = state.steps.flatMap { step in step.ready.map { ReportID(job: step.job, step: step.step, node: $0.nodeID) } }
+                _ = request(.stateRequest(nextRequestID, known: known.union(knownReports(id)).union(sent)), from: id, to: from, purpose: purpose)
+                return
+            }
             if case .rebuildState = purpose { rebuildStateAnswered(at: id) }
             if !nodes[index].discovered {
                 nodes[index].discovered = true
@@ -288,7 +302,7 @@ final class SimulatedCluster {
     private func discover(_ id: NodeID) {
         for peer in configuration.nodeIDs where peer != id {
             let requestID = nextRequestID
-            _ = request(.stateRequest(requestID), from: id, to: peer, purpose: .state)
+            _ = request(.stateRequest(requestID, known: knownReports(id)), from: id, to: peer, purpose: .state)
         }
     }
 
@@ -391,7 +405,7 @@ final class SimulatedCluster {
             case .send(let message, let peers):
                 for peer in peers { send(.control(message), from: id, to: peer) }
             case .pullState(let peers):
-                for peer in peers { _ = request(.stateRequest(nextRequestID), from: id, to: peer, purpose: .state) }
+                for peer in peers { _ = request(.stateRequest(nextRequestID, known: knownReports(id)), from: id, to: peer, purpose: .state) }
             case .holdParity(_, let step, let size):
                 pending += holdParity(step: step, fragmentSizeBytes: size, at: id)
             case .sendFragments(_, let step, let size):
@@ -541,7 +555,7 @@ final class SimulatedCluster {
             case .pullState:
                 let peers = configuration.nodeIDs.filter { $0 != id }
                 nodes[index].rebuildStatePulls = peers.count
-                for peer in peers { _ = request(.stateRequest(nextRequestID), from: id, to: peer, purpose: .rebuildState) }
+                for peer in peers { _ = request(.stateRequest(nextRequestID, known: knownReports(id)), from: id, to: peer, purpose: .rebuildState) }
             case .rebuild(let stepID):
                 startRebuild(stepID.step, at: id)
             case .finished:
@@ -883,8 +897,9 @@ struct SimulatedNode {
 
 enum SimulationMessage {
     case control(Message)
-    case stateRequest(UInt64)
-    case stateReply(UInt64, ClusterStateReply)
+    case stateRequest(UInt64, known: Set<ReportID>)
+    /// With the request's known set, which the next page's request extends.
+    case stateReply(UInt64, ClusterStateReply, known: Set<ReportID>)
     case put(UInt64, FragmentPut, [UInt8])
     case putReply(UInt64, String?)
     case get(UInt64, FragmentID)
