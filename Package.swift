@@ -16,6 +16,8 @@ let package = Package(
         .library(name: "SnapshotProtocol", targets: ["SnapshotProtocol"]),
         .library(name: "SnapshotDaemon", targets: ["SnapshotDaemon"]),
         .library(name: "SnapshotClient", targets: ["SnapshotClient"]),
+        // The C interface (Sources/CSnapshotd/include/snapshotd.h) as libsnapshotdclient.so, for C, C++ and Python.
+        .library(name: "snapshotdclient", type: .dynamic, targets: ["SnapshotClientC"]),
         .executable(name: "snapshotd", targets: ["snapshotd"]),
         .executable(name: "snapshotctl", targets: ["snapshotctl"]),
         .executable(name: "snapshot-bench", targets: ["snapshot-bench"]),
@@ -59,6 +61,9 @@ let package = Package(
         ),
         // The trainer-side library.
         .target(name: "SnapshotClient", dependencies: ["SnapshotProtocol", "SnapshotIO"], swiftSettings: strictSettings),
+        // The C interface over it: the header's home (CSnapshotd) and its Swift implementation.
+        .target(name: "CSnapshotd"),
+        .target(name: "SnapshotClientC", dependencies: ["CSnapshotd", "SnapshotClient", "SnapshotProtocol", "SnapshotIO"], swiftSettings: strictSettings),
 
         .executableTarget(
             name: "snapshotd",

@@ -28,6 +28,10 @@ public final class PendingSave: @unchecked Sendable {
         streamedChecksums = Array(repeating: nil, count: specs.count)
     }
 
+    /// True over shared memory: tensors are written straight into the
+    /// daemon's arena (``destination(tensorIndex:)``); false over TCP.
+    public var writesInPlace: Bool { segment != nil }
+
     /// Over shared memory: where tensor `tensorIndex` lives in the daemon's
     /// arena, to write into directly. nil over TCP.
     public func destination(tensorIndex: Int) -> UnsafeMutableRawBufferPointer? {

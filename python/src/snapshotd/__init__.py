@@ -1,0 +1,17 @@
+"""snapshotd: in-memory snapshots of training state, protected across nodes.
+
+    client = snapshotd.Client("my-job")            # RANK / WORLD_SIZE from torchrun
+    client.save(step, {"w": weights})              # bytes in the daemon's memory
+    client.wait_committed(step)                    # protected on every node
+    step, shard = client.restore()                 # zero-copy read-only arrays
+"""
+
+from .client import EXTRA, OPTIMIZER, PARAMETER, RNG, Client, PendingSave, SaveHandle, Shard, flatten
+from .errors import DaemonUnavailableError, ErrorCode, SnapshotdError
+
+__all__ = [
+    "Client", "PendingSave", "SaveHandle", "Shard", "flatten",
+    "SnapshotdError", "DaemonUnavailableError", "ErrorCode",
+    "PARAMETER", "OPTIMIZER", "RNG", "EXTRA",
+]
+__version__ = "0.4.0"

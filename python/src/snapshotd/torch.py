@@ -1,0 +1,193 @@
+"""PyTorch integration: whole training state in one call, and tensor helpers.
+
+    handle = snapshotd.torch.snapshot(client, step, model=model, optimizer=opt,
+                                      scheduler=sched, asynchronous=True)
+    ...                                  # forward / backward overlap the copy
+    handle.wait()                        # the fence: before optimizer.step()
+    optimizer.step()
+
+    step, extra = snapshotd.torch.restore(client, model=model, optimizer=opt, scheduler=sched)
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _dtypes
+from .client import EXTRA, OPTIMIZER, PARAMETER, RNG, Client, PendingSave, SaveHandle, Shard
+
+#: The pickled structure of the state (everything but tensor bytes).
+STRUCTURE = "__snapshotd__.structure"
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    """Stands for a tensor in the pickled structure: its name in the shard."""
+
+    name: str
+
+
+def _split(value: Any, name: str, kind: int, tensors: dict[str, torch.Tensor], kinds: dict[str, int]) -> Any:
+    if isinstance(value, torch.Tensor):
+        if name in tensors:
+            raise ValueError(f"two tensors of the state are both named {name!r}")
+        tensors[name], kinds[name] = value.detach(), kind
+        return _TensorRef(name)
+    if isinstance(value, Mapping):
+        return type(value)((key, _split(item, f"{name}.{key}", kind, tensors, kinds)) for key, item in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_split(item, f"{name}.{index}", kind, tensors, kinds) for index, item in enumerate(value))
+    return value
+
+
+def _join(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(value, _TensorRef):
+        return tensors[value.name]
+    if isinstance(value, Mapping):
+        return type(value)((key, _join(item, tensors)) for key, item in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_join(item, tensors) for item in value)
+    return value
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step draws from: torch (CPU and each CUDA device), numpy, Python."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture(*, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+            scheduler: Any = None, extra: Mapping[str, Any] | None = None, rng: bool = True) -> tuple[dict[str, Any], dict[str, int]]:
+    """The training state as a flat name → tensor mapping (tensors by
+    reference, nothing copied) plus its pickled structure, with each tensor's kind."""
+    parts: list[tuple[str, Any, int]] = []
+    if model is not None:
+        parts.append(("model", model.state_dict(), PARAMETER))
+    if optimizer is not None:
+        parts.append(("optimizer", optimizer.state_dict(), OPTIMIZER))
+    if scheduler is not None:
+        parts.append(("scheduler", scheduler.state_dict(), EXTRA))
+    if extra is not None:
+        parts.append(("extra", dict(extra), EXTRA))
+    if rng:
+        parts.append(("rng", rng_state(), RNG))
+    tensors: dict[str, torch.Tensor] = {}
+    kinds: dict[str, int] = {}
+    structure = {name: _split(value, name, kind, tensors, kinds) for name, value, kind in parts}
+    flat: dict[str, Any] = dict(tensors)
+    flat[STRUCTURE] = np.frombuffer(pickle.dumps(structure, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+    kinds[STRUCTURE] = EXTRA
+    return flat, kinds
+
+
+def snapshot(client: Client, step: int, *, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+             scheduler: Any = None, extra: Mapping[str, Any] | None = None, rng: bool = True,
+             gradient_norm: float | None = None, asynchronous: bool = False) -> SaveHandle | None:
+    """Saves model, optimizer, scheduler, RNG and ``extra`` state as this rank's shard of ``step``.
+
+    With ``asynchronous=True`` returns a :class:`~snapshotd.SaveHandle` at once;
+    call ``handle.wait()`` before the next ``optimizer.step()`` (or any other
+    in-place change of the saved tensors)."""
+    flat, kinds = capture(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra, rng=rng)
+    if asynchronous:
+        return client.save_async(step, flat, gradient_norm=gradient_norm, kinds=kinds)
+    client.save(step, flat, gradient_norm=gradient_norm, kinds=kinds)
+    return None
+
+
+def to_torch(shard: Shard, *, copy: bool = True, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The shard's arrays as torch tensors of their saved dtype (bfloat16 and
+    float8 included). ``copy=False`` gives zero-copy views of the daemon's
+    memory: read-only, alive while the shard is; never write through them."""
+    tensors: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, array in shard.items():
+            if name == STRUCTURE:
+                continue
+            view = torch.from_numpy(array).view(_dtypes.to_torch(_dtype_code(shard.dtypes[name])))
+            tensors[name] = view.clone() if copy else view
+            if device is not None:
+                tensors[name] = tensors[name].to(device)
+    return tensors
+
+
+def _dtype_code(name: str) -> int:
+    return next(code for code, known in _dtypes.NAMES.items() if known == name)
+
+
+@dataclass
+class Restored:
+    step: int
+    extra: dict[str, Any]
+
+
+def restore(client: Client, *, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
+            scheduler: Any = None, step: int | None = None, rng: bool = True, device: torch.device | str | None = None) -> Restored:
+    """Loads the newest committed step (or ``step``) saved by :func:`snapshot`
+    into ``model``, ``optimizer`` and ``scheduler``, and restores the RNG state.
+    Returns the step and the ``extra`` state."""
+    chosen, shard = client.restore(step)
+    if STRUCTURE not in shard:
+        raise ValueError(f"step {chosen} was not saved by snapshotd.torch.snapshot (no {STRUCTURE})")
+    structure = pickle.loads(shard[STRUCTURE].tobytes())  # noqa: S301 - written by this job's own ranks
+    state = _join(structure, to_torch(shard, device=device))
+    del shard  # the daemon may reuse the step's pin now: everything is copied
+    for name, target in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
+        if target is None:
+            continue
+        if name not in state:
+            raise ValueError(f"step {chosen} holds no {name} state (it has: {', '.join(sorted(state))})")
+        target.load_state_dict(state[name])
+    if rng and "rng" in state:
+        set_rng_state(state["rng"])
+    return Restored(chosen, state.get("extra", {}))
+
+
+def copy_cuda_into(pending: PendingSave, ready: torch.cuda.Event) -> None:
+    """Device-to-host copies of the save's CUDA tensors into arena memory, on a
+    side stream that first waits for ``ready`` (recorded after the work that
+    produced them). The arena range is registered as pinned for the copy, so
+    the copies are true asynchronous DMA."""
+    stream = torch.cuda.Stream()
+    stream.wait_event(ready)
+    registered: list[int] = []
+    cudart = torch.cuda.cudart()
+    try:
+        with torch.cuda.stream(stream):
+            for index, tensor in enumerate(pending.tensors):
+                if not getattr(tensor.value, "is_cuda", False):
+                    continue
+                target = pending.destination(index)
+                if target.size == 0:
+                    continue
+                address, length = target.__array_interface__["data"][0], target.nbytes
+                if cudart.cudaHostRegister(address, length, 0) == 0:
+                    registered.append(address)
+                torch.from_numpy(target).view(tensor.value.dtype).copy_(tensor.value.detach(), non_blocking=True)
+        stream.synchronize()
+    finally:
+        for address in registered:
+            cudart.cudaHostUnregister(address)
+
+
+
+__all__ = ["snapshot", "restore", "capture", "to_torch", "rng_state", "set_rng_state", "Restored", "STRUCTURE"]
