@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${SNAPSHOTD_VENV:-.venv-python}
 python3 -m venv "$venv"
-"$venv/bin/pip" install -q numpy pytest
+venv=$(cd "$venv" && pwd)
+"$venv/bin/pip" install -q numpy pytest mypy
 started=$(date +%s)
 if "$venv/bin/pip" install -q "torch==2.13.0"; then
     echo "torch (CPU build) installed in $(( $(date +%s) - started )) s"
@@ -19,4 +20,5 @@ fi
 swift build --product snapshotd
 swift build --product snapshotdclient
 SNAPSHOTD_LIBRARY="$PWD/.build/debug/libsnapshotdclient.so" "$venv/bin/pip" install -q --force-reinstall --no-deps ./python
+(cd python && "$venv/bin/mypy" src/snapshotd)  # the package's type hints hold
 SNAPSHOTD_BINARY="$PWD/.build/debug/snapshotd" "$venv/bin/python" -m pytest -q -rs python/tests

@@ -153,3 +153,45 @@ def test_dcp_reads_honour_byte_ranges(daemon) -> None:
                            lengths=torch.Size([2, 3]))
         reader.read_data(LoadPlan([request]), Planner()).wait()
     assert torch.equal(target, saved[3:5, 4:7])
+
+
+TWO_RANK_JOB = r'''
+import os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+import snapshotd
+from snapshotd.dcp import SnapshotdReader, SnapshotdWriter
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo")
+client = snapshotd.Client("dcp-two", socket=sys.argv[1])
+shared = torch.arange(1000, dtype=torch.float32)             # replicated: DCP saves it on one rank only
+own = torch.full((64,), float(rank + 1), dtype=torch.float64)  # this rank's own
+dcp.save({"shared": shared, "own": own, "meta": {"rank": rank}}, storage_writer=SnapshotdWriter(client, step=3))
+assert client.wait_committed(3) == 3
+target = {"shared": torch.zeros(1000), "own": torch.zeros(64, dtype=torch.float64), "meta": {"rank": -1}}
+dcp.load(target, storage_reader=SnapshotdReader(client))
+assert torch.equal(target["shared"], shared) and torch.equal(target["own"], own) and target["meta"] == {"rank": rank}, target
+print(f"rank {rank} OK")
+dist.destroy_process_group()
+'''
+
+
+def test_dcp_with_two_gloo_ranks_loads_replicated_and_own_tensors_on_each(daemon, tmp_path) -> None:
+    """DCP deduplicates a replicated tensor to one rank; each rank still restores it from its own shard."""
+    import os
+    import socket as sockets
+    import subprocess
+    import sys
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANK_JOB)
+    with sockets.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [
+        subprocess.Popen([sys.executable, str(script), daemon.socket], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+        for rank in range(2)
+    ]
+    outputs = [process.communicate(timeout=300)[0] for process in ranks]
+    for rank, (process, output) in enumerate(zip(ranks, outputs)):
+        assert process.returncode == 0, output
+        assert f"rank {rank} OK" in output

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # include/snapshotd.h, snapshotd_dtype
 BYTES, BOOL, UINT8, INT8, INT16, INT32, INT64, UINT16, UINT32, UINT64 = range(10)
@@ -40,7 +45,7 @@ def to_numpy(code: int) -> np.dtype:
     return _TO_NUMPY[code]
 
 
-def from_torch(dtype: object, name: str) -> int:
+def from_torch(dtype: torch.dtype, name: str) -> int:
     import torch
 
     table = {
@@ -55,7 +60,8 @@ def from_torch(dtype: object, name: str) -> int:
     return code
 
 
-def to_torch(code: int) -> object:
+def to_torch(code: int) -> torch.dtype:
     import torch
 
-    return getattr(torch, NAMES[code]) if code != BYTES else torch.uint8
+    dtype: torch.dtype = getattr(torch, NAMES[code]) if code != BYTES else torch.uint8
+    return dtype

@@ -158,7 +158,7 @@ class SaveHandle:
     """An asynchronous save. :meth:`wait` is the fence before the trainer next
     mutates the saved tensors; :meth:`wait_committed` waits for the job-wide commit."""
 
-    def __init__(self, client: Client, step: int, future: Future[None], started: float) -> None:
+    def __init__(self, client: Client, step: int, future: Future[float], started: float) -> None:
         self.client = client
         self.step = step
         self._future = future
@@ -173,7 +173,7 @@ class SaveHandle:
 
     def wait(self, timeout: float | None = None) -> None:
         """Returns once the tensors are copied and the daemon holds them; raises the save's error."""
-        self._future.result(timeout)
+        self.staging_seconds = self._future.result(timeout) - self._started
 
     def wait_committed(self, timeout: float = 60.0) -> int:
         """The fence plus the job-wide commit of this step (or a newer one)."""
@@ -289,13 +289,12 @@ class Client:
         started = time.perf_counter()
         flat = flatten(state)
         cuda_ready = _record_cuda_event(flat.values())
-        future: Future[None] = self._worker.submit(self._save_job, step, flat, _encode_metadata(metadata), gradient_norm, kinds, cuda_ready)
-        handle = SaveHandle(self, step, future, started)
-        future.add_done_callback(lambda _: setattr(handle, "staging_seconds", time.perf_counter() - started))
-        return handle
+        future: Future[float] = self._worker.submit(self._save_job, step, flat, _encode_metadata(metadata), gradient_norm, kinds, cuda_ready)
+        return SaveHandle(self, step, future, started)
 
     def _save_job(self, step: int, flat: dict[str, Any], metadata: bytes, gradient_norm: float | None,
-                  kinds: Mapping[str, int] | None, cuda_ready: Any) -> None:
+                  kinds: Mapping[str, int] | None, cuda_ready: Any) -> float:
+        """Runs on the worker thread; returns when the daemon holds the bytes (perf_counter)."""
         pending = self.begin_save(step, flat, kinds)
         try:
             if cuda_ready is not None:
@@ -306,6 +305,7 @@ class Client:
                 if not getattr(tensor.value, "is_cuda", False):
                     pending.fill(index)
             pending.commit(metadata, gradient_norm)
+            return time.perf_counter()
         finally:
             pending.close()
 
@@ -330,6 +330,7 @@ class Client:
         read-only numpy arrays viewing the daemon's memory."""
         handle = ctypes.c_void_p()
         _check(lib.snapshotd_restore_open(self._handle_or_raise(), 0 if step is None else 1, step or 0, ctypes.byref(handle)))
+        assert handle.value is not None, "snapshotd_restore_open succeeded without a handle"
         owner = _Restore(handle.value)
         shard = Shard()
         shard.step = lib.snapshotd_restore_step(owner.handle)

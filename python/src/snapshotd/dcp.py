@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -124,9 +124,10 @@ class SnapshotdWriter(StorageWriter):
             for item in items:
                 data = planner.resolve_data(item)
                 if item.type == WriteItemType.BYTE_IO:
-                    flat[_item_name(item)] = np.frombuffer(data.getvalue(), dtype=np.uint8)
+                    flat[_item_name(item)] = np.frombuffer(cast(io.BytesIO, data).getvalue(), dtype=np.uint8)
                 else:
-                    flat[_item_name(item)] = data.detach().cpu() if data.is_cuda else data.detach()
+                    resolved = cast(torch.Tensor, data).detach()
+                    flat[_item_name(item)] = resolved.cpu() if resolved.is_cuda else resolved
             self.client.save(self.step, flat, metadata, kinds={name: EXTRA for name in flat if name.startswith(BYTES_PREFIX)})
             sizes_of = {name: (value.nbytes if isinstance(value, np.ndarray) else value.numel() * value.element_size()) for name, value in flat.items()}
         results = [WriteResult(index=item.index, size_in_bytes=sizes_of.get(_item_name(item), 0), storage_data=_item_name(item)) for item in plan.items]

@@ -16,7 +16,7 @@ import random
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ def _split(value: Any, name: str, kind: int, tensors: dict[str, torch.Tensor], k
         tensors[name], kinds[name] = value.detach(), kind
         return _TensorRef(name)
     if isinstance(value, Mapping):
-        return type(value)((key, _split(item, f"{name}.{key}", kind, tensors, kinds)) for key, item in value.items())
+        return cast(Any, type(value))((key, _split(item, f"{name}.{key}", kind, tensors, kinds)) for key, item in value.items())
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(_split(item, f"{name}.{index}", kind, tensors, kinds) for index, item in enumerate(value))
     return value
@@ -52,7 +52,7 @@ def _join(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     if isinstance(value, _TensorRef):
         return tensors[value.name]
     if isinstance(value, Mapping):
-        return type(value)((key, _join(item, tensors)) for key, item in value.items())
+        return cast(Any, type(value))((key, _join(item, tensors)) for key, item in value.items())
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(_join(item, tensors) for item in value)
     return value
