@@ -77,7 +77,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "snapshotctl",
-            dependencies: ["SnapshotClient", "SnapshotDaemon", "SnapshotProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["SnapshotClient", "SnapshotDaemon", "SnapshotIO", "SnapshotProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strictSettings
         ),
 
@@ -92,7 +92,7 @@ let package = Package(
         // A synthetic trainer rank for tests and the demo.
         .executableTarget(
             name: "snapshot-trainer",
-            dependencies: ["SnapshotClient", "LocalCluster", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+            dependencies: ["SnapshotClient", "SnapshotIO", "LocalCluster", .product(name: "ArgumentParser", package: "swift-argument-parser")],
             swiftSettings: strictSettings
         ),
 

@@ -6,6 +6,9 @@ public import SnapshotProtocol
 
 /// Where the daemon is.
 public enum Endpoint: Sendable {
+    /// Where a node's daemon listens unless configured otherwise (`unix_socket`).
+    public static let defaultUnixSocketPath = "/run/snapshotd/snapshotd.sock"
+
     /// Local daemon: tensors go through shared memory, zero copy.
     case unix(path: String)
     /// Remote daemon: tensors stream over TCP; the shared secret authenticates.
@@ -58,6 +61,9 @@ public final class SnapshotClient: @unchecked Sendable {
 
     public var usesSharedMemory: Bool { channel.usesSharedMemory }
 
+    /// How long a reply may take to start unless the caller says otherwise.
+    public static let defaultReplyTimeoutMilliseconds = DaemonChannel.defaultReplyTimeoutMilliseconds
+
     /// - Parameters:
     ///   - localWorld: ranks of the job using this daemon (torchrun's
     ///     LOCAL_WORLD_SIZE); 0 when all `world` ranks are on one node.
@@ -66,7 +72,7 @@ public final class SnapshotClient: @unchecked Sendable {
     ///     before the call fails with ``ErrorCode/timeout`` and the connection closes.
     public init(
         endpoint: Endpoint, job: JobID, rank: Rank, world: UInt32, localWorld: UInt32 = 0, topology: Topology = Topology(),
-        replyTimeoutMilliseconds: Int64 = 60_000
+        replyTimeoutMilliseconds: Int64 = SnapshotClient.defaultReplyTimeoutMilliseconds
     ) throws {
         self.job = job
         self.rank = rank

@@ -40,11 +40,6 @@ struct ArgumentError: Error {
 
 // MARK: Handles
 
-final class ClientBox {
-    let client: SnapshotClient
-    init(_ client: SnapshotClient) { self.client = client }
-}
-
 /// A save in progress. Over TCP the tensors are staged in `staging` (one
 /// anonymous buffer, tensors back to back) and streamed at commit.
 final class SaveBox {

@@ -3,6 +3,7 @@ import CSnapshotd
 import Foundation
 import Glibc
 import SnapshotClient
+import SnapshotIO
 import SnapshotProtocol
 
 @_cdecl("snapshotd_last_error")
@@ -26,29 +27,28 @@ public func cClientOpen(
         if let host = options.host {
             guard options.port > 0 else { throw ArgumentError("host given without a port") }
             let secretPath = try string(options.secret_file, "secret_file (required with host)")
-            guard let contents = FileManager.default.contents(atPath: secretPath) else { throw ArgumentError("cannot read secret file \(secretPath)") }
-            let secret = Array((String(bytes: contents, encoding: .utf8) ?? "").trimmingCharacters(in: .whitespacesAndNewlines).utf8)
+            guard let secret = Authentication.secret(fromFile: secretPath) else { throw ArgumentError("cannot read secret file \(secretPath)") }
             guard !secret.isEmpty else { throw ArgumentError("secret file \(secretPath) is empty") }
             endpoint = .tcp(host: try string(host, "host"), port: options.port, secret: secret)
         } else {
-            endpoint = .unix(path: options.socket_path == nil ? "/run/snapshotd/snapshotd.sock" : try string(options.socket_path, "socket_path"))
+            endpoint = .unix(path: options.socket_path == nil ? Endpoint.defaultUnixSocketPath : try string(options.socket_path, "socket_path"))
         }
         guard options.reply_timeout_ms >= 0 else { throw ArgumentError("reply_timeout_ms \(options.reply_timeout_ms) is negative") }
         let topology = Topology(pipelineStage: options.pipeline_stage, tensorParallelIndex: options.tensor_parallel_index, dataParallelIndex: options.data_parallel_index)
         let client = try SnapshotClient(
             endpoint: endpoint, job: jobID, rank: Rank(rank), world: world, localWorld: options.local_world, topology: topology,
-            replyTimeoutMilliseconds: options.reply_timeout_ms == 0 ? 60_000 : options.reply_timeout_ms)
-        out.pointee = retain(ClientBox(client))
+            replyTimeoutMilliseconds: options.reply_timeout_ms == 0 ? SnapshotClient.defaultReplyTimeoutMilliseconds : options.reply_timeout_ms)
+        out.pointee = retain(client)
     }
 }
 
 @_cdecl("snapshotd_client_close")
-public func cClientClose(_ client: OpaquePointer?) { release(client, as: ClientBox.self) }
+public func cClientClose(_ client: OpaquePointer?) { release(client, as: SnapshotClient.self) }
 
 @_cdecl("snapshotd_client_is_local")
 public func cClientIsLocal(_ client: OpaquePointer?) -> Int32 {
     guard let client else { return 0 }
-    return borrow(client, as: ClientBox.self).client.usesSharedMemory ? 1 : 0
+    return borrow(client, as: SnapshotClient.self).usesSharedMemory ? 1 : 0
 }
 
 // MARK: Save
@@ -64,7 +64,7 @@ public func cSaveBegin(
         guard count >= 0, count <= ProtocolLimits.maximumTensorsPerShard else { throw ArgumentError("\(count) tensors; a shard holds at most \(ProtocolLimits.maximumTensorsPerShard)") }
         guard count == 0 || tensors != nil else { throw ArgumentError("tensors is NULL") }
         let specs = try (0..<count).map { index in try spec(tensors![index], index: index) }
-        let owner = borrow(client, as: ClientBox.self).client
+        let owner = borrow(client, as: SnapshotClient.self)
         let pending = try owner.beginSave(step: Step(step), specs: specs)
         do {
             out.pointee = retain(try SaveBox(client: owner, pending: pending))
@@ -123,7 +123,7 @@ public func cSaveFree(_ save: OpaquePointer?) {
 public func cWaitCommitted(_ client: OpaquePointer?, _ step: UInt64, _ timeoutMilliseconds: UInt32, _ committed: UnsafeMutablePointer<UInt64>?) -> Int32 {
     withStatus {
         guard let client else { throw ArgumentError("client is NULL") }
-        let result = try borrow(client, as: ClientBox.self).client.waitCommitted(step: Step(step), timeoutMilliseconds: timeoutMilliseconds)
+        let result = try borrow(client, as: SnapshotClient.self).waitCommitted(step: Step(step), timeoutMilliseconds: timeoutMilliseconds)
         committed?.pointee = UInt64(result)
     }
 }
@@ -132,7 +132,7 @@ public func cWaitCommitted(_ client: OpaquePointer?, _ step: UInt64, _ timeoutMi
 public func cLatestCommitted(_ client: OpaquePointer?, _ found: UnsafeMutablePointer<Int32>?, _ step: UnsafeMutablePointer<UInt64>?) -> Int32 {
     withStatus {
         guard let client else { throw ArgumentError("client is NULL") }
-        let latest = try borrow(client, as: ClientBox.self).client.latestCommittedStep()
+        let latest = try borrow(client, as: SnapshotClient.self).latestCommittedStep()
         found?.pointee = latest == nil ? 0 : 1
         step?.pointee = latest ?? 0
     }
@@ -145,7 +145,7 @@ public func cRestoreOpen(_ client: OpaquePointer?, _ hasStep: Int32, _ step: UIn
     withStatus {
         guard let client, let out else { throw ArgumentError("client or out is NULL") }
         out.pointee = nil
-        let owner = borrow(client, as: ClientBox.self).client
+        let owner = borrow(client, as: SnapshotClient.self)
         let shard = try owner.restore(step: hasStep != 0 ? Step(step) : nil)
         out.pointee = retain(RestoreBox(client: owner, shard: shard))
     }

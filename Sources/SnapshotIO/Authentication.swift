@@ -5,6 +5,13 @@ import SnapshotProtocol
 /// nonce, the client answers HMAC-SHA256(secret, nonce). The secret never
 /// crosses the wire and a recorded answer is useless for the next nonce.
 public enum Authentication {
+    /// The secret in a secret file: its UTF-8 text without surrounding
+    /// whitespace (a trailing newline is not part of it). nil when unreadable.
+    public static func secret(fromFile path: String) -> [UInt8]? {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+        return Array(text.trimmingCharacters(in: .whitespacesAndNewlines).utf8)
+    }
+
     public static func makeNonce() -> [UInt8] {
         var generator = SystemRandomNumberGenerator()
         return (0..<ProtocolLimits.authenticationNonceBytes).map { _ in UInt8.random(in: 0...255, using: &generator) }

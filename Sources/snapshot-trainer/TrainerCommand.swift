@@ -4,6 +4,7 @@ import Foundation
 import Glibc
 import LocalCluster
 import SnapshotClient
+import SnapshotIO
 import SnapshotProtocol
 
 /// A stand-in trainer rank: saves steps of deterministic pseudo-random state
@@ -49,10 +50,10 @@ struct TrainerCommand: ParsableCommand {
         let topology = Topology(pipelineStage: stage)
         if let tcp {
             let (host, port) = (String(tcp.split(separator: ":")[0]), UInt16(tcp.split(separator: ":")[1])!)
-            let secret = Array((try String(contentsOfFile: secretFile ?? "", encoding: .utf8)).trimmingCharacters(in: .whitespacesAndNewlines).utf8)
+            guard let secret = Authentication.secret(fromFile: secretFile ?? "") else { throw ValidationError("cannot read the shared secret file \(secretFile ?? "(none given)")") }
             return try SnapshotClient(endpoint: .tcp(host: host, port: port, secret: secret), job: jobID, rank: rank, world: world, localWorld: localWorld, topology: topology)
         }
-        return try SnapshotClient(endpoint: .unix(path: socket ?? "/run/snapshotd/snapshotd.sock"), job: jobID, rank: rank, world: world, localWorld: localWorld, topology: topology)
+        return try SnapshotClient(endpoint: .unix(path: socket ?? Endpoint.defaultUnixSocketPath), job: jobID, rank: rank, world: world, localWorld: localWorld, topology: topology)
     }
 
     private func save(_ client: SnapshotClient, step: Step, sizes: [Int]) throws {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import SnapshotClient
+import SnapshotIO
 import SnapshotDaemon
 import SnapshotProtocol
 
@@ -46,10 +47,9 @@ struct DaemonOptions: ParsableArguments {
             }
             let parts = tcp.split(separator: ":")
             guard parts.count == 2, let port = UInt16(parts[1]) else { throw ValidationError("--tcp takes host:port") }
-            guard let text = try? String(contentsOfFile: secretFile, encoding: .utf8) else {
+            guard let secret = Authentication.secret(fromFile: secretFile) else {
                 throw ValidationError("cannot read the shared secret file \(secretFile)")
             }
-            let secret = Array(text.trimmingCharacters(in: .whitespacesAndNewlines).utf8)
             return try OperatorClient(endpoint: .tcp(host: String(parts[0]), port: port, secret: secret))
         } catch let error as ValidationError {
             throw error

@@ -82,10 +82,9 @@ public final class SnapshotServer: Service, Sendable {
     }
 
     static func readSecret(path: String) throws -> [UInt8] {
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+        guard let secret = Authentication.secret(fromFile: path) else {
             throw ConfigurationError("cannot read secret file \(path)")
         }
-        let secret = Array(text.trimmingCharacters(in: .whitespacesAndNewlines).utf8)
         guard secret.count >= 16 else { throw ConfigurationError("secret in \(path) is shorter than 16 bytes") }
         return secret
     }
