@@ -14,6 +14,8 @@ import snapshotd.torch as snapshot_torch  # noqa: E402
 from snapshotd import Client  # noqa: E402
 from snapshotd.dcp import SnapshotdReader, SnapshotdWriter  # noqa: E402
 
+from conftest import free_port  # noqa: E402
+
 SEED = 1125
 
 
@@ -177,15 +179,12 @@ dist.destroy_process_group()
 def test_dcp_with_two_gloo_ranks_loads_replicated_and_own_tensors_on_each(daemon, tmp_path) -> None:
     """DCP deduplicates a replicated tensor to one rank; each rank still restores it from its own shard."""
     import os
-    import socket as sockets
     import subprocess
     import sys
 
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANK_JOB)
-    with sockets.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     ranks = [
         subprocess.Popen([sys.executable, str(script), daemon.socket], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env=dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))

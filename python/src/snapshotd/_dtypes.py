@@ -20,6 +20,8 @@ NAMES = {
     FLOAT8_E5M2: "float8_e5m2",
 }
 
+CODES = {name: code for code, name in NAMES.items()}
+
 _FROM_NUMPY = {
     np.dtype(np.bool_): BOOL, np.dtype(np.uint8): UINT8, np.dtype(np.int8): INT8,
     np.dtype(np.int16): INT16, np.dtype(np.int32): INT32, np.dtype(np.int64): INT64,

@@ -123,15 +123,11 @@ def to_torch(shard: Shard, *, copy: bool = True, device: torch.device | str | No
         for name, array in shard.items():
             if name == STRUCTURE:
                 continue
-            view = torch.from_numpy(array).view(_dtypes.to_torch(_dtype_code(shard.dtypes[name])))
+            view = torch.from_numpy(array).view(_dtypes.to_torch(_dtypes.CODES[shard.dtypes[name]]))
             tensors[name] = view.clone() if copy else view
             if device is not None:
                 tensors[name] = tensors[name].to(device)
     return tensors
-
-
-def _dtype_code(name: str) -> int:
-    return next(code for code, known in _dtypes.NAMES.items() if known == name)
 
 
 @dataclass
