@@ -40,6 +40,9 @@ let package = Package(
         .target(name: "ErasureCoding", dependencies: ["CISAL"], swiftSettings: strictSettings),
         // Wire format, identifiers, manifest, limits. Pure value types, no I/O.
         .target(name: "SnapshotProtocol", dependencies: ["ErasureCoding"], swiftSettings: strictSettings),
+        // CheckFree stage reconstruction: the planner (reports in, plan or
+        // refusal out) and the averaging kernels. Pure computation, no I/O.
+        .target(name: "CheckFree", dependencies: ["SnapshotProtocol"], swiftSettings: strictSettings),
         // Sockets, framed connections, fd passing, mapped segments, HMAC auth:
         // the I/O shared by daemon, client and CLI.
         .target(name: "CSocketShim"),
@@ -52,7 +55,7 @@ let package = Package(
         .target(
             name: "SnapshotDaemon",
             dependencies: [
-                "ErasureCoding", "SnapshotProtocol", "SnapshotIO", "CRDMA",
+                "ErasureCoding", "SnapshotProtocol", "SnapshotIO", "CRDMA", "CheckFree",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
@@ -110,11 +113,12 @@ let package = Package(
 
         .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding"], swiftSettings: strictSettings),
         .testTarget(name: "SnapshotProtocolTests", dependencies: ["SnapshotProtocol"], swiftSettings: strictSettings),
+        .testTarget(name: "CheckFreeTests", dependencies: ["CheckFree"], swiftSettings: strictSettings),
         .testTarget(name: "SnapshotDaemonTests", dependencies: ["SnapshotDaemon"], swiftSettings: strictSettings),
         // Real processes: depends on the executables so `swift test` builds them.
         .testTarget(
             name: "SnapshotIntegrationTests",
-            dependencies: ["SnapshotClient", "SnapshotIO", "LocalCluster", "snapshotd", "snapshot-trainer"],
+            dependencies: ["SnapshotClient", "SnapshotIO", "LocalCluster", "CheckFree", "snapshotd", "snapshot-trainer", "snapshotctl"],
             swiftSettings: strictSettings
         ),
     ]

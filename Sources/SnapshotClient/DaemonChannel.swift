@@ -159,4 +159,14 @@ public final class OperatorClient: @unchecked Sendable {
         guard case .recoverReply(let r) = reply else { throw unexpected(reply) }
         return r
     }
+
+    /// Rebuilds `job`'s lost pipeline stages approximately from their
+    /// neighbours (CheckFree) at the newest step where that is possible.
+    /// Fails with ``ErrorCode/unrecoverable`` and the reason when CheckFree
+    /// cannot help, ``ErrorCode/invalidRequest`` when nothing is lost.
+    public func checkFree(job: JobID) throws -> CheckFreeReply {
+        let reply = try channel.call(.checkFree(CheckFreeRequest(job: job)))
+        guard case .checkFreeReply(let r) = reply else { throw unexpected(reply) }
+        return r
+    }
 }

@@ -8,6 +8,11 @@ public final class RestoredShard: @unchecked Sendable {
     public let step: Step
     public let entries: [ManifestEntry]
     public let gradientNorm: Double?
+    /// Set when the shard was rebuilt approximately from its pipeline
+    /// neighbours (CheckFree): its optimizer state restores as zeros, and the
+    /// trainer should raise the stage's learning rate by
+    /// ``Reconstruction/learningRateFactor``.
+    public let reconstruction: Reconstruction?
     public let metadata: [UInt8]
     let offsets: [UInt64]
     let segment: MappedSegment?
@@ -28,6 +33,7 @@ public final class RestoredShard: @unchecked Sendable {
         step = ready.step
         entries = ready.entries
         gradientNorm = ready.gradientNorm
+        reconstruction = ready.reconstruction
         metadata = ready.metadata
         self.segment = segment
         self.owned = owned

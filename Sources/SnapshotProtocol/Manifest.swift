@@ -36,9 +36,13 @@ public enum DType: UInt8, Sendable, CaseIterable, Codable, CustomStringConvertib
 }
 
 /// What a blob is for; recovery treats kinds differently (CheckFree rebuilds
-/// parameters and resets optimizer state).
+/// parameters, resets optimizer state, takes RNG and extra state from the
+/// neighbour it used). `carried` marks a copy of a tensor that another stage
+/// owns (the embedding or LM head that the second or second-to-last stage
+/// carries for the first or last, CheckFree+): it has the owner's name, and a
+/// lost owner takes it from here.
 public enum TensorKind: UInt8, Sendable, CaseIterable, Codable {
-    case parameter = 0, optimizer, rng, extra
+    case parameter = 0, optimizer, rng, extra, carried
 }
 
 /// A tensor as declared at begin-save: everything but its checksum.

@@ -32,6 +32,10 @@ public enum Message: Hashable, Sendable {
     case repairSlice(RepairSlice)
     case recover
     case recoverReply(RecoverReply)
+    case checkFree(CheckFreeRequest)
+    case checkFreeReply(CheckFreeReply)
+    case shardGet(ShardGet)
+    case shardData(ShardData)
     case error(ErrorReply)
     case ok
 
@@ -69,6 +73,10 @@ public enum Message: Hashable, Sendable {
         case .repairSlice: .repairSlice
         case .recover: .recover
         case .recoverReply: .recoverReply
+        case .checkFree: .checkFree
+        case .checkFreeReply: .checkFreeReply
+        case .shardGet: .shardGet
+        case .shardData: .shardData
         case .error: .error
         case .ok: .ok
         }
@@ -141,6 +149,7 @@ public enum Message: Hashable, Sendable {
             w.write(m.segmentSizeBytes)
             w.writeOptional(m.gradientNorm?.bitPattern)
             w.write(blob: m.metadata)
+            w.writeOptional(m.reconstruction)
         case .status(let m):
             w.write(m.job != nil)
             if let job = m.job { w.write(job) }
@@ -215,7 +224,22 @@ public enum Message: Hashable, Sendable {
                 w.writeCount(j.lostRanks.count)
                 for r in j.lostRanks { w.write(r) }
                 w.write(j.summary)
+                w.write(j.checkFree)
             }
+        case .checkFree(let m):
+            w.write(m.job)
+            w.write(m.order)
+            w.writeOptional(m.step)
+        case .checkFreeReply(let m): w.write(m)
+        case .shardGet(let m):
+            w.write(m.job)
+            w.write(m.step)
+            w.write(m.rank)
+        case .shardData(let m):
+            w.write(m.job)
+            w.write(m.step)
+            w.write(m.rank)
+            w.write(m.segmentSizeBytes)
         case .error(let m):
             w.write(m.code.rawValue)
             w.write(m.message)
@@ -302,6 +326,15 @@ public enum Message: Hashable, Sendable {
             return .repairSlice(RepairSlice(offsetBytes: try r.read(UInt64.self, "offsetBytes"), crc32c: try r.read(UInt32.self, "crc32c")))
         case .recover: return .recover
         case .recoverReply: return .recoverReply(try r.readRecoverReply())
+        case .checkFree:
+            return .checkFree(CheckFreeRequest(job: try r.readJobID(), order: try r.readBool("order"), step: try r.readOptional(Step.self, "step")))
+        case .checkFreeReply: return .checkFreeReply(try r.readCheckFreeReply())
+        case .shardGet:
+            return .shardGet(ShardGet(job: try r.readJobID(), step: try r.read(Step.self, "step"), rank: try r.read(Rank.self, "rank")))
+        case .shardData:
+            return .shardData(ShardData(
+                job: try r.readJobID(), step: try r.read(Step.self, "step"), rank: try r.read(Rank.self, "rank"),
+                segmentSizeBytes: try r.read(UInt64.self, "segmentSizeBytes")))
         case .error:
             let code = try r.readEnum(ErrorCode.self, "code")
             return .error(ErrorReply(code: code, message: try r.readString("message", limitBytes: ProtocolLimits.maximumMessageBytes, allowEmpty: true)))
@@ -449,7 +482,8 @@ extension ByteReader {
             var ranks: [Rank] = []
             for _ in 0..<rankCount { ranks.append(try read(Rank.self, "lostRanks")) }
             let summary = try readString("summary", limitBytes: ProtocolLimits.maximumMessageBytes, allowEmpty: true)
-            jobs.append(JobRecovery(job: job, latestCommitted: latest, newestRestorable: restorable, lostRanks: ranks, summary: summary))
+            let checkFree = try readString("checkFree", limitBytes: ProtocolLimits.maximumMessageBytes, allowEmpty: true)
+            jobs.append(JobRecovery(job: job, latestCommitted: latest, newestRestorable: restorable, lostRanks: ranks, summary: summary, checkFree: checkFree))
         }
         return RecoverReply(coordinator: coordinator, deadNodes: dead, rebuildingNodes: rebuilding, jobs: jobs)
     }
@@ -508,7 +542,9 @@ extension ByteReader {
         let size = try read(UInt64.self, "segmentSizeBytes")
         let norm = try readGradientNorm()
         let metadata = try readBlob("metadata", limitBytes: ProtocolLimits.maximumMetadataBytes)
-        return RestoreReady(step: step, entries: entries, tensorOffsets: offsets, segmentSizeBytes: size, gradientNorm: norm, metadata: metadata)
+        return RestoreReady(
+            step: step, entries: entries, tensorOffsets: offsets, segmentSizeBytes: size, gradientNorm: norm, metadata: metadata,
+            reconstruction: try readOptionalReconstruction())
     }
 
     mutating func readStatusReply() throws(ProtocolError) -> StatusReply {

@@ -43,11 +43,16 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     // Operators: recovery.
     case recover = 42
     case recoverReply = 43
+    case checkFree = 46
+    case checkFreeReply = 47
+    // Daemons: one rank's shard for a CheckFree rebuild.
+    case shardGet = 64
+    case shardData = 65
 
     /// Types that may be followed by bulk bytes (tensor or fragment data).
     public var carriesBulk: Bool {
         switch self {
-        case .putTensor, .restoreReady, .fragmentPut, .fragmentData, .repairSlice: true
+        case .putTensor, .restoreReady, .fragmentPut, .fragmentData, .repairSlice, .shardData: true
         default: false
         }
     }
@@ -102,6 +107,10 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .repairSlice: "repairSlice"
         case .recover: "recover"
         case .recoverReply: "recoverReply"
+        case .checkFree: "checkFree"
+        case .checkFreeReply: "checkFreeReply"
+        case .shardGet: "shardGet"
+        case .shardData: "shardData"
         case .error: "error"
         case .ok: "ok"
         }

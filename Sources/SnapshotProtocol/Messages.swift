@@ -144,13 +144,19 @@ public struct RestoreReady: Hashable, Sendable {
     public var segmentSizeBytes: UInt64
     public var gradientNorm: Double?
     public var metadata: [UInt8]
-    public init(step: Step, entries: [ManifestEntry], tensorOffsets: [UInt64], segmentSizeBytes: UInt64, gradientNorm: Double?, metadata: [UInt8]) {
+    /// Set when the shard was rebuilt approximately (CheckFree): never silent.
+    public var reconstruction: Reconstruction?
+    public init(
+        step: Step, entries: [ManifestEntry], tensorOffsets: [UInt64], segmentSizeBytes: UInt64, gradientNorm: Double?, metadata: [UInt8],
+        reconstruction: Reconstruction? = nil
+    ) {
         self.step = step
         self.entries = entries
         self.tensorOffsets = tensorOffsets
         self.segmentSizeBytes = segmentSizeBytes
         self.gradientNorm = gradientNorm
         self.metadata = metadata
+        self.reconstruction = reconstruction
     }
 }
 
@@ -464,12 +470,16 @@ public struct JobRecovery: Hashable, Sendable {
     /// Ranks of `latestCommitted` whose shards cannot be restored.
     public var lostRanks: [Rank]
     public var summary: String
-    public init(job: JobID, latestCommitted: Step?, newestRestorable: Step?, lostRanks: [Rank], summary: String) {
+    /// When ranks are lost: whether CheckFree can rebuild their pipeline
+    /// stages approximately, and from what (or why not). Empty otherwise.
+    public var checkFree: String
+    public init(job: JobID, latestCommitted: Step?, newestRestorable: Step?, lostRanks: [Rank], summary: String, checkFree: String = "") {
         self.job = job
         self.latestCommitted = latestCommitted
         self.newestRestorable = newestRestorable
         self.lostRanks = lostRanks
         self.summary = summary
+        self.checkFree = checkFree
     }
 }
 

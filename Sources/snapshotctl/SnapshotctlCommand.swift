@@ -36,21 +36,21 @@ struct DaemonOptions: ParsableArguments {
         return ProcessInfo.processInfo.environment["SNAPSHOTD_SOCKET"] ?? DaemonConfiguration().unixSocketPath
     }
 
-    func connect() throws -> OperatorClient {
+    func connect(replyTimeoutMilliseconds: Int64 = 60_000) throws -> OperatorClient {
         let socket = try socketPath()
         do {
             guard let tcp else {
                 guard FileManager.default.fileExists(atPath: socket) else {
                     throw CLIError(description: "no snapshotd socket at \(socket): is snapshotd running? (pass --socket, or --config with the daemon's config file)")
                 }
-                return try OperatorClient(endpoint: .unix(path: socket))
+                return try OperatorClient(endpoint: .unix(path: socket), replyTimeoutMilliseconds: replyTimeoutMilliseconds)
             }
             let parts = tcp.split(separator: ":")
             guard parts.count == 2, let port = UInt16(parts[1]) else { throw ValidationError("--tcp takes host:port") }
             guard let secret = Authentication.secret(fromFile: secretFile) else {
                 throw ValidationError("cannot read the shared secret file \(secretFile)")
             }
-            return try OperatorClient(endpoint: .tcp(host: String(parts[0]), port: port, secret: secret))
+            return try OperatorClient(endpoint: .tcp(host: String(parts[0]), port: port, secret: secret), replyTimeoutMilliseconds: replyTimeoutMilliseconds)
         } catch let error as ValidationError {
             throw error
         } catch let error as CLIError {
@@ -151,19 +151,41 @@ struct Recover: ParsableCommand {
             (same address, empty arena) is ordered by the coordinator to rebuild from its \
             group's survivors. With --wait, this command follows until no node is rebuilding \
             and exits 0 only if every job's newest committed step is fully restorable.
+
+            Beyond a group's tolerance, the report says whether CheckFree can rebuild the lost \
+            pipeline stages approximately from their neighbours. --checkfree --job J does it \
+            (exit 0; 3 with the reason when CheckFree refuses): the rebuilt ranks restore with \
+            an approximate flag, fresh optimizer state and a recommended learning-rate factor.
             """)
     @OptionGroup var daemon: DaemonOptions
     @Flag(help: "Wait until no node is dead or rebuilding (or the loss is beyond tolerance).") var wait = false
     @Option(help: "Give up waiting after this many seconds.") var timeout: Double = 600
+    @Flag(help: "Rebuild --job's lost pipeline stages approximately from their neighbours (CheckFree).") var checkfree = false
+    @Option(help: "The job for --checkfree.") var job: String?
 
     struct Output: Encodable {
         let coordinator: UInt32, deadNodes: [UInt32], rebuildingNodes: [UInt32], jobs: [Job]
         struct Job: Encodable {
-            let job: String, latestCommitted: UInt64?, newestRestorable: UInt64?, lostRanks: [UInt32], summary: String
+            let job: String, latestCommitted: UInt64?, newestRestorable: UInt64?, lostRanks: [UInt32], summary: String, checkFree: String
         }
     }
 
+    struct CheckFreeOutput: Encodable {
+        let job: String, step: UInt64, ranks: [Rank], summary: String
+        struct Rank: Encodable {
+            let rank: UInt32, stage: UInt32, node: UInt32, method: String, sourceStages: [UInt32], sourceRanks: [UInt32], weights: [Double]
+            let sourceStep: UInt64, optimizerReset: Bool, learningRateFactor: Double
+        }
+    }
+
+    func validate() throws {
+        if checkfree && job == nil { throw ValidationError("--checkfree needs --job") }
+        if checkfree && wait { throw ValidationError("--checkfree and --wait do not go together: wait first, then rebuild") }
+        if let job, (try? JobID(job)) == nil { throw ValidationError("--job '\(job)' is not a valid job id") }
+    }
+
     func run() throws {
+        if checkfree { return try runCheckFree() }
         let client = try daemon.connect()
         let deadline = Date().addingTimeInterval(timeout)
         var report = try client.recover()
@@ -176,16 +198,49 @@ struct Recover: ParsableCommand {
         }
         let output = Output(
             coordinator: report.coordinator, deadNodes: report.deadNodes, rebuildingNodes: report.rebuildingNodes,
-            jobs: report.jobs.map { .init(job: $0.job.rawValue, latestCommitted: $0.latestCommitted, newestRestorable: $0.newestRestorable, lostRanks: $0.lostRanks, summary: $0.summary) })
+            jobs: report.jobs.map {
+                .init(job: $0.job.rawValue, latestCommitted: $0.latestCommitted, newestRestorable: $0.newestRestorable, lostRanks: $0.lostRanks, summary: $0.summary, checkFree: $0.checkFree)
+            })
         try daemon.emit(output) {
             "coordinator: node \(report.coordinator); dead: \(report.deadNodes); rebuilding: \(report.rebuildingNodes)\n"
                 + Table(["job", "latest committed", "newest restorable", "lost ranks", "summary"], output.jobs.map {
                     [$0.job, $0.latestCommitted.map(String.init) ?? "none", $0.newestRestorable.map(String.init) ?? "none",
                      $0.lostRanks.isEmpty ? "-" : $0.lostRanks.map(String.init).joined(separator: ","), $0.summary]
                 }).render()
+                + output.jobs.filter { !$0.checkFree.isEmpty }.map { "\($0.job): \($0.checkFree)\n" }.joined()
         }
         let healthy = report.jobs.allSatisfy { $0.lostRanks.isEmpty && $0.newestRestorable == $0.latestCommitted }
         if !healthy || (wait && !(report.deadNodes.isEmpty && report.rebuildingNodes.isEmpty)) { throw ExitCode(2) }
+    }
+}
+
+extension Recover {
+    /// `recover --checkfree --job J`: the rebuild can move and average whole
+    /// stages, so the reply may take long to start.
+    func runCheckFree() throws {
+        let client = try daemon.connect(replyTimeoutMilliseconds: Int64(timeout * 1000))
+        let reply: CheckFreeReply
+        do {
+            reply = try client.checkFree(job: try JobID(job!))
+        } catch let error as SnapshotClientError where error.code == .unrecoverable || error.code == .invalidRequest || error.code == .unknownStep {
+            FileHandle.standardError.write(Data("Error: \(error.message)\n".utf8))
+            throw ExitCode(3)
+        }
+        let output = CheckFreeOutput(job: reply.job.rawValue, step: reply.step, ranks: reply.ranks.map { r in
+            let c = r.reconstruction
+            return .init(
+                rank: r.rank, stage: r.stage, node: r.node, method: "\(c.method)", sourceStages: c.sourceStages, sourceRanks: c.sourceRanks,
+                weights: c.weights, sourceStep: c.sourceStep, optimizerReset: c.optimizerReset, learningRateFactor: c.learningRateFactor)
+        }, summary: reply.summary)
+        try daemon.emit(output) {
+            "CheckFree rebuilt step \(reply.step) of \(reply.job) approximately\n"
+                + Table(["rank", "stage", "node", "method", "from stages", "from ranks", "weights", "optimizer", "learning rate"], output.ranks.map {
+                    ["\($0.rank)", "\($0.stage)", "\($0.node)", $0.method, $0.sourceStages.map(String.init).joined(separator: ","),
+                     $0.sourceRanks.map(String.init).joined(separator: ","), $0.weights.map { String(format: "%.4f", $0) }.joined(separator: ","),
+                     $0.optimizerReset ? "reset" : "kept", "×\($0.learningRateFactor)"]
+                }).render()
+                + reply.summary + "\n"
+        }
     }
 }
 

@@ -5,7 +5,8 @@ public import SnapshotProtocol
 /// daemon knows from its own files what it holds. Self-checking (CRC-32C).
 public struct ManifestFile: Equatable, Sendable {
     static let magic: UInt32 = 0x4D50_4E53  // "SNPM"
-    static let version: UInt8 = 1
+    /// Version 2 adds the CheckFree reconstruction record; version 1 files still read.
+    static let version: UInt8 = 2
     static let maximumBytes = 16 << 20
 
     public var key: ShardKey
@@ -27,6 +28,7 @@ public struct ManifestFile: Equatable, Sendable {
         w.writeCount(shard.specs.count)
         for entry in shard.manifest { w.write(entry) }
         for offset in shard.tensorOffsets { w.write(offset) }
+        w.writeOptional(shard.reconstruction)
         w.write(CRC32C.checksum(w.bytes))
         return w.bytes
     }
@@ -47,7 +49,7 @@ public struct ManifestFile: Equatable, Sendable {
         var r = ByteReader(body)
         guard try r.read(UInt32.self, "magic") == Self.magic else { throw .invalidValue(field: "manifest", reason: "bad magic") }
         let version = try r.read(UInt8.self, "version")
-        guard version == Self.version else { throw .unsupportedVersion(version) }
+        guard version == 1 || version == Self.version else { throw .unsupportedVersion(version) }
         let job = try r.readJobID()
         let step = try r.read(Step.self, "step")
         let rank = try r.read(Rank.self, "rank")
@@ -61,10 +63,12 @@ public struct ManifestFile: Equatable, Sendable {
         for _ in 0..<count { entries.append(try r.readManifestEntry()) }
         var offsets: [UInt64] = []
         for _ in 0..<count { offsets.append(try r.read(UInt64.self, "offset")) }
+        let reconstruction = version >= 2 ? try r.readOptionalReconstruction() : nil
         try r.finish()
         key = ShardKey(job: job, step: step, rank: rank)
         shard = ShardRecord(
             state: .localComplete, specs: entries.map(\.spec), tensorOffsets: offsets, segmentSizeBytes: segmentSize,
-            topology: topology, checksums: entries.map(\.crc32c), gradientNorm: norm, metadata: metadata, writer: nil)
+            topology: topology, checksums: entries.map(\.crc32c), gradientNorm: norm, metadata: metadata, writer: nil,
+            reconstruction: reconstruction)
     }
 }

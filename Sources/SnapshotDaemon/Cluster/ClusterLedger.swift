@@ -133,16 +133,7 @@ public struct ClusterLedger: Sendable {
         let jobs = Set(steps.keys.map(\.job)).sorted()
         return jobs.map { job in
             let committed = steps.filter { $0.key.job == job && $0.value.committed }.sorted { $0.key.step > $1.key.step }
-            func lostRanks(_ id: StepID, _ entry: StepEntry) -> [Rank] {
-                var ranks = Set<Rank>()
-                for group in configuration.groups {
-                    let lost = group.nodes.filter { lostNodes.contains($0) && (entry.ready[$0]?.dataSizeBytes ?? 0) > 0 }
-                    let lostMembers = group.nodes.filter(lostNodes.contains)
-                    if lostMembers.count > group.parity { ranks.formUnion(lost.flatMap { entry.ranksByNode[$0] ?? [] }) }
-                }
-                if let node = lostShares[id] { ranks.formUnion(entry.ranksByNode[node] ?? []) }
-                return ranks.sorted()
-            }
+            func lostRanks(_ id: StepID, _ entry: StepEntry) -> [Rank] { self.lostRanks(entry, id: id, lostNodes: lostNodes, lostShares: lostShares) }
             let latest = committed.first
             let restorable = committed.first { lostRanks($0.key, $0.value).isEmpty }
             let lost = latest.map { lostRanks($0.key, $0.value) } ?? []
@@ -162,6 +153,20 @@ public struct ClusterLedger: Sendable {
             }
             return JobRecovery(job: job, latestCommitted: latest?.key.step, newestRestorable: restorable?.key.step, lostRanks: lost, summary: summary)
         }
+    }
+
+    /// Ranks of a step whose shards cannot be restored: those of groups that
+    /// lost more members than they tolerate, and those of shares that could
+    /// not be rebuilt.
+    public func lostRanks(_ entry: StepEntry, id: StepID, lostNodes: Set<NodeID>, lostShares: [StepID: NodeID] = [:]) -> [Rank] {
+        var ranks = Set<Rank>()
+        for group in configuration.groups {
+            let lost = group.nodes.filter { lostNodes.contains($0) && (entry.ready[$0]?.dataSizeBytes ?? 0) > 0 }
+            let lostMembers = group.nodes.filter(lostNodes.contains)
+            if lostMembers.count > group.parity { ranks.formUnion(lost.flatMap { entry.ranksByNode[$0] ?? [] }) }
+        }
+        if let node = lostShares[id] { ranks.formUnion(entry.ranksByNode[node] ?? []) }
+        return ranks.sorted()
     }
 
     /// A page of this node's view: whole steps in order, without the reports

@@ -113,6 +113,26 @@ extension ClusterNode {
     /// holds everything the cluster committed for it (peers may not have
     /// heard yet) and its rebuild has finished.
     func recoverReport() -> RecoverReply {
+        var report = recoverPicture()
+        // Outside the state lock: planning decodes the step's manifests.
+        for index in report.jobs.indices {
+            let job = report.jobs[index].job
+            var lines = report.jobs[index].lostRanks.isEmpty ? [] : [checkFreeSummary(job: job)]
+            lines += approximateShards(job: job).map { "rank \($0.rank) of step \($0.step) on node \(selfID) is \($0.reconstruction)" }
+            report.jobs[index].checkFree = lines.filter { !$0.isEmpty }.joined(separator: "; ")
+        }
+        return report
+    }
+
+    /// The newest committed step's shards on this node that CheckFree rebuilt.
+    func approximateShards(job: JobID) -> [(rank: Rank, step: Step, reconstruction: Reconstruction)] {
+        state.withLock { state in
+            guard let step = state.store.latestCommitted(job: job) else { return [] }
+            return state.store.localShards(job: job, step: step).compactMap { rank, shard in shard.reconstruction.map { (rank, step, $0) } }
+        }
+    }
+
+    private func recoverPicture() -> RecoverReply {
         state.withLock { state in
             var rebuilding = state.cluster!.monitor.needsRebuild
             if !state.cluster!.discovered || state.cluster!.rebuild.isRunning || state.cluster!.refreshRebuildNeed(store: state.store) > 0 {

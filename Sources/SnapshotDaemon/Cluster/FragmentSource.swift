@@ -57,6 +57,8 @@ extension ClusterNode {
                 let size = state.cluster!.protection.ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group)
             else { return nil }
             let shards = state.store.localShards(job: id.job, step: id.step)
+            // A share CheckFree rebuilt is no longer what the group's parity encodes.
+            guard !shards.contains(where: { $0.shard.reconstruction != nil }) else { return nil }
             let segments = shards.compactMap { state.segments[ShardKey(job: id.job, step: id.step, rank: $0.rank)] }
             guard segments.count == shards.count else { return nil }
             let local = LocalFragment(bytes: NodeStepData(segments: segments), offsetBytes: fragment * Int(size), sizeBytes: Int(size), storedCRC32C: nil)

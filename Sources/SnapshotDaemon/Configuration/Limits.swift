@@ -42,6 +42,9 @@ public enum Limits {
 
     // MARK: Scrub
 
+    /// How long a CheckFree order waits for the node's own exact rebuild
+    /// (which retries a step beyond tolerance) to stop before it is refused.
+    static let checkFreeClaimTimeoutMilliseconds: Int64 = 30_000
     /// What the background scrub reads per second at most: it must not take
     /// memory bandwidth a trainer's save or a rebuild needs.
     static let scrubBytesPerSecond = 256 << 20

@@ -355,6 +355,13 @@ public struct ProtectionMachine: Sendable {
         ledger.recovery(lostNodes: lostNodes, lostShares: Dictionary(uniqueKeysWithValues: lost.keys.map { ($0, selfID) }))
     }
 
+    /// Ranks of one step that cannot be restored, as ``recovery(lostNodes:)`` counts them.
+    public func lostRanks(job: JobID, step: Step, lostNodes: Set<NodeID>) -> [Rank] {
+        let id = StepID(job: job, step: step)
+        guard let entry = ledger.entry(job: job, step: step) else { return [] }
+        return ledger.lostRanks(entry, id: id, lostNodes: lostNodes, lostShares: lost[id] != nil ? [id: selfID] : [:])
+    }
+
     /// After the store committed a step: forget steps older than the oldest
     /// one it keeps (bounded memory; they can never be restored or rebuilt).
     public mutating func forget(job: JobID, olderThan oldest: Step) {

@@ -171,6 +171,9 @@ final class Session {
         case (.trainer, .releaseRestore(let m)): release(ShardKey(job: job!, step: m.step, rank: rank), requestID: header.requestID)
         case (_, .status(let m)): status(m, requestID: header.requestID)
         case (.operatorTool, .recover): reply(.recoverReply(server.recoverReport()), to: header.requestID)
+        case (.operatorTool, .checkFree(let m)) where !m.order:
+            guard let cluster = server.cluster else { throw StoreError(.invalidRequest, "CheckFree rebuilds stages across a cluster; this daemon runs a single node") }
+            reply(try cluster.handleCheckFreeRequest(m), to: header.requestID)
         case (.peer, _): try handlePeer(message, header: header)
         default:
             if header.bulkLength > 0 { throw SessionEnd(reason: "unexpected \(header.type) with bulk bytes") }
@@ -294,7 +297,7 @@ final class Session {
         let key = ShardKey(job: job!, step: step, rank: rank)
         let ready = RestoreReady(
             step: step, entries: shard.manifest, tensorOffsets: shard.tensorOffsets, segmentSizeBytes: shard.segmentSizeBytes,
-            gradientNorm: shard.gradientNorm, metadata: shard.metadata)
+            gradientNorm: shard.gradientNorm, metadata: shard.metadata, reconstruction: shard.reconstruction)
         if m.transport == .sharedMemory {
             let fd: Int32
             do {
@@ -318,7 +321,7 @@ final class Session {
                 try connection.socket.writeAll(bytes.baseAddress!, count: bytes.count, deadlineMilliseconds: deadline)
             }
         }
-        logger.info("shard restored", metadata: ["step": "\(step)", "transport": "\(m.transport)"])
+        logger.info("shard restored", metadata: ["step": "\(step)", "transport": "\(m.transport)", "approximate": "\(shard.reconstruction.map { "\($0)" } ?? "no")"])
     }
 
     private func release(_ key: ShardKey, requestID: UInt64) {
@@ -353,6 +356,8 @@ final class Session {
         case .fragmentPut(let put):
             reply(try cluster.handleFragmentPut(put, header: header, connection: connection, scratch: &scratch), to: header.requestID)
         case .fragmentGet(let get): try cluster.serveFragment(get, requestID: header.requestID, connection: connection)
+        case .shardGet(let get): try cluster.serveShard(get, requestID: header.requestID, connection: connection)
+        case .checkFree(let order) where order.order: reply(try cluster.handleCheckFreeOrder(order), to: header.requestID)
         case .repairRequest(let request): try cluster.serveRepair(request, requestID: header.requestID, connection: connection)
         default:
             if header.bulkLength > 0 { throw SessionEnd(reason: "unexpected \(header.type) with bulk bytes from a peer") }

@@ -31,6 +31,8 @@ public struct ShardRecord: Sendable, Equatable {
     public var metadata: [UInt8]
     /// The session writing the shard while it is `receiving`.
     public var writer: SessionID?
+    /// Set when CheckFree rebuilt the shard approximately from its pipeline neighbours.
+    public var reconstruction: Reconstruction? = nil
 
     public var manifest: [ManifestEntry] {
         guard let checksums else { return [] }

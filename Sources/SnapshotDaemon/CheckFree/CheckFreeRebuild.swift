@@ -1,0 +1,299 @@
+import CheckFree
+import ErasureCoding
+import Foundation
+import Glibc
+import Logging
+import SnapshotIO
+import SnapshotProtocol
+
+/// CheckFree on a cluster (DESIGN.md, "Beyond tolerance, pipeline stages"):
+/// when a group loses more nodes than it tolerates and with them every copy
+/// of a pipeline stage, the stage is rebuilt approximately from its intact
+/// neighbours. An operator asks for it (`snapshotctl recover --checkfree`);
+/// the node asked plans from its view of the cluster and orders each node that
+/// hosts lost ranks (the replacements) to rebuild its own share; they fetch
+/// the neighbours' shards, average or copy, and serve the result flagged
+/// approximate. It never runs where erasure coding can still recover exactly:
+/// only ranks of groups beyond tolerance are planned, and a node rebuilds
+/// only a step it does not hold once its exact rebuild has stopped.
+extension ClusterNode {
+    /// One rank's shard of a step as the cluster's reports describe it.
+    struct ReportedShard {
+        let node: NodeID
+        let manifest: ManifestFile
+    }
+
+    /// The cluster's reports of a committed step, decoded (outside the state lock: at LLM scale they are large).
+    func reportedShards(_ entry: ClusterLedger.StepEntry) throws -> [Rank: ReportedShard] {
+        var shards: [Rank: ReportedShard] = [:]
+        for (node, ready) in entry.ready {
+            for bytes in ready.manifests {
+                let manifest = try ManifestFile(decoding: bytes)
+                shards[manifest.key.rank] = ReportedShard(node: node, manifest: manifest)
+            }
+        }
+        return shards
+    }
+
+    /// The rebuild of `job` this node would order: at `step` if given, else at
+    /// the newest committed step whose lost ranks CheckFree can rebuild. A
+    /// refusal names the reason for the newest step with lost ranks.
+    func checkFreePlan(job: JobID, step requested: Step? = nil) throws -> (CheckFreePlan, [Rank: ReportedShard]) {
+        let candidates: [(Step, ClusterLedger.StepEntry, [Rank])] = state.withLock { state in
+            let cluster = state.cluster!
+            let ledger = cluster.protection.ledger
+            var lostNodes = cluster.lostNodes
+            if !cluster.discovered || cluster.rebuild.isRunning || cluster.protection.missingSteps(store: state.store).contains(where: { $0.job == job }) {
+                lostNodes.insert(selfID)
+            }
+            return ledger.steps.filter { $0.key.job == job && $0.value.committed && (requested == nil || $0.key.step == requested) }
+                .sorted { $0.key.step > $1.key.step }
+                .map { ($0.key.step, $0.value, cluster.protection.lostRanks(job: job, step: $0.key.step, lostNodes: lostNodes)) }
+        }
+        guard let newest = candidates.first else {
+            throw StoreError(.unknownStep, requested.map { "step \($0) of \(job) is not a committed step this node knows" } ?? "\(job) has no committed step")
+        }
+        guard !newest.2.isEmpty else { throw StoreError(.invalidRequest, "\(CheckFreeRefusal.nothingLost) (newest committed step of \(job) is \(newest.0))") }
+        var firstRefusal: CheckFreeRefusal? = nil
+        for (step, entry, lost) in candidates where !lost.isEmpty {
+            let reported = try reportedShards(entry)
+            let shards = reported.sorted { $0.key < $1.key }.map { rank, shard in
+                StageShard(rank: rank, node: shard.node, topology: shard.manifest.shard.topology, specs: shard.manifest.shard.specs, gradientNorm: shard.manifest.shard.gradientNorm)
+            }
+            do {
+                return (try CheckFreePlanner.plan(step: step, shards: shards, lost: Set(lost)), reported)
+            } catch {
+                firstRefusal = firstRefusal ?? error
+            }
+        }
+        throw StoreError(.unrecoverable, "CheckFree refuses step \(newest.0) of \(job): \(firstRefusal!)")
+    }
+
+    /// One line for the recovery report: what CheckFree could rebuild, or why not.
+    func checkFreeSummary(job: JobID) -> String {
+        do {
+            let (plan, _) = try checkFreePlan(job: job)
+            let stages = Dictionary(grouping: plan.ranks) { $0.target.stage }.sorted { $0.key < $1.key }.map { stage, ranks in
+                let r = ranks[0].reconstruction
+                let how = r.method == .averagedNeighbours
+                    ? "average of stages \(r.sourceStages[0]) and \(r.sourceStages[1]) (weights \(String(format: "%.4f", r.weights[0])), \(String(format: "%.4f", r.weights[1])))"
+                    : "copy of stage \(r.sourceStages[0])"
+                return "stage \(stage) (ranks \(ranks.map { String($0.target.rank) }.joined(separator: ","))) as the \(how)"
+            }
+            return "CheckFree can rebuild step \(plan.step) approximately: " + stages.joined(separator: "; ") + "; run snapshotctl recover --checkfree --job \(job)"
+        } catch let error as StoreError where error.code == .invalidRequest {
+            return ""
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    // MARK: The node an operator asked
+
+    /// Plans and orders every node hosting lost ranks; replies with what was rebuilt.
+    func handleCheckFreeRequest(_ request: CheckFreeRequest) throws -> Message {
+        let (plan, _) = try checkFreePlan(job: request.job)
+        let targets = Set(plan.ranks.map(\.target.node)).sorted()
+        let dead = state.withLock { Set($0.cluster!.monitor.deadNodes) }
+        if let down = targets.first(where: dead.contains) {
+            throw StoreError(.unavailable, "node \(down), which hosts ranks \(plan.ranks.filter { $0.target.node == down }.map(\.target.rank)) of the lost stages, is down: start its replacement (same id, empty arena) first")
+        }
+        logger.notice("CheckFree rebuild ordered", metadata: [
+            "job": "\(request.job)", "step": "\(plan.step)", "ranks": "\(plan.ranks.map(\.target.rank))", "nodes": "\(targets)",
+        ])
+        let order = CheckFreeRequest(job: request.job, order: true, step: plan.step)
+        var rebuilt: [RankReconstruction] = []
+        for node in targets {
+            let reply: Message
+            do {
+                reply = node == selfID ? try handleCheckFreeOrder(order) : try mesh.request(node, .data, .checkFree(order), timeoutMilliseconds: heartbeatTimeoutMilliseconds)
+            } catch let error as PeerError {
+                throw StoreError(error.code ?? .unavailable, "node \(node): \(error.message)")
+            }
+            guard case .checkFreeReply(let done) = reply else { throw StoreError(.internalError, "node \(node) answered a CheckFree order with \(reply.type)") }
+            rebuilt += done.ranks
+        }
+        let stages = Set(rebuilt.map(\.stage)).sorted()
+        let summary = "stage(s) \(stages) of \(request.job) rebuilt approximately at step \(plan.step) (ranks \(rebuilt.map(\.rank))): optimizer state starts fresh; raise those stages' learning rate ×\(Reconstruction.recommendedLearningRateFactor)"
+        return .checkFreeReply(CheckFreeReply(job: request.job, step: plan.step, ranks: rebuilt.sorted { $0.rank < $1.rank }, summary: String(summary.prefix(ProtocolLimits.maximumMessageBytes / 4))))
+    }
+
+    // MARK: A node hosting lost ranks
+
+    /// Rebuilds this node's lost ranks of `order.step`.
+    func handleCheckFreeOrder(_ order: CheckFreeRequest) throws -> Message {
+        guard let step = order.step else { throw StoreError(.invalidRequest, "a CheckFree order names its step") }
+        try claimForCheckFree(job: order.job, step: step)
+        do {
+            let (plan, reported) = try checkFreePlan(job: order.job, step: step)
+            let mine = plan.ranks.filter { $0.target.node == selfID }
+            let rebuilt = try rebuild(mine, job: order.job, step: step, reported: reported)
+            return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: rebuilt, summary: ""))
+        } catch {
+            state.withLock { state in
+                state.cluster!.protection.stepRebuilt(job: order.job, step: step)  // the exact rebuild may try again
+                _ = state.cluster!.refreshRebuildNeed(store: state.store)
+            }
+            logger.error("CheckFree rebuild failed", metadata: ["job": "\(order.job)", "step": "\(step)", "error": "\(error)"])
+            throw error
+        }
+    }
+
+    /// Waits for this node's exact rebuild to stop (it may be retrying the
+    /// same step), then marks the step lost so the rebuild leaves it alone
+    /// while CheckFree writes it.
+    private func claimForCheckFree(job: JobID, step: Step) throws {
+        let deadline = monotonicMilliseconds() + Limits.checkFreeClaimTimeoutMilliseconds
+        while true {
+            let claimed: Bool = try state.withLock { state in
+                guard !(state.store.isCommitted(job: job, step: step) && !state.store.localShards(job: job, step: step).isEmpty) else {
+                    throw StoreError(.invalidRequest, "node \(selfID) already holds step \(step) of \(job): nothing for CheckFree to rebuild here")
+                }
+                guard !state.cluster!.rebuild.isRunning else { return false }
+                state.cluster!.protection.stepLost(job: job, step: step, reason: "beyond tolerance; being rebuilt approximately by CheckFree")
+                return true
+            }
+            if claimed { return }
+            guard monotonicMilliseconds() < deadline else {
+                throw StoreError(.unavailable, "node \(selfID) is still running its exact rebuild; try again")
+            }
+            usleep(50_000)
+        }
+    }
+
+    /// Fetches the sources, computes each rank's tensors into a fresh
+    /// segment, checks, and adopts them as this node's share of the step.
+    private func rebuild(_ plans: [RankPlan], job: JobID, step: Step, reported: [Rank: ReportedShard]) throws -> [RankReconstruction] {
+        guard !plans.isEmpty else { return [] }
+        let started = monotonicMilliseconds()
+        var sources: [Rank: MappedSegment] = [:]
+        for rank in Set(plans.flatMap(\.reconstruction.sourceRanks)).sorted() {
+            sources[rank] = try fetchShard(job: job, step: step, rank: rank, reported: reported[rank]!)
+        }
+        var built: [(ManifestFile, MappedSegment)] = []
+        var bytes = 0
+        do {
+            for plan in plans {
+                let lost = reported[plan.target.rank]!.manifest
+                let segment = try arena.createSegment(lost.key, sizeBytes: lost.shard.segmentSizeBytes)
+                built.append((lost, segment))
+                let checksums = try compute(plan, into: segment, layout: lost.shard, sources: sources, reported: reported)
+                var shard = lost.shard
+                shard.checksums = checksums
+                shard.gradientNorm = nil  // the rebuilt stage has no gradient of its own yet
+                shard.metadata = reported[plan.metadataRank]!.manifest.shard.metadata
+                shard.reconstruction = plan.reconstruction
+                let manifest = ManifestFile(key: lost.key, world: lost.world, shard: shard)
+                try arena.writeManifest(manifest)
+                built[built.count - 1].0 = manifest
+                bytes += Int(shard.specs.reduce(0) { $0 + $1.byteLength })
+            }
+        } catch {
+            for (manifest, segment) in built { arena.release(manifest.key, segment: segment, poolLimitBytes: 0) }
+            throw error
+        }
+        let world = built[0].0.world
+        try state.withLock { state in
+            for (manifest, segment) in built { state.segments[manifest.key] = segment }
+            state.store.adoptCommitted(job: job, step: step, world: world, shards: Dictionary(uniqueKeysWithValues: built.map { ($0.0.key.rank, $0.0.shard) }))
+            try arena.writeCommitMarker(job: job, step: step, world: world, ranks: built.map(\.0.key.rank), parity: [:])
+            state.cluster!.protection.stepRebuilt(job: job, step: step)
+            _ = state.cluster!.refreshRebuildNeed(store: state.store)
+        }
+        state.broadcast()
+        let seconds = Double(monotonicMilliseconds() - started) / 1000
+        for plan in plans {
+            logger.warning("rank rebuilt approximately by CheckFree: restores of it say so", metadata: [
+                "job": "\(job)", "step": "\(step)", "rank": "\(plan.target.rank)", "stage": "\(plan.target.stage)",
+                "reconstruction": "\(plan.reconstruction)",
+            ])
+        }
+        logger.notice("CheckFree rebuild complete", metadata: [
+            "job": "\(job)", "step": "\(step)", "ranks": "\(plans.map(\.target.rank))", "bytes": "\(bytes)", "seconds": "\(seconds)",
+        ])
+        return plans.map { RankReconstruction(rank: $0.target.rank, stage: $0.target.stage, node: selfID, reconstruction: $0.reconstruction) }
+    }
+
+    /// Writes every tensor of `plan` into `segment` (laid out as `layout`
+    /// says) and returns their CRCs. Refuses a source tensor with NaN or infinity.
+    private func compute(_ plan: RankPlan, into segment: MappedSegment, layout: ShardRecord, sources: [Rank: MappedSegment], reported: [Rank: ReportedShard]) throws -> [UInt32] {
+        func pointer(_ reference: TensorReference) -> UnsafeRawPointer {
+            let offset = reported[reference.rank]!.manifest.shard.tensorOffsets[reference.index]
+            return UnsafeRawPointer(sources[reference.rank]!.base! + Int(offset))
+        }
+        func refuse(_ reference: TensorReference) -> StoreError {
+            let source = reported[reference.rank]!.manifest
+            let refusal = CheckFreeRefusal.nonFinite(tensor: source.shard.specs[reference.index].name, sourceRank: reference.rank, sourceStage: source.shard.topology.pipelineStage)
+            return StoreError(.unrecoverable, "CheckFree refuses step \(layout.specs.isEmpty ? 0 : plan.reconstruction.sourceStep): \(refusal)")
+        }
+        let weights = plan.reconstruction.weights
+        var checksums: [UInt32] = []
+        checksums.reserveCapacity(layout.specs.count)
+        for ((spec, offset), source) in zip(zip(layout.specs, layout.tensorOffsets), plan.sources) {
+            let output = segment.base! + Int(offset)
+            let length = Int(spec.byteLength)
+            let count = length / Int(spec.dtype.elementSizeBytes)
+            switch source {
+            case .zeros:
+                memset(output, 0, length)
+            case .copy(let reference):
+                guard StageAveraging.copy(spec.dtype, source: pointer(reference), count: count, into: output) else { throw refuse(reference) }
+            case .average(let previous, let next):
+                guard StageAveraging.average(spec.dtype, previous: pointer(previous), next: pointer(next), count: count, weightPrevious: weights[0], weightNext: weights[1], into: output) else {
+                    throw refuse(StageAveraging.allFinite(spec.dtype, pointer(previous), count: count) ? next : previous)
+                }
+            }
+            checksums.append(CRC32C.checksum(UnsafeRawBufferPointer(start: output, count: length)))
+        }
+        return checksums
+    }
+
+    /// One rank's committed shard: this node's own, or fetched whole from the
+    /// node that holds it; every tensor checked against its sealed CRC.
+    private func fetchShard(job: JobID, step: Step, rank: Rank, reported: ReportedShard) throws -> MappedSegment {
+        let key = ShardKey(job: job, step: step, rank: rank)
+        let size = Int(reported.manifest.shard.segmentSizeBytes)
+        let buffer = try MappedSegment.anonymous(sizeBytes: max(1, size))
+        let local: MappedSegment? = state.withLock { state in
+            state.store.isCommitted(job: job, step: step) && state.store.jobs[job]?.steps[step]?[rank] != nil ? state.segments[key] : nil
+        }
+        if let local {
+            memcpy(buffer.base!, local.base!, size)
+        } else {
+            try mesh.withConnection(reported.node, .data, timeoutMilliseconds: heartbeatTimeoutMilliseconds) { connection in
+                try connection.send(.shardGet(ShardGet(job: job, step: step, rank: rank)), requestID: 1)
+                let reply = try PeerMesh.reply(connection)
+                guard case .shardData(let data) = reply, data.job == job, data.step == step, data.rank == rank, data.segmentSizeBytes == UInt64(size) else {
+                    throw PeerError(code: nil, message: "unexpected reply \(reply.type) to a shard request")
+                }
+                try connection.socket.readExact(into: buffer.base!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
+            }
+        }
+        let bad = corruptedTensors(reported.manifest.shard, in: buffer)
+        guard bad.isEmpty else {
+            throw StoreError(.checksumMismatch, "rank \(rank)'s shard of \(job)/\(step) from node \(reported.node) fails the CRC check for \(bad)")
+        }
+        return buffer
+    }
+
+    // MARK: Serving
+
+    /// Sends one rank's committed, exact shard whole, once its tensors pass their sealed CRCs.
+    func serveShard(_ request: ShardGet, requestID: UInt64, connection: FramedConnection) throws {
+        let key = ShardKey(job: request.job, step: request.step, rank: request.rank)
+        let held: (ShardRecord, MappedSegment)? = state.withLock { state in
+            guard state.store.isCommitted(job: key.job, step: key.step), let shard = state.store.jobs[key.job]?.steps[key.step]?[key.rank], let segment = state.segments[key] else { return nil }
+            return (shard, segment)
+        }
+        guard let (shard, segment) = held else { throw StoreError(.unavailable, "node \(selfID) does not hold a committed shard for \(key)") }
+        guard shard.reconstruction == nil else { throw StoreError(.unavailable, "node \(selfID)'s shard for \(key) is itself approximate (CheckFree); it is no source for another rebuild") }
+        let bad = corruptedTensors(shard, in: segment)
+        guard bad.isEmpty else {
+            logger.error("refusing to serve a shard: tensors fail their sealed CRCs", metadata: ["shard": "\(key)", "tensors": "\(bad)"])
+            throw StoreError(.checksumMismatch, "node \(selfID): \(key) has tensor(s) \(bad) that fail their sealed CRCs")
+        }
+        let size = Int(shard.segmentSizeBytes)
+        try connection.send(.shardData(ShardData(job: key.job, step: key.step, rank: key.rank, segmentSizeBytes: UInt64(size))), requestID: requestID, bulkLength: UInt64(size))
+        try connection.socket.writeAll(segment.base!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
+    }
+}
