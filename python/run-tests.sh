@@ -18,6 +18,7 @@ fi
 # Debug builds reuse `swift test`'s objects. (`pip install ./python` alone
 # builds the library in release; SNAPSHOTD_LIBRARY points it at this one.)
 swift build --product snapshotd
+swift build --product snapshotctl  # the CheckFree training check drives the operator's CLI
 swift build --product snapshotdclient
 SNAPSHOTD_LIBRARY="$PWD/.build/debug/libsnapshotdclient.so" "$venv/bin/pip" install -q --force-reinstall --no-deps ./python
 (cd python && "$venv/bin/mypy" src/snapshotd)  # the package's type hints hold

@@ -198,5 +198,21 @@ public func cRestoreGradientNorm(_ restore: OpaquePointer?) -> Double {
     return borrow(restore, as: RestoreBox.self).shard.gradientNorm ?? .nan
 }
 
+@_cdecl("snapshotd_restore_reconstruction")
+public func cRestoreReconstruction(_ restore: OpaquePointer?, _ out: UnsafeMutablePointer<snapshotd_reconstruction>?) -> Int32 {
+    var info = snapshotd_reconstruction()
+    defer { out?.pointee = info }
+    guard let restore, let r = borrow(restore, as: RestoreBox.self).shard.reconstruction else { return 0 }
+    info.method = Int32(r.method.rawValue)
+    info.source_count = UInt32(r.sourceStages.count)
+    withUnsafeMutableBytes(of: &info.source_stages) { $0.bindMemory(to: UInt32.self).update(fromContentsOf: r.sourceStages.prefix(2)) }
+    withUnsafeMutableBytes(of: &info.source_ranks) { $0.bindMemory(to: UInt32.self).update(fromContentsOf: r.sourceRanks.prefix(2)) }
+    withUnsafeMutableBytes(of: &info.weights) { $0.bindMemory(to: Double.self).update(fromContentsOf: r.weights.prefix(2)) }
+    info.source_step = r.sourceStep
+    info.optimizer_reset = r.optimizerReset ? 1 : 0
+    info.learning_rate_factor = r.learningRateFactor
+    return 1
+}
+
 @_cdecl("snapshotd_restore_close")
 public func cRestoreClose(_ restore: OpaquePointer?) { release(restore, as: RestoreBox.self) }

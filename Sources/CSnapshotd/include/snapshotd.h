@@ -73,10 +73,36 @@ typedef enum snapshotd_dtype {
     SNAPSHOTD_FLOAT32 = 12, SNAPSHOTD_FLOAT64 = 13, SNAPSHOTD_FLOAT8_E4M3 = 14, SNAPSHOTD_FLOAT8_E5M2 = 15,
 } snapshotd_dtype;
 
-/* What a tensor is, for recovery (CheckFree averages parameters only). */
+/* What a tensor is, for CheckFree recovery of a lost pipeline stage:
+ * parameters are averaged from (or copied from) the neighbouring stages'
+ * tensors of the same stage-local name; optimizer state restarts at zero;
+ * RNG and extra state come from the neighbour used. CARRIED marks a copy of a
+ * tensor another stage owns, saved under the owner's name (the embedding the
+ * second stage carries for the first, the LM head the second-to-last carries
+ * for the last): a lost owner gets it back exactly from there. */
 typedef enum snapshotd_kind {
     SNAPSHOTD_PARAMETER = 0, SNAPSHOTD_OPTIMIZER = 1, SNAPSHOTD_RNG = 2, SNAPSHOTD_EXTRA = 3,
+    SNAPSHOTD_CARRIED = 4,
 } snapshotd_kind;
+
+/* How a restored shard came to be. */
+typedef enum snapshotd_reconstruction_method {
+    SNAPSHOTD_EXACT = 0,              /* as saved (or rebuilt exactly by erasure coding) */
+    SNAPSHOTD_CHECKFREE_AVERAGE = 1,  /* W_i = (a*W_{i+1} + b*W_{i-1}) / (a + b) of the two neighbouring stages */
+    SNAPSHOTD_CHECKFREE_COPY = 2,     /* first or last stage: a copy of its one neighbour */
+} snapshotd_reconstruction_method;
+
+/* What snapshotd_restore_reconstruction fills in; all zero for an exact shard. */
+typedef struct snapshotd_reconstruction {
+    int32_t method;                /* snapshotd_reconstruction_method */
+    uint32_t source_count;         /* 2 for an average, 1 for a copy */
+    uint32_t source_stages[2];
+    uint32_t source_ranks[2];
+    double weights[2];             /* b/(a+b) and a/(a+b); 1 for a copy */
+    uint64_t source_step;
+    int32_t optimizer_reset;       /* 1: optimizer tensors restore as zeros */
+    double learning_rate_factor;   /* raise the stage's learning rate by this factor (1.1) */
+} snapshotd_reconstruction;
 
 typedef struct snapshotd_client snapshotd_client;
 typedef struct snapshotd_save snapshotd_save;
@@ -164,6 +190,9 @@ int snapshotd_restore_tensor(const snapshotd_restore *restore, size_t index, sna
 const void *snapshotd_restore_metadata(const snapshotd_restore *restore, size_t *length);
 /* The gradient norm saved with the commit, NaN when none. */
 double snapshotd_restore_gradient_norm(const snapshotd_restore *restore);
+/* 1 when the shard was rebuilt approximately by CheckFree (then `out`, if
+ * not NULL, says how), 0 when it is exact (`out` zeroed). */
+int snapshotd_restore_reconstruction(const snapshotd_restore *restore, snapshotd_reconstruction *out);
 void snapshotd_restore_close(snapshotd_restore *restore);
 
 #ifdef __cplusplus

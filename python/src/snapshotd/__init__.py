@@ -6,12 +6,12 @@
     step, shard = client.restore()                 # zero-copy read-only arrays
 """
 
-from .client import EXTRA, OPTIMIZER, PARAMETER, RNG, Client, PendingSave, SaveHandle, Shard, flatten
+from .client import CARRIED, EXTRA, OPTIMIZER, PARAMETER, RNG, Client, PendingSave, Reconstruction, SaveHandle, Shard, flatten
 from .errors import DaemonUnavailableError, ErrorCode, SnapshotdError
 
 __all__ = [
-    "Client", "PendingSave", "SaveHandle", "Shard", "flatten",
+    "Client", "PendingSave", "SaveHandle", "Shard", "Reconstruction", "flatten",
     "SnapshotdError", "DaemonUnavailableError", "ErrorCode",
-    "PARAMETER", "OPTIMIZER", "RNG", "EXTRA",
+    "PARAMETER", "OPTIMIZER", "RNG", "EXTRA", "CARRIED",
 ]
 __version__ = "0.4.0"

@@ -46,6 +46,19 @@ class TensorInfo(ctypes.Structure):
     ]
 
 
+class Reconstruction(ctypes.Structure):
+    _fields_ = [
+        ("method", ctypes.c_int32),
+        ("source_count", ctypes.c_uint32),
+        ("source_stages", ctypes.c_uint32 * 2),
+        ("source_ranks", ctypes.c_uint32 * 2),
+        ("weights", ctypes.c_double * 2),
+        ("source_step", ctypes.c_uint64),
+        ("optimizer_reset", ctypes.c_int32),
+        ("learning_rate_factor", ctypes.c_double),
+    ]
+
+
 def _candidates() -> list[Path]:
     given = os.environ.get("SNAPSHOTD_LIBRARY")
     paths = [Path(given)] if given else []
@@ -85,6 +98,7 @@ _signatures: dict[str, tuple[object, list[object]]] = {
     "snapshotd_restore_tensor": (_int, [_p, ctypes.c_size_t, ctypes.POINTER(TensorInfo)]),
     "snapshotd_restore_metadata": (_p, [_p, ctypes.POINTER(ctypes.c_size_t)]),
     "snapshotd_restore_gradient_norm": (ctypes.c_double, [_p]),
+    "snapshotd_restore_reconstruction": (_int, [_p, ctypes.POINTER(Reconstruction)]),
     "snapshotd_restore_close": (None, [_p]),
 }
 for _name, (_restype, _argtypes) in _signatures.items():

@@ -15,13 +15,20 @@ from typing import Any
 import numpy as np
 
 from . import _dtypes
+from . import _lib
 from ._lib import ClientOptions, TensorInfo, TensorSpec, lib
 from .errors import DaemonUnavailableError, ErrorCode, SnapshotdError
 
 DEFAULT_SOCKET = "/run/snapshotd/snapshotd.sock"
 
 #: What a tensor is, for recovery (CheckFree averages parameters only).
-PARAMETER, OPTIMIZER, RNG, EXTRA = range(4)
+PARAMETER, OPTIMIZER, RNG, EXTRA, CARRIED = range(5)
+"""Tensor kinds, for CheckFree recovery of a lost pipeline stage: parameters
+are averaged from (or copied from) the neighbouring stages' tensors of the
+same stage-local name, optimizer state restarts at zero, RNG and extra state
+come from the neighbour used. ``CARRIED`` marks a copy of a tensor another
+stage owns, saved under the owner's name (the embedding the second stage
+carries for the first, the LM head the second-to-last carries for the last)."""
 
 StateDict = Mapping[str, Any]
 
@@ -183,6 +190,28 @@ class SaveHandle:
         return committed
 
 
+@dataclass(frozen=True)
+class Reconstruction:
+    """How a shard that erasure coding could not recover was rebuilt
+    approximately from its pipeline neighbours (CheckFree).
+
+    ``method`` is ``"checkfree-average"`` (``W_i = (a·W_{i+1} + b·W_{i−1}) / (a + b)``,
+    ``a``, ``b`` the neighbours' gradient norms + 1e-4) or ``"checkfree-copy"``
+    (first or last stage). Optimizer state restores as zeros; multiply the
+    stage's learning rate by ``learning_rate_factor``."""
+
+    method: str
+    source_stages: tuple[int, ...]
+    source_ranks: tuple[int, ...]
+    weights: tuple[float, ...]
+    source_step: int
+    optimizer_reset: bool
+    learning_rate_factor: float
+
+
+_METHODS = {1: "checkfree-average", 2: "checkfree-copy"}
+
+
 class Shard(dict[str, np.ndarray]):
     """A restored shard: name → read-only numpy array viewing the daemon's
     memory (zero copy; the daemon keeps the step pinned while any array lives).
@@ -196,6 +225,12 @@ class Shard(dict[str, np.ndarray]):
     gradient_norm: float | None
     dtypes: dict[str, str]
     kinds: dict[str, int]
+    reconstruction: Reconstruction | None
+    """Set when the shard is approximate (CheckFree); None when exact."""
+
+    @property
+    def approximate(self) -> bool:
+        return self.reconstruction is not None
 
 
 class _Restore:
@@ -348,6 +383,15 @@ class Client:
         shard.metadata = ctypes.string_at(address, length.value) if address else b""
         norm = lib.snapshotd_restore_gradient_norm(owner.handle)
         shard.gradient_norm = None if math.isnan(norm) else norm
+        how = _lib.Reconstruction()
+        if lib.snapshotd_restore_reconstruction(owner.handle, ctypes.byref(how)):
+            count = how.source_count
+            shard.reconstruction = Reconstruction(
+                method=_METHODS.get(how.method, f"method {how.method}"), source_stages=tuple(how.source_stages[:count]),
+                source_ranks=tuple(how.source_ranks[:count]), weights=tuple(how.weights[:count]), source_step=how.source_step,
+                optimizer_reset=bool(how.optimizer_reset), learning_rate_factor=how.learning_rate_factor)
+        else:
+            shard.reconstruction = None
         return shard.step, shard
 
     # Lifetime

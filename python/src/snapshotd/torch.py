@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import _dtypes
-from .client import EXTRA, OPTIMIZER, PARAMETER, RNG, Client, PendingSave, SaveHandle, Shard
+from .client import EXTRA, OPTIMIZER, PARAMETER, RNG, Client, PendingSave, Reconstruction, SaveHandle, Shard
 
 #: The pickled structure of the state (everything but tensor bytes).
 STRUCTURE = "__snapshotd__.structure"
@@ -134,6 +134,10 @@ def to_torch(shard: Shard, *, copy: bool = True, device: torch.device | str | No
 class Restored:
     step: int
     extra: dict[str, Any]
+    reconstruction: Reconstruction | None = None
+    """Set when this rank's state was rebuilt approximately (CheckFree): the
+    optimizer restarted from zero; multiply the learning rate by
+    ``reconstruction.learning_rate_factor``."""
 
 
 def restore(client: Client, *, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -142,6 +146,11 @@ def restore(client: Client, *, model: torch.nn.Module | None = None, optimizer: 
     into ``model``, ``optimizer`` and ``scheduler``, and restores the RNG state.
     Returns the step and the ``extra`` state."""
     chosen, shard = client.restore(step)
+    reconstruction = shard.reconstruction
+    if reconstruction is not None:
+        warnings.warn(f"rank {client.rank}: step {chosen} was rebuilt approximately by {reconstruction.method} from stages "
+                      f"{list(reconstruction.source_stages)}; optimizer state restarts at zero, raise this stage's learning rate "
+                      f"x{reconstruction.learning_rate_factor}", stacklevel=2)
     if STRUCTURE not in shard:
         raise ValueError(f"step {chosen} was not saved by snapshotd.torch.snapshot (no {STRUCTURE})")
     structure = pickle.loads(shard[STRUCTURE].tobytes())  # noqa: S301 - written by this job's own ranks
@@ -155,7 +164,7 @@ def restore(client: Client, *, model: torch.nn.Module | None = None, optimizer: 
         target.load_state_dict(state[name])
     if rng and "rng" in state:
         set_rng_state(state["rng"])
-    return Restored(chosen, state.get("extra", {}))
+    return Restored(chosen, state.get("extra", {}), reconstruction)
 
 
 def copy_cuda_into(pending: PendingSave, ready: torch.cuda.Event) -> None:
