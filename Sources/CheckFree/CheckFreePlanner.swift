@@ -24,6 +24,10 @@ public struct StageShard: Sendable, Equatable {
 public struct TensorReference: Sendable, Equatable {
     public var rank: Rank
     public var index: Int
+    public init(rank: Rank, index: Int) {
+        self.rank = rank
+        self.index = index
+    }
 }
 
 /// Where each tensor of a rebuilt shard comes from.

@@ -228,7 +228,7 @@ public enum Message: Hashable, Sendable {
             }
         case .checkFree(let m):
             w.write(m.job)
-            w.write(m.order)
+            w.write(m.phase.rawValue)
             w.writeOptional(m.step)
         case .checkFreeReply(let m): w.write(m)
         case .shardGet(let m):
@@ -327,7 +327,7 @@ public enum Message: Hashable, Sendable {
         case .recover: return .recover
         case .recoverReply: return .recoverReply(try r.readRecoverReply())
         case .checkFree:
-            return .checkFree(CheckFreeRequest(job: try r.readJobID(), order: try r.readBool("order"), step: try r.readOptional(Step.self, "step")))
+            return .checkFree(CheckFreeRequest(job: try r.readJobID(), phase: try r.readEnum(CheckFreeRequest.Phase.self, "phase"), step: try r.readOptional(Step.self, "step")))
         case .checkFreeReply: return .checkFreeReply(try r.readCheckFreeReply())
         case .shardGet:
             return .shardGet(ShardGet(job: try r.readJobID(), step: try r.read(Step.self, "step"), rank: try r.read(Rank.self, "rank")))

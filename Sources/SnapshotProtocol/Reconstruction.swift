@@ -143,17 +143,22 @@ public struct ShardData: Hashable, Sendable {
 }
 
 /// Rebuild a job's lost pipeline stages approximately (CheckFree). From an
-/// operator: plan with the cluster's view and order the nodes that host the
-/// lost ranks (`order` false). Between daemons: the order to rebuild this
-/// node's own share of `step` (`order` true).
+/// operator (`request`): plan with the cluster's view and drive the nodes
+/// that host the lost ranks. Between daemons, all or nothing: every such
+/// node first computes its share (`prepare`), and only when all succeeded
+/// installs it (`commit`); otherwise each drops what it computed (`abort`).
 public struct CheckFreeRequest: Hashable, Sendable {
+    public enum Phase: UInt8, Sendable, CaseIterable {
+        case request = 0, prepare, commit, abort
+    }
+
     public var job: JobID
-    public var order: Bool
-    /// The step an order is for (the planner's choice); nil from operators.
+    public var phase: Phase
+    /// The step the planner chose; nil in an operator's request.
     public var step: Step?
-    public init(job: JobID, order: Bool = false, step: Step? = nil) {
+    public init(job: JobID, phase: Phase = .request, step: Step? = nil) {
         self.job = job
-        self.order = order
+        self.phase = phase
         self.step = step
     }
 }

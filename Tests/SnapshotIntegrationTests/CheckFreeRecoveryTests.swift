@@ -79,10 +79,12 @@ import Testing
             }
         }
 
-        func save(_ step: Step) throws {
+        /// Every rank saves `step`; `poisoned` saves a NaN in its 'layers.0.weight'.
+        func save(_ step: Step, poisoned: Rank? = nil) throws {
             try concurrently(0..<CheckFreeRecoveryTests.world) { [self] rank in
                 let specs = try CheckFreeRecoveryTests.specs(rank)
-                let data = specs.map { CheckFreeRecoveryTests.bytes(step: step, rank: rank, spec: $0, seed: seed) }
+                var data = specs.map { CheckFreeRecoveryTests.bytes(step: step, rank: rank, spec: $0, seed: seed) }
+                if rank == poisoned { data[0].replaceSubrange(28..<32, with: [0x00, 0x00, 0xC0, 0x7F]) }
                 saved.update { $0[step, default: [:]][rank] = data }
                 let client = try client(rank)
                 try withTensorData(specs, data) { tensors in
@@ -176,6 +178,16 @@ import Testing
                 }
             }
         }
+        // The flag survives a daemon restart (it is in the shard's manifest file).
+        let before = try job.restore(4)
+        let bytesBefore = (0..<before.entries.count).map { Array(before.tensor(at: $0)) }
+        before.release()
+        try job.cluster.kill(2)
+        try job.cluster.run(["node", job.cluster.directory, "2"])
+        let after = try job.restore(4)
+        defer { after.release() }
+        #expect(after.reconstruction == before.reconstruction && after.reconstruction != nil)
+        #expect((0..<after.entries.count).map { Array(after.tensor(at: $0)) } == bytesBefore)
         // A second request finds nothing left to rebuild.
         let again = try runSnapshotctl(["recover", "--checkfree", "--job", "\(job.cluster.job)", "--socket", job.cluster.socket(0)])
         #expect(again.status == 3 && again.stderr.contains("nothing for CheckFree to rebuild"), "\(again)")
@@ -192,6 +204,24 @@ import Testing
         #expect(run.stderr.contains("CheckFree refuses step 1 of \(job.cluster.job): stages 1 and 2 are both lost"), "\(run.stderr)")
         // Nothing was written: the lost ranks still refuse restores.
         #expect(clientErrorCode { try job.client(4).restore() } == .unavailable)
+    }
+}
+
+extension CheckFreeRecoveryTests {
+    /// A neighbour that diverged (NaN in a parameter) is no source: averaging
+    /// would spread it into the rebuilt stage. The refusal names the tensor.
+    @Test func aNeighbourHoldingNaNIsRefusedAndNamed() throws {
+        let job = try Self.start("CheckFree NaN neighbour")
+        try job.save(1, poisoned: 7)
+        _ = try Self.lose([2, 3], ranks: [4, 5], in: job)
+        let run = try runSnapshotctl(["recover", "--checkfree", "--job", "\(job.cluster.job)", "--socket", job.cluster.socket(0)])
+        #expect(run.status == 3, "\(run)")
+        #expect(run.stderr.contains("tensor 'layers.0.weight' of rank 7 (stage 3) holds NaN or infinity"), "\(run.stderr)")
+        // Nothing was served as rebuilt: rank 5 (paired with rank 7) still refuses, and so does rank 4 on its own node.
+        #expect(clientErrorCode { try job.client(5).restore() } == .unavailable)
+        #expect(clientErrorCode { try job.client(4).restore() } == .unavailable)
+        // The report still offers nothing it cannot do: the plan is fine, the data is not.
+        #expect(try job.cluster.operatorClient(0).recover().jobs.first?.lostRanks == [4, 5])
     }
 }
 

@@ -90,7 +90,9 @@ extension ClusterNode {
 
     // MARK: The node an operator asked
 
-    /// Plans and orders every node hosting lost ranks; replies with what was rebuilt.
+    /// Plans, then has every node hosting lost ranks compute its share and,
+    /// once all have, install it: all or nothing, so a stage is never half
+    /// approximate and half lost. Replies with what was rebuilt.
     func handleCheckFreeRequest(_ request: CheckFreeRequest) throws -> Message {
         let (plan, _) = try checkFreePlan(job: request.job)
         let targets = Set(plan.ranks.map(\.target.node)).sorted()
@@ -101,9 +103,8 @@ extension ClusterNode {
         logger.notice("CheckFree rebuild ordered", metadata: [
             "job": "\(request.job)", "step": "\(plan.step)", "ranks": "\(plan.ranks.map(\.target.rank))", "nodes": "\(targets)",
         ])
-        let order = CheckFreeRequest(job: request.job, order: true, step: plan.step)
-        var rebuilt: [RankReconstruction] = []
-        for node in targets {
+        func order(_ phase: CheckFreeRequest.Phase, _ node: NodeID) throws -> CheckFreeReply {
+            let order = CheckFreeRequest(job: request.job, phase: phase, step: plan.step)
             let reply: Message
             do {
                 reply = node == selfID ? try handleCheckFreeOrder(order) : try mesh.request(node, .data, .checkFree(order), timeoutMilliseconds: heartbeatTimeoutMilliseconds)
@@ -111,8 +112,21 @@ extension ClusterNode {
                 throw StoreError(error.code ?? .unavailable, "node \(node): \(error.message)")
             }
             guard case .checkFreeReply(let done) = reply else { throw StoreError(.internalError, "node \(node) answered a CheckFree order with \(reply.type)") }
-            rebuilt += done.ranks
+            return done
         }
+        var prepared: [NodeID] = []
+        do {
+            for node in targets {
+                _ = try order(.prepare, node)
+                prepared.append(node)
+            }
+        } catch {
+            for node in prepared { _ = try? order(.abort, node) }
+            logger.error("CheckFree rebuild abandoned: a node could not compute its share; none was installed", metadata: ["job": "\(request.job)", "step": "\(plan.step)", "error": "\(error)"])
+            throw error
+        }
+        var rebuilt: [RankReconstruction] = []
+        for node in targets { rebuilt += try order(.commit, node).ranks }
         let stages = Set(rebuilt.map(\.stage)).sorted()
         let summary = "stage(s) \(stages) of \(request.job) rebuilt approximately at step \(plan.step) (ranks \(rebuilt.map(\.rank))): optimizer state starts fresh; raise those stages' learning rate ×\(Reconstruction.recommendedLearningRateFactor)"
         return .checkFreeReply(CheckFreeReply(job: request.job, step: plan.step, ranks: rebuilt.sorted { $0.rank < $1.rank }, summary: String(summary.prefix(ProtocolLimits.maximumMessageBytes / 4))))
@@ -120,28 +134,55 @@ extension ClusterNode {
 
     // MARK: A node hosting lost ranks
 
-    /// Rebuilds this node's lost ranks of `order.step`.
+    /// One phase of rebuilding this node's lost ranks of `order.step`.
     func handleCheckFreeOrder(_ order: CheckFreeRequest) throws -> Message {
         guard let step = order.step else { throw StoreError(.invalidRequest, "a CheckFree order names its step") }
-        try claimForCheckFree(job: order.job, step: step)
-        do {
-            let (plan, reported) = try checkFreePlan(job: order.job, step: step)
-            let mine = plan.ranks.filter { $0.target.node == selfID }
-            let rebuilt = try rebuild(mine, job: order.job, step: step, reported: reported)
-            return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: rebuilt, summary: ""))
-        } catch {
-            state.withLock { state in
-                state.cluster!.protection.stepRebuilt(job: order.job, step: step)  // the exact rebuild may try again
-                _ = state.cluster!.refreshRebuildNeed(store: state.store)
+        let id = ProtectionMachine.StepID(job: order.job, step: step)
+        switch order.phase {
+        case .request:
+            throw StoreError(.invalidRequest, "an operator's CheckFree request is not an order")
+        case .prepare:
+            discardPrepared(id)  // a planner that died between prepare and commit left it
+            try claimForCheckFree(job: order.job, step: step)
+            do {
+                let (plan, reported) = try checkFreePlan(job: order.job, step: step)
+                let prepared = try prepare(plan.ranks.filter { $0.target.node == selfID }, job: order.job, step: step, reported: reported)
+                state.withLock { $0.cluster!.preparedCheckFree[id] = prepared }
+                return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: prepared.ranks, summary: "prepared"))
+            } catch {
+                unclaim(id)
+                logger.error("CheckFree share could not be computed", metadata: ["job": "\(order.job)", "step": "\(step)", "error": "\(error)"])
+                throw error
             }
-            logger.error("CheckFree rebuild failed", metadata: ["job": "\(order.job)", "step": "\(step)", "error": "\(error)"])
-            throw error
+        case .commit:
+            guard let prepared = state.withLock({ $0.cluster!.preparedCheckFree.removeValue(forKey: id) }) else {
+                throw StoreError(.invalidRequest, "node \(selfID) has no prepared CheckFree share of step \(step) of \(order.job)")
+            }
+            try install(prepared, job: order.job, step: step)
+            return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: prepared.ranks, summary: "installed"))
+        case .abort:
+            discardPrepared(id)
+            return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: [], summary: "aborted"))
+        }
+    }
+
+    /// Drops a prepared share and lets the exact rebuild have the step again.
+    private func discardPrepared(_ id: ProtectionMachine.StepID) {
+        guard let prepared = state.withLock({ $0.cluster!.preparedCheckFree.removeValue(forKey: id) }) else { return }
+        for shard in prepared.shards { arena.release(shard.manifest.key, segment: shard.segment, poolLimitBytes: 0) }
+        unclaim(id)
+    }
+
+    private func unclaim(_ id: ProtectionMachine.StepID) {
+        state.withLock { state in
+            state.cluster!.protection.stepRebuilt(job: id.job, step: id.step)
+            _ = state.cluster!.refreshRebuildNeed(store: state.store)
         }
     }
 
     /// Waits for this node's exact rebuild to stop (it may be retrying the
     /// same step), then marks the step lost so the rebuild leaves it alone
-    /// while CheckFree writes it.
+    /// while CheckFree computes it.
     private func claimForCheckFree(job: JobID, step: Step) throws {
         let deadline = monotonicMilliseconds() + Limits.checkFreeClaimTimeoutMilliseconds
         while true {
@@ -161,57 +202,58 @@ extension ClusterNode {
         }
     }
 
-    /// Fetches the sources, computes each rank's tensors into a fresh
-    /// segment, checks, and adopts them as this node's share of the step.
-    private func rebuild(_ plans: [RankPlan], job: JobID, step: Step, reported: [Rank: ReportedShard]) throws -> [RankReconstruction] {
-        guard !plans.isEmpty else { return [] }
+    /// Fetches the sources and computes each rank's tensors into a fresh
+    /// segment; nothing is served until ``install(_:job:step:)``.
+    private func prepare(_ plans: [RankPlan], job: JobID, step: Step, reported: [Rank: ReportedShard]) throws -> PreparedCheckFree {
         let started = monotonicMilliseconds()
         var sources: [Rank: MappedSegment] = [:]
         for rank in Set(plans.flatMap(\.reconstruction.sourceRanks)).sorted() {
             sources[rank] = try fetchShard(job: job, step: step, rank: rank, reported: reported[rank]!)
         }
-        var built: [(ManifestFile, MappedSegment)] = []
-        var bytes = 0
+        var prepared = PreparedCheckFree()
         do {
             for plan in plans {
                 let lost = reported[plan.target.rank]!.manifest
                 let segment = try arena.createSegment(lost.key, sizeBytes: lost.shard.segmentSizeBytes)
-                built.append((lost, segment))
-                let checksums = try compute(plan, into: segment, layout: lost.shard, sources: sources, reported: reported)
+                prepared.shards.append(PreparedCheckFree.Shard(manifest: lost, segment: segment))
                 var shard = lost.shard
-                shard.checksums = checksums
+                shard.checksums = try compute(plan, into: segment, layout: lost.shard, sources: sources, reported: reported)
                 shard.gradientNorm = nil  // the rebuilt stage has no gradient of its own yet
                 shard.metadata = reported[plan.metadataRank]!.manifest.shard.metadata
                 shard.reconstruction = plan.reconstruction
-                let manifest = ManifestFile(key: lost.key, world: lost.world, shard: shard)
-                try arena.writeManifest(manifest)
-                built[built.count - 1].0 = manifest
-                bytes += Int(shard.specs.reduce(0) { $0 + $1.byteLength })
+                prepared.shards[prepared.shards.count - 1].manifest = ManifestFile(key: lost.key, world: lost.world, shard: shard)
+                prepared.ranks.append(RankReconstruction(rank: plan.target.rank, stage: plan.target.stage, node: selfID, reconstruction: plan.reconstruction))
             }
         } catch {
-            for (manifest, segment) in built { arena.release(manifest.key, segment: segment, poolLimitBytes: 0) }
+            for shard in prepared.shards { arena.release(shard.manifest.key, segment: shard.segment, poolLimitBytes: 0) }
             throw error
         }
-        let world = built[0].0.world
+        prepared.computeMilliseconds = monotonicMilliseconds() - started
+        return prepared
+    }
+
+    /// Adopts a prepared share as this node's copy of the committed step.
+    private func install(_ prepared: PreparedCheckFree, job: JobID, step: Step) throws {
+        guard let world = prepared.shards.first?.manifest.world else { return }
+        for shard in prepared.shards { try arena.writeManifest(shard.manifest) }
         try state.withLock { state in
-            for (manifest, segment) in built { state.segments[manifest.key] = segment }
-            state.store.adoptCommitted(job: job, step: step, world: world, shards: Dictionary(uniqueKeysWithValues: built.map { ($0.0.key.rank, $0.0.shard) }))
-            try arena.writeCommitMarker(job: job, step: step, world: world, ranks: built.map(\.0.key.rank), parity: [:])
+            for shard in prepared.shards { state.segments[shard.manifest.key] = shard.segment }
+            state.store.adoptCommitted(job: job, step: step, world: world, shards: Dictionary(uniqueKeysWithValues: prepared.shards.map { ($0.manifest.key.rank, $0.manifest.shard) }))
+            try arena.writeCommitMarker(job: job, step: step, world: world, ranks: prepared.shards.map(\.manifest.key.rank), parity: [:])
             state.cluster!.protection.stepRebuilt(job: job, step: step)
             _ = state.cluster!.refreshRebuildNeed(store: state.store)
         }
         state.broadcast()
-        let seconds = Double(monotonicMilliseconds() - started) / 1000
-        for plan in plans {
+        for rank in prepared.ranks {
             logger.warning("rank rebuilt approximately by CheckFree: restores of it say so", metadata: [
-                "job": "\(job)", "step": "\(step)", "rank": "\(plan.target.rank)", "stage": "\(plan.target.stage)",
-                "reconstruction": "\(plan.reconstruction)",
+                "job": "\(job)", "step": "\(step)", "rank": "\(rank.rank)", "stage": "\(rank.stage)", "reconstruction": "\(rank.reconstruction)",
             ])
         }
+        let bytes = prepared.shards.reduce(UInt64(0)) { $0 + $1.manifest.shard.specs.reduce(0) { $0 + $1.byteLength } }
         logger.notice("CheckFree rebuild complete", metadata: [
-            "job": "\(job)", "step": "\(step)", "ranks": "\(plans.map(\.target.rank))", "bytes": "\(bytes)", "seconds": "\(seconds)",
+            "job": "\(job)", "step": "\(step)", "ranks": "\(prepared.ranks.map(\.rank))", "bytes": "\(bytes)",
+            "computeSeconds": "\(Double(prepared.computeMilliseconds) / 1000)",
         ])
-        return plans.map { RankReconstruction(rank: $0.target.rank, stage: $0.target.stage, node: selfID, reconstruction: $0.reconstruction) }
     }
 
     /// Writes every tensor of `plan` into `segment` (laid out as `layout`
@@ -296,4 +338,16 @@ extension ClusterNode {
         try connection.send(.shardData(ShardData(job: key.job, step: key.step, rank: key.rank, segmentSizeBytes: UInt64(size))), requestID: requestID, bulkLength: UInt64(size))
         try connection.socket.writeAll(segment.base!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
     }
+}
+
+/// A node's CheckFree share, computed and waiting for the commit.
+struct PreparedCheckFree: Sendable {
+    struct Shard: Sendable {
+        var manifest: ManifestFile
+        let segment: MappedSegment
+    }
+
+    var shards: [Shard] = []
+    var ranks: [RankReconstruction] = []
+    var computeMilliseconds: Int64 = 0
 }

@@ -79,6 +79,9 @@ struct ClusterState: Sendable {
     /// serving, and when: a rebuild asks for every fragment of a share, and
     /// checking the whole share once serves them all.
     var verifiedShares: [ProtectionMachine.StepID: Int64] = [:]
+    /// CheckFree shares computed and awaiting the commit (or abort) of the
+    /// node that planned them: installed only when every node's share is ready.
+    var preparedCheckFree: [ProtectionMachine.StepID: PreparedCheckFree] = [:]
     /// Shares sealed while the node was still joining: reported once it knows
     /// the cluster (a replacement's share of a step its predecessor reported is
     /// then dropped, never reported twice).

@@ -171,7 +171,7 @@ final class Session {
         case (.trainer, .releaseRestore(let m)): release(ShardKey(job: job!, step: m.step, rank: rank), requestID: header.requestID)
         case (_, .status(let m)): status(m, requestID: header.requestID)
         case (.operatorTool, .recover): reply(.recoverReply(server.recoverReport()), to: header.requestID)
-        case (.operatorTool, .checkFree(let m)) where !m.order:
+        case (.operatorTool, .checkFree(let m)) where m.phase == .request:
             guard let cluster = server.cluster else { throw StoreError(.invalidRequest, "CheckFree rebuilds stages across a cluster; this daemon runs a single node") }
             reply(try cluster.handleCheckFreeRequest(m), to: header.requestID)
         case (.peer, _): try handlePeer(message, header: header)
@@ -357,7 +357,7 @@ final class Session {
             reply(try cluster.handleFragmentPut(put, header: header, connection: connection, scratch: &scratch), to: header.requestID)
         case .fragmentGet(let get): try cluster.serveFragment(get, requestID: header.requestID, connection: connection)
         case .shardGet(let get): try cluster.serveShard(get, requestID: header.requestID, connection: connection)
-        case .checkFree(let order) where order.order: reply(try cluster.handleCheckFreeOrder(order), to: header.requestID)
+        case .checkFree(let order) where order.phase != .request: reply(try cluster.handleCheckFreeOrder(order), to: header.requestID)
         case .repairRequest(let request): try cluster.serveRepair(request, requestID: header.requestID, connection: connection)
         default:
             if header.bulkLength > 0 { throw SessionEnd(reason: "unexpected \(header.type) with bulk bytes from a peer") }
