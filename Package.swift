@@ -42,7 +42,8 @@ let package = Package(
         .target(name: "SnapshotProtocol", dependencies: ["ErasureCoding"], swiftSettings: strictSettings),
         // CheckFree stage reconstruction: the planner (reports in, plan or
         // refusal out) and the averaging kernels. Pure computation, no I/O.
-        .target(name: "CheckFree", dependencies: ["SnapshotProtocol"], swiftSettings: strictSettings),
+        .target(name: "CStageAveraging", cSettings: [.unsafeFlags(["-O3"])]),
+        .target(name: "CheckFree", dependencies: ["SnapshotProtocol", "CStageAveraging"], swiftSettings: strictSettings),
         // Sockets, framed connections, fd passing, mapped segments, HMAC auth:
         // the I/O shared by daemon, client and CLI.
         .target(name: "CSocketShim"),
@@ -104,7 +105,7 @@ let package = Package(
         .executableTarget(
             name: "snapshot-bench",
             dependencies: [
-                "ErasureCoding", "CISALReference", "SnapshotDaemon", "SnapshotClient", "LocalCluster",
+                "ErasureCoding", "CISALReference", "SnapshotDaemon", "SnapshotClient", "LocalCluster", "CheckFree",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

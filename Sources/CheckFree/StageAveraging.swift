@@ -1,3 +1,4 @@
+import CStageAveraging
 import Dispatch
 public import SnapshotProtocol
 import Synchronization
@@ -40,71 +41,55 @@ public enum StageAveraging {
         let wp = Float(weightPrevious)
         let wn = Float(weightNext)
         return parallelChunks(count) { range in
+            // The inner loops are C (CStageAveraging): one build runs AVX2 and
+            // F16C where the CPU has them and portable code elsewhere.
+            let (start, length) = (range.lowerBound, range.count)
             switch dtype {
             case .float32:
-                averageFloat32(previous.assumingMemoryBound(to: Float.self), next.assumingMemoryBound(to: Float.self), range, wp, wn, output.assumingMemoryBound(to: Float.self))
+                let (p, n, o) = (previous.assumingMemoryBound(to: Float.self), next.assumingMemoryBound(to: Float.self), output.assumingMemoryBound(to: Float.self))
+                return stage_average_f32(p + start, n + start, length, wp, wn, o + start) != 0
             case .bfloat16:
-                averageBFloat16(previous.assumingMemoryBound(to: UInt16.self), next.assumingMemoryBound(to: UInt16.self), range, wp, wn, output.assumingMemoryBound(to: UInt16.self))
+                let (p, n, o) = (previous.assumingMemoryBound(to: UInt16.self), next.assumingMemoryBound(to: UInt16.self), output.assumingMemoryBound(to: UInt16.self))
+                return stage_average_bf16(p + start, n + start, length, wp, wn, o + start) != 0
             default:
-                averageFloat16(previous.assumingMemoryBound(to: UInt16.self), next.assumingMemoryBound(to: UInt16.self), range, wp, wn, output.assumingMemoryBound(to: UInt16.self))
+                let (p, n, o) = (previous.assumingMemoryBound(to: UInt16.self), next.assumingMemoryBound(to: UInt16.self), output.assumingMemoryBound(to: UInt16.self))
+                return stage_average_f16(p + start, n + start, length, wp, wn, o + start) != 0
             }
         }
     }
 
+    /// Whether the vectorized (AVX2 + F16C) loops run on this CPU.
+    public static var usesAVX2: Bool { stage_averaging_uses_avx2() != 0 }
+
+    /// Tests: run the portable loops even where AVX2 is available.
+    public static func forcePortable(_ force: Bool) { stage_averaging_force_portable(force ? 1 : 0) }
+
     /// Copies `count` elements; for float dtypes, false if the source holds a NaN or an infinity.
     public static func copy(_ dtype: DType, source: UnsafeRawPointer, count: Int, into output: UnsafeMutableRawPointer) -> Bool {
-        let bytes = count * Int(dtype.elementSizeBytes)
-        return parallelChunks(bytes) { range in
-            (output + range.lowerBound).copyMemory(from: source + range.lowerBound, byteCount: range.count)
-            return true
-        } && allFinite(dtype, source, count: count)
+        let size = Int(dtype.elementSizeBytes)
+        // Each chunk is checked right after it is copied, while it is still in cache.
+        return parallelChunks(count) { range in
+            (output + range.lowerBound * size).copyMemory(from: source + range.lowerBound * size, byteCount: range.count * size)
+            return finite(dtype, source, range)
+        }
     }
 
     /// Whether every element of a float tensor is finite (other dtypes: true).
     public static func allFinite(_ dtype: DType, _ data: UnsafeRawPointer, count: Int) -> Bool {
+        parallelChunks(count) { finite(dtype, data, $0) }
+    }
+
+    static func finite(_ dtype: DType, _ data: UnsafeRawPointer, _ range: Range<Int>) -> Bool {
         switch dtype {
-        case .float32: return parallelChunks(count) { finiteBits(data.assumingMemoryBound(to: UInt32.self), $0, exponentMask: 0x7F80_0000) }
-        case .float64: return parallelChunks(count) { finiteBits(data.assumingMemoryBound(to: UInt64.self), $0, exponentMask: 0x7FF0_0000_0000_0000) }
-        case .bfloat16: return parallelChunks(count) { finiteBits(data.assumingMemoryBound(to: UInt16.self), $0, exponentMask: 0x7F80) }
-        case .float16: return parallelChunks(count) { finiteBits(data.assumingMemoryBound(to: UInt16.self), $0, exponentMask: 0x7C00) }
-        default: return true
+        case .float32: finiteBits(data.assumingMemoryBound(to: UInt32.self), range, exponentMask: 0x7F80_0000)
+        case .float64: finiteBits(data.assumingMemoryBound(to: UInt64.self), range, exponentMask: 0x7FF0_0000_0000_0000)
+        case .bfloat16: finiteBits(data.assumingMemoryBound(to: UInt16.self), range, exponentMask: 0x7F80)
+        case .float16: finiteBits(data.assumingMemoryBound(to: UInt16.self), range, exponentMask: 0x7C00)
+        default: true
         }
     }
 
-    // MARK: Kernels (plain loops the optimizer vectorizes)
-
-    @inline(__always)
-    static func averageFloat32(_ p: UnsafePointer<Float>, _ n: UnsafePointer<Float>, _ range: Range<Int>, _ wp: Float, _ wn: Float, _ o: UnsafeMutablePointer<Float>) -> Bool {
-        var nonFinite: UInt32 = 0
-        for i in range {
-            let x = p[i], y = n[i]
-            nonFinite |= nonFiniteBit(x.bitPattern, exponentMask: 0x7F80_0000) | nonFiniteBit(y.bitPattern, exponentMask: 0x7F80_0000)
-            o[i] = wp * x + wn * y
-        }
-        return nonFinite == 0
-    }
-
-    @inline(__always)
-    static func averageBFloat16(_ p: UnsafePointer<UInt16>, _ n: UnsafePointer<UInt16>, _ range: Range<Int>, _ wp: Float, _ wn: Float, _ o: UnsafeMutablePointer<UInt16>) -> Bool {
-        var nonFinite: UInt16 = 0
-        for i in range {
-            let x = p[i], y = n[i]
-            nonFinite |= nonFiniteBit(x, exponentMask: 0x7F80) | nonFiniteBit(y, exponentMask: 0x7F80)
-            o[i] = bfloat16Bits(wp * floatFromBFloat16(x) + wn * floatFromBFloat16(y))
-        }
-        return nonFinite == 0
-    }
-
-    @inline(__always)
-    static func averageFloat16(_ p: UnsafePointer<UInt16>, _ n: UnsafePointer<UInt16>, _ range: Range<Int>, _ wp: Float, _ wn: Float, _ o: UnsafeMutablePointer<UInt16>) -> Bool {
-        var nonFinite: UInt16 = 0
-        for i in range {
-            let x = p[i], y = n[i]
-            nonFinite |= nonFiniteBit(x, exponentMask: 0x7C00) | nonFiniteBit(y, exponentMask: 0x7C00)
-            o[i] = float16Bits(wp * floatFromFloat16(x) + wn * floatFromFloat16(y))
-        }
-        return nonFinite == 0
-    }
+    // MARK: Finiteness
 
     /// The sign bit's position set when `bits` is NaN or infinite: its
     /// exponent bits are all ones exactly when adding the exponent's lowest
@@ -123,53 +108,19 @@ public enum StageAveraging {
         return nonFinite == 0
     }
 
-    // MARK: Conversions (branch-free, so loops vectorize; exact, RNE)
+    // MARK: Conversions (exact, round to nearest even; the C loops use the same arithmetic)
 
-    @inline(__always)
-    public static func floatFromBFloat16(_ bits: UInt16) -> Float { Float(bitPattern: UInt32(bits) << 16) }
+    public static func floatFromBFloat16(_ bits: UInt16) -> Float { stage_bf16_to_float(bits) }
 
-    /// Round to nearest even; NaN stays a (quiet) NaN of the same sign.
-    @inline(__always)
-    public static func bfloat16Bits(_ value: Float) -> UInt16 {
-        let bits = value.bitPattern
-        let isNaN = (bits & 0x7FFF_FFFF) > 0x7F80_0000
-        let rounded = UInt16(truncatingIfNeeded: (bits &+ 0x7FFF &+ ((bits >> 16) & 1)) >> 16)
-        return isNaN ? UInt16(truncatingIfNeeded: bits >> 16) | 0x0040 : rounded
-    }
+    /// Round to nearest even; overflow goes to infinity (NaN: not handled,
+    /// as the loops refuse non-finite inputs).
+    public static func bfloat16Bits(_ value: Float) -> UInt16 { stage_float_to_bf16(value) }
 
     /// IEEE half → float, exactly (subnormals, infinities and NaNs included).
-    @inline(__always)
-    public static func floatFromFloat16(_ h: UInt16) -> Float {
-        let sign = UInt32(h & 0x8000) << 16
-        let magnitude = UInt32(h & 0x7FFF)
-        let exponent = magnitude & 0x7C00
-        // Normal numbers: rebias the exponent (112 = 127 − 15).
-        let normal = Float(bitPattern: (magnitude << 13) &+ (112 << 23))
-        // Subnormals and zero: the mantissa times 2^-24, exact in float.
-        let subnormal = Float(magnitude) * Float(bitPattern: 0x3380_0000)
-        // Infinity and NaN: all-ones exponent, mantissa carried over.
-        let special = Float(bitPattern: 0x7F80_0000 | (magnitude & 0x03FF) << 13)
-        let value = exponent == 0 ? subnormal : (exponent == 0x7C00 ? special : normal)
-        return Float(bitPattern: value.bitPattern | sign)
-    }
+    public static func floatFromFloat16(_ bits: UInt16) -> Float { stage_f16_to_float(bits) }
 
     /// Float → IEEE half, round to nearest even (overflow → ±infinity, NaN → quiet NaN).
-    @inline(__always)
-    public static func float16Bits(_ value: Float) -> UInt16 {
-        let bits = value.bitPattern
-        let sign = UInt16(truncatingIfNeeded: (bits >> 16) & 0x8000)
-        let magnitude = bits & 0x7FFF_FFFF
-        // ≥ 65520 rounds to infinity; NaN stays NaN.
-        let overflow: UInt16 = magnitude > 0x7F80_0000 ? 0x7E00 : 0x7C00
-        // Below 2^-14 the result is subnormal: adding 0.5 aligns the mantissa so
-        // the FPU's own round-to-nearest-even does the rounding.
-        let subnormal = UInt16(truncatingIfNeeded: (Float(bitPattern: magnitude) + 0.5).bitPattern &- 0x3F00_0000)
-        // Normal: rebias and round the 13 dropped bits to nearest even.
-        let odd = (magnitude >> 13) & 1
-        let normal = UInt16(truncatingIfNeeded: (magnitude &- (112 << 23) &+ 0x0FFF &+ odd) >> 13)
-        let result = magnitude >= 0x4780_0000 ? overflow : (magnitude < 0x3880_0000 ? subnormal : normal)
-        return result | sign
-    }
+    public static func float16Bits(_ value: Float) -> UInt16 { stage_float_to_f16(value) }
 
     // MARK: Parallelism
 

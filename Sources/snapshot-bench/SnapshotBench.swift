@@ -7,6 +7,6 @@ struct SnapshotBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "snapshot-bench",
         abstract: "snapshotd benchmarks (build with -c release).",
-        subcommands: [ErasureBenchmark.self, NodeBenchmark.self, ClusterBenchmark.self]
+        subcommands: [ErasureBenchmark.self, NodeBenchmark.self, ClusterBenchmark.self, CheckFreeBenchmark.self]
     )
 }

@@ -152,7 +152,7 @@ import Testing
             #expect(reconstruction.sourceStages == [1, 3] && reconstruction.sourceRanks == [previous, next] && reconstruction.sourceStep == 2)
             #expect(abs(reconstruction.weights[0] - b / (a + b)) < 1e-12 && abs(reconstruction.weights[1] - a / (a + b)) < 1e-12)
             #expect(reconstruction.optimizerReset && reconstruction.learningRateFactor == 1.1)
-            for (index, spec) in specs.enumerated() {
+            for spec in specs {
                 let got = Array(try #require(shard.tensor(named: spec.name)))
                 let previousIndex = try Self.specs(previous).firstIndex { $0.name == spec.name }
                 let nextIndex = try Self.specs(next).firstIndex { $0.name == spec.name }

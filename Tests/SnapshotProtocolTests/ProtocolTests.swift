@@ -61,9 +61,25 @@ let samples: [Message] = [
     .recoverReply(RecoverReply(coordinator: 1, deadNodes: [0, 4], rebuildingNodes: [2], jobs: [
         JobRecovery(job: job, latestCommitted: 9, newestRestorable: nil, lostRanks: [0, 1, 8, 9], summary: "3 nodes of group 0 lost, it tolerates 2"),
     ])),
+    .recoverReply(RecoverReply(coordinator: 0, deadNodes: [], rebuildingNodes: [2, 3], jobs: [
+        JobRecovery(job: job, latestCommitted: 9, newestRestorable: nil, lostRanks: [4, 5], summary: "beyond tolerance", checkFree: "CheckFree can rebuild step 9"),
+    ])),
+    .restoreReady(RestoreReady(
+        step: 9, entries: [ManifestEntry(spec: weights, crc32c: 1)], tensorOffsets: [0], segmentSizeBytes: 33_554_432, gradientNorm: nil, metadata: [],
+        reconstruction: checkFreeAverage)),
+    .checkFree(CheckFreeRequest(job: job)),
+    .checkFree(CheckFreeRequest(job: job, phase: .prepare, step: 9)),
+    .checkFreeReply(CheckFreeReply(job: job, step: 9, ranks: [
+        RankReconstruction(rank: 4, stage: 2, node: 2, reconstruction: checkFreeAverage),
+        RankReconstruction(rank: 0, stage: 0, node: 0, reconstruction: Reconstruction(method: .copiedNeighbour, sourceStages: [1], sourceRanks: [2], weights: [1], sourceStep: 9)),
+    ], summary: "stage 2 rebuilt")),
+    .shardGet(ShardGet(job: job, step: 9, rank: 3)),
+    .shardData(ShardData(job: job, step: 9, rank: 3, segmentSizeBytes: 1 << 20)),
     .error(ErrorReply(code: .overBudget, message: "save needs 12 GiB, 3 GiB free")),
     .ok,
 ]
+
+let checkFreeAverage = Reconstruction(method: .averagedNeighbours, sourceStages: [1, 3], sourceRanks: [2, 6], weights: [0.25, 0.75], sourceStep: 9)
 
 @Suite("Wire protocol")
 struct ProtocolRoundTripTests {
@@ -88,6 +104,21 @@ struct ProtocolRoundTripTests {
         let (_, message, consumed) = try Frame.decode(first + second)
         #expect(message == .latestCommitted)
         #expect(consumed == first.count)
+    }
+
+    @Test func reconstructionsWithImpossibleValuesAreRefused() throws {
+        for bad in [
+            Reconstruction(method: .averagedNeighbours, sourceStages: [1, 3], sourceRanks: [2, 6], weights: [0.25, .nan], sourceStep: 9),
+            Reconstruction(method: .averagedNeighbours, sourceStages: [1, 3], sourceRanks: [2, 6], weights: [1.5, -0.5], sourceStep: 9),
+            Reconstruction(method: .averagedNeighbours, sourceStages: [1, 3], sourceRanks: [2], weights: [0.5, 0.5], sourceStep: 9),
+            Reconstruction(method: .copiedNeighbour, sourceStages: [], sourceRanks: [], weights: [], sourceStep: 9),
+            Reconstruction(method: .copiedNeighbour, sourceStages: [1], sourceRanks: [2], weights: [1], sourceStep: 9, learningRateFactor: .infinity),
+        ] {
+            var writer = ByteWriter()
+            writer.write(bad)
+            var reader = ByteReader(writer.bytes)
+            #expect(throws: ProtocolError.self, "\(bad)") { try reader.readReconstruction() }
+        }
     }
 
     @Test func errorMessagesAreBoundedOnACharacterBoundary() {
