@@ -116,7 +116,8 @@ def snapshot(client: Client, step: int, *, model: torch.nn.Module | None = None,
 def to_torch(shard: Shard, *, copy: bool = True, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """The shard's arrays as torch tensors of their saved dtype (bfloat16 and
     float8 included). ``copy=False`` gives zero-copy views of the daemon's
-    memory: read-only, alive while the shard is; never write through them."""
+    memory: read-only, alive while the shard is; never write through them.
+    ``device`` moves every tensor there but RNG state, which torch keeps on the CPU."""
     tensors: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -125,7 +126,7 @@ def to_torch(shard: Shard, *, copy: bool = True, device: torch.device | str | No
                 continue
             view = torch.from_numpy(array).view(_dtypes.to_torch(_dtypes.CODES[shard.dtypes[name]]))
             tensors[name] = view.clone() if copy else view
-            if device is not None:
+            if device is not None and shard.kinds.get(name) != RNG:
                 tensors[name] = tensors[name].to(device)
     return tensors
 
