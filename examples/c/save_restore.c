@@ -111,6 +111,14 @@ int main(int argc, char **argv) {
         fprintf(stderr, "tensor 3 of 3 gave status %d\n", status);
         return 1;
     }
+    /* A shard saved by its trainer is exact; one that CheckFree rebuilt from its
+     * pipeline neighbours would say how (method, source stages, weights). */
+    snapshotd_reconstruction how;
+    memset(&how, 0xFF, sizeof how);
+    if (snapshotd_restore_reconstruction(restore, &how) != 0 || how.method != SNAPSHOTD_EXACT || how.source_count != 0) {
+        fprintf(stderr, "an exact shard reported reconstruction method %d\n", how.method);
+        return 1;
+    }
     snapshotd_restore_close(restore);
 
     /* A step that was never saved: the daemon's own code and message. */
