@@ -42,7 +42,7 @@ let package = Package(
         .target(name: "SnapshotProtocol", dependencies: ["ErasureCoding"], swiftSettings: strictSettings),
         // CheckFree stage reconstruction: the planner (reports in, plan or
         // refusal out) and the averaging kernels. Pure computation, no I/O.
-        .target(name: "CStageAveraging", cSettings: [.unsafeFlags(["-O3"])]),
+        .target(name: "CStageAveraging"),
         .target(name: "CheckFree", dependencies: ["SnapshotProtocol", "CStageAveraging"], swiftSettings: strictSettings),
         // Sockets, framed connections, fd passing, mapped segments, HMAC auth:
         // the I/O shared by daemon, client and CLI.

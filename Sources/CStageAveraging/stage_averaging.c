@@ -1,25 +1,34 @@
 #include "stage_averaging.h"
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#define STAGE_AVERAGING_X86 1
+#endif
 
 /* Separate multiply and add everywhere: a fused multiply-add would round
  * once instead of twice and make results depend on the CPU. */
 #pragma clang fp contract(off)
 
-static int force_portable = 0;
+static int force_portable = 0;  /* read and written atomically: tests flip it */
 
-void stage_averaging_force_portable(int force) { force_portable = force; }
+void stage_averaging_force_portable(int force) { __atomic_store_n(&force_portable, force, __ATOMIC_RELAXED); }
 
 static int cpu_has_avx2(void) {
-    static int cached = -1;
-    if (cached < 0) {
+#if STAGE_AVERAGING_X86
+    static int cached = -1;  /* every thread computes the same value */
+    int known = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (known < 0) {
         __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+        known = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+        __atomic_store_n(&cached, known, __ATOMIC_RELAXED);
     }
-    return cached;
+    return known;
+#else
+    return 0;
+#endif
 }
 
-int stage_averaging_uses_avx2(void) { return !force_portable && cpu_has_avx2(); }
+int stage_averaging_uses_avx2(void) { return !__atomic_load_n(&force_portable, __ATOMIC_RELAXED) && cpu_has_avx2(); }
 
 /* The sign position is set when the exponent bits are all ones (NaN or infinity). */
 #define NON_FINITE(bits, mask, lowest, top) ((((bits) & (mask)) + (lowest)) & (top))
@@ -46,12 +55,7 @@ int stage_averaging_uses_avx2(void) { return !force_portable && cpu_has_avx2(); 
     return non_finite == 0;
 
 static int average_f32_portable(const float *previous, const float *next, size_t count, float wp, float wn, float *out) { AVERAGE_F32_BODY }
-__attribute__((target("avx2")))
-static int average_f32_avx2(const float *previous, const float *next, size_t count, float wp, float wn, float *out) { AVERAGE_F32_BODY }
-
 static int average_bf16_portable(const uint16_t *previous, const uint16_t *next, size_t count, float wp, float wn, uint16_t *out) { AVERAGE_BF16_BODY }
-__attribute__((target("avx2")))
-static int average_bf16_avx2(const uint16_t *previous, const uint16_t *next, size_t count, float wp, float wn, uint16_t *out) { AVERAGE_BF16_BODY }
 
 static int average_f16_portable(const uint16_t *previous, const uint16_t *next, size_t count, float wp, float wn, uint16_t *out) {
     uint32_t non_finite = 0;
@@ -62,6 +66,12 @@ static int average_f16_portable(const uint16_t *previous, const uint16_t *next, 
     }
     return non_finite == 0;
 }
+
+#if STAGE_AVERAGING_X86
+__attribute__((target("avx2")))
+static int average_f32_avx2(const float *previous, const float *next, size_t count, float wp, float wn, float *out) { AVERAGE_F32_BODY }
+__attribute__((target("avx2")))
+static int average_bf16_avx2(const uint16_t *previous, const uint16_t *next, size_t count, float wp, float wn, uint16_t *out) { AVERAGE_BF16_BODY }
 
 /* F16C converts 8 halves at a time, exactly, rounding to nearest even. */
 __attribute__((target("avx2,f16c")))
@@ -81,6 +91,12 @@ static int average_f16_avx2(const uint16_t *previous, const uint16_t *next, size
     int finite = _mm_testz_si128(non_finite, non_finite);
     return average_f16_portable(previous + i, next + i, count - i, wp, wn, out + i) && finite;
 }
+#else
+/* Other CPUs: stage_averaging_uses_avx2() is 0, so these are never called. */
+#define average_f32_avx2 average_f32_portable
+#define average_bf16_avx2 average_bf16_portable
+#define average_f16_avx2 average_f16_portable
+#endif
 
 int stage_average_f32(const float *previous, const float *next, size_t count, float wp, float wn, float *out) {
     return stage_averaging_uses_avx2() ? average_f32_avx2(previous, next, count, wp, wn, out) : average_f32_portable(previous, next, count, wp, wn, out);

@@ -66,6 +66,7 @@ public enum CheckFreeRefusal: Error, Sendable, Equatable, CustomStringConvertibl
     case adjacentStagesLost(stage: UInt32, neighbour: UInt32)
     case noCounterpartRank(rank: Rank, stage: UInt32, neighbourStage: UInt32)
     case missingGradientNorm(rank: Rank, stage: UInt32)
+    case unusableGradientNorms(ranks: [Rank])
     case tensorMissing(rank: Rank, tensor: String, neighbourStages: [UInt32])
     case tensorMismatch(rank: Rank, tensor: String, neighbourRank: Rank, reason: String)
     case cannotAverage(rank: Rank, tensor: String, dtype: DType)
@@ -81,6 +82,8 @@ public enum CheckFreeRefusal: Error, Sendable, Equatable, CustomStringConvertibl
             "rank \(rank) (stage \(stage)) has no rank with the same tensor- and data-parallel index in stage \(neighbourStage)"
         case .missingGradientNorm(let rank, let stage):
             "rank \(rank) (stage \(stage)) saved no gradient norm: the average is weighted by the neighbours' norms (pass gradient_norm to save)"
+        case .unusableGradientNorms(let ranks):
+            "the gradient norms of ranks \(ranks.map(String.init).joined(separator: " and ")) cannot weigh an average (not finite, negative, or overflowing)"
         case .tensorMissing(let rank, let tensor, let stages):
             "tensor '\(tensor)' of rank \(rank) has no counterpart in stage(s) \(stages.map(String.init).joined(separator: " and ")) (tensor sets differ; name tensors stage-locally, mark embedding/LM-head copies as carried)"
         case .tensorMismatch(let rank, let tensor, let neighbourRank, let reason):
@@ -137,7 +140,9 @@ public enum CheckFreePlanner {
         if let previous, let next {
             guard let normPrevious = previous.gradientNorm else { throw .missingGradientNorm(rank: previous.rank, stage: previous.stage) }
             guard let normNext = next.gradientNorm else { throw .missingGradientNorm(rank: next.rank, stage: next.stage) }
-            let weights = StageAveraging.weights(normPrevious: normPrevious, normNext: normNext)
+            guard let weights = StageAveraging.weights(normPrevious: normPrevious, normNext: normNext) else {
+                throw .unusableGradientNorms(ranks: [previous.rank, next.rank])
+            }
             reconstruction = Reconstruction(
                 method: .averagedNeighbours, sourceStages: [previous.stage, next.stage], sourceRanks: [previous.rank, next.rank],
                 weights: [weights.previous, weights.next], sourceStep: step)

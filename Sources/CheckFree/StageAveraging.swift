@@ -22,10 +22,12 @@ public enum StageAveraging {
 
     /// `(wPrevious, wNext)` for gradient norms `normPrevious = ‖g_{i−1}‖`, `normNext = ‖g_{i+1}‖`:
     /// `a = normNext + 1e-4`, `b = normPrevious + 1e-4`, weights `b/(a+b)` and `a/(a+b)`.
-    public static func weights(normPrevious: Double, normNext: Double) -> (previous: Double, next: Double) {
-        precondition(normPrevious.isFinite && normPrevious >= 0 && normNext.isFinite && normNext >= 0)
+    /// Nil when the norms are not finite and non-negative, or so large that `a + b` overflows.
+    public static func weights(normPrevious: Double, normNext: Double) -> (previous: Double, next: Double)? {
+        guard normPrevious.isFinite, normPrevious >= 0, normNext.isFinite, normNext >= 0 else { return nil }
         let a = normNext + 1e-4
         let b = normPrevious + 1e-4
+        guard (a + b).isFinite else { return nil }
         return (b / (a + b), a / (a + b))
     }
 

@@ -205,9 +205,9 @@ public func cRestoreReconstruction(_ restore: OpaquePointer?, _ out: UnsafeMutab
     guard let restore, let r = borrow(restore, as: RestoreBox.self).shard.reconstruction else { return 0 }
     info.method = Int32(r.method.rawValue)
     info.source_count = UInt32(r.sourceStages.count)
-    withUnsafeMutableBytes(of: &info.source_stages) { $0.bindMemory(to: UInt32.self).update(fromContentsOf: r.sourceStages.prefix(2)) }
-    withUnsafeMutableBytes(of: &info.source_ranks) { $0.bindMemory(to: UInt32.self).update(fromContentsOf: r.sourceRanks.prefix(2)) }
-    withUnsafeMutableBytes(of: &info.weights) { $0.bindMemory(to: Double.self).update(fromContentsOf: r.weights.prefix(2)) }
+    _ = withUnsafeMutableBytes(of: &info.source_stages) { $0.bindMemory(to: UInt32.self).update(fromContentsOf: r.sourceStages.prefix(2)) }
+    _ = withUnsafeMutableBytes(of: &info.source_ranks) { $0.bindMemory(to: UInt32.self).update(fromContentsOf: r.sourceRanks.prefix(2)) }
+    _ = withUnsafeMutableBytes(of: &info.weights) { $0.bindMemory(to: Double.self).update(fromContentsOf: r.weights.prefix(2)) }
     info.source_step = r.sourceStep
     info.optimizer_reset = r.optimizerReset ? 1 : 0
     info.learning_rate_factor = r.learningRateFactor

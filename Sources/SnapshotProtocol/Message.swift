@@ -230,6 +230,7 @@ public enum Message: Hashable, Sendable {
             w.write(m.job)
             w.write(m.phase.rawValue)
             w.writeOptional(m.step)
+            w.write(m.token)
         case .checkFreeReply(let m): w.write(m)
         case .shardGet(let m):
             w.write(m.job)
@@ -327,7 +328,9 @@ public enum Message: Hashable, Sendable {
         case .recover: return .recover
         case .recoverReply: return .recoverReply(try r.readRecoverReply())
         case .checkFree:
-            return .checkFree(CheckFreeRequest(job: try r.readJobID(), phase: try r.readEnum(CheckFreeRequest.Phase.self, "phase"), step: try r.readOptional(Step.self, "step")))
+            return .checkFree(CheckFreeRequest(
+                job: try r.readJobID(), phase: try r.readEnum(CheckFreeRequest.Phase.self, "phase"), step: try r.readOptional(Step.self, "step"),
+                token: try r.read(UInt64.self, "token")))
         case .checkFreeReply: return .checkFreeReply(try r.readCheckFreeReply())
         case .shardGet:
             return .shardGet(ShardGet(job: try r.readJobID(), step: try r.read(Step.self, "step"), rank: try r.read(Rank.self, "rank")))
@@ -522,7 +525,7 @@ extension ByteReader {
         return CommitSave(step: step, checksums: checksums, gradientNorm: norm, metadata: metadata)
     }
 
-    mutating func readGradientNorm() throws(ProtocolError) -> Double? {
+    public mutating func readGradientNorm() throws(ProtocolError) -> Double? {
         guard let bits = try readOptional(UInt64.self, "gradientNorm") else { return nil }
         let norm = Double(bitPattern: bits)
         guard norm.isFinite, norm >= 0 else { throw .invalidValue(field: "gradientNorm", reason: "must be finite and ≥ 0, got \(norm)") }

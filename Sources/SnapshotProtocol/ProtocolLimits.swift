@@ -2,7 +2,9 @@
 /// against one of these before anything is allocated, so no input, however
 /// hostile, makes a peer allocate more than these bounds.
 public enum ProtocolLimits {
-    public static let version: UInt8 = 1
+    /// Version 2: CheckFree (reconstruction in restores, recovery reports
+    /// and manifests; the checkFree and shard messages; the carried kind).
+    public static let version: UInt8 = 2
     /// Control payload of one frame (manifests, status). Bulk bytes are separate.
     public static let maximumControlPayloadBytes = 8 << 20
     /// Control payload of the peer messages that carry manifests (see

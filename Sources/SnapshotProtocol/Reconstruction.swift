@@ -96,8 +96,9 @@ extension ByteReader {
             }
             weights.append(weight)
         }
-        guard stages.count == ranks.count, ranks.count == weights.count, !stages.isEmpty else {
-            throw .invalidValue(field: "reconstruction", reason: "\(stages.count) stages, \(ranks.count) ranks and \(weights.count) weights")
+        let sources = method == .averagedNeighbours ? 2 : 1
+        guard stages.count == sources, ranks.count == sources, weights.count == sources else {
+            throw .invalidValue(field: "reconstruction", reason: "\(method) with \(stages.count) stages, \(ranks.count) ranks and \(weights.count) weights")
         }
         let step = try read(Step.self, "reconstruction.sourceStep")
         let reset = try readBool("reconstruction.optimizerReset")
@@ -156,10 +157,13 @@ public struct CheckFreeRequest: Hashable, Sendable {
     public var phase: Phase
     /// The step the planner chose; nil in an operator's request.
     public var step: Step?
-    public init(job: JobID, phase: Phase = .request, step: Step? = nil) {
+    /// Names one rebuild across its phases (0 in an operator's request).
+    public var token: UInt64
+    public init(job: JobID, phase: Phase = .request, step: Step? = nil, token: UInt64 = 0) {
         self.job = job
         self.phase = phase
         self.step = step
+        self.token = token
     }
 }
 

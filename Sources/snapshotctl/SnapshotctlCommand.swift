@@ -180,6 +180,7 @@ struct Recover: ParsableCommand {
 
     func validate() throws {
         if checkfree && job == nil { throw ValidationError("--checkfree needs --job") }
+        guard timeout.isFinite, timeout > 0, timeout <= 86_400 else { throw ValidationError("--timeout must be between 0 and 86400 seconds") }
         if checkfree && wait { throw ValidationError("--checkfree and --wait do not go together: wait first, then rebuild") }
         if let job, (try? JobID(job)) == nil { throw ValidationError("--job '\(job)' is not a valid job id") }
     }

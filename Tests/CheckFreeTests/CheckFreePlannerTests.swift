@@ -115,6 +115,11 @@ import Testing
         noNorm[3].gradientNorm = nil
         #expect(Self.refusal { () throws(CheckFreeRefusal) in try CheckFreePlanner.plan(step: 1, shards: noNorm, lost: [2]) } == .missingGradientNorm(rank: 3, stage: 3))
 
+        var huge = shards
+        huge[1].gradientNorm = .greatestFiniteMagnitude
+        huge[3].gradientNorm = .greatestFiniteMagnitude
+        #expect(Self.refusal { () throws(CheckFreeRefusal) in try CheckFreePlanner.plan(step: 1, shards: huge, lost: [2]) } == .unusableGradientNorms(ranks: [1, 3]))
+
         var renamed = shards
         renamed[3].specs[0].name = "blocks.0.weight"
         #expect(Self.refusal { () throws(CheckFreeRefusal) in try CheckFreePlanner.plan(step: 1, shards: renamed, lost: [2]) }

@@ -68,7 +68,7 @@ let samples: [Message] = [
         step: 9, entries: [ManifestEntry(spec: weights, crc32c: 1)], tensorOffsets: [0], segmentSizeBytes: 33_554_432, gradientNorm: nil, metadata: [],
         reconstruction: checkFreeAverage)),
     .checkFree(CheckFreeRequest(job: job)),
-    .checkFree(CheckFreeRequest(job: job, phase: .prepare, step: 9)),
+    .checkFree(CheckFreeRequest(job: job, phase: .prepare, step: 9, token: 0xFEED_F00D)),
     .checkFreeReply(CheckFreeReply(job: job, step: 9, ranks: [
         RankReconstruction(rank: 4, stage: 2, node: 2, reconstruction: checkFreeAverage),
         RankReconstruction(rank: 0, stage: 0, node: 0, reconstruction: Reconstruction(method: .copiedNeighbour, sourceStages: [1], sourceRanks: [2], weights: [1], sourceStep: 9)),
@@ -199,7 +199,8 @@ struct MalformedInputTests {
     }
 
     @Test func unknownVersionTypeFlagsReserved() {
-        #expect(throws: ProtocolError.unsupportedVersion(2)) { try Frame.decode(resealed(valid) { $0[4] = 2 }) }
+        #expect(throws: ProtocolError.unsupportedVersion(1)) { try Frame.decode(resealed(valid) { $0[4] = 1 }) }  // before CheckFree
+        #expect(throws: ProtocolError.unsupportedVersion(3)) { try Frame.decode(resealed(valid) { $0[4] = 3 }) }
         #expect(throws: ProtocolError.unknownMessageType(200)) { try Frame.decode(resealed(valid) { $0[5] = 200 }) }
         #expect(throws: ProtocolError.unknownFlags(0x8000)) { try Frame.decode(resealed(valid) { put(UInt16(0x8000), at: 6, in: &$0) }) }
         #expect(throws: ProtocolError.nonZeroReserved) { try Frame.decode(resealed(valid) { $0[33] = 1 }) }

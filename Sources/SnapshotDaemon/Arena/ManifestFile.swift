@@ -16,7 +16,9 @@ public struct ManifestFile: Equatable, Sendable {
     public func encoded() -> [UInt8] {
         var w = ByteWriter(reservingCapacity: 4096)
         w.write(Self.magic)
-        w.write(Self.version)
+        // Version 1 where it says all there is: peers of the previous release still read it.
+        let version = shard.reconstruction == nil ? 1 : Self.version
+        w.write(version)
         w.write(key.job)
         w.write(key.step)
         w.write(key.rank)
@@ -28,7 +30,7 @@ public struct ManifestFile: Equatable, Sendable {
         w.writeCount(shard.specs.count)
         for entry in shard.manifest { w.write(entry) }
         for offset in shard.tensorOffsets { w.write(offset) }
-        w.writeOptional(shard.reconstruction)
+        if version >= 2 { w.writeOptional(shard.reconstruction) }
         w.write(CRC32C.checksum(w.bytes))
         return w.bytes
     }
@@ -56,7 +58,7 @@ public struct ManifestFile: Equatable, Sendable {
         world = try r.read(UInt32.self, "world")
         let topology = try r.readTopology()
         let segmentSize = try r.read(UInt64.self, "segmentSizeBytes")
-        let norm = try r.readOptional(UInt64.self, "gradientNorm").map(Double.init(bitPattern:))
+        let norm = try r.readGradientNorm()
         let metadata = try r.readBlob("metadata", limitBytes: ProtocolLimits.maximumMetadataBytes)
         let count = try r.readCount("entries", limit: ProtocolLimits.maximumTensorsPerShard, minimumElementBytes: 17)
         var entries: [ManifestEntry] = []
@@ -65,6 +67,11 @@ public struct ManifestFile: Equatable, Sendable {
         for _ in 0..<count { offsets.append(try r.read(UInt64.self, "offset")) }
         let reconstruction = version >= 2 ? try r.readOptionalReconstruction() : nil
         try r.finish()
+        // Manifests travel between nodes (readiness reports): a layout that is
+        // not the one the tensors imply would send a rebuild past a segment's end.
+        guard let layout = SegmentLayout.offsets(for: entries.map(\.spec)), layout.offsets == offsets, layout.segmentSizeBytes == segmentSize else {
+            throw .invalidValue(field: "manifest", reason: "tensor offsets or segment size do not match the tensors' layout")
+        }
         key = ShardKey(job: job, step: step, rank: rank)
         shard = ShardRecord(
             state: .localComplete, specs: entries.map(\.spec), tensorOffsets: offsets, segmentSizeBytes: segmentSize,

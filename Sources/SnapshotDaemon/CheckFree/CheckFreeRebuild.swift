@@ -103,8 +103,10 @@ extension ClusterNode {
         logger.notice("CheckFree rebuild ordered", metadata: [
             "job": "\(request.job)", "step": "\(plan.step)", "ranks": "\(plan.ranks.map(\.target.rank))", "nodes": "\(targets)",
         ])
+        // One token per rebuild: a node's late answer to an abandoned one is recognised and dropped.
+        let token = UInt64.random(in: 1...UInt64.max)
         func order(_ phase: CheckFreeRequest.Phase, _ node: NodeID) throws -> CheckFreeReply {
-            let order = CheckFreeRequest(job: request.job, phase: phase, step: plan.step)
+            let order = CheckFreeRequest(job: request.job, phase: phase, step: plan.step, token: token)
             let reply: Message
             do {
                 reply = node == selfID ? try handleCheckFreeOrder(order) : try mesh.request(node, .data, .checkFree(order), timeoutMilliseconds: heartbeatTimeoutMilliseconds)
@@ -114,19 +116,27 @@ extension ClusterNode {
             guard case .checkFreeReply(let done) = reply else { throw StoreError(.internalError, "node \(node) answered a CheckFree order with \(reply.type)") }
             return done
         }
-        var prepared: [NodeID] = []
         do {
-            for node in targets {
-                _ = try order(.prepare, node)
-                prepared.append(node)
-            }
+            for node in targets { _ = try order(.prepare, node) }
         } catch {
-            for node in prepared { _ = try? order(.abort, node) }
+            // Every target, also one that failed or did not answer in time: a
+            // prepare still running drops its share when it finishes.
+            for node in targets { _ = try? order(.abort, node) }
             logger.error("CheckFree rebuild abandoned: a node could not compute its share; none was installed", metadata: ["job": "\(request.job)", "step": "\(plan.step)", "error": "\(error)"])
             throw error
         }
         var rebuilt: [RankReconstruction] = []
-        for node in targets { rebuilt += try order(.commit, node).ranks }
+        var installed: [NodeID] = []
+        for (index, node) in targets.enumerated() {
+            do {
+                rebuilt += try order(.commit, node).ranks
+                installed.append(node)
+            } catch {
+                for rest in targets[(index + 1)...] { _ = try? order(.abort, rest) }
+                logger.critical("CheckFree rebuild installed only in part", metadata: ["job": "\(request.job)", "step": "\(plan.step)", "installed": "\(installed)", "error": "\(error)"])
+                throw StoreError(.internalError, "\(error); nodes \(installed) installed their share of step \(plan.step), nodes \(Array(targets[index...])) did not (their ranks stay lost)")
+            }
+        }
         let stages = Set(rebuilt.map(\.stage)).sorted()
         let summary = "stage(s) \(stages) of \(request.job) rebuilt approximately at step \(plan.step) (ranks \(rebuilt.map(\.rank))): optimizer state starts fresh; raise those stages' learning rate ×\(Reconstruction.recommendedLearningRateFactor)"
         return .checkFreeReply(CheckFreeReply(job: request.job, step: plan.step, ranks: rebuilt.sorted { $0.rank < $1.rank }, summary: String(summary.prefix(ProtocolLimits.maximumMessageBytes / 4))))
@@ -142,58 +152,98 @@ extension ClusterNode {
         case .request:
             throw StoreError(.invalidRequest, "an operator's CheckFree request is not an order")
         case .prepare:
-            discardPrepared(id)  // a planner that died between prepare and commit left it
-            try claimForCheckFree(job: order.job, step: step)
+            try claimForCheckFree(id, token: order.token)
+            let prepared: PreparedCheckFree
             do {
                 let (plan, reported) = try checkFreePlan(job: order.job, step: step)
-                let prepared = try prepare(plan.ranks.filter { $0.target.node == selfID }, job: order.job, step: step, reported: reported)
-                state.withLock { $0.cluster!.preparedCheckFree[id] = prepared }
-                return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: prepared.ranks, summary: "prepared"))
+                let mine = plan.ranks.filter { $0.target.node == selfID }
+                guard !mine.isEmpty else {
+                    throw StoreError(.unavailable, "node \(selfID)'s view of step \(step) has none of the lost ranks here: the nodes' views disagree; try again when the cluster has settled")
+                }
+                prepared = try prepare(mine, job: order.job, step: step, reported: reported)
             } catch {
-                unclaim(id)
+                finishCheckFree(id, token: order.token, releasing: nil)
                 logger.error("CheckFree share could not be computed", metadata: ["job": "\(order.job)", "step": "\(step)", "error": "\(error)"])
                 throw error
             }
-        case .commit:
-            guard let prepared = state.withLock({ $0.cluster!.preparedCheckFree.removeValue(forKey: id) }) else {
-                throw StoreError(.invalidRequest, "node \(selfID) has no prepared CheckFree share of step \(step) of \(order.job)")
+            let parked = state.withLock { state -> Bool in
+                guard var work = state.cluster!.checkFree[id], work.token == order.token, !work.aborted else { return false }
+                work.prepared = prepared
+                state.cluster!.checkFree[id] = work
+                return true
             }
-            try install(prepared, job: order.job, step: step)
+            guard parked else {
+                finishCheckFree(id, token: order.token, releasing: prepared)
+                throw StoreError(.unavailable, "the CheckFree rebuild of step \(step) was abandoned while this node computed its share")
+            }
+            return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: prepared.ranks, summary: "prepared"))
+        case .commit:
+            let prepared = state.withLock { state -> PreparedCheckFree? in
+                guard let work = state.cluster!.checkFree[id], work.token == order.token, !work.aborted else { return nil }
+                return work.prepared
+            }
+            guard let prepared else {
+                throw StoreError(.invalidRequest, "node \(selfID) has no prepared CheckFree share of step \(step) of \(order.job) for this rebuild")
+            }
+            do {
+                try install(prepared, id: id)
+            } catch {
+                finishCheckFree(id, token: order.token, releasing: prepared)
+                logger.error("CheckFree share could not be installed", metadata: ["job": "\(order.job)", "step": "\(step)", "error": "\(error)"])
+                throw error
+            }
             return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: prepared.ranks, summary: "installed"))
         case .abort:
-            discardPrepared(id)
+            let computed: PreparedCheckFree? = state.withLock { state in
+                guard var work = state.cluster!.checkFree[id], work.token == order.token else { return nil }
+                if work.prepared == nil {
+                    work.aborted = true  // still computing: its prepare cleans up when it ends
+                    state.cluster!.checkFree[id] = work
+                }
+                return work.prepared
+            }
+            if let computed { finishCheckFree(id, token: order.token, releasing: computed) }
             return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: [], summary: "aborted"))
         }
     }
 
-    /// Drops a prepared share and lets the exact rebuild have the step again.
-    private func discardPrepared(_ id: ProtectionMachine.StepID) {
-        guard let prepared = state.withLock({ $0.cluster!.preparedCheckFree.removeValue(forKey: id) }) else { return }
-        for shard in prepared.shards { arena.release(shard.manifest.key, segment: shard.segment, poolLimitBytes: 0) }
-        unclaim(id)
-    }
-
-    private func unclaim(_ id: ProtectionMachine.StepID) {
+    /// Ends this node's part in rebuild `token` without installing: frees
+    /// what it computed and gives the step back to the exact rebuild.
+    private func finishCheckFree(_ id: ProtectionMachine.StepID, token: UInt64, releasing prepared: PreparedCheckFree?) {
+        for shard in prepared?.shards ?? [] { arena.release(shard.manifest.key, segment: shard.segment, poolLimitBytes: 0) }
         state.withLock { state in
-            state.cluster!.protection.stepRebuilt(job: id.job, step: id.step)
-            _ = state.cluster!.refreshRebuildNeed(store: state.store)
+            guard state.cluster!.checkFree[id]?.token == token else { return }
+            state.cluster!.checkFree[id] = nil
         }
     }
 
     /// Waits for this node's exact rebuild to stop (it may be retrying the
-    /// same step), then marks the step lost so the rebuild leaves it alone
-    /// while CheckFree computes it.
-    private func claimForCheckFree(job: JobID, step: Step) throws {
+    /// same step), then claims the step for rebuild `token`: the exact rebuild
+    /// leaves a claimed step alone (``ClusterState/rebuildableSteps(store:)``),
+    /// while the node still counts it as missing. One rebuild of a step at a
+    /// time; one abandoned for longer than
+    /// ``Limits/checkFreeShareLifetimeMilliseconds`` is dropped.
+    private func claimForCheckFree(_ id: ProtectionMachine.StepID, token: UInt64) throws {
         let deadline = monotonicMilliseconds() + Limits.checkFreeClaimTimeoutMilliseconds
         while true {
-            let claimed: Bool = try state.withLock { state in
-                guard !(state.store.isCommitted(job: job, step: step) && !state.store.localShards(job: job, step: step).isEmpty) else {
-                    throw StoreError(.invalidRequest, "node \(selfID) already holds step \(step) of \(job): nothing for CheckFree to rebuild here")
+            let now = monotonicMilliseconds()
+            let (claimed, stale): (Bool, PreparedCheckFree?) = try state.withLock { state in
+                guard !(state.store.isCommitted(job: id.job, step: id.step) && !state.store.localShards(job: id.job, step: id.step).isEmpty) else {
+                    throw StoreError(.invalidRequest, "node \(selfID) already holds step \(id.step) of \(id.job): nothing for CheckFree to rebuild here")
                 }
-                guard !state.cluster!.rebuild.isRunning else { return false }
-                state.cluster!.protection.stepLost(job: job, step: step, reason: "beyond tolerance; being rebuilt approximately by CheckFree")
-                return true
+                var stale: PreparedCheckFree? = nil
+                if let work = state.cluster!.checkFree[id] {
+                    guard work.prepared != nil, now - work.startedMilliseconds > Limits.checkFreeShareLifetimeMilliseconds else {
+                        throw StoreError(.unavailable, "a CheckFree rebuild of step \(id.step) of \(id.job) is already in progress on node \(selfID)")
+                    }
+                    stale = work.prepared  // its planner never committed or aborted
+                    state.cluster!.checkFree[id] = nil
+                }
+                guard !state.cluster!.rebuild.isRunning else { return (false, stale) }
+                state.cluster!.checkFree[id] = CheckFreeWork(token: token, startedMilliseconds: now)
+                return (true, stale)
             }
+            for shard in stale?.shards ?? [] { arena.release(shard.manifest.key, segment: shard.segment, poolLimitBytes: 0) }
             if claimed { return }
             guard monotonicMilliseconds() < deadline else {
                 throw StoreError(.unavailable, "node \(selfID) is still running its exact rebuild; try again")
@@ -206,8 +256,16 @@ extension ClusterNode {
     /// segment; nothing is served until ``install(_:job:step:)``.
     private func prepare(_ plans: [RankPlan], job: JobID, step: Step, reported: [Rank: ReportedShard]) throws -> PreparedCheckFree {
         let started = monotonicMilliseconds()
+        // The neighbours' shards and the rebuilt ones all live in this node's memory for a while.
+        let sourceRanks = Set(plans.flatMap(\.reconstruction.sourceRanks))
+        let neededBytes = sourceRanks.reduce(UInt64(0)) { $0 + reported[$1]!.manifest.shard.segmentSizeBytes }
+            + plans.reduce(UInt64(0)) { $0 + reported[$1.target.rank]!.manifest.shard.segmentSizeBytes }
+        let freeBytes = state.withLock { $0.store.budgetBytes - min($0.store.budgetBytes, $0.store.heldBytes) }
+        guard neededBytes <= freeBytes else {
+            throw StoreError(.overBudget, "node \(selfID): CheckFree needs \(neededBytes) bytes for the neighbours' shards and the rebuilt ones, \(freeBytes) are free in the memory budget")
+        }
         var sources: [Rank: MappedSegment] = [:]
-        for rank in Set(plans.flatMap(\.reconstruction.sourceRanks)).sorted() {
+        for rank in sourceRanks.sorted() {
             sources[rank] = try fetchShard(job: job, step: step, rank: rank, reported: reported[rank]!)
         }
         var prepared = PreparedCheckFree()
@@ -232,14 +290,18 @@ extension ClusterNode {
         return prepared
     }
 
-    /// Adopts a prepared share as this node's copy of the committed step.
-    private func install(_ prepared: PreparedCheckFree, job: JobID, step: Step) throws {
-        guard let world = prepared.shards.first?.manifest.world else { return }
+    /// Adopts a prepared share as this node's copy of the committed step:
+    /// manifests and the commit marker first (a restart finds the share
+    /// whole), then the store.
+    private func install(_ prepared: PreparedCheckFree, id: ProtectionMachine.StepID) throws {
+        let (job, step) = (id.job, id.step)
+        guard let world = prepared.shards.first?.manifest.world else { throw StoreError(.internalError, "an empty CheckFree share") }
         for shard in prepared.shards { try arena.writeManifest(shard.manifest) }
-        try state.withLock { state in
+        try arena.writeCommitMarker(job: job, step: step, world: world, ranks: prepared.shards.map(\.manifest.key.rank), parity: [:])
+        state.withLock { state in
             for shard in prepared.shards { state.segments[shard.manifest.key] = shard.segment }
             state.store.adoptCommitted(job: job, step: step, world: world, shards: Dictionary(uniqueKeysWithValues: prepared.shards.map { ($0.manifest.key.rank, $0.manifest.shard) }))
-            try arena.writeCommitMarker(job: job, step: step, world: world, ranks: prepared.shards.map(\.manifest.key.rank), parity: [:])
+            state.cluster!.checkFree[id] = nil
             state.cluster!.protection.stepRebuilt(job: job, step: step)
             _ = state.cluster!.refreshRebuildNeed(store: state.store)
         }
@@ -299,7 +361,7 @@ extension ClusterNode {
         let local: MappedSegment? = state.withLock { state in
             state.store.isCommitted(job: job, step: step) && state.store.jobs[job]?.steps[step]?[rank] != nil ? state.segments[key] : nil
         }
-        if let local {
+        if let local, local.sizeBytes == size {
             memcpy(buffer.base!, local.base!, size)
         } else {
             try mesh.withConnection(reported.node, .data, timeoutMilliseconds: heartbeatTimeoutMilliseconds) { connection in
@@ -338,6 +400,15 @@ extension ClusterNode {
         try connection.send(.shardData(ShardData(job: key.job, step: key.step, rank: key.rank, segmentSizeBytes: UInt64(size))), requestID: requestID, bulkLength: UInt64(size))
         try connection.socket.writeAll(segment.base!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
     }
+}
+
+/// This node's part in one CheckFree rebuild of a step.
+struct CheckFreeWork: Sendable {
+    let token: UInt64
+    let startedMilliseconds: Int64
+    var prepared: PreparedCheckFree? = nil
+    /// The planner abandoned the rebuild while this node was still computing.
+    var aborted = false
 }
 
 /// A node's CheckFree share, computed and waiting for the commit.

@@ -45,6 +45,9 @@ public enum Limits {
     /// How long a CheckFree order waits for the node's own exact rebuild
     /// (which retries a step beyond tolerance) to stop before it is refused.
     static let checkFreeClaimTimeoutMilliseconds: Int64 = 30_000
+    /// A computed CheckFree share whose planner never committed or aborted
+    /// it is dropped by the next rebuild of the step after this long.
+    static let checkFreeShareLifetimeMilliseconds: Int64 = 600_000
     /// What the background scrub reads per second at most: it must not take
     /// memory bandwidth a trainer's save or a rebuild needs.
     static let scrubBytesPerSecond = 256 << 20

@@ -79,9 +79,9 @@ struct ClusterState: Sendable {
     /// serving, and when: a rebuild asks for every fragment of a share, and
     /// checking the whole share once serves them all.
     var verifiedShares: [ProtectionMachine.StepID: Int64] = [:]
-    /// CheckFree shares computed and awaiting the commit (or abort) of the
-    /// node that planned them: installed only when every node's share is ready.
-    var preparedCheckFree: [ProtectionMachine.StepID: PreparedCheckFree] = [:]
+    /// CheckFree rebuilds this node takes part in: claimed, computing, or
+    /// computed and awaiting the planner's commit or abort.
+    var checkFree: [ProtectionMachine.StepID: CheckFreeWork] = [:]
     /// Shares sealed while the node was still joining: reported once it knows
     /// the cluster (a replacement's share of a step its predecessor reported is
     /// then dropped, never reported twice).
@@ -91,7 +91,11 @@ struct ClusterState: Sendable {
     var lostNodes: Set<NodeID> { Set(monitor.deadNodes).union(monitor.needsRebuild) }
 
     /// The steps this node misses that a rebuild can work on now.
-    func rebuildableSteps(store: SnapshotStore) -> [ProtectionMachine.StepID] { protection.rebuildableSteps(store: store) }
+    /// Missing committed steps the exact rebuild may work on: not those a
+    /// CheckFree rebuild has claimed (they still count as missing).
+    func rebuildableSteps(store: SnapshotStore) -> [ProtectionMachine.StepID] {
+        protection.rebuildableSteps(store: store).filter { checkFree[$0] == nil }
+    }
 
     /// Tells the monitor whether this node needs a rebuild; returns how many steps it misses.
     @discardableResult
