@@ -7,4 +7,4 @@ export DEBIAN_FRONTEND=noninteractive
 $sudo_cmd apt-get update
 $sudo_cmd apt-get install -y --no-install-recommends \
     libisal-dev libibverbs-dev librdmacm-dev pkg-config iperf3 iproute2 procps \
-    python3 python3-venv python3-pip
+    python3 python3-venv python3-pip systemd

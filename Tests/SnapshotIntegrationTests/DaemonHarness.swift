@@ -30,6 +30,8 @@ final class DaemonProcess: @unchecked Sendable {
     let budget: String
     let keep: Int
     let extraArguments: [String]
+    /// Added to the daemon's environment on every start (e.g. NOTIFY_SOCKET).
+    var environment: [String: String] = [:]
     private(set) var process: Process?
     var logPath: String { scratch + "/snapshotd.log" }
 
@@ -58,6 +60,7 @@ final class DaemonProcess: @unchecked Sendable {
         log.seekToEndOfFile()
         process.standardError = log
         process.standardOutput = log
+        if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         try process.run()
         self.process = process
         try waitUntilReady()

@@ -19,8 +19,9 @@ extension ClusterNode {
         while !isStopping {
             let started = monotonicMilliseconds()
             let (monitorActions, protectionActions) = state.withLock { state in
-                (state.cluster!.monitor.handle(.tick(nowMilliseconds: started)),
-                 state.cluster!.protection.tick(nowMilliseconds: started, liveNodes: Set(state.cluster!.monitor.liveNodes), store: state.store))
+                state.cluster!.lastClockTickMilliseconds = started  // the systemd watchdog's proof that the clock runs
+                return (state.cluster!.monitor.handle(.tick(nowMilliseconds: started)),
+                        state.cluster!.protection.tick(nowMilliseconds: started, liveNodes: Set(state.cluster!.monitor.liveNodes), store: state.store))
             }
             perform(monitorActions)
             execute(protectionActions)

@@ -42,6 +42,10 @@ public enum Limits {
 
     // MARK: Scrub
 
+    /// How much longer systemd should wait for start-up, asked for before
+    /// arena recovery and again after each step recovered (EXTEND_TIMEOUT_USEC):
+    /// a large arena is CRC-checked before the daemon says READY=1.
+    static let startupExtensionMicroseconds: UInt64 = 30_000_000
     /// How long a CheckFree order waits for the node's own exact rebuild
     /// (which retries a step beyond tolerance) to stop before it is refused.
     static let checkFreeClaimTimeoutMilliseconds: Int64 = 30_000

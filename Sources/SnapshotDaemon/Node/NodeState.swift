@@ -82,6 +82,8 @@ struct ClusterState: Sendable {
     /// CheckFree rebuilds this node takes part in: claimed, computing, or
     /// computed and awaiting the planner's commit or abort.
     var checkFree: [ProtectionMachine.StepID: CheckFreeWork] = [:]
+    /// When the membership clock last ticked (monotonic ms; 0 before its first tick).
+    var lastClockTickMilliseconds: Int64 = 0
     /// Shares sealed while the node was still joining: reported once it knows
     /// the cluster (a replacement's share of a step its predecessor reported is
     /// then dropped, never reported twice).

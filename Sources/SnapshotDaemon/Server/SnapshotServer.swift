@@ -71,6 +71,7 @@ public final class SnapshotServer: Service, Sendable {
             initial.cluster = try ClusterNode.initialState(
                 selfID: configuration.nodeID, cluster: clusterConfiguration, keptStepsPerJob: configuration.snapshotsKeptPerJob)
         }
+        SystemdNotifier.notify(["STATUS=recovering the arena in \(configuration.arenaDirectory)", "EXTEND_TIMEOUT_USEC=\(Limits.startupExtensionMicroseconds)"])
         try Self.recoverArena(arena, into: &initial, counters: counters, logger: logger)
         let state = Locked(initial)
         self.state = state
@@ -94,17 +95,9 @@ public final class SnapshotServer: Service, Sendable {
     /// Runs until graceful shutdown (SIGTERM/SIGINT through the service group).
     public func run() async throws {
         try start()
-        let watchdog = Task.detached { [logger] in
-            guard let interval = SystemdNotifier.watchdogIntervalSeconds else { return }
-            logger.debug("systemd watchdog enabled", metadata: ["intervalSeconds": "\(interval)"])
-            while !Task.isCancelled {
-                SystemdNotifier.notify("WATCHDOG=1")
-                try? await Task.sleep(for: .seconds(interval))
-            }
-        }
+        startWatchdog()
         try? await gracefulShutdown()
-        watchdog.cancel()
-        SystemdNotifier.notify("STOPPING=1")
+        SystemdNotifier.notify(["STOPPING=1", "STATUS=stopping: finishing the seals in flight"])
         stop()
     }
 
@@ -148,7 +141,48 @@ public final class SnapshotServer: Service, Sendable {
                 "arena": "\(arena.root)", "budgetBytes": "\(configuration.memoryBudgetBytes)",
                 "rdma": "\(devices.isEmpty ? "no RDMA device, using TCP" : devices.map(\.name).joined(separator: ","))",
             ])
-        SystemdNotifier.notify("READY=1")
+        SystemdNotifier.notify(["READY=1", "STATUS=\(statusLine())"])
+    }
+
+    /// WATCHDOG=1 at half the interval systemd asked for, each beat earned:
+    /// this thread sends it only after taking the state lock (no thread holds
+    /// it stuck) and, in a cluster, seeing the membership clock tick within
+    /// one failure timeout. A daemon wedged on its lock or clock stops beating
+    /// and systemd restarts it, which a plain timer would never let happen.
+    /// Each beat carries a fresh STATUS line.
+    private func startWatchdog() {
+        guard let interval = SystemdNotifier.watchdogIntervalSeconds else { return }
+        logger.debug("systemd watchdog enabled", metadata: ["intervalSeconds": "\(interval)"])
+        let failureTimeout = clusterConfiguration.map(\.failureTimeoutMilliseconds)
+        Thread.detachNewThread { [self] in
+            var warned = false
+            while true {
+                let (stopping, lastTick) = state.withLock { ($0.stopping, $0.cluster?.lastClockTickMilliseconds) }
+                if stopping { return }
+                let clockStuck = failureTimeout.map { timeout in monotonicMilliseconds() - (lastTick ?? 0) > timeout && lastTick != 0 } ?? false
+                if clockStuck {
+                    if !warned { logger.critical("the membership clock has not ticked for a failure timeout: withholding the systemd watchdog") }
+                    warned = true
+                } else {
+                    warned = false
+                    SystemdNotifier.notify(["WATCHDOG=1", "STATUS=\(statusLine())"])
+                }
+                usleep(useconds_t(min(interval, 3600) * 1_000_000))
+            }
+        }
+    }
+
+    /// One line for systemd's status: what the node holds and, in a cluster, how the cluster stands.
+    func statusLine() -> String {
+        state.withLock { state in
+            let jobs = state.store.jobs.keys.sorted().map { job in "\(job)@\(state.store.latestCommitted(job: job).map(String.init) ?? "-")" }
+            var line = "serving \(jobs.count) job(s) [\(jobs.prefix(4).joined(separator: ", "))\(jobs.count > 4 ? ", …" : "")]; "
+                + "\(state.store.heldBytes >> 20) MiB held of \(state.store.budgetBytes >> 20) MiB"
+            if let cluster = state.cluster {
+                line += "; coordinator node \(cluster.monitor.coordinator); dead \(cluster.monitor.deadNodes.sorted()); rebuilding \(cluster.monitor.needsRebuild.sorted())"
+            }
+            return line
+        }
     }
 
     public func stop() {
@@ -264,6 +298,7 @@ public final class SnapshotServer: Service, Sendable {
     private static func recoverArena(_ arena: Arena, into state: inout NodeState, counters: Counters, logger: Logger) throws {
         var steps = 0
         for var found in arena.scan() {
+            SystemdNotifier.notify("EXTEND_TIMEOUT_USEC=\(Limits.startupExtensionMicroseconds)")  // each step is CRC-checked: large ones take seconds
             for (rank, shard) in found.shards.sorted(by: { $0.key < $1.key }) {
                 let key = ShardKey(job: found.job, step: found.step, rank: rank)
                 let segment = try arena.mapSegment(key, sizeBytes: shard.segmentSizeBytes)

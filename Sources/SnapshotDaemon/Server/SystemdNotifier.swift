@@ -25,6 +25,9 @@ enum SystemdNotifier {
         }
     }
 
+    /// Several assignments in one datagram (systemd reads one per line).
+    static func notify(_ assignments: [String]) { notify(assignments.joined(separator: "\n")) }
+
     /// Half the watchdog interval systemd asked for, if it asked.
     static var watchdogIntervalSeconds: Double? {
         guard let text = ProcessInfo.processInfo.environment["WATCHDOG_USEC"], let usec = Double(text), usec > 0 else { return nil }
