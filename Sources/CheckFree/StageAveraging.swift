@@ -46,17 +46,13 @@ public enum StageAveraging {
             // The inner loops are C (CStageAveraging): one build runs AVX2 and
             // F16C where the CPU has them and portable code elsewhere.
             let (start, length) = (range.lowerBound, range.count)
-            switch dtype {
-            case .float32:
+            if dtype == .float32 {
                 let (p, n, o) = (previous.assumingMemoryBound(to: Float.self), next.assumingMemoryBound(to: Float.self), output.assumingMemoryBound(to: Float.self))
                 return stage_average_f32(p + start, n + start, length, wp, wn, o + start) != 0
-            case .bfloat16:
-                let (p, n, o) = (previous.assumingMemoryBound(to: UInt16.self), next.assumingMemoryBound(to: UInt16.self), output.assumingMemoryBound(to: UInt16.self))
-                return stage_average_bf16(p + start, n + start, length, wp, wn, o + start) != 0
-            default:
-                let (p, n, o) = (previous.assumingMemoryBound(to: UInt16.self), next.assumingMemoryBound(to: UInt16.self), output.assumingMemoryBound(to: UInt16.self))
-                return stage_average_f16(p + start, n + start, length, wp, wn, o + start) != 0
             }
+            let (p, n, o) = (previous.assumingMemoryBound(to: UInt16.self), next.assumingMemoryBound(to: UInt16.self), output.assumingMemoryBound(to: UInt16.self))
+            let loop = dtype == .bfloat16 ? stage_average_bf16 : stage_average_f16
+            return loop(p + start, n + start, length, wp, wn, o + start) != 0
         }
     }
 

@@ -253,7 +253,7 @@ extension ClusterNode {
     }
 
     /// Fetches the sources and computes each rank's tensors into a fresh
-    /// segment; nothing is served until ``install(_:job:step:)``.
+    /// segment; nothing is served until ``install(_:id:)``.
     private func prepare(_ plans: [RankPlan], job: JobID, step: Step, reported: [Rank: ReportedShard]) throws -> PreparedCheckFree {
         let started = monotonicMilliseconds()
         // The neighbours' shards and the rebuilt ones all live in this node's memory for a while.
@@ -328,7 +328,7 @@ extension ClusterNode {
         func refuse(_ reference: TensorReference) -> StoreError {
             let source = reported[reference.rank]!.manifest
             let refusal = CheckFreeRefusal.nonFinite(tensor: source.shard.specs[reference.index].name, sourceRank: reference.rank, sourceStage: source.shard.topology.pipelineStage)
-            return StoreError(.unrecoverable, "CheckFree refuses step \(layout.specs.isEmpty ? 0 : plan.reconstruction.sourceStep): \(refusal)")
+            return StoreError(.unrecoverable, "CheckFree refuses step \(plan.reconstruction.sourceStep): \(refusal)")
         }
         let weights = plan.reconstruction.weights
         var checksums: [UInt32] = []
@@ -352,18 +352,20 @@ extension ClusterNode {
         return checksums
     }
 
-    /// One rank's committed shard: this node's own, or fetched whole from the
-    /// node that holds it; every tensor checked against its sealed CRC.
+    /// One rank's committed shard: this node's own segment (read in place),
+    /// or fetched whole from the node that holds it; every tensor checked
+    /// against its sealed CRC.
     private func fetchShard(job: JobID, step: Step, rank: Rank, reported: ReportedShard) throws -> MappedSegment {
         let key = ShardKey(job: job, step: step, rank: rank)
         let size = Int(reported.manifest.shard.segmentSizeBytes)
-        let buffer = try MappedSegment.anonymous(sizeBytes: max(1, size))
         let local: MappedSegment? = state.withLock { state in
             state.store.isCommitted(job: job, step: step) && state.store.jobs[job]?.steps[step]?[rank] != nil ? state.segments[key] : nil
         }
+        let buffer: MappedSegment
         if let local, local.sizeBytes == size {
-            memcpy(buffer.base!, local.base!, size)
+            buffer = local
         } else {
+            buffer = try MappedSegment.anonymous(sizeBytes: max(1, size))
             try mesh.withConnection(reported.node, .data, timeoutMilliseconds: heartbeatTimeoutMilliseconds) { connection in
                 try connection.send(.shardGet(ShardGet(job: job, step: step, rank: rank)), requestID: 1)
                 let reply = try PeerMesh.reply(connection)
