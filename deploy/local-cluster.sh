@@ -17,7 +17,8 @@
 # Environment: SNAPSHOTD (binary; default: .build/release/snapshotd, else
 # .build/debug/snapshotd), BASE_PORT (default 7400), BUDGET (default 4GiB),
 # KEEP (default 2), HEARTBEAT_MS / FAILURE_MS (default 200 / 1500), SCRUB_MS
-# (scrub interval, default 600000), LOG_LEVEL.
+# (scrub interval, default 600000), LOG_LEVEL, FLUSH_DIR / FLUSH_EVERY (durable
+# tier: flush every FLUSH_EVERY-th committed step, default 1, into FLUSH_DIR).
 # At start: NETNS=1 puts every node in its own network namespace (needs root),
 # joined by a bridge, with address 198.18.X.(10+id) (RFC 2544 benchmarking
 # range); LINK_RATE (e.g. 1gbit) then caps each node's link in each direction
@@ -127,7 +128,8 @@ start_node() {
     "${prefix[@]}" "$binary" --node-id "$id" --cluster-file "$dir/cluster.toml" \
         --shared-secret-file "$dir/secret" --peer-secret-file "$dir/peer-secret" --unix-socket "$dir/node$id.sock" \
         --arena-directory "$(arena "$dir" "$id")" --memory-budget "${BUDGET:-4GiB}" --keep "${KEEP:-2}" \
-        --scrub-interval-ms "${SCRUB_MS:-600000}" --log-level "${LOG_LEVEL:-info}" >>"$dir/node$id.log" 2>&1 &
+        --scrub-interval-ms "${SCRUB_MS:-600000}" --log-level "${LOG_LEVEL:-info}" \
+        ${FLUSH_DIR:+--flush-directory "$FLUSH_DIR" --flush-every-steps "${FLUSH_EVERY:-1}"} >>"$dir/node$id.log" 2>&1 &
     echo $! >"$dir/node$id.pid"
     for _ in $(seq 1 200); do
         [ -S "$dir/node$id.sock" ] && return 0

@@ -169,4 +169,13 @@ public final class OperatorClient: @unchecked Sendable {
         guard case .checkFreeReply(let r) = reply else { throw unexpected(reply) }
         return r
     }
+
+    /// Has the daemon write a committed step of `job` (the newest when
+    /// `step` is nil) to `directory` on its machine, in the export format:
+    /// one safetensors file per rank and a JSON manifest.
+    public func export(job: JobID, step: Step?, directory: String) throws -> ExportReply {
+        let reply = try channel.call(.export(ExportRequest(job: job, step: step, directory: directory)))
+        guard case .exportReply(let r) = reply else { throw unexpected(reply) }
+        return r
+    }
 }

@@ -14,6 +14,9 @@ public final class RestoredShard: @unchecked Sendable {
     /// ``Reconstruction/learningRateFactor``.
     public let reconstruction: Reconstruction?
     public let metadata: [UInt8]
+    /// Set when memory could not serve the restore and the daemon read the
+    /// shard from the durable tier: the file it came from. Nil: from memory.
+    public let durableSource: String?
     let offsets: [UInt64]
     let segment: MappedSegment?
     /// Stream restores: the client's own copy, tensors back to back.
@@ -35,6 +38,7 @@ public final class RestoredShard: @unchecked Sendable {
         gradientNorm = ready.gradientNorm
         reconstruction = ready.reconstruction
         metadata = ready.metadata
+        durableSource = ready.durableSource
         self.segment = segment
         self.owned = owned
         if owned != nil {

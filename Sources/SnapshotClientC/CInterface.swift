@@ -96,6 +96,8 @@ final class RestoreBox {
     let shapes: [UnsafeMutableBufferPointer<Int64>]
     /// The commit's metadata, kept at a stable address for C.
     let metadata: UnsafeMutableRawBufferPointer
+    /// ``RestoredShard/durableSource`` as a C string, when there is one.
+    let durableSource: UnsafeMutablePointer<CChar>?
 
     init(client: SnapshotClient, shard: RestoredShard) {
         self.client = client
@@ -104,6 +106,7 @@ final class RestoreBox {
         shard.metadata.withUnsafeBytes { metadata.copyMemory(from: $0) }
         self.metadata = metadata
         names = shard.entries.map { strdup($0.spec.name)! }
+        durableSource = shard.durableSource.map { strdup($0)! }
         shapes = shard.entries.map { entry in
             let buffer = UnsafeMutableBufferPointer<Int64>.allocate(capacity: max(1, entry.spec.shape.count))
             _ = buffer.initialize(from: entry.spec.shape)
@@ -114,6 +117,7 @@ final class RestoreBox {
     deinit {
         shard.release()
         names.forEach { free($0) }
+        free(durableSource)
         shapes.forEach { $0.deallocate() }
         metadata.deallocate()
     }

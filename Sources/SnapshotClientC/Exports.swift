@@ -214,5 +214,11 @@ public func cRestoreReconstruction(_ restore: OpaquePointer?, _ out: UnsafeMutab
     return 1
 }
 
+@_cdecl("snapshotd_restore_durable_source")
+public func cRestoreDurableSource(_ restore: OpaquePointer?) -> UnsafePointer<CChar>? {
+    guard let restore else { return nil }
+    return borrow(restore, as: RestoreBox.self).durableSource.map { UnsafePointer($0) }
+}
+
 @_cdecl("snapshotd_restore_close")
 public func cRestoreClose(_ restore: OpaquePointer?) { release(restore, as: RestoreBox.self) }

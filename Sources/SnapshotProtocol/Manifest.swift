@@ -33,6 +33,29 @@ public enum DType: UInt8, Sendable, CaseIterable, Codable, CustomStringConvertib
         case .float8e5m2: "F8_E5M2"
         }
     }
+
+    /// The case's own name ("bytes", "uint8", "bfloat16"): unambiguous where
+    /// the safetensors name is not (both raw bytes and uint8 are "U8").
+    public var name: String {
+        switch self {
+        case .bytes: "bytes"
+        case .bool: "bool"
+        case .uint8: "uint8"
+        case .int8: "int8"
+        case .int16: "int16"
+        case .int32: "int32"
+        case .int64: "int64"
+        case .uint16: "uint16"
+        case .uint32: "uint32"
+        case .uint64: "uint64"
+        case .float16: "float16"
+        case .bfloat16: "bfloat16"
+        case .float32: "float32"
+        case .float64: "float64"
+        case .float8e4m3: "float8e4m3"
+        case .float8e5m2: "float8e5m2"
+        }
+    }
 }
 
 /// What a blob is for; recovery treats kinds differently (CheckFree rebuilds

@@ -34,6 +34,8 @@ public enum Message: Hashable, Sendable {
     case recoverReply(RecoverReply)
     case checkFree(CheckFreeRequest)
     case checkFreeReply(CheckFreeReply)
+    case export(ExportRequest)
+    case exportReply(ExportReply)
     case shardGet(ShardGet)
     case shardData(ShardData)
     case error(ErrorReply)
@@ -75,6 +77,8 @@ public enum Message: Hashable, Sendable {
         case .recoverReply: .recoverReply
         case .checkFree: .checkFree
         case .checkFreeReply: .checkFreeReply
+        case .export: .export
+        case .exportReply: .exportReply
         case .shardGet: .shardGet
         case .shardData: .shardData
         case .error: .error
@@ -150,6 +154,7 @@ public enum Message: Hashable, Sendable {
             w.writeOptional(m.gradientNorm?.bitPattern)
             w.write(blob: m.metadata)
             w.writeOptional(m.reconstruction)
+            w.writeOptional(m.durableSource)
         case .status(let m):
             w.write(m.job != nil)
             if let job = m.job { w.write(job) }
@@ -225,6 +230,7 @@ public enum Message: Hashable, Sendable {
                 for r in j.lostRanks { w.write(r) }
                 w.write(j.summary)
                 w.write(j.checkFree)
+                w.writeOptional(j.newestFlushed)
             }
         case .checkFree(let m):
             w.write(m.job)
@@ -232,6 +238,8 @@ public enum Message: Hashable, Sendable {
             w.writeOptional(m.step)
             w.write(m.token)
         case .checkFreeReply(let m): w.write(m)
+        case .export(let m): w.write(m)
+        case .exportReply(let m): w.write(m)
         case .shardGet(let m):
             w.write(m.job)
             w.write(m.step)
@@ -332,6 +340,8 @@ public enum Message: Hashable, Sendable {
                 job: try r.readJobID(), phase: try r.readEnum(CheckFreeRequest.Phase.self, "phase"), step: try r.readOptional(Step.self, "step"),
                 token: try r.read(UInt64.self, "token")))
         case .checkFreeReply: return .checkFreeReply(try r.readCheckFreeReply())
+        case .export: return .export(try r.readExportRequest())
+        case .exportReply: return .exportReply(try r.readExportReply())
         case .shardGet:
             return .shardGet(ShardGet(job: try r.readJobID(), step: try r.read(Step.self, "step"), rank: try r.read(Rank.self, "rank")))
         case .shardData:
@@ -387,6 +397,8 @@ extension ByteWriter {
                 write(s.completeRanks)
                 write(s.bytes)
             }
+            writeCount(job.flushedSteps.count)
+            for step in job.flushedSteps { write(step) }
         }
         writeCount(m.counters.count)
         for counter in m.counters {
@@ -486,7 +498,9 @@ extension ByteReader {
             for _ in 0..<rankCount { ranks.append(try read(Rank.self, "lostRanks")) }
             let summary = try readString("summary", limitBytes: ProtocolLimits.maximumMessageBytes, allowEmpty: true)
             let checkFree = try readString("checkFree", limitBytes: ProtocolLimits.maximumMessageBytes, allowEmpty: true)
-            jobs.append(JobRecovery(job: job, latestCommitted: latest, newestRestorable: restorable, lostRanks: ranks, summary: summary, checkFree: checkFree))
+            jobs.append(JobRecovery(
+                job: job, latestCommitted: latest, newestRestorable: restorable, lostRanks: ranks, summary: summary, checkFree: checkFree,
+                newestFlushed: try readOptional(Step.self, "newestFlushed")))
         }
         return RecoverReply(coordinator: coordinator, deadNodes: dead, rebuildingNodes: rebuilding, jobs: jobs)
     }
@@ -547,7 +561,8 @@ extension ByteReader {
         let metadata = try readBlob("metadata", limitBytes: ProtocolLimits.maximumMetadataBytes)
         return RestoreReady(
             step: step, entries: entries, tensorOffsets: offsets, segmentSizeBytes: size, gradientNorm: norm, metadata: metadata,
-            reconstruction: try readOptionalReconstruction())
+            reconstruction: try readOptionalReconstruction(),
+            durableSource: try readOptionalString("durableSource", limitBytes: ProtocolLimits.maximumPathBytes))
     }
 
     mutating func readStatusReply() throws(ProtocolError) -> StatusReply {
@@ -570,7 +585,10 @@ extension ByteReader {
                     step: try read(Step.self, "step"), committed: try readBool("committed"),
                     completeRanks: try read(UInt32.self, "completeRanks"), bytes: try read(UInt64.self, "bytes")))
             }
-            jobs.append(JobStatus(job: job, world: world, localRanks: local, steps: steps))
+            let flushedCount = try readCount("flushedSteps", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 8)
+            var flushed: [Step] = []
+            for _ in 0..<flushedCount { flushed.append(try read(Step.self, "flushedSteps")) }
+            jobs.append(JobStatus(job: job, world: world, localRanks: local, steps: steps, flushedSteps: flushed))
         }
         let counterCount = try readCount("counters", limit: ProtocolLimits.maximumCounters, minimumElementBytes: 10)
         var counters: [StatusCounter] = []

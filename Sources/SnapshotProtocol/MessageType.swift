@@ -45,6 +45,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     case recoverReply = 43
     case checkFree = 46
     case checkFreeReply = 47
+    case export = 48
+    case exportReply = 49
     // Daemons: one rank's shard for a CheckFree rebuild.
     case shardGet = 64
     case shardData = 65
@@ -109,6 +111,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .recoverReply: "recoverReply"
         case .checkFree: "checkFree"
         case .checkFreeReply: "checkFreeReply"
+        case .export: "export"
+        case .exportReply: "exportReply"
         case .shardGet: "shardGet"
         case .shardData: "shardData"
         case .error: "error"

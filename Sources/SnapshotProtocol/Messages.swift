@@ -146,10 +146,14 @@ public struct RestoreReady: Hashable, Sendable {
     public var metadata: [UInt8]
     /// Set when the shard was rebuilt approximately (CheckFree): never silent.
     public var reconstruction: Reconstruction?
+    /// Set when the shard came from the durable tier, not memory: the file
+    /// it was read from.
+    public var durableSource: String?
     public init(
         step: Step, entries: [ManifestEntry], tensorOffsets: [UInt64], segmentSizeBytes: UInt64, gradientNorm: Double?, metadata: [UInt8],
-        reconstruction: Reconstruction? = nil
+        reconstruction: Reconstruction? = nil, durableSource: String? = nil
     ) {
+        self.durableSource = durableSource
         self.step = step
         self.entries = entries
         self.tensorOffsets = tensorOffsets
@@ -183,11 +187,15 @@ public struct JobStatus: Hashable, Sendable {
     public var world: UInt32
     public var localRanks: UInt32
     public var steps: [StepStatus]
-    public init(job: JobID, world: UInt32, localRanks: UInt32, steps: [StepStatus]) {
+    /// Committed steps of which this node has written its ranks to the
+    /// durable tier (oldest first; the newest is the one to fall back to).
+    public var flushedSteps: [Step]
+    public init(job: JobID, world: UInt32, localRanks: UInt32, steps: [StepStatus], flushedSteps: [Step] = []) {
         self.job = job
         self.world = world
         self.localRanks = localRanks
         self.steps = steps
+        self.flushedSteps = flushedSteps
     }
 }
 
@@ -473,7 +481,11 @@ public struct JobRecovery: Hashable, Sendable {
     /// When ranks are lost: whether CheckFree can rebuild their pipeline
     /// stages approximately, and from what (or why not). Empty otherwise.
     public var checkFree: String
-    public init(job: JobID, latestCommitted: Step?, newestRestorable: Step?, lostRanks: [Rank], summary: String, checkFree: String = "") {
+    /// The newest step this node finds complete in the durable tier: what a
+    /// job beyond tolerance can fall back to.
+    public var newestFlushed: Step?
+    public init(job: JobID, latestCommitted: Step?, newestRestorable: Step?, lostRanks: [Rank], summary: String, checkFree: String = "", newestFlushed: Step? = nil) {
+        self.newestFlushed = newestFlushed
         self.job = job
         self.latestCommitted = latestCommitted
         self.newestRestorable = newestRestorable

@@ -4,7 +4,9 @@
 public enum ProtocolLimits {
     /// Version 2: CheckFree (reconstruction in restores, recovery reports
     /// and manifests; the checkFree and shard messages; the carried kind).
-    public static let version: UInt8 = 2
+    /// Version 3: the durable tier (flushed steps in status and recovery
+    /// reports, a restore's durable source, the export messages).
+    public static let version: UInt8 = 3
     /// Control payload of one frame (manifests, status). Bulk bytes are separate.
     public static let maximumControlPayloadBytes = 8 << 20
     /// Control payload of the peer messages that carry manifests (see
@@ -15,6 +17,8 @@ public enum ProtocolLimits {
     /// Tensor names, job ids and other identifiers, in UTF-8 bytes.
     public static let maximumNameBytes = 256
     public static let maximumJobIDBytes = 128
+    /// File system paths (Linux PATH_MAX).
+    public static let maximumPathBytes = 4096
     /// Human-readable messages (errors, warnings).
     public static let maximumMessageBytes = 4096
     public static let maximumTensorsPerShard = 16_384

@@ -10,8 +10,46 @@ struct SnapshotctlCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "snapshotctl",
         abstract: "Operator CLI for snapshotd.",
+        discussion: """
+            Exit codes: 0 ok; 1 failed (any other error); 2 degraded (nodes dead or \
+            rebuilding, or data that is lost but has a fallback); 3 unrecoverable (lost \
+            beyond tolerance with nothing to fall back to, or CheckFree refused); \
+            4 unreachable (no daemon, wrong secret, no answer in time); 5 not found \
+            (unknown job or step); 64 usage (bad flags).
+            """,
         version: "0.1.0",
-        subcommands: [Status.self, Jobs.self, Snapshots.self, Recover.self])
+        subcommands: [Status.self, Jobs.self, Snapshots.self, Recover.self, Export.self])
+
+    /// Every error ends as one line on stderr and its documented exit code.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let error as CLIError {
+            FileHandle.standardError.write(Data("Error: \(error.description)\n".utf8))
+            Foundation.exit(error.status.rawValue)
+        } catch let error as SnapshotClientError {
+            let failure = CLIError(error)
+            FileHandle.standardError.write(Data("Error: \(failure.description)\n".utf8))
+            Foundation.exit(failure.status.rawValue)
+        } catch let error as IOError {
+            FileHandle.standardError.write(Data("Error: lost the connection to snapshotd: \(error)\n".utf8))
+            Foundation.exit(ExitStatus.unreachable.rawValue)
+        } catch {
+            exit(withError: error)  // ArgumentParser's own: usage errors 64, --help 0, ExitCode as given
+        }
+    }
+}
+
+/// snapshotctl's exit codes (README, "Exit codes").
+enum ExitStatus: Int32 {
+    case ok = 0
+    case failed = 1
+    case degraded = 2
+    case unrecoverable = 3
+    case unreachable = 4
+    case notFound = 5
+    case usage = 64
 }
 
 /// How to reach the daemon, shared by every subcommand.
@@ -41,7 +79,7 @@ struct DaemonOptions: ParsableArguments {
         do {
             guard let tcp else {
                 guard FileManager.default.fileExists(atPath: socket) else {
-                    throw CLIError(description: "no snapshotd socket at \(socket): is snapshotd running? (pass --socket, or --config with the daemon's config file)")
+                    throw CLIError("no snapshotd socket at \(socket): is snapshotd running? (pass --socket, or --config with the daemon's config file)", .unreachable)
                 }
                 return try OperatorClient(endpoint: .unix(path: socket), replyTimeoutMilliseconds: replyTimeoutMilliseconds)
             }
@@ -55,8 +93,10 @@ struct DaemonOptions: ParsableArguments {
             throw error
         } catch let error as CLIError {
             throw error
+        } catch let error as SnapshotClientError where error.code == .unauthenticated {
+            throw CLIError("snapshotd at \(tcp ?? socket) refused the secret in \(secretFile): \(error.message)", .unreachable)
         } catch {
-            throw CLIError(description: "cannot reach snapshotd at \(tcp ?? socket): \(error)")
+            throw CLIError("cannot reach snapshotd at \(tcp ?? socket): \(error)", .unreachable)
         }
     }
 
@@ -103,19 +143,20 @@ struct Jobs: ParsableCommand {
     @OptionGroup var daemon: DaemonOptions
 
     struct Output: Encodable {
-        let job: String, world: UInt32, connectedRanks: UInt32, latestCommitted: UInt64?, stepsHeld: Int, bytes: UInt64
+        let job: String, world: UInt32, connectedRanks: UInt32, latestCommitted: UInt64?, newestFlushed: UInt64?, stepsHeld: Int, bytes: UInt64
     }
 
     func run() throws {
         let jobs = try daemon.connect().status().jobs.map { job in
             Output(
                 job: job.job.rawValue, world: job.world, connectedRanks: job.localRanks,
-                latestCommitted: job.steps.filter(\.committed).map(\.step).max(), stepsHeld: job.steps.count,
+                latestCommitted: job.steps.filter(\.committed).map(\.step).max(), newestFlushed: job.flushedSteps.last, stepsHeld: job.steps.count,
                 bytes: job.steps.reduce(0) { $0 + $1.bytes })
         }
         try daemon.emit(jobs) {
-            Table(["job", "world", "connected", "latest committed", "steps held", "memory"], jobs.map {
-                [$0.job, "\($0.world)", "\($0.connectedRanks)", $0.latestCommitted.map(String.init) ?? "none", "\($0.stepsHeld)", bytes($0.bytes)]
+            Table(["job", "world", "connected", "latest committed", "newest flushed", "steps held", "memory"], jobs.map {
+                [$0.job, "\($0.world)", "\($0.connectedRanks)", $0.latestCommitted.map(String.init) ?? "none", $0.newestFlushed.map(String.init) ?? "none",
+                 "\($0.stepsHeld)", bytes($0.bytes)]
             }).render()
         }
     }
@@ -127,17 +168,33 @@ struct Snapshots: ParsableCommand {
     @Option(help: "Only this job.") var job: String?
 
     struct Output: Encodable {
-        let job: String, step: UInt64, committed: Bool, completeRanks: UInt32, world: UInt32, bytes: UInt64
+        let job: String, step: UInt64, state: String, committed: Bool, flushed: Bool, inMemory: Bool, completeRanks: UInt32, world: UInt32, bytes: UInt64
+    }
+
+    func validate() throws {
+        if let job, (try? JobID(job)) == nil { throw ValidationError("--job '\(job)' is not a valid job id") }
     }
 
     func run() throws {
         let filter = try job.map { try JobID($0) }
-        let rows = try daemon.connect().status(job: filter).jobs.flatMap { job in
-            job.steps.map { Output(job: job.job.rawValue, step: $0.step, committed: $0.committed, completeRanks: $0.completeRanks, world: job.world, bytes: $0.bytes) }
+        let jobs = try daemon.connect().status(job: filter).jobs
+        if let filter, jobs.isEmpty { throw CLIError("this daemon holds no snapshots of job \(filter)", .notFound) }
+        let rows = jobs.flatMap { job in
+            let held = job.steps.map { step in
+                Output(
+                    job: job.job.rawValue, step: step.step, state: step.committed ? (job.flushedSteps.contains(step.step) ? "flushed" : "committed") : "in progress",
+                    committed: step.committed, flushed: job.flushedSteps.contains(step.step), inMemory: true, completeRanks: step.completeRanks, world: job.world,
+                    bytes: step.bytes)
+            }
+            // Steps only the durable tier still has.
+            let durableOnly = job.flushedSteps.filter { flushed in !job.steps.contains { $0.step == flushed } }.map {
+                Output(job: job.job.rawValue, step: $0, state: "flushed", committed: true, flushed: true, inMemory: false, completeRanks: 0, world: job.world, bytes: 0)
+            }
+            return (held + durableOnly).sorted { $0.step < $1.step }
         }
         try daemon.emit(rows) {
-            Table(["job", "step", "state", "ranks complete", "memory"], rows.map {
-                [$0.job, "\($0.step)", $0.committed ? "committed" : "in progress", "\($0.completeRanks)/\($0.world)", bytes($0.bytes)]
+            Table(["job", "step", "state", "ranks complete here", "memory"], rows.map {
+                [$0.job, "\($0.step)", $0.state + ($0.inMemory ? "" : " (durable tier only)"), $0.inMemory ? "\($0.completeRanks)/\($0.world)" : "-", bytes($0.bytes)]
             }).render()
         }
     }
@@ -166,7 +223,7 @@ struct Recover: ParsableCommand {
     struct Output: Encodable {
         let coordinator: UInt32, deadNodes: [UInt32], rebuildingNodes: [UInt32], jobs: [Job]
         struct Job: Encodable {
-            let job: String, latestCommitted: UInt64?, newestRestorable: UInt64?, lostRanks: [UInt32], summary: String, checkFree: String
+            let job: String, latestCommitted: UInt64?, newestRestorable: UInt64?, newestFlushed: UInt64?, lostRanks: [UInt32], summary: String, checkFree: String
         }
     }
 
@@ -200,18 +257,22 @@ struct Recover: ParsableCommand {
         let output = Output(
             coordinator: report.coordinator, deadNodes: report.deadNodes, rebuildingNodes: report.rebuildingNodes,
             jobs: report.jobs.map {
-                .init(job: $0.job.rawValue, latestCommitted: $0.latestCommitted, newestRestorable: $0.newestRestorable, lostRanks: $0.lostRanks, summary: $0.summary, checkFree: $0.checkFree)
+                .init(
+                    job: $0.job.rawValue, latestCommitted: $0.latestCommitted, newestRestorable: $0.newestRestorable, newestFlushed: $0.newestFlushed,
+                    lostRanks: $0.lostRanks, summary: $0.summary, checkFree: $0.checkFree)
             })
         try daemon.emit(output) {
             "coordinator: node \(report.coordinator); dead: \(report.deadNodes); rebuilding: \(report.rebuildingNodes)\n"
-                + Table(["job", "latest committed", "newest restorable", "lost ranks", "summary"], output.jobs.map {
-                    [$0.job, $0.latestCommitted.map(String.init) ?? "none", $0.newestRestorable.map(String.init) ?? "none",
+                + Table(["job", "latest committed", "newest restorable", "newest flushed", "lost ranks", "summary"], output.jobs.map {
+                    [$0.job, $0.latestCommitted.map(String.init) ?? "none", $0.newestRestorable.map(String.init) ?? "none", $0.newestFlushed.map(String.init) ?? "none",
                      $0.lostRanks.isEmpty ? "-" : $0.lostRanks.map(String.init).joined(separator: ","), $0.summary]
                 }).render()
                 + output.jobs.filter { !$0.checkFree.isEmpty }.map { "\($0.job): \($0.checkFree)\n" }.joined()
         }
+        // Lost with nothing to fall back to (neither an older restorable step nor the durable tier): 3.
+        if report.jobs.contains(where: { !$0.lostRanks.isEmpty && $0.newestRestorable == nil && $0.newestFlushed == nil }) { throw ExitCode(ExitStatus.unrecoverable.rawValue) }
         let healthy = report.jobs.allSatisfy { $0.lostRanks.isEmpty && $0.newestRestorable == $0.latestCommitted }
-        if !healthy || (wait && !(report.deadNodes.isEmpty && report.rebuildingNodes.isEmpty)) { throw ExitCode(2) }
+        if !healthy || (wait && !(report.deadNodes.isEmpty && report.rebuildingNodes.isEmpty)) { throw ExitCode(ExitStatus.degraded.rawValue) }
     }
 }
 
@@ -224,8 +285,7 @@ extension Recover {
         do {
             reply = try client.checkFree(job: try JobID(job!))
         } catch let error as SnapshotClientError where error.code == .unrecoverable || error.code == .invalidRequest || error.code == .unknownStep {
-            FileHandle.standardError.write(Data("Error: \(error.message)\n".utf8))
-            throw ExitCode(3)
+            throw CLIError(error.message, .unrecoverable)  // CheckFree refused, with its reason
         }
         let output = CheckFreeOutput(job: reply.job.rawValue, step: reply.step, ranks: reply.ranks.map { r in
             let c = r.reconstruction
@@ -245,9 +305,59 @@ extension Recover {
     }
 }
 
-/// A runtime failure: printed as "Error: …" without the usage text.
+struct Export: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write a committed step as one safetensors file per rank plus a JSON manifest.",
+        discussion: """
+            The daemon writes <to>/<job>/step-<step>/ on its own machine: rank-N.safetensors \
+            (readable by Python's safetensors and torch without snapshotd), rank-N.json (kinds, \
+            exact dtypes, CRC-32C, topology, metadata) and manifest.json. Ranks other nodes \
+            hold are fetched from them; every tensor is CRC-checked. The directory must be \
+            writable by the daemon's user (snapshotd under systemd). Files appear whole or not \
+            at all (temporary name, fsync, rename).
+            """)
+    @OptionGroup var daemon: DaemonOptions
+    @Option(help: "The job to export.") var job: String
+    @Option(help: "The committed step (default: the newest).") var step: UInt64?
+    @Option(help: "The directory to write into (created if missing).") var to: String
+
+    struct Output: Encodable {
+        let job: String, step: UInt64, directory: String, ranks: UInt32, bytes: UInt64
+    }
+
+    func validate() throws {
+        if (try? JobID(job)) == nil { throw ValidationError("--job '\(job)' is not a valid job id") }
+        if to.isEmpty { throw ValidationError("--to needs a directory") }
+    }
+
+    func run() throws {
+        let directory = to.hasPrefix("/") ? to : FileManager.default.currentDirectoryPath + "/" + to
+        let reply = try daemon.connect(replyTimeoutMilliseconds: 3_600_000).export(job: try JobID(job), step: step, directory: (directory as NSString).standardizingPath)
+        let output = Output(job: reply.job.rawValue, step: reply.step, directory: reply.directory, ranks: reply.ranks, bytes: reply.bytes)
+        try daemon.emit(output) { "exported step \(reply.step) of \(reply.job): \(reply.ranks) rank(s), \(bytes(reply.bytes)) to \(reply.directory)\n" }
+    }
+}
+
+/// A runtime failure: printed as "Error: …" without the usage text, then
+/// the process exits with `status`.
 struct CLIError: Error, CustomStringConvertible {
     let description: String
+    let status: ExitStatus
+
+    init(_ description: String, _ status: ExitStatus = .failed) {
+        self.description = description
+        self.status = status
+    }
+
+    /// A daemon's refusal, by its error code.
+    init(_ error: SnapshotClientError) {
+        switch error.code {
+        case .unknownStep?, .notCommitted?: self.init(error.message, .notFound)
+        case .unrecoverable?: self.init(error.message, .unrecoverable)
+        case .timeout?, .shuttingDown?, .unauthenticated?: self.init(error.message, .unreachable)
+        default: self.init(error.message, .failed)
+        }
+    }
 }
 
 /// A plain aligned text table.

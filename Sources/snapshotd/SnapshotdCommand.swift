@@ -28,6 +28,10 @@ struct SnapshotdCommand: AsyncParsableCommand {
     @Option(name: .customLong("frame-timeout-ms"), help: "Once a frame has started, the rest must arrive within this many milliseconds.") var frameTimeoutMilliseconds: Int64?
     @Option(name: .customLong("scrub-interval-ms"), help: "How often every held shard and parity fragment is re-checked against its sealed CRCs (0: never); corrupted ones are healed from peers.") var scrubIntervalMilliseconds: Int64?
 
+    @Option(help: "Durable tier: write committed steps here in the export format (absolute path).") var flushDirectory: String?
+    @Option(help: "Durable tier: flush every N-th committed step.") var flushEverySteps: Int?
+    @Option(name: .customLong("flush-interval-ms"), help: "Durable tier: flush the newest committed step when this long has passed since the last flush.") var flushIntervalMilliseconds: Int64?
+
     func run() async throws {
         let settings: DaemonConfiguration
         do {
@@ -68,6 +72,9 @@ struct SnapshotdCommand: AsyncParsableCommand {
         if let unixSocket { settings.unixSocketPath = unixSocket }
         if let tcpListen { settings.tcpListen = tcpListen }
         if let arenaDirectory { settings.arenaDirectory = arenaDirectory }
+        if let flushDirectory { settings.flushDirectory = flushDirectory }
+        if let flushEverySteps { settings.flushEverySteps = flushEverySteps }
+        if let flushIntervalMilliseconds { settings.flushIntervalMilliseconds = flushIntervalMilliseconds }
         if let memoryBudget { settings.memoryBudgetBytes = try DaemonConfiguration.parseByteSize(memoryBudget) }
         if let snapshotsKeptPerJob { settings.snapshotsKeptPerJob = snapshotsKeptPerJob }
         if let maximumConnections { settings.maximumConnections = maximumConnections }

@@ -193,6 +193,10 @@ double snapshotd_restore_gradient_norm(const snapshotd_restore *restore);
 /* 1 when the shard was rebuilt approximately by CheckFree (then `out`, if
  * not NULL, says how), 0 when it is exact (`out` zeroed). */
 int snapshotd_restore_reconstruction(const snapshotd_restore *restore, snapshotd_reconstruction *out);
+/* NULL when the shard came from memory; when memory could not serve it and
+ * the daemon read it from the durable tier, the file it came from (valid
+ * until snapshotd_restore_close). */
+const char *snapshotd_restore_durable_source(const snapshotd_restore *restore);
 void snapshotd_restore_close(snapshotd_restore *restore);
 
 #ifdef __cplusplus

@@ -355,7 +355,7 @@ extension ClusterNode {
     /// One rank's committed shard: this node's own segment (read in place),
     /// or fetched whole from the node that holds it; every tensor checked
     /// against its sealed CRC.
-    private func fetchShard(job: JobID, step: Step, rank: Rank, reported: ReportedShard) throws -> MappedSegment {
+    func fetchShard(job: JobID, step: Step, rank: Rank, reported: ReportedShard) throws -> MappedSegment {
         let key = ShardKey(job: job, step: step, rank: rank)
         let size = Int(reported.manifest.shard.segmentSizeBytes)
         let local: MappedSegment? = state.withLock { state in

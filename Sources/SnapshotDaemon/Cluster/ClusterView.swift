@@ -132,7 +132,7 @@ extension ClusterNode {
         }
     }
 
-    private func recoverPicture() -> RecoverReply {
+    func recoverPicture() -> RecoverReply {
         state.withLock { state in
             var rebuilding = state.cluster!.monitor.needsRebuild
             if !state.cluster!.discovered || state.cluster!.rebuild.isRunning || state.cluster!.refreshRebuildNeed(store: state.store) > 0 {

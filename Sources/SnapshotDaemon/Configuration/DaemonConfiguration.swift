@@ -29,13 +29,25 @@ public struct DaemonConfiguration: Sendable, Equatable {
     /// The cluster file (nodes, addresses, protection groups). nil: a single
     /// node, whose steps commit when its own shards are sealed.
     public var clusterFile: String?
+    /// The durable tier (DESIGN.md, "The durable tier"): committed steps are
+    /// written here in the export format, in the background. Off when nil.
+    /// A shared file system gives every node the whole step; a local disk
+    /// holds this node's ranks.
+    public var flushDirectory: String?
+    /// Flush every N-th committed step (step % N == 0); 0: not by count.
+    public var flushEverySteps = 0
+    /// Flush the newest committed step when this long has passed since the
+    /// last flush; 0: not by time.
+    public var flushIntervalMilliseconds: Int64 = 0
+    public var flushBytesPerSecond: UInt64 = 256 << 20
+    public var flushKeptSteps = 2
 
     public init() {}
 
     static let knownKeys: Set<String> = [
         "node_id", "unix_socket", "tcp_listen", "arena_directory", "memory_budget", "snapshots_kept_per_job",
         "shared_secret_file", "peer_secret_file", "log_level", "max_connections", "frame_timeout_ms", "cluster_file",
-        "scrub_interval_ms",
+        "scrub_interval_ms", "flush_directory", "flush_every_steps", "flush_interval_ms", "flush_bandwidth", "flush_kept_steps",
     ]
 
     /// Reads a TOML file over the defaults. Unknown keys are errors: a typo
@@ -66,6 +78,14 @@ public struct DaemonConfiguration: Sendable, Equatable {
         if let v = table["frame_timeout_ms"] { config.frameTimeoutMilliseconds = Int64(try integer(v, "frame_timeout_ms")) }
         if let v = table["scrub_interval_ms"] { config.scrubIntervalMilliseconds = Int64(try integer(v, "scrub_interval_ms")) }
         if let v = table["cluster_file"] { config.clusterFile = try string(v, "cluster_file") }
+        if let v = table["flush_directory"] { config.flushDirectory = try string(v, "flush_directory") }
+        if let v = table["flush_every_steps"] { config.flushEverySteps = try integer(v, "flush_every_steps") }
+        if let v = table["flush_interval_ms"] { config.flushIntervalMilliseconds = Int64(try integer(v, "flush_interval_ms")) }
+        if let v = table["flush_bandwidth"] {
+            guard let text = v.string else { throw ConfigurationError("flush_bandwidth must be a size per second such as \"256MiB\"") }
+            config.flushBytesPerSecond = try parseByteSize(text)
+        }
+        if let v = table["flush_kept_steps"] { config.flushKeptSteps = try integer(v, "flush_kept_steps") }
         return config
     }
 
@@ -76,6 +96,18 @@ public struct DaemonConfiguration: Sendable, Equatable {
         try Self.check("max_connections", maximumConnections, within: Limits.maximumConnections)
         try Self.check("frame_timeout_ms", frameTimeoutMilliseconds, within: Limits.frameTimeoutMilliseconds)
         try Self.check("scrub_interval_ms", scrubIntervalMilliseconds, within: Limits.scrubIntervalMilliseconds)
+        try Self.check("flush_every_steps", flushEverySteps, within: Limits.flushEverySteps)
+        try Self.check("flush_interval_ms", flushIntervalMilliseconds, within: Limits.flushIntervalMilliseconds)
+        try Self.check("flush_bandwidth", flushBytesPerSecond, within: Limits.flushBytesPerSecond)
+        try Self.check("flush_kept_steps", flushKeptSteps, within: Limits.flushKeptSteps)
+        if let flushDirectory {
+            guard flushDirectory.hasPrefix("/") else { throw ConfigurationError("flush_directory = \"\(flushDirectory)\" must be an absolute path") }
+            guard flushEverySteps > 0 || flushIntervalMilliseconds > 0 else {
+                throw ConfigurationError("flush_directory is set but neither flush_every_steps nor flush_interval_ms is: nothing would ever be flushed")
+            }
+        } else if flushEverySteps > 0 || flushIntervalMilliseconds > 0 {
+            throw ConfigurationError("flush_every_steps or flush_interval_ms is set but flush_directory is not")
+        }
         if clusterFile != nil {
             guard let peerSecretFile else { throw ConfigurationError("cluster_file is set but peer_secret_file is not: peers must authenticate") }
             guard sharedSecretFile != nil else {

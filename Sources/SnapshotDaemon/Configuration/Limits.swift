@@ -19,6 +19,15 @@ public enum Limits {
     public static let failureTimeoutMilliseconds: ClosedRange<Int64> = 30...600_000
     /// 0 turns the scrub off; at most once a day otherwise.
     public static let scrubIntervalMilliseconds: ClosedRange<Int64> = 0...86_400_000
+    /// Durable tier cadence: every N-th committed step (0: not by count),
+    /// and/or every so many milliseconds (0: not by time).
+    public static let flushEverySteps: ClosedRange<Int> = 0...1_000_000
+    public static let flushIntervalMilliseconds: ClosedRange<Int64> = 0...604_800_000
+    /// What a flush writes per second at most, so it never takes the disk
+    /// or memory bandwidth that saves and protection need.
+    public static let flushBytesPerSecond: ClosedRange<UInt64> = (8 << 20)...(1 << 40)
+    /// Flushed steps kept per job in the flush directory.
+    public static let flushKeptSteps: ClosedRange<Int> = 1...64
     /// Nodes in one cluster file: each peer has a heartbeat thread.
     public static let maximumNodes = 1024
 
@@ -58,6 +67,13 @@ public enum Limits {
     /// The scrub paces itself in pieces of this size.
     static let scrubChunkBytes = 16 << 20
 
+    // MARK: Durable tier
+
+    /// Flushes and exports write in pieces of this size (the pacer's unit).
+    static let durableWriteChunkBytes = 4 << 20
+    /// How often the flusher looks for a newly committed step to flush.
+    static let flushPollMilliseconds: Int64 = 200
+
     // MARK: Sessions
 
     /// Bulk bytes of a refused put are read and dropped up to this size to
@@ -85,5 +101,6 @@ public enum Limits {
         precondition(UInt64(ProtocolLimits.maximumControlPayloadBytes) < SegmentLayout.maximumSegmentBytes)
         precondition(clusterStatePageBytes * 2 <= ProtocolLimits.maximumLargeControlPayloadBytes, "a page plus one report that overflowed it fits a message")
         precondition(scrubChunkBytes <= scrubBytesPerSecond, "the scrub paces in pieces it may read within a second")
+        precondition(UInt64(durableWriteChunkBytes) <= flushBytesPerSecond.lowerBound, "a flush paces in pieces it may write within a second")
     }
 }

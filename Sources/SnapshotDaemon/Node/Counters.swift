@@ -26,6 +26,15 @@ final class Counters: Sendable {
         case scrubCorruptionsHealed = "scrub_corruptions_healed"
         /// Bytes the scrub has checked.
         case scrubBytesChecked = "scrub_bytes_checked"
+        /// Steps this node wrote its ranks of to the durable tier, and the tensor bytes.
+        case stepsFlushed = "steps_flushed"
+        case bytesFlushed = "bytes_flushed"
+        /// Flushes that failed (the directory unwritable, the disk full); each is logged.
+        case flushFailures = "flush_failures"
+        /// Restores served from the durable tier because memory could not serve them.
+        case durableRestores = "durable_restores"
+        /// Durable copies that could not be served (unreadable, or failing their CRCs).
+        case durableReadFailures = "durable_read_failures"
     }
 
     private let values = Mutex<[Name: UInt64]>([:])

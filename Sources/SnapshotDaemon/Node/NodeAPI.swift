@@ -142,7 +142,7 @@ extension SnapshotServer {
 
     /// `filter`: one job only (a trainer sees only its own).
     func status(job filter: JobID?) -> StatusReply {
-        state.withLock { state in
+        var reply = state.withLock { state in
             let store = state.store
             let jobs = store.jobs.keys.sorted().filter { filter == nil || $0 == filter }.map { name -> JobStatus in
                 let record = store.jobs[name]!
@@ -157,11 +157,26 @@ extension SnapshotServer {
             }
             return StatusReply(nodeID: configuration.nodeID, daemonVersion: Self.version, budgetBytes: store.budgetBytes, usedBytes: store.heldBytes, jobs: jobs, counters: counters.snapshot)
         }
+        // Outside the lock: this reads the flush directory.
+        for index in reply.jobs.indices { reply.jobs[index].flushedSteps = flushedSteps(job: reply.jobs[index].job) }
+        return reply
     }
 
     /// A node answers for the whole cluster from its own view; on a single
     /// node, from its store.
     func recoverReport() -> RecoverReply {
+        var report = recoverPicture()
+        for index in report.jobs.indices {
+            guard let flushed = flushedSteps(job: report.jobs[index].job).last else { continue }
+            report.jobs[index].newestFlushed = flushed
+            if !report.jobs[index].lostRanks.isEmpty {
+                report.jobs[index].summary += "; the durable tier holds step \(flushed) whole: restores fall back to it"
+            }
+        }
+        return report
+    }
+
+    private func recoverPicture() -> RecoverReply {
         if let cluster { return cluster.recoverReport() }
         let jobs = state.withLock { state in
             state.store.jobs.keys.sorted().map { job in

@@ -30,7 +30,7 @@ extension SnapshotServer {
     }
 
     /// Sleeps for `milliseconds`; false as soon as the daemon is stopping.
-    private func sleepUnlessStopping(milliseconds: Int64) -> Bool {
+    func sleepUnlessStopping(milliseconds: Int64) -> Bool {
         let deadline = Date().addingTimeInterval(Double(milliseconds) / 1000)
         let stopping = state.withLock(waitingUntil: deadline) { state -> Bool? in state.stopping ? true : nil }
         return stopping == nil
@@ -112,16 +112,11 @@ extension SnapshotServer {
 }
 
 /// Reads at most `bytesPerSecond`, averaged over a pass, in pieces of
-/// ``Limits/scrubChunkBytes``: it sleeps whenever it runs ahead.
+/// ``Limits/scrubChunkBytes``.
 struct ScrubPacer {
-    let bytesPerSecond: Int
-    private let startedMilliseconds = monotonicMilliseconds()
-    private var bytes = 0
+    private var pacer: BandwidthPacer
 
-    init(bytesPerSecond: Int) {
-        precondition(bytesPerSecond > 0)
-        self.bytesPerSecond = bytesPerSecond
-    }
+    init(bytesPerSecond: Int) { pacer = BandwidthPacer(bytesPerSecond: bytesPerSecond) }
 
     mutating func checksum(_ buffer: UnsafeMutableRawBufferPointer) -> UInt32 {
         var crc: UInt32 = 0
@@ -130,10 +125,7 @@ struct ScrubPacer {
             let count = min(Limits.scrubChunkBytes, buffer.count - offset)
             crc = CRC32C.checksum(UnsafeRawBufferPointer(rebasing: buffer[offset..<offset + count]), seed: crc)
             offset += count
-            bytes += count
-            let dueMilliseconds = Int64(bytes / (bytesPerSecond / 1000))
-            let ahead = dueMilliseconds - (monotonicMilliseconds() - startedMilliseconds)
-            if ahead > 0 { usleep(UInt32(min(ahead, 1000)) * 1000) }
+            pacer.consumed(bytes: count)
         }
         return crc
     }

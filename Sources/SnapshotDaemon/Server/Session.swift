@@ -171,6 +171,7 @@ final class Session {
         case (.trainer, .releaseRestore(let m)): release(ShardKey(job: job!, step: m.step, rank: rank), requestID: header.requestID)
         case (_, .status(let m)): status(m, requestID: header.requestID)
         case (.operatorTool, .recover): reply(.recoverReply(server.recoverReport()), to: header.requestID)
+        case (.operatorTool, .export(let m)): reply(.exportReply(try server.export(m)), to: header.requestID)
         case (.operatorTool, .checkFree(let m)) where m.phase == .request:
             guard let cluster = server.cluster else { throw StoreError(.invalidRequest, "CheckFree rebuilds stages across a cluster; this daemon runs a single node") }
             reply(try cluster.handleCheckFreeRequest(m), to: header.requestID)
@@ -293,7 +294,18 @@ final class Session {
         guard m.transport == .stream || !isTCP else {
             throw StoreError(.invalidRequest, "shared-memory transport needs the Unix socket; use stream over TCP")
         }
-        let (step, shard, segment) = try server.pinForRestore(job: job!, rank: rank, step: m.step)
+        let (step, shard, segment): (Step, ShardRecord, MappedSegment)
+        do {
+            (step, shard, segment) = try server.pinForRestore(job: job!, rank: rank, step: m.step)
+        } catch let error as StoreError where [.unrecoverable, .unknownStep, .notCommitted].contains(error.code)
+            || (error.code == .unavailable && server.isLostBeyondTolerance(job: job!, rank: rank))
+        {
+            // What memory cannot serve for good (lost beyond tolerance, or
+            // not held), the durable tier may (DESIGN.md, "The durable tier").
+            // Not a rebuild in progress that will serve the newer step.
+            guard let durable = try server.durableRestore(job: job!, rank: rank, step: m.step) else { throw error }
+            return try serveDurable(durable, transport: m.transport, requestID: requestID, memoryError: error)
+        }
         let key = ShardKey(job: job!, step: step, rank: rank)
         let ready = RestoreReady(
             step: step, entries: shard.manifest, tensorOffsets: shard.tensorOffsets, segmentSizeBytes: shard.segmentSizeBytes,
@@ -322,6 +334,31 @@ final class Session {
             }
         }
         logger.info("shard restored", metadata: ["step": "\(step)", "transport": "\(m.transport)", "approximate": "\(shard.reconstruction.map { "\($0)" } ?? "no")"])
+    }
+
+    /// Serves a rank's durable copy: the file itself is the segment (its fd
+    /// over the Unix socket, its bytes on a stream); nothing to pin, since a
+    /// newer flush replaces the file by rename and this one stays readable.
+    private func serveDurable(_ durable: DurableFiles.DurableShard, transport: DataTransport, requestID: UInt64, memoryError: StoreError) throws {
+        let ready = durable.ready
+        if transport == .sharedMemory {
+            let fd = dup(durable.file.fd)
+            guard fd >= 0 else { throw StoreError(.internalError, "dup of \(durable.path): \(String(cString: strerror(errno)))") }
+            defer { close(fd) }
+            reply(.restoreReady(ready), to: requestID, passing: [fd])
+        } else {
+            let total = ready.entries.reduce(UInt64(0)) { $0 + $1.spec.byteLength }
+            try connection.send(.restoreReady(ready), requestID: requestID, bulkLength: total)
+            let deadline = connection.bulkDeadline(total)
+            for (entry, offset) in zip(ready.entries, ready.tensorOffsets) where entry.spec.byteLength > 0 {
+                let bytes = durable.file.bytes(offset: Int(offset), count: Int(entry.spec.byteLength))
+                try connection.socket.writeAll(bytes.baseAddress!, count: bytes.count, deadlineMilliseconds: deadline)
+            }
+        }
+        server.counters.increment(.durableRestores)
+        logger.warning("shard restored from the durable tier: memory could not serve it", metadata: [
+            "step": "\(ready.step)", "transport": "\(transport)", "file": "\(durable.path)", "memory": "\(memoryError)",
+        ])
     }
 
     private func release(_ key: ShardKey, requestID: UInt64) {

@@ -110,6 +110,13 @@ public final class SnapshotServer: Service, Sendable {
             throw IOError("cannot create the directory of unix_socket \(configuration.unixSocketPath)")
         }
         warnIfBudgetExceedsArenaFileSystem()
+        if let flushDirectory = configuration.flushDirectory {
+            // A durable tier that cannot be written must fail at start, not at the first flush.
+            try DurableFiles.createDirectory(flushDirectory)
+            guard access(flushDirectory, W_OK | X_OK) == 0 else {
+                throw ConfigurationError("flush_directory \(flushDirectory) is not writable by this daemon (uid \(getuid()))")
+            }
+        }
         let unix = try Socket.listenUnix(path: configuration.unixSocketPath, mode: 0o660)
         var opened = [(unix, false)]
         if let listen = configuration.tcpListen {
@@ -132,6 +139,7 @@ public final class SnapshotServer: Service, Sendable {
         if let clusterConfiguration { warnAboutUnreachablePeers(clusterConfiguration) }
         cluster?.start()
         startScrub()
+        startFlusher()
         let devices = RDMADevices.list()
         logger.info(
             "snapshotd ready",
@@ -139,6 +147,7 @@ public final class SnapshotServer: Service, Sendable {
                 "node": "\(configuration.nodeID)", "unixSocket": "\(configuration.unixSocketPath)",
                 "tcp": "\(boundTCPPort.map { "\(configuration.tcpListen!.split(separator: ":").first!):\($0)" } ?? "off")",
                 "arena": "\(arena.root)", "budgetBytes": "\(configuration.memoryBudgetBytes)",
+                "durableTier": "\(configuration.flushDirectory.map { "\($0) every \(configuration.flushEverySteps) steps / \(configuration.flushIntervalMilliseconds) ms" } ?? "off")",
                 "rdma": "\(devices.isEmpty ? "no RDMA device, using TCP" : devices.map(\.name).joined(separator: ","))",
             ])
         SystemdNotifier.notify(["READY=1", "STATUS=\(statusLine())"])

@@ -99,6 +99,7 @@ _signatures: dict[str, tuple[object, list[object]]] = {
     "snapshotd_restore_metadata": (_p, [_p, ctypes.POINTER(ctypes.c_size_t)]),
     "snapshotd_restore_gradient_norm": (ctypes.c_double, [_p]),
     "snapshotd_restore_reconstruction": (_int, [_p, ctypes.POINTER(Reconstruction)]),
+    "snapshotd_restore_durable_source": (ctypes.c_char_p, [_p]),
     "snapshotd_restore_close": (None, [_p]),
 }
 for _name, (_restype, _argtypes) in _signatures.items():

@@ -227,6 +227,9 @@ class Shard(dict[str, np.ndarray]):
     kinds: dict[str, int]
     reconstruction: Reconstruction | None
     """Set when the shard is approximate (CheckFree); None when exact."""
+    durable_source: str | None
+    """None when the shard came from memory; the file it was read from when
+    memory could not serve it and the daemon fell back to the durable tier."""
 
     @property
     def approximate(self) -> bool:
@@ -392,6 +395,8 @@ class Client:
                 optimizer_reset=bool(how.optimizer_reset), learning_rate_factor=how.learning_rate_factor)
         else:
             shard.reconstruction = None
+        source = lib.snapshotd_restore_durable_source(owner.handle)
+        shard.durable_source = source.decode() if source else None
         return shard.step, shard
 
     # Lifetime

@@ -139,6 +139,9 @@ class Restored:
     """Set when this rank's state was rebuilt approximately (CheckFree): the
     optimizer restarted from zero; multiply the learning rate by
     ``reconstruction.learning_rate_factor``."""
+    durable_source: str | None = None
+    """None when restored from memory; the file it came from when the daemon
+    fell back to the durable tier."""
 
 
 def restore(client: Client, *, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -148,6 +151,10 @@ def restore(client: Client, *, model: torch.nn.Module | None = None, optimizer: 
     Returns the step and the ``extra`` state."""
     chosen, shard = client.restore(step)
     reconstruction = shard.reconstruction
+    durable_source = shard.durable_source
+    if durable_source is not None:
+        warnings.warn(f"rank {client.rank}: step {chosen} came from the durable tier ({durable_source}): memory could not serve it",
+                      stacklevel=2)
     if reconstruction is not None:
         warnings.warn(f"rank {client.rank}: step {chosen} was rebuilt approximately by {reconstruction.method} from stages "
                       f"{list(reconstruction.source_stages)}; optimizer state restarts at zero, raise this stage's learning rate "
@@ -165,7 +172,7 @@ def restore(client: Client, *, model: torch.nn.Module | None = None, optimizer: 
         target.load_state_dict(state[name])
     if rng and "rng" in state:
         set_rng_state(state["rng"])
-    return Restored(chosen, state.get("extra", {}), reconstruction)
+    return Restored(chosen, state.get("extra", {}), reconstruction, durable_source)
 
 
 def copy_cuda_into(pending: PendingSave, ready: torch.cuda.Event) -> None:
