@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 venv=${SNAPSHOTD_VENV:-.venv-python}
 python3 -m venv "$venv"
 venv=$(cd "$venv" && pwd)
-"$venv/bin/pip" install -q numpy pytest mypy
+"$venv/bin/pip" install -q numpy pytest mypy safetensors  # safetensors: reads what snapshotctl export writes
 started=$(date +%s)
 if "$venv/bin/pip" install -q "torch==2.13.0"; then
     echo "torch (CPU build) installed in $(( $(date +%s) - started )) s"

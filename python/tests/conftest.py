@@ -48,18 +48,20 @@ class Daemon:
         return (self.directory / "snapshotd.log").read_text(errors="replace")
 
 
-def start_daemon(directory: Path, budget: str = "2GiB", keep: int = 2) -> Daemon:
+def start_daemon(directory: Path, budget: str = "2GiB", keep: int = 2, extra: list[str] | None = None, fresh: bool = True) -> Daemon:
+    """Starts snapshotd in `directory`; `fresh=False` restarts one there (keeping its secret and log)."""
     arena = directory / "arena"
-    arena.mkdir(parents=True)
+    arena.mkdir(parents=True, exist_ok=not fresh)
     secret = directory / "secret"
-    secret.write_text("python-test-secret-0123456789abcdef\n")
-    secret.chmod(0o600)
+    if fresh:
+        secret.write_text("python-test-secret-0123456789abcdef\n")
+        secret.chmod(0o600)
     port = free_port()
-    log = open(directory / "snapshotd.log", "wb")
+    log = open(directory / "snapshotd.log", "ab")
     process = subprocess.Popen(
         [str(daemon_binary()), "--node-id", "0", "--unix-socket", str(directory / "snapshotd.sock"),
          "--arena-directory", str(arena), "--memory-budget", budget, "--keep", str(keep),
-         "--tcp-listen", f"127.0.0.1:{port}", "--shared-secret-file", str(secret)],
+         "--tcp-listen", f"127.0.0.1:{port}", "--shared-secret-file", str(secret), *(extra or [])],
         stdout=log, stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 30
