@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 public import Logging
 public import SnapshotProtocol
 import TOMLKit
@@ -29,13 +30,17 @@ public struct DaemonConfiguration: Sendable, Equatable {
     /// The cluster file (nodes, addresses, protection groups). nil: a single
     /// node, whose steps commit when its own shards are sealed.
     public var clusterFile: String?
+    /// "host:port" (IPv4) of the Prometheus endpoint, `GET /metrics`; nil:
+    /// none. Unauthenticated (it names jobs, never data): loopback or a
+    /// management network. Port 0 takes a free port (logged at start).
+    public var metricsListen: String?
 
     public init() {}
 
     static let knownKeys: Set<String> = [
         "node_id", "unix_socket", "tcp_listen", "arena_directory", "memory_budget", "snapshots_kept_per_job",
         "shared_secret_file", "peer_secret_file", "log_level", "max_connections", "frame_timeout_ms", "cluster_file",
-        "scrub_interval_ms",
+        "scrub_interval_ms", "metrics_listen",
     ]
 
     /// Reads a TOML file over the defaults. Unknown keys are errors: a typo
@@ -66,6 +71,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
         if let v = table["frame_timeout_ms"] { config.frameTimeoutMilliseconds = Int64(try integer(v, "frame_timeout_ms")) }
         if let v = table["scrub_interval_ms"] { config.scrubIntervalMilliseconds = Int64(try integer(v, "scrub_interval_ms")) }
         if let v = table["cluster_file"] { config.clusterFile = try string(v, "cluster_file") }
+        if let v = table["metrics_listen"] { config.metricsListen = try string(v, "metrics_listen") }
         return config
     }
 
@@ -85,6 +91,14 @@ public struct DaemonConfiguration: Sendable, Equatable {
                 throw ConfigurationError("peer_secret_file and shared_secret_file are the same file: peers need a secret of their own")
             }
         }
+        if let metricsListen {
+            let (host, _) = try Self.parseHostPort(metricsListen, key: "metrics_listen")
+            // Checked here, not only at bind: a typo must fail at start with the key's name.
+            var address = in_addr()
+            guard inet_pton(AF_INET, host == "localhost" ? "127.0.0.1" : host, &address) == 1 else {
+                throw ConfigurationError("metrics_listen = '\(metricsListen)': '\(host)' is not an IPv4 address (e.g. 127.0.0.1:9464)")
+            }
+        }
         if let tcpListen {
             _ = try Self.parseHostPort(tcpListen)
             guard sharedSecretFile != nil else {
@@ -99,9 +113,9 @@ public struct DaemonConfiguration: Sendable, Equatable {
         }
     }
 
-    public static func parseHostPort(_ text: String) throws -> (host: String, port: UInt16) {
+    public static func parseHostPort(_ text: String, key: String? = nil) throws -> (host: String, port: UInt16) {
         guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else {
-            throw ConfigurationError("'\(text)' is not host:port")
+            throw ConfigurationError("\(key.map { "\($0) = " } ?? "")'\(text)' is not host:port")
         }
         return (String(text[..<colon]), port)
     }
