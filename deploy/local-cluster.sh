@@ -18,7 +18,10 @@
 # .build/debug/snapshotd), BASE_PORT (default 7400), BUDGET (default 4GiB),
 # KEEP (default 2), HEARTBEAT_MS / FAILURE_MS (default 200 / 1500), SCRUB_MS
 # (scrub interval, default 600000), LOG_LEVEL, FLUSH_DIR / FLUSH_EVERY (durable
-# tier: flush every FLUSH_EVERY-th committed step, default 1, into FLUSH_DIR).
+# tier: flush every FLUSH_EVERY-th committed step, default 1, into FLUSH_DIR),
+# METRICS_PORT (Prometheus endpoint: node ID serves GET /metrics on its own
+# address at METRICS_PORT+ID; 0 takes a free port each, which the node's
+# "snapshotd ready" log line names; unset: no endpoint).
 # At start: NETNS=1 puts every node in its own network namespace (needs root),
 # joined by a bridge, with address 198.18.X.(10+id) (RFC 2544 benchmarking
 # range); LINK_RATE (e.g. 1gbit) then caps each node's link in each direction
@@ -123,9 +126,15 @@ start_node() {
     if [ -f "$dir/blackholed$id" ]; then restore_link "$dir" "$id" && rm -f "$dir/blackholed$id"; fi
     # A plain command, not in_network, so that $! is the daemon's own pid
     # (`ip netns exec` execs it in place).
-    local prefix
+    local prefix metrics=()
     network_prefix "$dir" "$id"
-    "${prefix[@]}" "$binary" --node-id "$id" --cluster-file "$dir/cluster.toml" \
+    if [ -n "${METRICS_PORT:-}" ]; then
+        local host
+        host=$(address "$dir" "$id")
+        host=${host%:*}
+        metrics=(--metrics-listen "$host:$((METRICS_PORT == 0 ? 0 : METRICS_PORT + id))")
+    fi
+    "${prefix[@]}" "$binary" --node-id "$id" --cluster-file "$dir/cluster.toml" "${metrics[@]}" \
         --shared-secret-file "$dir/secret" --peer-secret-file "$dir/peer-secret" --unix-socket "$dir/node$id.sock" \
         --arena-directory "$(arena "$dir" "$id")" --memory-budget "${BUDGET:-4GiB}" --keep "${KEEP:-2}" \
         --scrub-interval-ms "${SCRUB_MS:-600000}" --log-level "${LOG_LEVEL:-info}" \
@@ -209,7 +218,7 @@ repair)
     sed -i "s/^repair = .*/repair = \"$3\"/" "$2/cluster.toml"
     ;;
 *)
-    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

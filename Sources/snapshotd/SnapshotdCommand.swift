@@ -26,6 +26,7 @@ struct SnapshotdCommand: AsyncParsableCommand {
     @Option(help: "Cluster file (nodes, addresses, protection groups); omit for a single node.") var clusterFile: String?
     @Option(name: .customLong("max-connections"), help: "Most concurrent client sessions (each is a thread).") var maximumConnections: Int?
     @Option(name: .customLong("frame-timeout-ms"), help: "Once a frame has started, the rest must arrive within this many milliseconds.") var frameTimeoutMilliseconds: Int64?
+    @Option(help: "Prometheus endpoint host:port (GET /metrics, unauthenticated: loopback or a management network); port 0 takes a free one, logged at start.") var metricsListen: String?
     @Option(name: .customLong("scrub-interval-ms"), help: "How often every held shard and parity fragment is re-checked against its sealed CRCs (0: never); corrupted ones are healed from peers.") var scrubIntervalMilliseconds: Int64?
 
     @Option(help: "Durable tier: write committed steps here in the export format (absolute path).") var flushDirectory: String?
@@ -84,6 +85,7 @@ struct SnapshotdCommand: AsyncParsableCommand {
         if let peerSecretFile { settings.peerSecretFile = peerSecretFile }
         if let logLevel { settings.logLevel = try DaemonConfiguration.parseLogLevel(logLevel) }
         if let clusterFile { settings.clusterFile = clusterFile }
+        if let metricsListen { settings.metricsListen = metricsListen }
         return settings
     }
 }

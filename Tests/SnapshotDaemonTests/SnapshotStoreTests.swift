@@ -222,8 +222,10 @@ struct ConfigurationTests {
             snapshots_kept_per_job = 3
             shared_secret_file = "/etc/snapshotd/secret"
             log_level = "debug"
+            metrics_listen = "127.0.0.1:9464"
             """)
         #expect(config.nodeID == 3)
+        #expect(config.metricsListen == "127.0.0.1:9464")
         #expect(config.memoryBudgetBytes == 1_610_612_736)
         #expect(config.snapshotsKeptPerJob == 3)
         #expect(config.logLevel == .debug)
@@ -236,6 +238,7 @@ struct ConfigurationTests {
         let config = try DaemonConfiguration.load(tomlText: try String(contentsOfFile: path, encoding: .utf8))
         #expect(config.memoryBudgetBytes == 64 << 30)
         #expect(config.tcpListen == "127.0.0.1:7070", "the shipped config listens on loopback unless told otherwise")
+        #expect(config.metricsListen == "127.0.0.1:9464", "metrics on loopback too")
         #expect(throws: Never.self) { try config.validate() }
         // The local one, for trying it out, needs no secret and no TCP.
         let localPath = URL(fileURLWithPath: path).deletingLastPathComponent().path + "/snapshotd-local.toml"

@@ -69,6 +69,9 @@ struct ConfigurationTests {
         ("negative heartbeat interval", "", clusterFile(groupSize: 3, heartbeat: -1), "heartbeat_interval_ms = -1 is outside"),
         ("heartbeat that cannot fit the timeout", "", clusterFile(groupSize: 3, heartbeat: 600, timeout: 1000), "must exceed twice heartbeat_interval_ms"),
         ("a missing peer secret", "peer_secret_file = \"$SCRATCH/missing\"\n", clusterFile(groupSize: 3), "cannot read secret file"),
+        ("metrics address without a port", "metrics_listen = \"127.0.0.1\"\n", nil, "metrics_listen = '127.0.0.1' is not host:port"),
+        ("metrics address that is not IPv4", "metrics_listen = \"metrics.example:9464\"\n", nil, "'metrics.example' is not an IPv4 address"),
+        ("metrics port out of range", "metrics_listen = \"127.0.0.1:70000\"\n", nil, "metrics_listen = '127.0.0.1:70000' is not host:port"),
         ("peers sharing the trainers' secret", "peer_secret_file = \"$SCRATCH/secret\"\n", clusterFile(groupSize: 3), "peer_secret_file and shared_secret_file are the same file"),
     ]
 

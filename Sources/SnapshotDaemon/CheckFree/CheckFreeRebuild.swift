@@ -377,6 +377,7 @@ extension ClusterNode {
         }
         let bad = corruptedTensors(reported.manifest.shard, in: buffer)
         guard bad.isEmpty else {
+            counters.increment(.crcFailures)
             throw StoreError(.checksumMismatch, "rank \(rank)'s shard of \(job)/\(step) from node \(reported.node) fails the CRC check for \(bad)")
         }
         return buffer
@@ -395,6 +396,7 @@ extension ClusterNode {
         guard shard.reconstruction == nil else { throw StoreError(.unavailable, "node \(selfID)'s shard for \(key) is itself approximate (CheckFree); it is no source for another rebuild") }
         let bad = corruptedTensors(shard, in: segment)
         guard bad.isEmpty else {
+            counters.increment(.crcFailures)
             logger.error("refusing to serve a shard: tensors fail their sealed CRCs", metadata: ["shard": "\(key)", "tensors": "\(bad)"])
             throw StoreError(.checksumMismatch, "node \(selfID): \(key) has tensor(s) \(bad) that fail their sealed CRCs")
         }

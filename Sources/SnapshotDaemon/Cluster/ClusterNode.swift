@@ -34,6 +34,7 @@ final class ClusterNode: Sendable {
     let incarnation = UInt64.random(in: 1...UInt64.max)
     let logger: Logger
     let counters: Counters
+    let metrics: MetricsRegistry
     /// Serializes folding into parity buffers (two sources of one stripe may arrive at once).
     let accumulateLock = NSLock()
     /// Serializes creating parity buffers, which runs outside the state lock
@@ -52,7 +53,7 @@ final class ClusterNode: Sendable {
             protection: try ProtectionMachine(selfID: selfID, configuration: cluster, keptStepsPerJob: keptStepsPerJob))
     }
 
-    init(state: Locked<NodeState>, storeEffects: StoreEffects, cluster: ClusterConfiguration, selfID: NodeID, secret: [UInt8], counters: Counters, logger: Logger) throws {
+    init(state: Locked<NodeState>, storeEffects: StoreEffects, cluster: ClusterConfiguration, selfID: NodeID, secret: [UInt8], counters: Counters, metrics: MetricsRegistry, logger: Logger) throws {
         guard let group = cluster.group(of: selfID), let position = group.position(of: selfID) else {
             throw ConfigurationError("node \(selfID) is not in the cluster file")
         }
@@ -67,6 +68,7 @@ final class ClusterNode: Sendable {
         mesh = PeerMesh(selfID: selfID, cluster: cluster, secret: secret, logger: logger)
         self.logger = logger
         self.counters = counters
+        self.metrics = metrics
     }
 
     var heartbeatTimeoutMilliseconds: Int64 { max(200, cluster.failureTimeoutMilliseconds / 2) }
@@ -170,6 +172,7 @@ final class ClusterNode: Sendable {
     /// The machine found the step held and committed cluster-wide.
     private func commit(job: JobID, step: Step, world: UInt32, state: inout NodeState) {
         storeEffects.apply(state.store.markCommitted(job: job, step: step, world: world), to: &state)
+        metrics.protectionFinished(job: job, step: step)
         if let oldest = state.store.jobs[job]?.committedSteps.first { state.cluster!.protection.forget(job: job, olderThan: oldest) }
         state.cluster!.refreshRebuildNeed(store: state.store)
     }

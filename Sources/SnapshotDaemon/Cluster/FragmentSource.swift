@@ -69,6 +69,7 @@ extension ClusterNode {
         if !verified {
             let corrupted = corruptedTensors(of: shards, overlapping: 0..<local.bytes.totalBytes)
             guard corrupted.isEmpty else {
+                counters.increment(.crcFailures)
                 logger.error("refusing to serve a data fragment: tensors fail their sealed CRCs", metadata: ["fragment": "\(id)", "tensors": "\(corrupted)"])
                 throw StoreError(.checksumMismatch, "node \(selfID): data fragment \(id) covers tensor(s) \(corrupted) that fail their sealed CRCs")
             }

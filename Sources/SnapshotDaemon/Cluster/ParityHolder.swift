@@ -135,6 +135,7 @@ extension ClusterNode {
         try connection.socket.readExact(into: buffer.baseAddress!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
         let crc = CRC32C.checksum(UnsafeRawBufferPointer(buffer))
         guard crc == put.crc32c else {
+            counters.increment(.crcFailures)
             logger.error("fragment arrived corrupted", metadata: ["fragment": "\(id)", "source": "\(put.sourceNode)"])
             throw StoreError(.checksumMismatch, "fragment \(key) slot \(slot) failed its CRC check")
         }

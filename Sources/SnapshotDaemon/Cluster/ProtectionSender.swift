@@ -11,6 +11,8 @@ extension ClusterNode {
     /// Inside state.withLock, when this node's share of a step is sealed.
     func shareSealed(job: JobID, step: Step, state: inout NodeState) {
         guard !state.stopping, let world = state.store.jobs[job]?.world else { return }
+        // Timed from now even while joining: the share is local-complete, the wait for discovery is part of its protection.
+        metrics.protectionStarted(job: job, step: step)
         guard state.cluster!.discovered else {
             state.cluster!.sealedBeforeDiscovery.append(.init(job: job, step: step))
             return

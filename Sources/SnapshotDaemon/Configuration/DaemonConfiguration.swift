@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 public import Logging
 public import SnapshotProtocol
 import TOMLKit
@@ -41,6 +42,10 @@ public struct DaemonConfiguration: Sendable, Equatable {
     public var flushIntervalMilliseconds: Int64 = 0
     public var flushBytesPerSecond: UInt64 = 256 << 20
     public var flushKeptSteps = 2
+    /// "host:port" (IPv4) of the Prometheus endpoint, `GET /metrics`; nil:
+    /// none. Unauthenticated (it names jobs, never data): loopback or a
+    /// management network. Port 0 takes a free port (logged at start).
+    public var metricsListen: String?
 
     public init() {}
 
@@ -48,6 +53,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
         "node_id", "unix_socket", "tcp_listen", "arena_directory", "memory_budget", "snapshots_kept_per_job",
         "shared_secret_file", "peer_secret_file", "log_level", "max_connections", "frame_timeout_ms", "cluster_file",
         "scrub_interval_ms", "flush_directory", "flush_every_steps", "flush_interval_ms", "flush_bandwidth", "flush_kept_steps",
+        "metrics_listen",
     ]
 
     /// Reads a TOML file over the defaults. Unknown keys are errors: a typo
@@ -86,6 +92,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
             config.flushBytesPerSecond = try parseByteSize(text)
         }
         if let v = table["flush_kept_steps"] { config.flushKeptSteps = try integer(v, "flush_kept_steps") }
+        if let v = table["metrics_listen"] { config.metricsListen = try string(v, "metrics_listen") }
         return config
     }
 
@@ -117,6 +124,14 @@ public struct DaemonConfiguration: Sendable, Equatable {
                 throw ConfigurationError("peer_secret_file and shared_secret_file are the same file: peers need a secret of their own")
             }
         }
+        if let metricsListen {
+            let (host, _) = try Self.parseHostPort(metricsListen, key: "metrics_listen")
+            // Checked here, not only at bind: a typo must fail at start with the key's name.
+            var address = in_addr()
+            guard inet_pton(AF_INET, host == "localhost" ? "127.0.0.1" : host, &address) == 1 else {
+                throw ConfigurationError("metrics_listen = '\(metricsListen)': '\(host)' is not an IPv4 address (e.g. 127.0.0.1:9464)")
+            }
+        }
         if let tcpListen {
             _ = try Self.parseHostPort(tcpListen)
             guard sharedSecretFile != nil else {
@@ -131,9 +146,9 @@ public struct DaemonConfiguration: Sendable, Equatable {
         }
     }
 
-    public static func parseHostPort(_ text: String) throws -> (host: String, port: UInt16) {
+    public static func parseHostPort(_ text: String, key: String? = nil) throws -> (host: String, port: UInt16) {
         guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else {
-            throw ConfigurationError("'\(text)' is not host:port")
+            throw ConfigurationError("\(key.map { "\($0) = " } ?? "")'\(text)' is not host:port")
         }
         return (String(text[..<colon]), port)
     }

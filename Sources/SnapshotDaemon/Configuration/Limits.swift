@@ -88,6 +88,30 @@ public enum Limits {
     /// (a 32-byte tag) fits many times over, an 8 MiB claim does not.
     static let unauthenticatedPayloadBytes = 1024
 
+    // MARK: Metrics endpoint
+
+    /// The most a scrape's request head (request line and headers) may be;
+    /// Prometheus sends a few hundred bytes. A larger one is answered 431.
+    static let metricsRequestBytes = 8 << 10
+    /// The whole request head must arrive within this. The endpoint serves
+    /// one connection at a time, so a silent or slow client holds it this
+    /// long at most, and a scrape behind it waits no longer.
+    static let metricsRequestTimeoutMilliseconds: Int64 = 2000
+    /// A scraper must take the whole response within this.
+    static let metricsResponseTimeoutMilliseconds: Int64 = 5000
+    /// After answering, how long the endpoint reads what a client still
+    /// sends before closing (a reset would lose the answer).
+    static let metricsLingerMilliseconds: Int64 = 200
+    /// Steps whose protection is being timed (local-complete, not yet
+    /// committed), all jobs together; beyond it the oldest is dropped.
+    static let metricsProtectionTimers = 1024
+    /// Saves one session has begun and not committed whose staging is timed;
+    /// beyond it the oldest is dropped.
+    static let metricsStagingTimersPerSession = 64
+    /// Prometheus's default scrape timeout: a scrape that waits behind one
+    /// stuck client must still be answered within it.
+    static let prometheusDefaultScrapeTimeoutMilliseconds: Int64 = 10_000
+
     /// Checks how the limits relate; a violation is a programming error in
     /// this file, so it traps at start (never on input).
     static func checkRelationships() {
@@ -102,5 +126,8 @@ public enum Limits {
         precondition(clusterStatePageBytes * 2 <= ProtocolLimits.maximumLargeControlPayloadBytes, "a page plus one report that overflowed it fits a message")
         precondition(scrubChunkBytes <= scrubBytesPerSecond, "the scrub paces in pieces it may read within a second")
         precondition(UInt64(durableWriteChunkBytes) <= flushBytesPerSecond.lowerBound, "a flush paces in pieces it may write within a second")
+        precondition(
+            metricsRequestTimeoutMilliseconds + metricsResponseTimeoutMilliseconds + metricsLingerMilliseconds < prometheusDefaultScrapeTimeoutMilliseconds,
+            "a scrape queued behind one stuck client is still answered within Prometheus's default scrape timeout")
     }
 }

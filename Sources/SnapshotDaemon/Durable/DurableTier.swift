@@ -83,6 +83,7 @@ extension SnapshotServer {
             let bytes = try write(ranks, job: job, step: step, world: world, root: root, pacer: &pacer)
             DurableFiles.prune(root: root, job: job, ranks: ranks.map(\.key.rank), kept: configuration.flushKeptSteps)
             let seconds = Double(monotonicMilliseconds() - started) / 1000
+            metrics.recordFlush(seconds: seconds)
             counters.increment(.stepsFlushed)
             counters.increment(.bytesFlushed, by: bytes)
             logger.info("step flushed to the durable tier", metadata: [

@@ -5,26 +5,17 @@ import Synchronization
 /// (``StatusReply/counters``) under stable snake_case names. Separate from
 /// ``NodeState``: counting an event never waits on the state lock.
 final class Counters: Sendable {
+    /// Exported to Prometheus too, as `snapshotd_<name>_total` with ``help``.
     enum Name: String, CaseIterable, Sendable {
-        /// This node declared a peer dead (no heartbeat within the failure timeout).
         case peersDeclaredDead = "peers_declared_dead"
-        /// This node's own ticks stopped (SIGSTOP, starvation) and the pause was discounted.
         case ownPausesDiscounted = "own_pauses_discounted"
-        /// Connections refused at accept because their slots were full.
         case connectionsRefused = "connections_refused"
-        /// Handshakes shut down to make room for a newer connection (the pool was full).
         case handshakesEvicted = "handshakes_evicted"
-        /// TCP connections that failed or did not finish authentication in time.
         case authenticationFailures = "authentication_failures"
-        /// Arena files set aside at start (bad manifest, size or CRC), never deleted.
         case quarantinedFiles = "quarantined_files"
-        /// Hellos whose role did not match the session's credential.
         case rolesRefused = "roles_refused"
-        /// Shards and parity fragments the background scrub found failing their sealed CRCs.
         case scrubCorruptionsFound = "scrub_corruptions_found"
-        /// Of those, the ones healed byte-identical from peers.
         case scrubCorruptionsHealed = "scrub_corruptions_healed"
-        /// Bytes the scrub has checked.
         case scrubBytesChecked = "scrub_bytes_checked"
         /// Steps this node wrote its ranks of to the durable tier, and the tensor bytes.
         case stepsFlushed = "steps_flushed"
@@ -35,6 +26,35 @@ final class Counters: Sendable {
         case durableRestores = "durable_restores"
         /// Durable copies that could not be served (unreadable, or failing their CRCs).
         case durableReadFailures = "durable_read_failures"
+        case crcFailures = "crc_failures"
+        case rebuilds = "rebuilds"
+        case rebuiltBytes = "rebuilt_bytes"
+
+        /// What the counter counts (the HELP line of its Prometheus series).
+        var help: String {
+            switch self {
+            case .peersDeclaredDead: "This node declared a peer dead (no heartbeat within the failure timeout)."
+            case .ownPausesDiscounted: "This node's own ticks stopped (SIGSTOP, starvation) and the pause was discounted."
+            case .connectionsRefused: "Connections refused at accept because their slots were full."
+            case .handshakesEvicted: "Handshakes shut down to make room for a newer connection (the pool was full)."
+            case .authenticationFailures: "TCP connections that failed or did not finish authentication in time."
+            case .quarantinedFiles: "Arena files set aside at start (bad manifest, size or CRC), never deleted."
+            case .rolesRefused: "Hellos whose role did not match the session's credential."
+            case .scrubCorruptionsFound: "Shards and parity fragments the background scrub found failing their sealed CRCs."
+            case .scrubCorruptionsHealed: "Of the scrub's finds, the ones healed byte-identical from peers."
+            case .scrubBytesChecked: "Bytes the scrub has checked."
+            case .crcFailures:
+                "Checks against a CRC that failed, wherever bytes are checked: arena recovery, the scrub, restores, "
+                    + "sealing against the client's CRCs, fragments received or served for protection and rebuilds."
+            case .rebuilds: "Steps this node rebuilt exactly from its peers' fragments (its shards and parity of the step)."
+            case .rebuiltBytes: "Segment bytes of the shards and parity this node rebuilt from its peers."
+            case .stepsFlushed: "Steps this node wrote its ranks of to the durable tier."
+            case .bytesFlushed: "Tensor bytes this node wrote to the durable tier."
+            case .flushFailures: "Flushes to the durable tier that failed (each is logged)."
+            case .durableRestores: "Restores served from the durable tier because memory could not serve them."
+            case .durableReadFailures: "Durable copies that could not be served (unreadable, or failing their CRCs)."
+            }
+        }
     }
 
     private let values = Mutex<[Name: UInt64]>([:])
@@ -49,6 +69,12 @@ final class Counters: Sendable {
     var snapshot: [StatusCounter] {
         let current = values.withLock { $0 }
         return Name.allCases.map { StatusCounter(name: $0.rawValue, value: current[$0] ?? 0) }
+    }
+
+    /// The same, by name, for the Prometheus exposition.
+    var all: [(name: Name, value: UInt64)] {
+        let current = values.withLock { $0 }
+        return Name.allCases.map { ($0, current[$0] ?? 0) }
     }
 }
 

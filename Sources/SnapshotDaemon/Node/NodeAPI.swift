@@ -70,9 +70,10 @@ extension SnapshotServer {
     }
 
     /// The bytes are in: the shard is sealed off the caller's thread.
-    func commitSave(session: SessionID, key: ShardKey, checksums: [UInt32]?, gradientNorm: Double?, metadata: [UInt8]) throws {
+    /// `received`: when the commitSave arrived (the commit latency starts there).
+    func commitSave(session: SessionID, key: ShardKey, checksums: [UInt32]?, gradientNorm: Double?, metadata: [UInt8], received: ContinuousClock.Instant = .now) throws {
         _ = try state.withLock { try $0.store.commit(session: session, key: key, clientChecksums: checksums, gradientNorm: gradientNorm, metadata: metadata) }
-        seal(key, clientChecksums: checksums)
+        seal(key, clientChecksums: checksums, commitReceived: received)
     }
 
     func abortSave(session: SessionID, key: ShardKey) throws {
@@ -127,6 +128,7 @@ extension SnapshotServer {
         }
         let corrupted = corruptedTensors(shard, in: segment)
         guard corrupted.isEmpty else {
+            counters.increment(.crcFailures)
             unpin(ShardKey(job: job, step: chosen, rank: rank))
             logger.error("refusing to serve a corrupted shard", metadata: ["job": "\(job)", "step": "\(chosen)", "rank": "\(rank)", "tensors": "\(corrupted)"])
             throw StoreError(.checksumMismatch, "step \(chosen) rank \(rank): tensor(s) \(corrupted.map { "'\($0)'" }.joined(separator: ", ")) failed the checksum check and are not served")

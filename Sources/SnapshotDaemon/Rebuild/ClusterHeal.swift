@@ -23,6 +23,7 @@ extension ClusterNode {
                 job: key.job, step: key.step, stripe: key.stripe, target: layout.dataFragmentCount + record.row, entry: entry,
                 fragmentSizeBytes: fragmentSize, workspace: &workspace, tally: &tally, into: scratch.base!)
             guard CRC32C.checksum(UnsafeRawBufferPointer(scratch.bytes(offset: 0, count: size))) == sealed else {
+                counters.increment(.crcFailures)
                 logger.error("scrub: parity decoded from the peers does not match its sealed CRC; left as it is", metadata: ["parity": "\(key)"])
                 return false
             }
@@ -78,6 +79,7 @@ extension ClusterNode {
                 let offset = Int(shard.tensorOffsets[tensor])
                 let count = Int(shard.specs[tensor].byteLength)
                 guard CRC32C.checksum(UnsafeRawBufferPointer(decoded.bytes(offset: offset, count: count))) == sealed[tensor] else {
+                    counters.increment(.crcFailures)
                     logger.error("scrub: a tensor decoded from the peers does not match its sealed CRC; left as it is", metadata: ["shard": "\(key)", "tensor": "\(shard.specs[tensor].name)"])
                     continue
                 }

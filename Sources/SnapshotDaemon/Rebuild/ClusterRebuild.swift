@@ -141,7 +141,10 @@ extension ClusterNode {
         // Every rebuilt tensor must match the CRC its trainer's daemon sealed.
         for (manifest, segment) in zip(manifests, segments) {
             let bad = corruptedTensors(manifest.shard, in: segment)
-            guard bad.isEmpty else { throw StoreError(.checksumMismatch, "rebuilt \(manifest.key) fails the CRC check for \(bad)") }
+            guard bad.isEmpty else {
+                counters.increment(.crcFailures)
+                throw StoreError(.checksumMismatch, "rebuilt \(manifest.key) fails the CRC check for \(bad)")
+            }
             try arena.writeManifest(manifest)
         }
         let actions = try state.withLock { state in
@@ -155,6 +158,9 @@ extension ClusterNode {
             for manifest in manifests { shards[manifest.key.rank] = manifest.shard }
             state.store.adoptCommitted(job: job, step: step, world: entry.world, shards: shards, parity: parity)
             try arena.writeCommitMarker(job: job, step: step, world: entry.world, ranks: Array(shards.keys), parity: parity)
+            // Counted with the adoption, under the same lock: whoever sees the node no longer missing the step sees it counted.
+            counters.increment(.rebuilds)
+            counters.increment(.rebuiltBytes, by: UInt64(data.totalBytes) + parity.values.reduce(0) { $0 + $1.segmentSizeBytes })
             state.cluster!.protection.stepRebuilt(job: job, step: step)
             return state.cluster!.protection.paritySealed(job: job, step: step, store: state.store)
         }
@@ -269,6 +275,7 @@ extension ClusterNode {
             let size = Int(fragmentSizeBytes)
             try connection.socket.readExact(into: buffer, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
             guard CRC32C.checksum(UnsafeRawBufferPointer(start: buffer, count: size)) == data.crc32c else {
+                counters.increment(.crcFailures)
                 throw PeerError(code: .checksumMismatch, message: "fragment \(id) from node \(node) failed its CRC check")
             }
         }

@@ -87,6 +87,7 @@ extension ClusterNode {
             // poisoning the rebuild. (Data fragments are covered by the
             // tensors' own CRCs, checked once the rebuilt shard is whole.)
             if number == request.sliceCount - 1, let stored = local.storedCRC32C, ownCRC != stored {
+                counters.increment(.crcFailures)
                 logger.error("parity fragment failed its CRC check while serving a repair", metadata: ["fragment": "\(id)"])
                 throw StoreError(.checksumMismatch, "parity fragment \(id) on node \(selfID) fails its CRC check")
             }
@@ -130,6 +131,7 @@ extension ClusterNode {
         }
         try connection.socket.readExact(into: destination, count: countBytes, deadlineMilliseconds: connection.deadline())
         guard CRC32C.checksum(UnsafeRawBufferPointer(start: destination, count: countBytes)) == slice.crc32c else {
+            counters.increment(.crcFailures)
             throw StoreError(.checksumMismatch, "repair slice at \(offsetBytes) failed its CRC check")
         }
     }

@@ -52,6 +52,7 @@ extension SnapshotServer {
                 counters.increment(.scrubBytesChecked, by: shard.segmentSizeBytes)
                 guard !bad.isEmpty, isStillHeld(item) else { continue }
                 counters.increment(.scrubCorruptionsFound)
+                counters.increment(.crcFailures)
                 logger.error("scrub: a held shard fails its sealed CRCs", metadata: ["shard": "\(key)", "tensors": "\(bad.prefix(8))"])
                 heal(item)
             case .parity(let key, let record, let segment):
@@ -59,6 +60,7 @@ extension SnapshotServer {
                 counters.increment(.scrubBytesChecked, by: record.fragmentSizeBytes)
                 guard crc != record.crc32c, isStillHeld(item) else { continue }
                 counters.increment(.scrubCorruptionsFound)
+                counters.increment(.crcFailures)
                 logger.error("scrub: a held parity fragment fails its sealed CRC", metadata: ["parity": "\(key)"])
                 heal(item)
             }

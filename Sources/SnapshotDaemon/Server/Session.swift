@@ -28,6 +28,10 @@ final class Session {
     var peerNode: NodeID?
     /// TCP sessions: what the session authenticated as (nil on the Unix socket).
     var credential: Credential?
+    /// When each save this session began arrived, until its commitSave: the
+    /// staging latency (``MetricsRegistry/saveStaging``). At most
+    /// ``Limits/metricsStagingTimersPerSession``; a trainer has one or two.
+    var stagingStarts: [ShardKey: ContinuousClock.Instant] = [:]
 
     init(server: SnapshotServer, id: SessionID, connection: FramedConnection, isTCP: Bool) {
         self.server = server
@@ -223,11 +227,13 @@ final class Session {
     // MARK: Saving
 
     private func beginSave(_ m: BeginSave, requestID: UInt64) throws {
+        let received = ContinuousClock.now
         let key = ShardKey(job: job!, step: m.step, rank: rank)
         guard m.transport == .stream || !isTCP else {
             throw StoreError(.invalidRequest, "shared-memory transport needs the Unix socket; use stream over TCP")
         }
         let (record, segment) = try server.beginSave(session: id, key: key, specs: m.tensors, topology: topology)
+        startStagingTimer(key, at: received)
         logger.debug("save begun", metadata: ["step": "\(m.step)", "bytes": "\(record.segmentSizeBytes)", "tensors": "\(m.tensors.count)"])
         let ready = Message.saveReady(SaveReady(step: m.step, segmentSizeBytes: record.segmentSizeBytes, tensorOffsets: record.tensorOffsets))
         reply(ready, to: requestID, passing: m.transport == .sharedMemory ? [segment.fd] : [])
@@ -251,13 +257,27 @@ final class Session {
     }
 
     private func commitSave(_ m: CommitSave, requestID: UInt64) throws {
+        let received = ContinuousClock.now
         let key = ShardKey(job: job!, step: m.step, rank: rank)
-        try server.commitSave(session: id, key: key, checksums: m.checksums, gradientNorm: m.gradientNorm, metadata: m.metadata)
+        try server.commitSave(session: id, key: key, checksums: m.checksums, gradientNorm: m.gradientNorm, metadata: m.metadata, received: received)
+        if let started = stagingStarts.removeValue(forKey: key) { server.metrics.recordSaveStaging(seconds: (received - started).seconds) }
         reply(.saveAccepted(SaveAccepted(step: m.step, state: .sealing)), to: requestID)
+    }
+
+    /// A save begun: its staging is timed from when its beginSave arrived
+    /// (a re-save of the same step starts over).
+    private func startStagingTimer(_ key: ShardKey, at received: ContinuousClock.Instant) {
+        if stagingStarts[key] == nil, stagingStarts.count >= Limits.metricsStagingTimersPerSession,
+            let oldest = stagingStarts.min(by: { $0.value < $1.value })
+        {
+            stagingStarts[oldest.key] = nil
+        }
+        stagingStarts[key] = received
     }
 
     private func abortSave(_ m: StepRequest, requestID: UInt64) throws {
         let key = ShardKey(job: job!, step: m.step, rank: rank)
+        stagingStarts[key] = nil
         try server.abortSave(session: id, key: key)
         logger.info("save aborted by the client", metadata: ["step": "\(m.step)"])
         reply(.ok, to: requestID)

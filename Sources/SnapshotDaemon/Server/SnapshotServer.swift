@@ -33,11 +33,16 @@ public final class SnapshotServer: Service, Sendable {
     let state: Locked<NodeState>
     let storeEffects: StoreEffects
     let counters: Counters
+    /// Latency histograms for the Prometheus endpoint (gauges are read from ``state`` at scrape time).
+    let metrics = MetricsRegistry()
     /// Refusals come in floods: one log line per second says how many so far.
     let refusalLog = LogRateLimiter(intervalMilliseconds: 1000)
     /// The TCP port the listener bound (known once ``start()`` returned).
     public var boundTCPPort: UInt16? { boundPort.withLock { $0 } }
     private let boundPort = Mutex<UInt16?>(nil)
+    /// The port the metrics endpoint bound (known once ``start()`` returned; nil without `metrics_listen`).
+    public var boundMetricsPort: UInt16? { boundMetricsPortValue.withLock { $0 } }
+    private let boundMetricsPortValue = Mutex<UInt16?>(nil)
 
     let sealQueue = DispatchQueue(label: "snapshotd.seal", attributes: .concurrent)
     /// Bounds concurrent sealing to the core count: CRC work is CPU-bound.
@@ -76,7 +81,7 @@ public final class SnapshotServer: Service, Sendable {
         let state = Locked(initial)
         self.state = state
         if let clusterConfiguration, let peerSecret {
-            cluster = try ClusterNode(state: state, storeEffects: storeEffects, cluster: clusterConfiguration, selfID: configuration.nodeID, secret: peerSecret, counters: counters, logger: logger)
+            cluster = try ClusterNode(state: state, storeEffects: storeEffects, cluster: clusterConfiguration, selfID: configuration.nodeID, secret: peerSecret, counters: counters, metrics: metrics, logger: logger)
         } else {
             cluster = nil
         }
@@ -119,22 +124,32 @@ public final class SnapshotServer: Service, Sendable {
         }
         let unix = try Socket.listenUnix(path: configuration.unixSocketPath, mode: 0o660)
         var opened = [(unix, false)]
-        if let listen = configuration.tcpListen {
-            do {
+        var metricsListener: Socket?
+        do {
+            if let listen = configuration.tcpListen {
                 let (host, port) = try DaemonConfiguration.parseHostPort(listen)
                 let tcp = try Socket.listenTCP(host: host, port: port)
                 boundPort.withLock { $0 = tcp.localPort() }
                 opened.append((tcp, true))
-            } catch {
-                // Do not leave a socket file behind that no one will ever answer.
-                unix.close()
-                unlink(configuration.unixSocketPath)
-                throw error
             }
+            if let listen = configuration.metricsListen {
+                let (host, port) = try DaemonConfiguration.parseHostPort(listen, key: "metrics_listen")
+                let listener = try Socket.listenTCP(host: host, port: port)
+                boundMetricsPortValue.withLock { $0 = listener.localPort() }
+                metricsListener = listener
+            }
+        } catch {
+            // Do not leave a socket file behind that no one will ever answer.
+            for (listener, _) in opened { listener.close() }
+            unlink(configuration.unixSocketPath)
+            throw error
         }
-        state.withLock { $0.listeners = opened.map(\.0) }
+        state.withLock { $0.listeners = opened.map(\.0) + (metricsListener.map { [$0] } ?? []) }
         for (listener, isTCP) in opened {
             Thread.detachNewThread { [self] in acceptLoop(listener, isTCP: isTCP) }
+        }
+        if let metricsListener {
+            Thread.detachNewThread { [self] in serveMetrics(on: metricsListener) }
         }
         if let clusterConfiguration { warnAboutUnreachablePeers(clusterConfiguration) }
         cluster?.start()
@@ -146,6 +161,7 @@ public final class SnapshotServer: Service, Sendable {
             metadata: [
                 "node": "\(configuration.nodeID)", "unixSocket": "\(configuration.unixSocketPath)",
                 "tcp": "\(boundTCPPort.map { "\(configuration.tcpListen!.split(separator: ":").first!):\($0)" } ?? "off")",
+                "metrics": "\(configuration.metricsListen.flatMap { listen in boundMetricsPort.map { "\(listen.split(separator: ":").first ?? ""):\($0)" } } ?? "off")",
                 "arena": "\(arena.root)", "budgetBytes": "\(configuration.memoryBudgetBytes)",
                 "durableTier": "\(configuration.flushDirectory.map { "\($0) every \(configuration.flushEverySteps) steps / \(configuration.flushIntervalMilliseconds) ms" } ?? "off")",
                 "rdma": "\(devices.isEmpty ? "no RDMA device, using TCP" : devices.map(\.name).joined(separator: ","))",
@@ -313,6 +329,7 @@ public final class SnapshotServer: Service, Sendable {
                 let segment = try arena.mapSegment(key, sizeBytes: shard.segmentSizeBytes)
                 let corrupted = corruptedTensors(shard, in: segment)
                 guard corrupted.isEmpty else {
+                    counters.increment(.crcFailures)
                     arena.quarantineShard(key, reason: "tensors fail their sealed CRC: \(corrupted.prefix(8).joined(separator: ", "))")
                     found.shards[rank] = nil
                     found.quarantinedRanks.append(rank)
@@ -326,6 +343,7 @@ public final class SnapshotServer: Service, Sendable {
                     let segment = try arena.mapParitySegment(key, sizeBytes: record.segmentSizeBytes)
                     let crc = CRC32C.checksum(UnsafeRawBufferPointer(segment.bytes(offset: 0, count: Int(record.fragmentSizeBytes))))
                     guard record.crc32c == nil || record.crc32c == crc else {
+                        counters.increment(.crcFailures)
                         arena.quarantine(arena.paritySegmentPath(key), as: "\(found.job)-\(found.step)", reason: "parity stripe \(stripe) fails its sealed CRC")
                         found.parity[stripe] = nil
                         found.quarantinedStripes.append(stripe)
@@ -365,7 +383,9 @@ public final class SnapshotServer: Service, Sendable {
 
     /// Computes the shard's checksums off the trainer's path, persists its
     /// manifest, and marks it local-complete (which may commit the step).
-    func seal(_ key: ShardKey, clientChecksums: [UInt32]?) {
+    /// `commitReceived`: when the commitSave arrived, the start of the
+    /// commit latency this seal ends.
+    func seal(_ key: ShardKey, clientChecksums: [UInt32]?, commitReceived: ContinuousClock.Instant) {
         sealQueue.async { [self] in
             sealSlots.wait()
             defer { sealSlots.signal() }
@@ -378,6 +398,7 @@ public final class SnapshotServer: Service, Sendable {
             let started = monotonicMilliseconds()
             let checksums = tensorChecksums(shard, in: segment)
             if let clientChecksums, clientChecksums != checksums {
+                counters.increment(.crcFailures)
                 let bad = zip(shard.specs, zip(checksums, clientChecksums)).filter { $1.0 != $1.1 }.map(\.0.name)
                 logger.error("client checksums do not match the bytes received; shard refused", metadata: ["shard": "\(key)", "tensors": "\(bad)"])
                 state.withLock { $0.store.sealFailed(key: key) }
@@ -394,6 +415,8 @@ public final class SnapshotServer: Service, Sendable {
                 state.broadcast()
                 return
             }
+            // Observed before the seal is applied: a trainer that sees its step committed sees this save counted.
+            metrics.saveCommit.observe(since: commitReceived)
             state.withLock { state in apply(state.store.sealed(key: key, checksums: checksums), to: &state) }
             state.broadcast()
             logger.debug("shard sealed", metadata: ["shard": "\(key)", "bytes": "\(shard.segmentSizeBytes)", "milliseconds": "\(monotonicMilliseconds() - started)"])
