@@ -96,11 +96,11 @@ struct MetricsExpositionTests {
         for line in [
             "snapshotd_build_info{version=\"9.9.9\"} 1",
             "snapshotd_memory_budget_bytes 1073741824",
-            "snapshotd_held_bytes{job=\"train-7\",kind=\"shard\"} 4194304",
-            "snapshotd_held_bytes{job=\"train-7\",kind=\"parity\"} 2097152",
-            "snapshotd_snapshots{job=\"train-7\",state=\"in_progress\"} 1",
-            "snapshotd_snapshots{job=\"train-7\",state=\"committed\"} 2",
-            "snapshotd_protection_lag_steps{job=\"train-7\"} 100",
+            "snapshotd_held_bytes{training_job=\"train-7\",kind=\"shard\"} 4194304",
+            "snapshotd_held_bytes{training_job=\"train-7\",kind=\"parity\"} 2097152",
+            "snapshotd_snapshots{training_job=\"train-7\",state=\"in_progress\"} 1",
+            "snapshotd_snapshots{training_job=\"train-7\",state=\"committed\"} 2",
+            "snapshotd_protection_lag_steps{training_job=\"train-7\"} 100",
             "snapshotd_peer_up{node=\"1\"} 1",
             "snapshotd_peer_up{node=\"2\"} 0",
             "snapshotd_rebuilds_total 2",
@@ -120,7 +120,7 @@ struct MetricsExpositionTests {
             guard let open = line.firstIndex(of: "{"), let close = line.firstIndex(of: "}") else { return [] }
             return line[line.index(after: open)..<close].split(separator: ",").map { String($0.split(separator: "=")[0]) }
         })
-        #expect(labelNames == ["version", "job", "kind", "state", "node", "le"], "never a step or tensor name: \(labelNames)")
+        #expect(labelNames == ["version", "training_job", "kind", "state", "node", "le"], "never a step or tensor name: \(labelNames)")
         // A single node has no peers: no peer_up family at all.
         let single = MetricsExposition.render(registry.families(gauges: NodeGauges(budgetBytes: 1 << 30, jobs: [], peers: nil), counters: [], version: "1"))
         #expect(!single.contains("snapshotd_peer_up"))

@@ -19,9 +19,11 @@ struct MetricsTests {
         let endpoint = try #require(metricsEndpoint(inLog: daemon.log()), "no metrics address in the ready line:\n\(daemon.log())")
         let job = try JobID("metrics-job")
         let sizes: [(String, DType, Int)] = [("rng", .bytes, 16), ("w", .float32, 3 << 20)]
+        // One session per rank for all steps: a new one could race the previous one's close (duplicateRank).
+        let clients = try (0..<2).map { try daemon.unixClient(job: job, rank: $0, world: 2) }
         for step: Step in 1...3 {
             try concurrently(0..<2) { rank in
-                let client = try daemon.unixClient(job: job, rank: rank, world: 2)
+                let client = clients[Int(rank)]
                 try client.save(step: step, tensors: tensors(step: step, rank: rank, sizes: sizes))
                 _ = try client.waitCommitted(step: step)
             }
