@@ -170,6 +170,34 @@ public final class OperatorClient: @unchecked Sendable {
         return r
     }
 
+    /// Every node (asked concurrently by this daemon) and every group's health.
+    public func clusterStatus() throws -> ClusterStatusReply {
+        let reply = try channel.call(.clusterStatus)
+        guard case .clusterStatusReply(let r) = reply else { throw unexpected(reply) }
+        return r
+    }
+
+    /// Sets (or with `cancel` clears) `node`'s drain; says whether it may stop now.
+    public func drain(node: NodeID, cancel: Bool = false) throws -> DrainReply {
+        let reply = try channel.call(.drain(DrainRequest(node: node, cancel: cancel)))
+        guard case .drainReply(let r) = reply else { throw unexpected(reply) }
+        return r
+    }
+
+    /// Re-checks CRCs and parity on every node (or `node`), of `job` and `step` if given.
+    public func verify(job: JobID? = nil, step: Step? = nil, node: NodeID? = nil) throws -> VerifyReply {
+        let reply = try channel.call(.verify(VerifyRequest(job: job, step: step, node: node)))
+        guard case .verifyReply(let r) = reply else { throw unexpected(reply) }
+        return r
+    }
+
+    /// What rebuilding `node` takes, and how much of it is done.
+    public func rebuildPlan(node: NodeID) throws -> RebuildPlanReply {
+        let reply = try channel.call(.rebuildPlan(RebuildPlanRequest(node: node)))
+        guard case .rebuildPlanReply(let r) = reply else { throw unexpected(reply) }
+        return r
+    }
+
     /// Has the daemon write a committed step of `job` (the newest when
     /// `step` is nil) to `directory` on its machine, in the export format:
     /// one safetensors file per rank and a JSON manifest.

@@ -34,6 +34,14 @@ public enum Message: Hashable, Sendable {
     case recoverReply(RecoverReply)
     case checkFree(CheckFreeRequest)
     case checkFreeReply(CheckFreeReply)
+    case clusterStatus
+    case clusterStatusReply(ClusterStatusReply)
+    case drain(DrainRequest)
+    case drainReply(DrainReply)
+    case verify(VerifyRequest)
+    case verifyReply(VerifyReply)
+    case rebuildPlan(RebuildPlanRequest)
+    case rebuildPlanReply(RebuildPlanReply)
     case export(ExportRequest)
     case exportReply(ExportReply)
     case shardGet(ShardGet)
@@ -77,6 +85,14 @@ public enum Message: Hashable, Sendable {
         case .recoverReply: .recoverReply
         case .checkFree: .checkFree
         case .checkFreeReply: .checkFreeReply
+        case .clusterStatus: .clusterStatus
+        case .clusterStatusReply: .clusterStatusReply
+        case .drain: .drain
+        case .drainReply: .drainReply
+        case .verify: .verify
+        case .verifyReply: .verifyReply
+        case .rebuildPlan: .rebuildPlan
+        case .rebuildPlanReply: .rebuildPlanReply
         case .export: .export
         case .exportReply: .exportReply
         case .shardGet: .shardGet
@@ -238,6 +254,20 @@ public enum Message: Hashable, Sendable {
             w.writeOptional(m.step)
             w.write(m.token)
         case .checkFreeReply(let m): w.write(m)
+        case .clusterStatus: break
+        case .clusterStatusReply(let m): w.write(m)
+        case .drain(let m):
+            w.write(m.node)
+            w.write(m.cancel)
+        case .drainReply(let m):
+            w.write(m.node)
+            w.write(m.draining)
+            w.write(m.safeToStop)
+            w.write(m.reason)
+        case .verify(let m): w.write(m)
+        case .verifyReply(let m): w.write(m)
+        case .rebuildPlan(let m): w.write(m.node)
+        case .rebuildPlanReply(let m): w.write(m)
         case .export(let m): w.write(m)
         case .exportReply(let m): w.write(m)
         case .shardGet(let m):
@@ -340,6 +370,17 @@ public enum Message: Hashable, Sendable {
                 job: try r.readJobID(), phase: try r.readEnum(CheckFreeRequest.Phase.self, "phase"), step: try r.readOptional(Step.self, "step"),
                 token: try r.read(UInt64.self, "token")))
         case .checkFreeReply: return .checkFreeReply(try r.readCheckFreeReply())
+        case .clusterStatus: return .clusterStatus
+        case .clusterStatusReply: return .clusterStatusReply(try r.readClusterStatusReply())
+        case .drain: return .drain(DrainRequest(node: try r.read(NodeID.self, "node"), cancel: try r.readBool("cancel")))
+        case .drainReply:
+            return .drainReply(DrainReply(
+                node: try r.read(NodeID.self, "node"), draining: try r.readBool("draining"), safeToStop: try r.readBool("safeToStop"),
+                reason: try r.readString("reason", limitBytes: ProtocolLimits.maximumMessageBytes, allowEmpty: true)))
+        case .verify: return .verify(try r.readVerifyRequest())
+        case .verifyReply: return .verifyReply(try r.readVerifyReply())
+        case .rebuildPlan: return .rebuildPlan(RebuildPlanRequest(node: try r.read(NodeID.self, "node")))
+        case .rebuildPlanReply: return .rebuildPlanReply(try r.readRebuildPlanReply())
         case .export: return .export(try r.readExportRequest())
         case .exportReply: return .exportReply(try r.readExportReply())
         case .shardGet:

@@ -43,6 +43,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     // Operators: recovery.
     case recover = 42
     case recoverReply = 43
+    case clusterStatus = 44
+    case clusterStatusReply = 45
     case checkFree = 46
     case checkFreeReply = 47
     case export = 48
@@ -50,6 +52,12 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
     // Daemons: one rank's shard for a CheckFree rebuild.
     case shardGet = 64
     case shardData = 65
+    case drain = 66
+    case drainReply = 67
+    case verify = 68
+    case verifyReply = 69
+    case rebuildPlan = 70
+    case rebuildPlanReply = 71
 
     /// Types that may be followed by bulk bytes (tensor or fragment data).
     public var carriesBulk: Bool {
@@ -111,6 +119,14 @@ public enum MessageType: UInt8, Sendable, CaseIterable, CustomStringConvertible 
         case .recoverReply: "recoverReply"
         case .checkFree: "checkFree"
         case .checkFreeReply: "checkFreeReply"
+        case .clusterStatus: "clusterStatus"
+        case .clusterStatusReply: "clusterStatusReply"
+        case .drain: "drain"
+        case .drainReply: "drainReply"
+        case .verify: "verify"
+        case .verifyReply: "verifyReply"
+        case .rebuildPlan: "rebuildPlan"
+        case .rebuildPlanReply: "rebuildPlanReply"
         case .export: "export"
         case .exportReply: "exportReply"
         case .shardGet: "shardGet"

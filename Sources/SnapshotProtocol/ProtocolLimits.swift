@@ -5,7 +5,8 @@ public enum ProtocolLimits {
     /// Version 2: CheckFree (reconstruction in restores, recovery reports
     /// and manifests; the checkFree and shard messages; the carried kind).
     /// Version 3: the durable tier (flushed steps in status and recovery
-    /// reports, a restore's durable source, the export messages).
+    /// reports, a restore's durable source, the export messages) and the
+    /// operator's cluster-wide requests (status, drain, verify, rebuild plan).
     public static let version: UInt8 = 3
     /// Control payload of one frame (manifests, status). Bulk bytes are separate.
     public static let maximumControlPayloadBytes = 8 << 20
@@ -30,6 +31,8 @@ public enum ProtocolLimits {
     public static let maximumListEntries = 65_536
     /// One rank's manifest file (16,384 tensors with 256-byte names fit).
     public static let maximumManifestBytes = 16 << 20
+    /// Problems (and notes) one node reports in a verify reply; more are summed up in one line.
+    public static let maximumProblemsPerNode = 1024
     /// Named counters in a status reply.
     public static let maximumCounters = 256
     /// Pipelined repair: survivors in one chain (at most k ≤ 255) and the

@@ -18,7 +18,7 @@ struct SnapshotctlCommand: ParsableCommand {
             (unknown job or step); 64 usage (bad flags).
             """,
         version: "0.1.0",
-        subcommands: [Status.self, Jobs.self, Snapshots.self, Recover.self, Export.self])
+        subcommands: [Status.self, Jobs.self, Snapshots.self, Verify.self, Recover.self, Drain.self, Export.self])
 
     /// Every error ends as one line on stderr and its documented exit code.
     static func main() {
@@ -112,29 +112,58 @@ struct DaemonOptions: ParsableArguments {
 }
 
 struct Status: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "The daemon's node, memory and jobs at a glance.")
+    static let configuration = CommandConfiguration(
+        abstract: "Every node (alive, dead, rebuilding, draining), memory, and each group's tolerance left.",
+        discussion: "Exits 0 when every node is alive, draining or joining, 2 when one is dead, rebuilding or unreachable, 3 when a group has lost more nodes than it tolerates.")
     @OptionGroup var daemon: DaemonOptions
 
     struct Output: Encodable {
         let node: UInt32, version: String, budgetBytes: UInt64, usedBytes: UInt64, jobs: Int
         let counters: [String: UInt64]
+        let coordinator: UInt32, nodes: [Node], groups: [Group]
+        struct Node: Encodable {
+            let node: UInt32, state: String, coordinator: Bool, usedBytes: UInt64, budgetBytes: UInt64, quarantinedFiles: UInt64, note: String
+        }
+        struct Group: Encodable {
+            let group: UInt32, nodes: [UInt32], parity: UInt32, lost: [UInt32], survivesMore: Int
+        }
     }
 
     func run() throws {
-        let status = try daemon.connect().status()
+        let client = try daemon.connect()
+        let status = try client.status()
+        let cluster = try client.clusterStatus()
         let output = Output(
             node: status.nodeID, version: status.daemonVersion, budgetBytes: status.budgetBytes, usedBytes: status.usedBytes, jobs: status.jobs.count,
-            counters: Dictionary(status.counters.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 }))
+            counters: Dictionary(status.counters.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 }), coordinator: cluster.coordinator,
+            nodes: cluster.nodes.map {
+                .init(node: $0.node, state: "\($0.state)", coordinator: $0.isCoordinator, usedBytes: $0.usedBytes, budgetBytes: $0.budgetBytes, quarantinedFiles: $0.quarantinedFiles, note: $0.note)
+            },
+            groups: cluster.groups.map { .init(group: $0.index, nodes: $0.nodes, parity: $0.parity, lost: $0.lost, survivesMore: $0.survivesMore) })
         try daemon.emit(output) {
-            let percent = status.budgetBytes == 0 ? 0 : Double(status.usedBytes) * 100 / Double(status.budgetBytes)
-            let summary = Table(["node", "version", "memory used", "budget", "used %", "jobs"], [[
-                "\(status.nodeID)", status.daemonVersion, bytes(status.usedBytes), bytes(status.budgetBytes),
-                String(format: "%.1f", percent), "\(status.jobs.count)",
-            ]]).render()
+            var text = "asked node \(status.nodeID) (snapshotd \(status.daemonVersion)); coordinator: node \(cluster.coordinator)\n"
+            text += Table(["node", "state", "coordinator", "memory used", "budget", "used %", "quarantined files", "note"], output.nodes.map { node in
+                let known = node.budgetBytes > 0
+                return [
+                    "\(node.node)", node.state, node.coordinator ? "yes" : "", known ? bytes(node.usedBytes) : "-", known ? bytes(node.budgetBytes) : "-",
+                    known ? String(format: "%.1f", Double(node.usedBytes) * 100 / Double(node.budgetBytes)) : "-", known ? "\(node.quarantinedFiles)" : "-",
+                    node.note,
+                ]
+            }).render()
+            if !output.groups.isEmpty {
+                text += "\n" + Table(["group", "nodes", "parity", "lost now", "health"], output.groups.map { group in
+                    let health = group.survivesMore < 0 ? "BEYOND TOLERANCE: data lost"
+                        : "survives \(group.survivesMore) more loss\(group.survivesMore == 1 ? "" : "es")"
+                    return ["\(group.group)", group.nodes.map(String.init).joined(separator: ","), "\(group.parity)",
+                            group.lost.isEmpty ? "-" : group.lost.map(String.init).joined(separator: ","), health]
+                }).render()
+            }
             let events = status.counters.filter { $0.value > 0 }
-            guard !events.isEmpty else { return summary }
-            return summary + "\n" + Table(["event", "count"], events.map { [$0.name, "\($0.value)"] }).render()
+            if !events.isEmpty { text += "\nevents on node \(status.nodeID):\n" + Table(["event", "count"], events.map { [$0.name, "\($0.value)"] }).render() }
+            return text
         }
+        if output.groups.contains(where: { $0.survivesMore < 0 }) { throw ExitCode(ExitStatus.unrecoverable.rawValue) }
+        if output.nodes.contains(where: { !["alive", "draining", "joining"].contains($0.state) }) { throw ExitCode(ExitStatus.degraded.rawValue) }
     }
 }
 
@@ -219,6 +248,8 @@ struct Recover: ParsableCommand {
     @Option(help: "Give up waiting after this many seconds.") var timeout: Double = 600
     @Flag(help: "Rebuild --job's lost pipeline stages approximately from their neighbours (CheckFree).") var checkfree = false
     @Option(help: "The job for --checkfree.") var job: String?
+    @Option(help: "Show this node's rebuild plan, follow the rebuild with progress, then verify what it holds.") var node: UInt32?
+    @Flag(help: "With --node: show the plan only.") var dryRun = false
 
     struct Output: Encodable {
         let coordinator: UInt32, deadNodes: [UInt32], rebuildingNodes: [UInt32], jobs: [Job]
@@ -239,11 +270,14 @@ struct Recover: ParsableCommand {
         if checkfree && job == nil { throw ValidationError("--checkfree needs --job") }
         guard timeout.isFinite, timeout > 0, timeout <= 86_400 else { throw ValidationError("--timeout must be between 0 and 86400 seconds") }
         if checkfree && wait { throw ValidationError("--checkfree and --wait do not go together: wait first, then rebuild") }
+        if node != nil && (checkfree || wait) { throw ValidationError("--node follows one node's rebuild; it goes with neither --checkfree nor --wait") }
+        if dryRun && node == nil { throw ValidationError("--dry-run needs --node") }
         if let job, (try? JobID(job)) == nil { throw ValidationError("--job '\(job)' is not a valid job id") }
     }
 
     func run() throws {
         if checkfree { return try runCheckFree() }
+        if let node { return try runNode(node) }
         let client = try daemon.connect()
         let deadline = Date().addingTimeInterval(timeout)
         var report = try client.recover()
@@ -355,6 +389,7 @@ struct CLIError: Error, CustomStringConvertible {
         case .unknownStep?, .notCommitted?: self.init(error.message, .notFound)
         case .unrecoverable?: self.init(error.message, .unrecoverable)
         case .timeout?, .shuttingDown?, .unauthenticated?: self.init(error.message, .unreachable)
+        case nil where error.message.hasPrefix("connection to snapshotd lost"): self.init(error.message, .unreachable)
         default: self.init(error.message, .failed)
         }
     }

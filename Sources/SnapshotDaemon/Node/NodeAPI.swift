@@ -27,6 +27,9 @@ extension SnapshotServer {
     /// the step meanwhile), else it is freed again.
     func beginSave(session: SessionID, key: ShardKey, specs: [TensorSpec], topology: Topology) throws -> (ShardRecord, MappedSegment) {
         let (record, freeBytes) = try state.withLock { state throws -> (ShardRecord, UInt64) in
+            if state.draining {
+                throw StoreError(.shuttingDown, "node \(configuration.nodeID) is draining: it takes no new saves (restores still work); cancel with snapshotctl drain --cancel")
+            }
             if let refusal = cluster?.refusalOfSave(job: key.job, step: key.step, state: state) { throw refusal }
             let (record, effects) = try state.store.beginSave(session: session, key: key, specs: specs, topology: topology)
             apply(effects, to: &state)

@@ -18,6 +18,8 @@ struct NodeState: Sendable {
     var nextSessionID: SessionID = 1
     var listeners: [Socket] = []
     var stopping = false
+    /// `snapshotctl drain`: new saves are refused (restores and protection go on).
+    var draining = false
     /// Cluster mode (a cluster file was given).
     var cluster: ClusterState?
 }

@@ -14,26 +14,39 @@ extension ClusterNode {
     func healParity(_ key: ParityKey, record: ParityRecord, segment: MappedSegment) -> Bool {
         guard let sealed = record.crc32c else { return false }
         do {
-            let (entry, fragmentSize) = try stepEntry(job: key.job, step: key.step)
-            let size = Int(fragmentSize)
-            let scratch = try MappedSegment.anonymous(sizeBytes: max(1, size))
-            var workspace: StripeWorkspace?
-            var tally = RebuildTally()
-            try rebuildFragment(
-                job: key.job, step: key.step, stripe: key.stripe, target: layout.dataFragmentCount + record.row, entry: entry,
-                fragmentSizeBytes: fragmentSize, workspace: &workspace, tally: &tally, into: scratch.base!)
-            guard CRC32C.checksum(UnsafeRawBufferPointer(scratch.bytes(offset: 0, count: size))) == sealed else {
+            let decoded = try decodeParity(key, record: record)
+            let size = Int(record.fragmentSizeBytes)
+            guard CRC32C.checksum(UnsafeRawBufferPointer(decoded.bytes(offset: 0, count: size))) == sealed else {
                 counters.increment(.crcFailures)
                 logger.error("scrub: parity decoded from the peers does not match its sealed CRC; left as it is", metadata: ["parity": "\(key)"])
                 return false
             }
-            memcpy(segment.base!, scratch.base!, size)
+            memcpy(segment.base!, decoded.base!, size)
             logger.notice("scrub: parity healed from the peers", metadata: ["parity": "\(key)", "bytes": "\(size)"])
             return true
         } catch {
             logger.error("scrub: cannot heal parity from the peers", metadata: ["parity": "\(key)", "error": "\(error)"])
             return false
         }
+    }
+
+    /// Whether a held parity fragment equals parity decoded again from the
+    /// other fragments of its stripe (`snapshotctl verify`).
+    func parityMatchesReencoding(_ key: ParityKey, record: ParityRecord, segment: MappedSegment) throws -> Bool {
+        let decoded = try decodeParity(key, record: record)
+        return memcmp(decoded.base!, segment.base!, Int(record.fragmentSizeBytes)) == 0
+    }
+
+    /// The parity fragment `key` decoded from k fragments of its stripe held by peers.
+    private func decodeParity(_ key: ParityKey, record: ParityRecord) throws -> MappedSegment {
+        let (entry, fragmentSize) = try stepEntry(job: key.job, step: key.step)
+        let scratch = try MappedSegment.anonymous(sizeBytes: max(1, Int(fragmentSize)))
+        var workspace: StripeWorkspace?
+        var tally = RebuildTally()
+        try rebuildFragment(
+            job: key.job, step: key.step, stripe: key.stripe, target: layout.dataFragmentCount + record.row, entry: entry,
+            fragmentSizeBytes: fragmentSize, workspace: &workspace, tally: &tally, into: scratch.base!)
+        return scratch
     }
 
     /// A committed shard with tensors that fail their CRCs: the fragments of

@@ -101,7 +101,7 @@ extension SnapshotServer {
     }
 
     /// Whether `item` is still held, in the same segment, for the same step.
-    private func isStillHeld(_ item: ScrubItem) -> Bool {
+    func isStillHeld(_ item: ScrubItem) -> Bool {
         state.withLock { state in
             switch item {
             case .shard(let key, _, let segment):

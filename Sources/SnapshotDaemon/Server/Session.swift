@@ -176,6 +176,10 @@ final class Session {
         case (_, .status(let m)): status(m, requestID: header.requestID)
         case (.operatorTool, .recover): reply(.recoverReply(server.recoverReport()), to: header.requestID)
         case (.operatorTool, .export(let m)): reply(.exportReply(try server.export(m)), to: header.requestID)
+        case (.operatorTool, .clusterStatus): reply(.clusterStatusReply(server.clusterStatus()), to: header.requestID)
+        case (.operatorTool, .drain(let m)): reply(.drainReply(try server.drain(m)), to: header.requestID)
+        case (.operatorTool, .verify(let m)): reply(.verifyReply(server.verify(m)), to: header.requestID)
+        case (.operatorTool, .rebuildPlan(let m)): reply(.rebuildPlanReply(try server.rebuildPlan(m)), to: header.requestID)
         case (.operatorTool, .checkFree(let m)) where m.phase == .request:
             guard let cluster = server.cluster else { throw StoreError(.invalidRequest, "CheckFree rebuilds stages across a cluster; this daemon runs a single node") }
             reply(try cluster.handleCheckFreeRequest(m), to: header.requestID)
@@ -414,6 +418,12 @@ final class Session {
             reply(try cluster.handleFragmentPut(put, header: header, connection: connection, scratch: &scratch), to: header.requestID)
         case .fragmentGet(let get): try cluster.serveFragment(get, requestID: header.requestID, connection: connection)
         case .shardGet(let get): try cluster.serveShard(get, requestID: header.requestID, connection: connection)
+        // An operator asked a peer, which asks this node about itself.
+        case .clusterStatus:
+            let own = server.ownSummary()
+            reply(.clusterStatusReply(ClusterStatusReply(coordinator: own.node, nodes: [own], groups: [])), to: header.requestID)
+        case .drain(let request) where request.node == server.configuration.nodeID: reply(.drainReply(server.drainHere(request)), to: header.requestID)
+        case .verify(let request) where request.local: reply(.verifyReply(server.verify(request)), to: header.requestID)
         case .checkFree(let order) where order.phase != .request: reply(try cluster.handleCheckFreeOrder(order), to: header.requestID)
         case .repairRequest(let request): try cluster.serveRepair(request, requestID: header.requestID, connection: connection)
         default:

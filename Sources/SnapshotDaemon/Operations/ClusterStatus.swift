@@ -1,0 +1,72 @@
+import Foundation
+import SnapshotProtocol
+
+/// `snapshotctl status`: every node and every group, as the asked daemon
+/// sees them. Dead nodes are not asked; live ones report themselves (memory,
+/// quarantined files, whether they drain or rebuild), concurrently and
+/// within a control timeout each, so one frozen peer costs one timeout.
+extension SnapshotServer {
+    /// This node's own line.
+    func ownSummary() -> NodeSummary {
+        let rebuilding = cluster.map { $0.recoverPicture().rebuildingNodes.contains(configuration.nodeID) } ?? false
+        return state.withLock { state in
+            let coordinator = state.cluster?.monitor.coordinator ?? configuration.nodeID
+            let joining = state.cluster.map { !$0.discovered } ?? false
+            let nodeState: NodeSummary.State = joining ? .joining : state.draining ? .draining : rebuilding ? .rebuilding : .alive
+            return NodeSummary(
+                node: configuration.nodeID, state: nodeState, isCoordinator: coordinator == configuration.nodeID, usedBytes: state.store.heldBytes,
+                budgetBytes: state.store.budgetBytes, quarantinedFiles: counters.value(.quarantinedFiles))
+        }
+    }
+
+    func clusterStatus() -> ClusterStatusReply {
+        let own = ownSummary()
+        guard let cluster, let clusterConfiguration else { return ClusterStatusReply(coordinator: own.node, nodes: [own], groups: []) }
+        let picture = cluster.recoverPicture()
+        let dead = Set(picture.deadNodes)
+        let rebuilding = Set(picture.rebuildingNodes)
+        let peers = clusterConfiguration.nodeIDs.filter { $0 != own.node }
+        let answers = concurrentMap(peers) { [self] peer -> NodeSummary in
+            guard !dead.contains(peer) else {
+                return NodeSummary(node: peer, state: .dead, isCoordinator: false, usedBytes: 0, budgetBytes: 0, quarantinedFiles: 0, note: "declared dead (no heartbeat)")
+            }
+            do {
+                let reply = try cluster.mesh.request(peer, .control, .clusterStatus, timeoutMilliseconds: cluster.heartbeatTimeoutMilliseconds)
+                guard case .clusterStatusReply(let summary) = reply, let line = summary.nodes.first, line.node == peer else {
+                    throw PeerError(code: nil, message: "unexpected reply \(reply.type)")
+                }
+                var seen = line
+                if seen.state == .alive, rebuilding.contains(peer) { seen.state = .rebuilding }
+                seen.isCoordinator = peer == picture.coordinator
+                return seen
+            } catch {
+                return NodeSummary(node: peer, state: .unreachable, isCoordinator: peer == picture.coordinator, usedBytes: 0, budgetBytes: 0, quarantinedFiles: 0, note: "\(error)")
+            }
+        }
+        var nodes = ([own] + answers).sorted { $0.node < $1.node }
+        for index in nodes.indices { nodes[index].isCoordinator = nodes[index].node == picture.coordinator }
+        // Unreachable counts as lost: what cannot be asked may not answer a rebuild either.
+        let lost = Set(nodes.filter { [.dead, .rebuilding, .unreachable].contains($0.state) }.map(\.node))
+        let groups = clusterConfiguration.groups.map { group in
+            GroupHealth(index: UInt32(group.index), nodes: group.nodes, parity: UInt32(group.parity), lost: group.nodes.filter(lost.contains))
+        }
+        return ClusterStatusReply(coordinator: picture.coordinator, nodes: nodes, groups: groups)
+    }
+}
+
+/// `transform` over `items` on one thread each (items are few: the nodes of
+/// a cluster, each answering over the network), results in input order.
+func concurrentMap<Item: Sendable, Result: Sendable>(_ items: [Item], _ transform: @escaping @Sendable (Item) -> Result) -> [Result] {
+    let results = Locked<[Int: Result]>([:])
+    let group = DispatchGroup()
+    for (index, item) in items.enumerated() {
+        group.enter()
+        Thread.detachNewThread {
+            let result = transform(item)
+            results.withLock { $0[index] = result }
+            group.leave()
+        }
+    }
+    group.wait()
+    return results.withLock { results in items.indices.map { results[$0]! } }
+}
