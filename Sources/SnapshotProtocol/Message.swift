@@ -437,6 +437,8 @@ extension ByteWriter {
                 write(s.committed)
                 write(s.completeRanks)
                 write(s.bytes)
+                write(s.phase.rawValue)
+                writeOptional(s.ageSeconds)
             }
             writeCount(job.flushedSteps.count)
             for step in job.flushedSteps { write(step) }
@@ -624,7 +626,8 @@ extension ByteReader {
             for _ in 0..<stepCount {
                 steps.append(StepStatus(
                     step: try read(Step.self, "step"), committed: try readBool("committed"),
-                    completeRanks: try read(UInt32.self, "completeRanks"), bytes: try read(UInt64.self, "bytes")))
+                    completeRanks: try read(UInt32.self, "completeRanks"), bytes: try read(UInt64.self, "bytes"),
+                    phase: try readEnum(StepStatus.Phase.self, "phase"), ageSeconds: try readOptional(UInt64.self, "ageSeconds")))
             }
             let flushedCount = try readCount("flushedSteps", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 8)
             var flushed: [Step] = []

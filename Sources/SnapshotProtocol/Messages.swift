@@ -170,15 +170,35 @@ public struct StatusRequest: Hashable, Sendable {
 }
 
 public struct StepStatus: Hashable, Sendable {
+    /// Where a step is on this node: the least advanced of its shards here, or committed.
+    public enum Phase: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+        case receiving = 0, sealing, localComplete, protected, committed, failed
+        public var description: String {
+            switch self {
+            case .receiving: "receiving"
+            case .sealing: "sealing"
+            case .localComplete: "local-complete"
+            case .protected: "protected"
+            case .committed: "committed"
+            case .failed: "failed"
+            }
+        }
+    }
+
     public var step: Step
     public var committed: Bool
     public var completeRanks: UInt32
     public var bytes: UInt64
-    public init(step: Step, committed: Bool, completeRanks: UInt32, bytes: UInt64) {
+    public var phase: Phase
+    /// Seconds since this node committed the step (or, before, since its first shard arrived); nil if unknown.
+    public var ageSeconds: UInt64?
+    public init(step: Step, committed: Bool, completeRanks: UInt32, bytes: UInt64, phase: Phase? = nil, ageSeconds: UInt64? = nil) {
         self.step = step
         self.committed = committed
         self.completeRanks = completeRanks
         self.bytes = bytes
+        self.phase = phase ?? (committed ? .committed : .receiving)
+        self.ageSeconds = ageSeconds
     }
 }
 

@@ -192,12 +192,15 @@ struct Jobs: ParsableCommand {
 }
 
 struct Snapshots: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Steps held, per job, and whether each is committed.")
+    static let configuration = CommandConfiguration(
+        abstract: "Steps held, per job: state (receiving, sealing, local-complete, protected, committed, flushed), size and age.",
+        discussion: "Steps only the durable tier still has are listed as flushed (durable tier only).")
     @OptionGroup var daemon: DaemonOptions
     @Option(help: "Only this job.") var job: String?
 
     struct Output: Encodable {
         let job: String, step: UInt64, state: String, committed: Bool, flushed: Bool, inMemory: Bool, completeRanks: UInt32, world: UInt32, bytes: UInt64
+        let ageSeconds: UInt64?
     }
 
     func validate() throws {
@@ -211,19 +214,20 @@ struct Snapshots: ParsableCommand {
         let rows = jobs.flatMap { job in
             let held = job.steps.map { step in
                 Output(
-                    job: job.job.rawValue, step: step.step, state: step.committed ? (job.flushedSteps.contains(step.step) ? "flushed" : "committed") : "in progress",
+                    job: job.job.rawValue, step: step.step, state: step.committed && job.flushedSteps.contains(step.step) ? "flushed" : "\(step.phase)",
                     committed: step.committed, flushed: job.flushedSteps.contains(step.step), inMemory: true, completeRanks: step.completeRanks, world: job.world,
-                    bytes: step.bytes)
+                    bytes: step.bytes, ageSeconds: step.ageSeconds)
             }
             // Steps only the durable tier still has.
             let durableOnly = job.flushedSteps.filter { flushed in !job.steps.contains { $0.step == flushed } }.map {
-                Output(job: job.job.rawValue, step: $0, state: "flushed", committed: true, flushed: true, inMemory: false, completeRanks: 0, world: job.world, bytes: 0)
+                Output(job: job.job.rawValue, step: $0, state: "flushed", committed: true, flushed: true, inMemory: false, completeRanks: 0, world: job.world, bytes: 0, ageSeconds: nil)
             }
             return (held + durableOnly).sorted { $0.step < $1.step }
         }
         try daemon.emit(rows) {
-            Table(["job", "step", "state", "ranks complete here", "memory"], rows.map {
-                [$0.job, "\($0.step)", $0.state + ($0.inMemory ? "" : " (durable tier only)"), $0.inMemory ? "\($0.completeRanks)/\($0.world)" : "-", bytes($0.bytes)]
+            Table(["job", "step", "state", "ranks complete here", "memory", "age"], rows.map {
+                [$0.job, "\($0.step)", $0.state + ($0.inMemory ? "" : " (durable tier only)"), $0.inMemory ? "\($0.completeRanks)/\($0.world)" : "-", bytes($0.bytes),
+                 $0.ageSeconds.map(age) ?? "-"]
             }).render()
         }
     }
@@ -411,6 +415,16 @@ struct Table {
             zip(cells, widths).map { $0 + String(repeating: " ", count: $1 - $0.count) }.joined(separator: "  ") + "\n"
         }
         return line(headers) + rows.map(line).joined()
+    }
+}
+
+/// "42 s", "17 min", "3.2 h", "4.1 d".
+func age(_ seconds: UInt64) -> String {
+    switch seconds {
+    case ..<120: "\(seconds) s"
+    case ..<7200: "\(seconds / 60) min"
+    case ..<172_800: String(format: "%.1f h", Double(seconds) / 3600)
+    default: String(format: "%.1f d", Double(seconds) / 86_400)
     }
 }
 

@@ -38,6 +38,8 @@ import Testing
         #expect(snapshots.status == 0, "\(snapshots.stderr)")
         let rows = try JSONSerialization.jsonObject(with: Data(snapshots.stdout.utf8)) as? [[String: Any]] ?? []
         #expect(rows.map { "\($0["step"]!):\($0["state"]!)" } == ["2:flushed", "4:flushed", "5:committed"])
+        #expect(rows.map { $0["inMemory"] as? Bool } == [false, true, true], "step 2 is only in the durable tier now: \(rows)")
+        #expect(rows.filter { $0["inMemory"] as? Bool == true }.allSatisfy { ($0["ageSeconds"] as? Int).map { $0 < 600 } == true }, "ages from the arena's commit markers: \(rows)")
 
         // Nodes 1 and 2 (ranks 2…5) die; the group of RS(2,1) tolerates one.
         for node in [1, 2] { try cluster.kill(node) }

@@ -73,6 +73,39 @@ let samples: [Message] = [
         RankReconstruction(rank: 4, stage: 2, node: 2, reconstruction: checkFreeAverage),
         RankReconstruction(rank: 0, stage: 0, node: 0, reconstruction: Reconstruction(method: .copiedNeighbour, sourceStages: [1], sourceRanks: [2], weights: [1], sourceStep: 9)),
     ], summary: "stage 2 rebuilt")),
+    .statusReply(StatusReply(
+        nodeID: 1, daemonVersion: "0.1.0", budgetBytes: 1 << 30, usedBytes: 1 << 20,
+        jobs: [JobStatus(job: job, world: 4, localRanks: 2, steps: [
+            StepStatus(step: 7, committed: false, completeRanks: 1, bytes: 1 << 20, phase: .sealing, ageSeconds: nil),
+            StepStatus(step: 6, committed: true, completeRanks: 2, bytes: 1 << 20, phase: .committed, ageSeconds: 86_400),
+        ], flushedSteps: [4, 6])])),
+    .restoreReady(RestoreReady(
+        step: 6, entries: [ManifestEntry(spec: weights, crc32c: 1)], tensorOffsets: [128], segmentSizeBytes: 33_554_560, gradientNorm: 0.5, metadata: [1],
+        durableSource: "/mnt/checkpoints/llama/step-00000000000000000006/rank-00003.safetensors")),
+    .recoverReply(RecoverReply(coordinator: 0, deadNodes: [1, 2], rebuildingNodes: [], jobs: [
+        JobRecovery(job: job, latestCommitted: 9, newestRestorable: nil, lostRanks: [2, 3], summary: "beyond tolerance", newestFlushed: 8),
+    ])),
+    .export(ExportRequest(job: job, step: nil, directory: "/tmp/export")),
+    .export(ExportRequest(job: job, step: 9, directory: "/tmp/export")),
+    .exportReply(ExportReply(job: job, step: 9, directory: "/tmp/export/llama/step-00000000000000000009", ranks: 8, bytes: 1 << 34)),
+    .clusterStatus,
+    .clusterStatusReply(ClusterStatusReply(coordinator: 0, nodes: [
+        NodeSummary(node: 0, state: .alive, isCoordinator: true, usedBytes: 1 << 30, budgetBytes: 1 << 36, quarantinedFiles: 0),
+        NodeSummary(node: 1, state: .unreachable, isCoordinator: false, usedBytes: 0, budgetBytes: 0, quarantinedFiles: 0, note: "connect: refused"),
+    ], groups: [GroupHealth(index: 0, nodes: [0, 1, 2], parity: 1, lost: [1])])),
+    .drain(DrainRequest(node: 2)),
+    .drain(DrainRequest(node: 2, cancel: true)),
+    .drainReply(DrainReply(node: 2, draining: true, safeToStop: false, reason: "a save is in flight")),
+    .verify(VerifyRequest()),
+    .verify(VerifyRequest(job: job, step: 9, node: 3, local: true)),
+    .verifyReply(VerifyReply(nodes: [
+        NodeVerification(node: 0, answered: true, shards: 4, parityFragments: 2, parityReencoded: 2, bytes: 1 << 24, problems: ["node 0: bad"], notes: []),
+        NodeVerification(node: 1, answered: false, notes: ["node 1 is dead"]),
+    ])),
+    .rebuildPlan(RebuildPlanRequest(node: 2)),
+    .rebuildPlanReply(RebuildPlanReply(node: 2, state: .rebuilding, steps: [
+        PlannedStep(job: job, step: 9, ranks: [4, 5], shardBytes: 1 << 20, parityBytes: 1 << 19, sources: [0, 1], fetchBytes: 3 << 20, held: false),
+    ])),
     .shardGet(ShardGet(job: job, step: 9, rank: 3)),
     .shardData(ShardData(job: job, step: 9, rank: 3, segmentSizeBytes: 1 << 20)),
     .error(ErrorReply(code: .overBudget, message: "save needs 12 GiB, 3 GiB free")),
@@ -200,7 +233,8 @@ struct MalformedInputTests {
 
     @Test func unknownVersionTypeFlagsReserved() {
         #expect(throws: ProtocolError.unsupportedVersion(1)) { try Frame.decode(resealed(valid) { $0[4] = 1 }) }  // before CheckFree
-        #expect(throws: ProtocolError.unsupportedVersion(3)) { try Frame.decode(resealed(valid) { $0[4] = 3 }) }
+        #expect(throws: ProtocolError.unsupportedVersion(2)) { try Frame.decode(resealed(valid) { $0[4] = 2 }) }  // before the durable tier
+        #expect(throws: ProtocolError.unsupportedVersion(4)) { try Frame.decode(resealed(valid) { $0[4] = 4 }) }
         #expect(throws: ProtocolError.unknownMessageType(200)) { try Frame.decode(resealed(valid) { $0[5] = 200 }) }
         #expect(throws: ProtocolError.unknownFlags(0x8000)) { try Frame.decode(resealed(valid) { put(UInt16(0x8000), at: 6, in: &$0) }) }
         #expect(throws: ProtocolError.nonZeroReserved) { try Frame.decode(resealed(valid) { $0[33] = 1 }) }

@@ -31,7 +31,7 @@ struct FlushPolicy: Sendable {
     }
 }
 
-/// The durable tier (DESIGN.md, "The durable tier"): a background thread
+/// The durable tier (README, "The durable tier"): a background thread
 /// writes this node's ranks of due committed steps to `flush_directory` in
 /// the export format, at most `flush_bandwidth`; a restore that memory
 /// cannot serve is served from there; `snapshotctl export` writes a whole

@@ -3,7 +3,7 @@ import Foundation
 public import SnapshotProtocol
 
 /// The export format, shared by `snapshotctl export` and the durable tier
-/// (DESIGN.md, "The durable tier"): a step is a directory
+/// (README, "The durable tier"): a step is a directory
 ///
 ///     <root>/<job>/step-<step, 20 digits>/
 ///         rank-<rank, 5 digits>.safetensors   the rank's tensors

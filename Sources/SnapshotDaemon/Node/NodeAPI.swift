@@ -153,18 +153,36 @@ extension SnapshotServer {
                 let record = store.jobs[name]!
                 let steps = record.steps.keys.sorted().map { step -> StepStatus in
                     let shards = record.steps[step]!
+                    let committed = record.committedSteps.contains(step)
                     return StepStatus(
-                        step: step, committed: record.committedSteps.contains(step),
+                        step: step, committed: committed,
                         completeRanks: UInt32(shards.values.filter { $0.state == .localComplete || $0.state == .protected }.count),
-                        bytes: shards.values.reduce(0) { $0 + $1.segmentSizeBytes })
+                        bytes: shards.values.reduce(0) { $0 + $1.segmentSizeBytes }, phase: committed ? .committed : Self.phase(of: shards.values.map(\.state)))
                 }
                 return JobStatus(job: name, world: record.world, localRanks: UInt32(record.sessions.count), steps: steps)
             }
             return StatusReply(nodeID: configuration.nodeID, daemonVersion: Self.version, budgetBytes: store.budgetBytes, usedBytes: store.heldBytes, jobs: jobs, counters: counters.snapshot)
         }
-        // Outside the lock: this reads the flush directory.
-        for index in reply.jobs.indices { reply.jobs[index].flushedSteps = flushedSteps(job: reply.jobs[index].job) }
+        // Outside the lock: this reads the flush directory and the arena's file times.
+        let now = Date().timeIntervalSince1970
+        for index in reply.jobs.indices {
+            let job = reply.jobs[index].job
+            reply.jobs[index].flushedSteps = flushedSteps(job: job)
+            for (position, step) in reply.jobs[index].steps.enumerated() {
+                let path = step.committed ? arena.markerPath(job, step.step) : arena.stepDirectory(job, step.step)
+                guard let changed = (try? FileManager.default.attributesOfItem(atPath: path))?[.modificationDate] as? Date else { continue }
+                reply.jobs[index].steps[position].ageSeconds = UInt64(max(0, now - changed.timeIntervalSince1970))
+            }
+        }
         return reply
+    }
+
+    /// A step's phase on this node: that of its least advanced shard.
+    static func phase(of shards: [ShardState]) -> StepStatus.Phase {
+        if shards.contains(.corrupted) { return .failed }
+        if shards.contains(.receiving) { return .receiving }
+        if shards.contains(.sealing) { return .sealing }
+        return shards.allSatisfy { $0 == .protected } ? .protected : .localComplete
     }
 
     /// A node answers for the whole cluster from its own view; on a single

@@ -325,7 +325,7 @@ final class Session {
             || (error.code == .unavailable && server.isLostBeyondTolerance(job: job!, rank: rank))
         {
             // What memory cannot serve for good (lost beyond tolerance, or
-            // not held), the durable tier may (DESIGN.md, "The durable tier").
+            // not held), the durable tier may (README, "The durable tier").
             // Not a rebuild in progress that will serve the newer step.
             guard let durable = try server.durableRestore(job: job!, rank: rank, step: m.step) else { throw error }
             return try serveDurable(durable, transport: m.transport, requestID: requestID, memoryError: error)
