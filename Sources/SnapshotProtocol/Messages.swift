@@ -207,8 +207,9 @@ public struct JobStatus: Hashable, Sendable {
     public var world: UInt32
     public var localRanks: UInt32
     public var steps: [StepStatus]
-    /// Committed steps of which this node has written its ranks to the
-    /// durable tier (oldest first; the newest is the one to fall back to).
+    /// Steps complete in the durable tier (every rank's files present) as
+    /// this node sees its flush directory, oldest first; the newest is what
+    /// restores fall back to.
     public var flushedSteps: [Step]
     public init(job: JobID, world: UInt32, localRanks: UInt32, steps: [StepStatus], flushedSteps: [Step] = []) {
         self.job = job

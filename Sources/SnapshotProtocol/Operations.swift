@@ -44,13 +44,16 @@ public struct GroupHealth: Hashable, Sendable {
     public var index: UInt32
     public var nodes: [NodeID]
     public var parity: UInt32
-    /// Members dead, rebuilding or unreachable now.
+    /// Members dead or rebuilding now.
     public var lost: [NodeID]
-    public init(index: UInt32, nodes: [NodeID], parity: UInt32, lost: [NodeID]) {
+    /// Members the asked node could not reach (not counted as lost).
+    public var unreachable: [NodeID]
+    public init(index: UInt32, nodes: [NodeID], parity: UInt32, lost: [NodeID], unreachable: [NodeID] = []) {
         self.index = index
         self.nodes = nodes
         self.parity = parity
         self.lost = lost
+        self.unreachable = unreachable
     }
 
     /// Further node losses the group survives; negative: beyond tolerance.
@@ -201,6 +204,7 @@ extension ByteWriter {
             writeNodes(g.nodes)
             write(g.parity)
             writeNodes(g.lost)
+            writeNodes(g.unreachable)
         }
     }
 
@@ -266,11 +270,12 @@ extension ByteReader {
                 quarantinedFiles: try read(UInt64.self, "quarantinedFiles"),
                 note: try readString("note", limitBytes: ProtocolLimits.maximumMessageBytes, allowEmpty: true)))
         }
-        let groupCount = try readCount("groups", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 16)
+        let groupCount = try readCount("groups", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 20)
         var groups: [GroupHealth] = []
         for _ in 0..<groupCount {
             groups.append(GroupHealth(
-                index: try read(UInt32.self, "index"), nodes: try readNodeList("nodes"), parity: try read(UInt32.self, "parity"), lost: try readNodeList("lost")))
+                index: try read(UInt32.self, "index"), nodes: try readNodeList("nodes"), parity: try read(UInt32.self, "parity"), lost: try readNodeList("lost"),
+                unreachable: try readNodeList("unreachable")))
         }
         return ClusterStatusReply(coordinator: coordinator, nodes: nodes, groups: groups)
     }

@@ -60,9 +60,9 @@ struct Drain: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Stop new saves on a node and report when it is safe to stop it.",
         discussion: """
-            The node refuses new saves (its trainers get a shuttingDown error naming the \
+            The node refuses new saves (its trainers get an unavailable error naming the \
             drain); restores and protection go on. It is safe to stop once no save is in \
-            flight, every step it holds is protected, and its group survives losing it. \
+            flight and its group survives losing it (what is committed stays restorable). \
             --wait follows until then. Exits 0 when safe (or after --cancel), 2 when not yet. \
             A drain lasts until --cancel or the daemon restarts.
             """)
@@ -136,7 +136,7 @@ extension Recover {
                     ? "node \(node) is still dead after \(Int(timeout)) s: start its replacement (same id, empty arena); the coordinator orders the rebuild"
                     : "node \(node) has not finished rebuilding after \(Int(timeout)) s", .degraded)
             }
-            Thread.sleep(forTimeInterval: 0.2)
+            Thread.sleep(forTimeInterval: 0.5)
             plan = try client.rebuildPlan(node: node)
         }
         progress.update(done: plan.steps.count, total: plan.steps.count, detail: "steps, \(bytes(total)) of \(bytes(total)) (node \(plan.state))")
@@ -148,7 +148,7 @@ extension Recover {
         } else {
             print("node \(node) rebuilt: \(plan.steps.count) step(s), \(bytes(total)); verified \(line?.shards ?? 0) shard(s) against their CRCs and "
                 + "\(line?.parityReencoded ?? 0) of \(line?.parityFragments ?? 0) parity fragment(s) against re-encoded parity: "
-                + ((line?.problems.isEmpty ?? false) ? "consistent" : "INCONSISTENT"))
+                + (line.map { !$0.answered ? "NOT CHECKED" : $0.problems.isEmpty ? "consistent" : "INCONSISTENT" } ?? "NOT CHECKED"))
             for problem in line?.problems ?? [] { print("INCONSISTENT: \(problem)") }
             for note in line?.notes ?? [] { print("not checked: \(note)") }
         }

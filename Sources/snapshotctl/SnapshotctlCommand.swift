@@ -125,7 +125,7 @@ struct Status: ParsableCommand {
             let node: UInt32, state: String, coordinator: Bool, usedBytes: UInt64, budgetBytes: UInt64, quarantinedFiles: UInt64, note: String
         }
         struct Group: Encodable {
-            let group: UInt32, nodes: [UInt32], parity: UInt32, lost: [UInt32], survivesMore: Int
+            let group: UInt32, nodes: [UInt32], parity: UInt32, lost: [UInt32], unreachable: [UInt32], survivesMore: Int
         }
     }
 
@@ -139,7 +139,7 @@ struct Status: ParsableCommand {
             nodes: cluster.nodes.map {
                 .init(node: $0.node, state: "\($0.state)", coordinator: $0.isCoordinator, usedBytes: $0.usedBytes, budgetBytes: $0.budgetBytes, quarantinedFiles: $0.quarantinedFiles, note: $0.note)
             },
-            groups: cluster.groups.map { .init(group: $0.index, nodes: $0.nodes, parity: $0.parity, lost: $0.lost, survivesMore: $0.survivesMore) })
+            groups: cluster.groups.map { .init(group: $0.index, nodes: $0.nodes, parity: $0.parity, lost: $0.lost, unreachable: $0.unreachable, survivesMore: $0.survivesMore) })
         try daemon.emit(output) {
             var text = "asked node \(status.nodeID) (snapshotd \(status.daemonVersion)); coordinator: node \(cluster.coordinator)\n"
             text += Table(["node", "state", "coordinator", "memory used", "budget", "used %", "quarantined files", "note"], output.nodes.map { node in
@@ -152,8 +152,9 @@ struct Status: ParsableCommand {
             }).render()
             if !output.groups.isEmpty {
                 text += "\n" + Table(["group", "nodes", "parity", "lost now", "health"], output.groups.map { group in
-                    let health = group.survivesMore < 0 ? "BEYOND TOLERANCE: data lost"
+                    var health = group.survivesMore < 0 ? "BEYOND TOLERANCE: data lost"
                         : "survives \(group.survivesMore) more loss\(group.survivesMore == 1 ? "" : "es")"
+                    if !group.unreachable.isEmpty { health += " (nodes \(group.unreachable.map(String.init).joined(separator: ",")) unreachable from here)" }
                     return ["\(group.group)", group.nodes.map(String.init).joined(separator: ","), "\(group.parity)",
                             group.lost.isEmpty ? "-" : group.lost.map(String.init).joined(separator: ","), health]
                 }).render()
@@ -392,8 +393,10 @@ struct CLIError: Error, CustomStringConvertible {
         switch error.code {
         case .unknownStep?, .notCommitted?: self.init(error.message, .notFound)
         case .unrecoverable?: self.init(error.message, .unrecoverable)
-        case .timeout?, .shuttingDown?, .unauthenticated?: self.init(error.message, .unreachable)
-        case nil where error.message.hasPrefix("connection to snapshotd lost"): self.init(error.message, .unreachable)
+        // A failure with no daemon code happened in the client: the connection.
+        case .timeout?, .shuttingDown?, .unauthenticated?, nil: self.init(error.message, .unreachable)
+        // The asked daemon is fine; a peer or a rank is not.
+        case .unavailable?: self.init(error.message, .degraded)
         default: self.init(error.message, .failed)
         }
     }

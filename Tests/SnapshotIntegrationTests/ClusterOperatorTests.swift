@@ -43,7 +43,7 @@ import Testing
         let refused = #expect(throws: SnapshotClientError.self) {
             try cluster.client(rank: 2).save(step: 2, tensors: tensors(step: 2, rank: 2, sizes: LocalCluster.sizes))
         }
-        #expect(refused?.code == .shuttingDown)
+        #expect(refused?.code == .unavailable)
         #expect(refused?.message.contains("node 1 is draining") == true, "\(refused?.message ?? "")")
         #expect(try runSnapshotctl(["drain", "--node", "1", "--cancel", "--socket", cluster.socket(0)]).status == 0)
         try cluster.saveStep(2)

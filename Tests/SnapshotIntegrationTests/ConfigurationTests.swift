@@ -72,6 +72,14 @@ struct ConfigurationTests {
         ("metrics address without a port", "metrics_listen = \"127.0.0.1\"\n", nil, "metrics_listen = '127.0.0.1' is not host:port"),
         ("metrics address that is not IPv4", "metrics_listen = \"metrics.example:9464\"\n", nil, "'metrics.example' is not an IPv4 address"),
         ("metrics port out of range", "metrics_listen = \"127.0.0.1:70000\"\n", nil, "metrics_listen = '127.0.0.1:70000' is not host:port"),
+        ("a relative flush directory", "flush_directory = \"durable\"\nflush_every_steps = 2\n", nil, "flush_directory = \"durable\" must be an absolute path"),
+        ("a flush directory with no cadence", "flush_directory = \"/tmp/durable\"\n", nil, "neither flush_every_steps nor flush_interval_ms is"),
+        ("a cadence with no flush directory", "flush_every_steps = 2\n", nil, "flush_every_steps or flush_interval_ms is set but flush_directory is not"),
+        ("a flush bandwidth below the minimum", "flush_directory = \"/tmp/durable\"\nflush_every_steps = 2\nflush_bandwidth = \"1MiB\"\n", nil,
+         "flush_bandwidth = 1048576 is out of range"),
+        ("time-based flushing in a cluster", "flush_directory = \"/tmp/durable\"\nflush_interval_ms = 1000\n", clusterFile(groupSize: 3),
+         "flush_interval_ms works on a single node only"),
+        ("an unwritable flush directory", "flush_directory = \"/proc/durable\"\nflush_every_steps = 1\n", nil, "cannot create directory /proc/durable"),
         ("peers sharing the trainers' secret", "peer_secret_file = \"$SCRATCH/secret\"\n", clusterFile(groupSize: 3), "peer_secret_file and shared_secret_file are the same file"),
     ]
 

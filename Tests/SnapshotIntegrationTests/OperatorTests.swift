@@ -130,6 +130,9 @@ import Testing
             (["export", "--socket", daemon.socketPath, "--job", "exit-codes", "--step", "7", "--to", target], 5, "step 7 of exit-codes is not a committed step"),
             (["snapshots", "--socket", daemon.socketPath, "--job", "no-such-job"], 5, "no snapshots of job no-such-job"),
             (["export", "--socket", daemon.socketPath, "--job", "exit-codes", "--to", "/proc/forbidden"], 1, "cannot create directory /proc/forbidden"),
+            (["export", "--tcp", "127.0.0.1:\(daemon.tcpPort)", "--secret-file", daemon.secretPath, "--job", "exit-codes", "--to", target], 1,
+             "export writes files on the daemon's machine"),
+            (["export", "--socket", daemon.socketPath, "--job", "exit-codes", "--to", daemon.arena + "/x"], 1, "overlaps the arena"),
             (["status", "--no-such-flag"], 64, "Unknown option '--no-such-flag'"),
             (["export", "--socket", daemon.socketPath, "--job", "bad job!", "--to", target], 64, "is not a valid job id"),
         ]

@@ -112,6 +112,10 @@ public struct DaemonConfiguration: Sendable, Equatable {
             guard flushEverySteps > 0 || flushIntervalMilliseconds > 0 else {
                 throw ConfigurationError("flush_directory is set but neither flush_every_steps nor flush_interval_ms is: nothing would ever be flushed")
             }
+            // Each node's clock would pick its own step: no step would be whole.
+            guard clusterFile == nil || flushIntervalMilliseconds == 0 else {
+                throw ConfigurationError("flush_interval_ms works on a single node only: in a cluster every node must flush the same steps, so use flush_every_steps")
+            }
         } else if flushEverySteps > 0 || flushIntervalMilliseconds > 0 {
             throw ConfigurationError("flush_every_steps or flush_interval_ms is set but flush_directory is not")
         }

@@ -73,6 +73,15 @@ public enum Limits {
     static let durableWriteChunkBytes = 4 << 20
     /// How often the flusher looks for a newly committed step to flush.
     static let flushPollMilliseconds: Int64 = 200
+    /// A rank's JSON manifest read back from disk (16,384 tensors with long names fit).
+    static let maximumRankManifestFileBytes = 64 << 20
+
+    // MARK: Operator requests
+
+    /// Threads one operator request uses to ask the nodes of a cluster at once.
+    static let operatorFanOutThreads = 32
+    /// How long a node may take to verify what it holds (unpaced, on a dedicated connection).
+    static let verifyReplyTimeoutMilliseconds: Int64 = 3_600_000
 
     // MARK: Sessions
 

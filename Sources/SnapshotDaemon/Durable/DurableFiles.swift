@@ -25,7 +25,10 @@ enum DurableFiles {
     /// shard's segment (laid out as `shard.tensorOffsets` say). Returns the
     /// tensor bytes written.
     @discardableResult
-    static func writeRank(stepDirectory: String, key: ShardKey, world: UInt32, shard: ShardRecord, bytes: UnsafeRawPointer, pacer: inout BandwidthPacer?) throws -> UInt64 {
+    static func writeRank(
+        stepDirectory: String, key: ShardKey, world: UInt32, shard: ShardRecord, bytes: UnsafeRawPointer, pacer: inout BandwidthPacer?,
+        isCancelled: () -> Bool = { false }
+    ) throws -> UInt64 {
         try createDirectory(stepDirectory)
         let metadata = ["format": "pt", "snapshotd.job": key.job.rawValue, "snapshotd.step": "\(key.step)", "snapshotd.rank": "\(key.rank)", "snapshotd.world": "\(world)"]
         let layout = Safetensors.layout(shard.specs, metadata: metadata)
@@ -34,7 +37,7 @@ enum DurableFiles {
             try file.write(layout.header.withUnsafeBytes { $0 }, pacer: &pacer)
             for index in order where shard.specs[index].byteLength > 0 {
                 let start = bytes + Int(shard.tensorOffsets[index])
-                try file.write(UnsafeRawBufferPointer(start: start, count: Int(shard.specs[index].byteLength)), pacer: &pacer)
+                try file.write(UnsafeRawBufferPointer(start: start, count: Int(shard.specs[index].byteLength)), pacer: &pacer, isCancelled: isCancelled)
             }
         }
         let manifest = try encoder.encode(RankManifest(key: key, world: world, shard: shard))
@@ -83,22 +86,22 @@ enum DurableFiles {
         }
     }
 
-    /// The newest flushed copy of `rank` (at `step` if given), or nil when there is none.
-    static func newestRank(root: String, job: JobID, rank: Rank, step wanted: Step?) -> Step? {
-        steps(root: root, job: job).first { step in
-            (wanted == nil || step == wanted)
-                && FileManager.default.fileExists(atPath: ExportLayout.stepDirectory(root: root, job: job, step: step) + "/" + ExportLayout.rankManifestFile(rank: rank))
-        }
+    /// The step a restore falls back to: `wanted` if it is complete, else
+    /// (no step asked) the newest complete step. Whole steps only, so every
+    /// rank of the job restores the same one.
+    static func stepToRestore(root: String, job: JobID, wanted: Step?) -> Step? {
+        completeSteps(root: root, job: job).first { wanted == nil || $0 == wanted }
     }
 
     /// Reads and checks one rank of one step: its manifest, its safetensors
     /// header against the manifest, and every tensor's CRC.
-    static func readRank(root: String, job: JobID, step: Step, rank: Rank) throws -> DurableShard {
+    static func readRank(root: String, job: JobID, step: Step, rank: Rank, world: UInt32) throws -> DurableShard {
         let directory = ExportLayout.stepDirectory(root: root, job: job, step: step)
         let manifestPath = "\(directory)/\(ExportLayout.rankManifestFile(rank: rank))"
-        guard let data = FileManager.default.contents(atPath: manifestPath), data.count <= ProtocolLimits.maximumControlPayloadBytes * 8 else {
-            throw StoreError(.unavailable, "cannot read \(manifestPath)")
-        }
+        var info = stat()
+        guard lstat(manifestPath, &info) == 0, info.st_mode & S_IFMT == S_IFREG, info.st_size <= Limits.maximumRankManifestFileBytes,
+            let data = FileManager.default.contents(atPath: manifestPath)
+        else { throw StoreError(.unavailable, "cannot read \(manifestPath) (a regular file of at most \(Limits.maximumRankManifestFileBytes) bytes)") }
         let manifest: RankManifest
         do {
             manifest = try decoder.decode(RankManifest.self, from: data)
@@ -108,12 +111,15 @@ enum DurableFiles {
         guard manifest.job == job.rawValue, manifest.step == step, manifest.rank == rank else {
             throw StoreError(.checksumMismatch, "\(manifestPath) describes \(manifest.job)/\(manifest.step)/rank \(manifest.rank)")
         }
+        guard manifest.world == world else {
+            throw StoreError(.wrongJob, "\(manifestPath) was saved by a job of \(manifest.world) ranks; this one has \(world)")
+        }
+        guard let metadata = Data(base64Encoded: manifest.metadata) else { throw StoreError(.checksumMismatch, "\(manifestPath): metadata is not base64") }
         let entries = try manifest.entries()
         let path = "\(directory)/\(ExportLayout.tensorFile(rank: rank))"
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else { throw StoreError(.unavailable, "cannot open \(path): \(String(cString: strerror(errno)))") }
-        var info = stat()
-        guard fstat(fd, &info) == 0, info.st_size > 0 else {
+        guard fstat(fd, &info) == 0, info.st_mode & S_IFMT == S_IFREG, info.st_size > 0 else {
             close(fd)
             throw StoreError(.checksumMismatch, "\(path) is empty or unreadable")
         }
@@ -133,24 +139,31 @@ enum DurableFiles {
         guard bad.isEmpty else { throw StoreError(.checksumMismatch, "\(path): tensor(s) \(bad.prefix(8)) fail their CRCs") }
         let ready = RestoreReady(
             step: step, entries: entries, tensorOffsets: offsets, segmentSizeBytes: UInt64(file.sizeBytes), gradientNorm: manifest.gradientNorm,
-            metadata: Array(Data(base64Encoded: manifest.metadata) ?? Data()), durableSource: path)
+            metadata: Array(metadata), durableSource: path)
         return DurableShard(path: path, file: file, ready: ready)
     }
 
     // MARK: Retention
 
-    /// Removes `ranks`' files from every step of `job` but the newest `kept`,
-    /// and a step directory once no rank is left in it.
+    /// Keeps `ranks`' files in the newest `kept` steps where this node wrote
+    /// them all, removes them from older ones, but never from the newest
+    /// step complete for the whole job (the fallback). A step directory goes
+    /// once only its manifest is left (other writers' files, temporary ones
+    /// included, are never touched).
     static func prune(root: String, job: JobID, ranks: [Rank], kept: Int) {
-        for step in steps(root: root, job: job).dropFirst(kept) {
+        let fallback = completeSteps(root: root, job: job).first
+        let mine = steps(root: root, job: job).filter { step in
+            let directory = ExportLayout.stepDirectory(root: root, job: job, step: step)
+            return ranks.allSatisfy { FileManager.default.fileExists(atPath: "\(directory)/\(ExportLayout.rankManifestFile(rank: $0))") }
+        }
+        for step in mine.dropFirst(kept) where step != fallback {
             let directory = ExportLayout.stepDirectory(root: root, job: job, step: step)
             for rank in ranks {
                 unlink("\(directory)/\(ExportLayout.rankManifestFile(rank: rank))")
                 unlink("\(directory)/\(ExportLayout.tensorFile(rank: rank))")
             }
-            let left = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
-            if left.allSatisfy({ $0 == ExportLayout.stepManifestFile || $0.hasPrefix(".") }) {
-                for name in left { unlink("\(directory)/\(name)") }
+            if (try? FileManager.default.contentsOfDirectory(atPath: directory)) == [ExportLayout.stepManifestFile] {
+                unlink("\(directory)/\(ExportLayout.stepManifestFile)")
                 rmdir(directory)
             }
         }
@@ -162,7 +175,7 @@ enum DurableFiles {
         do {
             try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
         } catch {
-            throw StoreError(.unavailable, "cannot create directory \(path): \(error.localizedDescription)")
+            throw StoreError(.invalidRequest, "cannot create directory \(path): \(error.localizedDescription)")
         }
     }
 
@@ -171,14 +184,15 @@ enum DurableFiles {
         let fd: Int32
         let path: String
 
-        func write(_ buffer: UnsafeRawBufferPointer, pacer: inout BandwidthPacer?) throws {
+        func write(_ buffer: UnsafeRawBufferPointer, pacer: inout BandwidthPacer?, isCancelled: () -> Bool = { false }) throws {
             var offset = 0
             while offset < buffer.count {
+                guard !isCancelled() else { throw StoreError(.unavailable, "cancelled while writing \(path)") }
                 let count = min(Limits.durableWriteChunkBytes, buffer.count - offset)
                 let written = Glibc.write(fd, buffer.baseAddress! + offset, count)
                 if written < 0 {
                     if errno == EINTR { continue }
-                    throw StoreError(.unavailable, "cannot write \(path): \(String(cString: strerror(errno)))")
+                    throw StoreError(.invalidRequest, "cannot write \(path): \(String(cString: strerror(errno)))")
                 }
                 offset += written
                 pacer?.consumed(bytes: written)
@@ -190,14 +204,16 @@ enum DurableFiles {
     /// it and renames it into place: a reader sees the old file or the whole
     /// new one, never a part.
     static func atomicWrite(path: String, _ body: (OutputFile) throws -> Void) throws {
-        let temporary = "\((path as NSString).deletingLastPathComponent)/.\((path as NSString).lastPathComponent).\(getpid()).tmp"
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o640)
-        guard fd >= 0 else { throw StoreError(.unavailable, "cannot create \(temporary): \(String(cString: strerror(errno)))") }
+        // A random name, created exclusively and never through a symlink: writers
+        // on a shared file system (or a flush and an export) never share one.
+        let temporary = "\((path as NSString).deletingLastPathComponent)/.\((path as NSString).lastPathComponent).\(String(UInt64.random(in: 1...UInt64.max), radix: 16)).tmp"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw StoreError(.invalidRequest, "cannot create \(temporary): \(String(cString: strerror(errno)))") }
         do {
             try body(OutputFile(fd: fd, path: temporary))
-            guard fsync(fd) == 0 else { throw StoreError(.unavailable, "cannot fsync \(temporary): \(String(cString: strerror(errno)))") }
+            guard fsync(fd) == 0 else { throw StoreError(.invalidRequest, "cannot fsync \(temporary): \(String(cString: strerror(errno)))") }
             close(fd)
-            guard rename(temporary, path) == 0 else { throw StoreError(.unavailable, "cannot rename \(temporary) to \(path): \(String(cString: strerror(errno)))") }
+            guard rename(temporary, path) == 0 else { throw StoreError(.invalidRequest, "cannot rename \(temporary) to \(path): \(String(cString: strerror(errno)))") }
         } catch {
             close(fd)
             unlink(temporary)
@@ -207,9 +223,9 @@ enum DurableFiles {
 
     static func syncDirectory(_ path: String) throws {
         let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard fd >= 0 else { throw StoreError(.unavailable, "cannot open directory \(path): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw StoreError(.invalidRequest, "cannot open directory \(path): \(String(cString: strerror(errno)))") }
         defer { close(fd) }
-        guard fsync(fd) == 0 else { throw StoreError(.unavailable, "cannot fsync directory \(path): \(String(cString: strerror(errno)))") }
+        guard fsync(fd) == 0 else { throw StoreError(.invalidRequest, "cannot fsync directory \(path): \(String(cString: strerror(errno)))") }
     }
 }
 

@@ -44,6 +44,17 @@ extension SnapshotServer {
         let bytes: MappedSegment
     }
 
+    /// This node's sealed shards of a step, pinned (the store keeps a pinned
+    /// shard's bytes until it is unpinned; callers unpin every one).
+    static func pinLocalRanks(job: JobID, step: Step, state: inout NodeState) -> [RankToWrite] {
+        state.store.localShards(job: job, step: step).compactMap { rank, shard -> RankToWrite? in
+            let key = ShardKey(job: job, step: step, rank: rank)
+            guard shard.checksums != nil, let segment = state.segments[key] else { return nil }
+            state.store.pin(key)
+            return RankToWrite(key: key, shard: shard, bytes: segment)
+        }
+    }
+
     func startFlusher() {
         guard let root = configuration.flushDirectory else { return }
         let policy = FlushPolicy(everySteps: configuration.flushEverySteps, intervalMilliseconds: configuration.flushIntervalMilliseconds)
@@ -52,18 +63,11 @@ extension SnapshotServer {
             let started = monotonicMilliseconds()
             while sleepUnlessStopping(milliseconds: Limits.flushPollMilliseconds) {
                 let now = monotonicMilliseconds()
-                // Pinned under the lock: the store keeps a pinned shard until it is unpinned.
                 let due: [(JobID, Step, UInt32, [RankToWrite])] = state.withLock { state in
                     state.store.jobs.sorted { $0.key < $1.key }.compactMap { job, record in
                         let current = progress[job] ?? .init(lastStep: nil, lastFlushMilliseconds: started)
                         guard let step = policy.stepToFlush(committed: Array(record.committedSteps), progress: current, nowMilliseconds: now) else { return nil }
-                        let ranks = state.store.localShards(job: job, step: step).compactMap { rank, shard -> RankToWrite? in
-                            let key = ShardKey(job: job, step: step, rank: rank)
-                            guard shard.checksums != nil, let segment = state.segments[key] else { return nil }
-                            state.store.pin(key)
-                            return RankToWrite(key: key, shard: shard, bytes: segment)
-                        }
-                        return (job, step, record.world, ranks)
+                        return (job, step, record.world, Self.pinLocalRanks(job: job, step: step, state: &state))
                     }
                 }
                 for (job, step, world, ranks) in due {
@@ -77,18 +81,32 @@ extension SnapshotServer {
     private func flush(job: JobID, step: Step, world: UInt32, ranks: [RankToWrite], root: String) {
         defer { for rank in ranks { unpin(rank.key) } }
         guard !ranks.isEmpty else { return }
+        // An approximate shard (CheckFree) is no fallback: its estimate would come back as if exact.
+        if let approximate = ranks.first(where: { $0.shard.reconstruction != nil }) {
+            logger.notice("step not flushed: it holds a shard CheckFree rebuilt approximately", metadata: ["job": "\(job)", "step": "\(step)", "rank": "\(approximate.key.rank)"])
+            return
+        }
         let started = monotonicMilliseconds()
         var pacer: BandwidthPacer? = BandwidthPacer(bytesPerSecond: Int(clamping: configuration.flushBytesPerSecond))
+        let keys = ranks.map(\.key)
+        // A step the store retires meanwhile is abandoned, so its memory is freed
+        // at once: a paced flush never holds more than the kept steps.
+        let isCancelled = { [self] in state.withLock { state in state.stopping || keys.contains { state.store.doomed.contains($0) } } }
         do {
-            let bytes = try write(ranks, job: job, step: step, world: world, root: root, pacer: &pacer)
+            let directory = ExportLayout.stepDirectory(root: root, job: job, step: step)
+            var bytes: UInt64 = 0
+            for rank in ranks {
+                bytes += try DurableFiles.writeRank(
+                    stepDirectory: directory, key: rank.key, world: world, shard: rank.shard, bytes: rank.bytes.base!, pacer: &pacer, isCancelled: isCancelled)
+            }
+            try DurableFiles.writeStepManifest(stepDirectory: directory, job: job, step: step, world: world)
             DurableFiles.prune(root: root, job: job, ranks: ranks.map(\.key.rank), kept: configuration.flushKeptSteps)
             let seconds = Double(monotonicMilliseconds() - started) / 1000
             metrics.recordFlush(seconds: seconds)
             counters.increment(.stepsFlushed)
-            counters.increment(.bytesFlushed, by: bytes)
+            counters.increment(.flushedBytes, by: bytes)
             logger.info("step flushed to the durable tier", metadata: [
-                "job": "\(job)", "step": "\(step)", "ranks": "\(ranks.map(\.key.rank))", "bytes": "\(bytes)", "seconds": "\(seconds)",
-                "directory": "\(ExportLayout.stepDirectory(root: root, job: job, step: step))",
+                "job": "\(job)", "step": "\(step)", "ranks": "\(ranks.map(\.key.rank))", "bytes": "\(bytes)", "seconds": "\(seconds)", "directory": "\(directory)",
             ])
         } catch {
             counters.increment(.flushFailures)
@@ -96,35 +114,28 @@ extension SnapshotServer {
         }
     }
 
-    /// Writes `ranks` and the step's manifest; returns the tensor bytes written.
-    func write(_ ranks: [RankToWrite], job: JobID, step: Step, world: UInt32, root: String, pacer: inout BandwidthPacer?) throws -> UInt64 {
-        let directory = ExportLayout.stepDirectory(root: root, job: job, step: step)
-        var bytes: UInt64 = 0
-        for rank in ranks {
-            guard !state.withLock({ $0.stopping }) else { throw StoreError(.shuttingDown, "the daemon is stopping") }
-            bytes += try DurableFiles.writeRank(stepDirectory: directory, key: rank.key, world: world, shard: rank.shard, bytes: rank.bytes.base!, pacer: &pacer)
-        }
-        try DurableFiles.writeStepManifest(stepDirectory: directory, job: job, step: step, world: world)
-        return bytes
-    }
-
-    /// A restore that memory cannot serve, from the durable tier: the newest
-    /// flushed copy of the rank (at `step` if given). Nil when there is none.
-    func durableRestore(job: JobID, rank: Rank, step: Step?) throws -> DurableFiles.DurableShard? {
-        guard let root = configuration.flushDirectory, let found = DurableFiles.newestRank(root: root, job: job, rank: rank, step: step) else { return nil }
+    /// A restore that memory cannot serve, from the durable tier: `step` if
+    /// asked and complete there, else the newest complete step, unless
+    /// memory still holds a step as new (`memoryNewest`, which the caller's
+    /// error names). Nil when the durable tier has nothing to offer.
+    func durableRestore(job: JobID, rank: Rank, step: Step?, world: UInt32, memoryNewest: Step?) throws -> DurableFiles.DurableShard? {
+        guard let root = configuration.flushDirectory, let chosen = DurableFiles.stepToRestore(root: root, job: job, wanted: step) else { return nil }
+        if step == nil, let memoryNewest, memoryNewest >= chosen { return nil }
         do {
-            return try DurableFiles.readRank(root: root, job: job, step: found, rank: rank)
+            return try DurableFiles.readRank(root: root, job: job, step: chosen, rank: rank, world: world)
         } catch {
             counters.increment(.durableReadFailures)
-            logger.error("a durable copy cannot be served", metadata: ["job": "\(job)", "step": "\(found)", "rank": "\(rank)", "error": "\(error)"])
+            logger.error("a durable copy cannot be served", metadata: ["job": "\(job)", "step": "\(chosen)", "rank": "\(rank)", "error": "\(error)"])
             throw error
         }
     }
 
     /// Whether the cluster's view counts `rank` of `job`'s newest committed
-    /// step lost beyond tolerance (a rebuild keeps retrying it, but it cannot succeed).
-    func isLostBeyondTolerance(job: JobID, rank: Rank) -> Bool {
-        cluster?.recoverPicture().jobs.first { $0.job == job }?.lostRanks.contains(rank) ?? false
+    /// step lost beyond tolerance (a rebuild keeps retrying it, but it
+    /// cannot succeed), and the newest step memory can still restore.
+    func memoryLoss(job: JobID, rank: Rank) -> (lost: Bool, newestRestorable: Step?) {
+        guard let recovery = cluster?.recoverPicture().jobs.first(where: { $0.job == job }) else { return (false, nil) }
+        return (recovery.lostRanks.contains(rank), recovery.newestRestorable)
     }
 
     /// Steps of `job` complete in the durable tier as this node sees it, oldest first.
@@ -136,10 +147,19 @@ extension SnapshotServer {
     // MARK: Export
 
     /// `snapshotctl export`: writes every rank of a committed step to
-    /// `request.directory`, unpaced (an operator asked and waits); ranks
-    /// other nodes hold are fetched from them, every tensor CRC-checked.
+    /// `request.directory`, unpaced (an operator asked and waits), one rank
+    /// at a time: this node's from its memory, the others fetched from the
+    /// nodes that hold them, every tensor CRC-checked.
     func export(_ request: ExportRequest) throws -> ExportReply {
-        guard request.directory.hasPrefix("/") else { throw StoreError(.invalidRequest, "export directory '\(request.directory)' must be an absolute path") }
+        let root = (request.directory as NSString).standardizingPath
+        guard root.hasPrefix("/") else { throw StoreError(.invalidRequest, "export directory '\(request.directory)' must be an absolute path") }
+        for (own, what) in [(arena.root, "the arena"), (configuration.flushDirectory, "the durable tier")] {
+            guard let own else { continue }
+            let ownPath = (own as NSString).standardizingPath
+            if root == ownPath || root.hasPrefix(ownPath + "/") || ownPath.hasPrefix(root + "/") {
+                throw StoreError(.invalidRequest, "export directory \(root) overlaps \(what) (\(ownPath)); choose another")
+            }
+        }
         let (step, world, local) = try state.withLock { state throws -> (Step, UInt32, [RankToWrite]) in
             // Committed steps as this node knows them: its store, and in a cluster the ledger (a node may hold none of a job's ranks).
             var worlds: [Step: UInt32] = [:]
@@ -149,47 +169,60 @@ extension SnapshotServer {
             guard let step = request.step ?? worlds.keys.max(), let world = worlds[step] else {
                 throw StoreError(.unknownStep, "step \(request.step!) of \(request.job) is not a committed step held (committed: \(worlds.keys.sorted()))")
             }
-            let ranks = state.store.localShards(job: request.job, step: step).compactMap { rank, shard -> RankToWrite? in
-                let key = ShardKey(job: request.job, step: step, rank: rank)
-                guard shard.checksums != nil, let segment = state.segments[key] else { return nil }
-                state.store.pin(key)
-                return RankToWrite(key: key, shard: shard, bytes: segment)
-            }
-            return (step, world, ranks)
+            return (step, world, Self.pinLocalRanks(job: request.job, step: step, state: &state))
         }
         defer { for rank in local { unpin(rank.key) } }
-        for rank in local {
-            let bad = corruptedTensors(rank.shard, in: rank.bytes)
-            guard bad.isEmpty else { throw StoreError(.checksumMismatch, "\(rank.key) has tensor(s) \(bad) that fail their sealed CRCs; not exported") }
-        }
-        let held = Set(local.map(\.key.rank))
-        let remote = try cluster?.fetchShards(job: request.job, step: step, except: held) ?? []
-        let ranks = (local + remote).sorted { $0.key.rank < $1.key.rank }
-        guard ranks.count == Int(world) else {
-            let missing = Set(0..<world).subtracting(ranks.map(\.key.rank)).sorted()
-            throw StoreError(.unavailable, "step \(step) of \(request.job): ranks \(missing.prefix(16)) are not held by any node that answered")
-        }
+        let directory = ExportLayout.stepDirectory(root: root, job: request.job, step: step)
+        let held = Dictionary(uniqueKeysWithValues: local.map { ($0.key.rank, $0) })
+        let remote = try held.count == Int(world) ? [:] : cluster?.reportedRanks(job: request.job, step: step) ?? [:]
         var unpaced: BandwidthPacer? = nil
-        let bytes = try write(ranks, job: request.job, step: step, world: world, root: request.directory, pacer: &unpaced)
-        let directory = ExportLayout.stepDirectory(root: request.directory, job: request.job, step: step)
+        var bytes: UInt64 = 0
+        for rank in 0..<world {
+            let shard: RankToWrite
+            if let mine = held[rank] {
+                let bad = corruptedTensors(mine.shard, in: mine.bytes)
+                guard bad.isEmpty else { throw StoreError(.checksumMismatch, "\(mine.key) has tensor(s) \(bad) that fail their sealed CRCs; not exported") }
+                shard = mine
+            } else {
+                guard let cluster, let reported = remote[rank] else {
+                    throw StoreError(.unavailable, "rank \(rank) of step \(step) of \(request.job) is held by no node this one knows of")
+                }
+                shard = try cluster.fetchForExport(job: request.job, step: step, rank: rank, reported: reported)
+            }
+            bytes += try DurableFiles.writeRank(stepDirectory: directory, key: shard.key, world: world, shard: shard.shard, bytes: shard.bytes.base!, pacer: &unpaced)
+        }
+        try DurableFiles.writeStepManifest(stepDirectory: directory, job: request.job, step: step, world: world)
         logger.notice("step exported", metadata: ["job": "\(request.job)", "step": "\(step)", "ranks": "\(world)", "bytes": "\(bytes)", "directory": "\(directory)"])
         return ExportReply(job: request.job, step: step, directory: directory, ranks: world, bytes: bytes)
     }
 }
 
 extension ClusterNode {
-    /// Every rank of a committed step but `except`, fetched whole from the
-    /// nodes that hold them (as the cluster's reports say), CRC-checked.
-    func fetchShards(job: JobID, step: Step, except: Set<Rank>) throws -> [SnapshotServer.RankToWrite] {
+    /// The cluster's reports of a committed step, by rank.
+    func reportedRanks(job: JobID, step: Step) throws -> [Rank: ReportedShard] {
         let entry = try state.withLock { state throws -> ClusterLedger.StepEntry in
             guard let entry = state.cluster!.protection.ledger.entry(job: job, step: step), entry.committed else {
                 throw StoreError(.unknownStep, "the cluster holds no committed step \(step) of \(job)")
             }
             return entry
         }
-        return try reportedShards(entry).filter { !except.contains($0.key) }.sorted { $0.key < $1.key }.map { rank, reported in
+        return try reportedShards(entry)
+    }
+
+    /// One rank fetched whole from the node holding it, CRC-checked. A
+    /// peer's failure is an error reply to the operator, not the end of
+    /// the operator's session.
+    func fetchForExport(job: JobID, step: Step, rank: Rank, reported: ReportedShard) throws -> SnapshotServer.RankToWrite {
+        if state.withLock({ $0.cluster!.monitor.deadNodes.contains(reported.node) }) {
+            throw StoreError(.unavailable, "rank \(rank) of step \(step) is held by node \(reported.node), which is dead: rebuild it first")
+        }
+        do {
             let segment = try fetchShard(job: job, step: step, rank: rank, reported: reported)
             return SnapshotServer.RankToWrite(key: ShardKey(job: job, step: step, rank: rank), shard: reported.manifest.shard, bytes: segment)
+        } catch let error as StoreError {
+            throw error
+        } catch {
+            throw StoreError(.unavailable, "rank \(rank) of step \(step) from node \(reported.node): \(error)")
         }
     }
 }

@@ -19,7 +19,7 @@ final class Counters: Sendable {
         case scrubBytesChecked = "scrub_bytes_checked"
         /// Steps this node wrote its ranks of to the durable tier, and the tensor bytes.
         case stepsFlushed = "steps_flushed"
-        case bytesFlushed = "bytes_flushed"
+        case flushedBytes = "flushed_bytes"
         /// Flushes that failed (the directory unwritable, the disk full); each is logged.
         case flushFailures = "flush_failures"
         /// Restores served from the durable tier because memory could not serve them.
@@ -49,7 +49,7 @@ final class Counters: Sendable {
             case .rebuilds: "Steps this node rebuilt exactly from its peers' fragments (its shards and parity of the step)."
             case .rebuiltBytes: "Segment bytes of the shards and parity this node rebuilt from its peers."
             case .stepsFlushed: "Steps this node wrote its ranks of to the durable tier."
-            case .bytesFlushed: "Tensor bytes this node wrote to the durable tier."
+            case .flushedBytes: "Tensor bytes this node wrote to the durable tier."
             case .flushFailures: "Flushes to the durable tier that failed (each is logged)."
             case .durableRestores: "Restores served from the durable tier because memory could not serve them."
             case .durableReadFailures: "Durable copies that could not be served (unreadable, or failing their CRCs)."

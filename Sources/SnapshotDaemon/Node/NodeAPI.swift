@@ -28,7 +28,7 @@ extension SnapshotServer {
     func beginSave(session: SessionID, key: ShardKey, specs: [TensorSpec], topology: Topology) throws -> (ShardRecord, MappedSegment) {
         let (record, freeBytes) = try state.withLock { state throws -> (ShardRecord, UInt64) in
             if state.draining {
-                throw StoreError(.shuttingDown, "node \(configuration.nodeID) is draining: it takes no new saves (restores still work); cancel with snapshotctl drain --cancel")
+                throw StoreError(.unavailable, "node \(configuration.nodeID) is draining: it takes no new saves (restores still work); cancel with snapshotctl drain --cancel")
             }
             if let refusal = cluster?.refusalOfSave(job: key.job, step: key.step, state: state) { throw refusal }
             let (record, effects) = try state.store.beginSave(session: session, key: key, specs: specs, topology: topology)
@@ -145,8 +145,9 @@ extension SnapshotServer {
 
     // MARK: Operators
 
-    /// `filter`: one job only (a trainer sees only its own).
-    func status(job filter: JobID?) -> StatusReply {
+    /// `filter`: one job only (a trainer sees only its own). `readingDisk`:
+    /// fill in flushed steps and step ages (file system calls, outside the lock).
+    func status(job filter: JobID?, readingDisk: Bool = true) -> StatusReply {
         var reply = state.withLock { state in
             let store = state.store
             let jobs = store.jobs.keys.sorted().filter { filter == nil || $0 == filter }.map { name -> JobStatus in
@@ -164,6 +165,7 @@ extension SnapshotServer {
             return StatusReply(nodeID: configuration.nodeID, daemonVersion: Self.version, budgetBytes: store.budgetBytes, usedBytes: store.heldBytes, jobs: jobs, counters: counters.snapshot)
         }
         // Outside the lock: this reads the flush directory and the arena's file times.
+        guard readingDisk else { return reply }
         let now = Date().timeIntervalSince1970
         for index in reply.jobs.indices {
             let job = reply.jobs[index].job

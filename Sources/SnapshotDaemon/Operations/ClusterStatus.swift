@@ -26,7 +26,7 @@ extension SnapshotServer {
         let dead = Set(picture.deadNodes)
         let rebuilding = Set(picture.rebuildingNodes)
         let peers = clusterConfiguration.nodeIDs.filter { $0 != own.node }
-        let answers = concurrentMap(peers) { [self] peer -> NodeSummary in
+        let answers = concurrentMap(peers) { peer -> NodeSummary in
             guard !dead.contains(peer) else {
                 return NodeSummary(node: peer, state: .dead, isCoordinator: false, usedBytes: 0, budgetBytes: 0, quarantinedFiles: 0, note: "declared dead (no heartbeat)")
             }
@@ -45,28 +45,39 @@ extension SnapshotServer {
         }
         var nodes = ([own] + answers).sorted { $0.node < $1.node }
         for index in nodes.indices { nodes[index].isCoordinator = nodes[index].node == picture.coordinator }
-        // Unreachable counts as lost: what cannot be asked may not answer a rebuild either.
-        let lost = Set(nodes.filter { [.dead, .rebuilding, .unreachable].contains($0.state) }.map(\.node))
+        // Unreachable is not lost: the asked node could not reach it, the cluster may well.
+        let lost = Set(nodes.filter { $0.state == .dead || $0.state == .rebuilding }.map(\.node))
+        let unreachable = Set(nodes.filter { $0.state == .unreachable }.map(\.node))
         let groups = clusterConfiguration.groups.map { group in
-            GroupHealth(index: UInt32(group.index), nodes: group.nodes, parity: UInt32(group.parity), lost: group.nodes.filter(lost.contains))
+            GroupHealth(
+                index: UInt32(group.index), nodes: group.nodes, parity: UInt32(group.parity), lost: group.nodes.filter(lost.contains),
+                unreachable: group.nodes.filter(unreachable.contains))
         }
         return ClusterStatusReply(coordinator: picture.coordinator, nodes: nodes, groups: groups)
     }
 }
 
-/// `transform` over `items` on one thread each (items are few: the nodes of
-/// a cluster, each answering over the network), results in input order.
+/// `transform` over `items` on at most ``Limits/operatorFanOutThreads``
+/// threads (each item is a node answering over the network), results in
+/// input order.
 func concurrentMap<Item: Sendable, Result: Sendable>(_ items: [Item], _ transform: @escaping @Sendable (Item) -> Result) -> [Result] {
-    let results = Locked<[Int: Result]>([:])
+    let results = Locked<(next: Int, done: [Int: Result])>((0, [:]))
     let group = DispatchGroup()
-    for (index, item) in items.enumerated() {
+    for _ in 0..<min(items.count, Limits.operatorFanOutThreads) {
         group.enter()
         Thread.detachNewThread {
-            let result = transform(item)
-            results.withLock { $0[index] = result }
+            while true {
+                let index = results.withLock { state -> Int in
+                    defer { state.next += 1 }
+                    return state.next
+                }
+                guard index < items.count else { break }
+                let result = transform(items[index])
+                results.withLock { $0.done[index] = result }
+            }
             group.leave()
         }
     }
     group.wait()
-    return results.withLock { results in items.indices.map { results[$0]! } }
+    return results.withLock { state in items.indices.map { state.done[$0]! } }
 }

@@ -36,13 +36,12 @@ extension SnapshotServer {
     func stopSafety() -> (safe: Bool, reason: String) {
         let picture = cluster?.recoverPicture()
         return state.withLock { state in
+            // Only saves still arriving block: a step not yet committed is no
+            // restorable state (and with this node drained it may never commit).
             for (job, record) in state.store.jobs.sorted(by: { $0.key < $1.key }) {
                 for (step, shards) in record.steps.sorted(by: { $0.key < $1.key }) {
                     if let (rank, _) = shards.first(where: { $0.value.state == .receiving || $0.value.state == .sealing }) {
                         return (false, "a save is in flight: step \(step) of \(job), rank \(rank)")
-                    }
-                    if cluster != nil, !record.committedSteps.contains(step) {
-                        return (false, "step \(step) of \(job) is not yet protected across the cluster")
                     }
                 }
             }
@@ -55,7 +54,7 @@ extension SnapshotServer {
             guard others.count < cluster.group.parity else {
                 return (false, "group \(cluster.group.index) has already lost nodes \(others) and tolerates \(cluster.group.parity): stopping this node loses data")
             }
-            return (true, "every step held is protected; group \(cluster.group.index) survives losing this node (\(cluster.group.parity - others.count - 1) more after it)")
+            return (true, "no save in flight; group \(cluster.group.index) survives losing this node (\(cluster.group.parity - others.count - 1) more after it)")
         }
     }
 }

@@ -16,7 +16,7 @@ extension SnapshotServer {
         } else {
             let status: StatusReply
             if node == configuration.nodeID {
-                status = self.status(job: nil)
+                status = self.status(job: nil, readingDisk: false)
             } else {
                 // A peer's failure is not this session's: it becomes an error reply.
                 let reply: Message

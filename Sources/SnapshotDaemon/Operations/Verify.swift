@@ -24,8 +24,16 @@ extension SnapshotServer {
             guard !dead.contains(node), let cluster else { return NodeVerification(node: node, answered: false, notes: ["node \(node) is dead: nothing on it was checked"]) }
             var asked = request
             asked.local = true
+            // A connection of its own: a long unpaced check must not hold the
+            // shared data channel that protection and rebuilds use.
             do {
-                let reply = try cluster.mesh.request(node, .data, .verify(asked), timeoutMilliseconds: cluster.heartbeatTimeoutMilliseconds)
+                let connection = try cluster.mesh.openConnection(node, .data, timeoutMilliseconds: cluster.heartbeatTimeoutMilliseconds)
+                defer { connection.close() }
+                try connection.send(.verify(asked), requestID: 1)
+                let reply = try connection.receiveReply(
+                    deadlineMilliseconds: monotonicMilliseconds() + Limits.verifyReplyTimeoutMilliseconds, maximumPayloadBytes: ProtocolLimits.maximumControlPayloadBytes
+                ).message
+                if case .error(let refusal) = reply { return NodeVerification(node: node, answered: false, notes: ["node \(node): \(refusal.message)"]) }
                 guard case .verifyReply(let answer) = reply, let line = answer.nodes.first, line.node == node else {
                     throw PeerError(code: nil, message: "unexpected reply \(reply.type)")
                 }
@@ -37,9 +45,13 @@ extension SnapshotServer {
         return VerifyReply(nodes: nodes)
     }
 
-    /// This node's own check.
+    /// This node's own check; one at a time (a second is refused, not stacked).
     func verifyHere(_ request: VerifyRequest) -> NodeVerification {
         let node = configuration.nodeID
+        guard verifying.withLock({ running in running ? false : { running = true; return true }() }) else {
+            return NodeVerification(node: node, answered: false, notes: ["node \(node) is already verifying (one verify at a time)"])
+        }
+        defer { verifying.withLock { $0 = false } }
         var result = NodeVerification(node: node, answered: true)
         let items = state.withLock { Self.scrubItems($0) }.filter { item in
             let (job, step) = switch item {

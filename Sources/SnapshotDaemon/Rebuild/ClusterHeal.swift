@@ -40,6 +40,9 @@ extension ClusterNode {
     /// The parity fragment `key` decoded from k fragments of its stripe held by peers.
     private func decodeParity(_ key: ParityKey, record: ParityRecord) throws -> MappedSegment {
         let (entry, fragmentSize) = try stepEntry(job: key.job, step: key.step)
+        guard fragmentSize == record.fragmentSizeBytes else {
+            throw StoreError(.internalError, "\(key): the cluster's fragment size \(fragmentSize) is not the held one \(record.fragmentSizeBytes)")
+        }
         let scratch = try MappedSegment.anonymous(sizeBytes: max(1, Int(fragmentSize)))
         var workspace: StripeWorkspace?
         var tally = RebuildTally()

@@ -175,7 +175,10 @@ final class Session {
         case (.trainer, .releaseRestore(let m)): release(ShardKey(job: job!, step: m.step, rank: rank), requestID: header.requestID)
         case (_, .status(let m)): status(m, requestID: header.requestID)
         case (.operatorTool, .recover): reply(.recoverReply(server.recoverReport()), to: header.requestID)
-        case (.operatorTool, .export(let m)): reply(.exportReply(try server.export(m)), to: header.requestID)
+        case (.operatorTool, .export(let m)):
+            // It writes files where the operator says: only someone on the daemon's machine may.
+            guard !isTCP else { throw StoreError(.invalidRequest, "export writes files on the daemon's machine: run snapshotctl export there, over its Unix socket") }
+            reply(.exportReply(try server.export(m)), to: header.requestID)
         case (.operatorTool, .clusterStatus): reply(.clusterStatusReply(server.clusterStatus()), to: header.requestID)
         case (.operatorTool, .drain(let m)): reply(.drainReply(try server.drain(m)), to: header.requestID)
         case (.operatorTool, .verify(let m)): reply(.verifyReply(server.verify(m)), to: header.requestID)
@@ -321,13 +324,14 @@ final class Session {
         let (step, shard, segment): (Step, ShardRecord, MappedSegment)
         do {
             (step, shard, segment) = try server.pinForRestore(job: job!, rank: rank, step: m.step)
-        } catch let error as StoreError where [.unrecoverable, .unknownStep, .notCommitted].contains(error.code)
-            || (error.code == .unavailable && server.isLostBeyondTolerance(job: job!, rank: rank))
-        {
-            // What memory cannot serve for good (lost beyond tolerance, or
-            // not held), the durable tier may (README, "The durable tier").
-            // Not a rebuild in progress that will serve the newer step.
-            guard let durable = try server.durableRestore(job: job!, rank: rank, step: m.step) else { throw error }
+        } catch let error as StoreError where [.unrecoverable, .unknownStep, .notCommitted, .unavailable].contains(error.code) {
+            // What memory cannot serve for good (lost beyond tolerance, or not
+            // held), the durable tier may (README, "The durable tier"); not
+            // while a rebuild that will serve the step is still possible.
+            let memory = server.memoryLoss(job: job!, rank: rank)
+            guard error.code != .unavailable || memory.lost,
+                let durable = try server.durableRestore(job: job!, rank: rank, step: m.step, world: world, memoryNewest: memory.newestRestorable)
+            else { throw error }
             return try serveDurable(durable, transport: m.transport, requestID: requestID, memoryError: error)
         }
         let key = ShardKey(job: job!, step: step, rank: rank)

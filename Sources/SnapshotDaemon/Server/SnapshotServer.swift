@@ -35,6 +35,8 @@ public final class SnapshotServer: Service, Sendable {
     let counters: Counters
     /// Latency histograms for the Prometheus endpoint (gauges are read from ``state`` at scrape time).
     let metrics = MetricsRegistry()
+    /// Set while this node runs `snapshotctl verify`'s check (one at a time).
+    let verifying = Mutex(false)
     /// Refusals come in floods: one log line per second says how many so far.
     let refusalLog = LogRateLimiter(intervalMilliseconds: 1000)
     /// The TCP port the listener bound (known once ``start()`` returned).
