@@ -29,6 +29,7 @@ struct SnapshotdCommand: AsyncParsableCommand {
     @Option(help: "Prometheus endpoint host:port (GET /metrics, unauthenticated: loopback or a management network); port 0 takes a free one, logged at start.") var metricsListen: String?
     @Option(name: .customLong("scrub-interval-ms"), help: "How often every held shard and parity fragment is re-checked against its sealed CRCs (0: never); corrupted ones are healed from peers.") var scrubIntervalMilliseconds: Int64?
 
+    @Option(help: "Peers and remote clients: tcp, rdma, or auto (RDMA where a device is present, else TCP).") var transport: String?
     @Option(help: "Durable tier: write committed steps here in the export format (absolute path).") var flushDirectory: String?
     @Option(help: "Durable tier: flush every N-th committed step.") var flushEverySteps: Int?
     @Option(name: .customLong("flush-interval-ms"), help: "Durable tier: flush the newest committed step when this long has passed since the last flush.") var flushIntervalMilliseconds: Int64?
@@ -84,6 +85,7 @@ struct SnapshotdCommand: AsyncParsableCommand {
         if let sharedSecretFile { settings.sharedSecretFile = sharedSecretFile }
         if let peerSecretFile { settings.peerSecretFile = peerSecretFile }
         if let logLevel { settings.logLevel = try DaemonConfiguration.parseLogLevel(logLevel) }
+        if let transport { settings.transport = try DaemonConfiguration.parseTransport(transport) }
         if let clusterFile { settings.clusterFile = clusterFile }
         if let metricsListen { settings.metricsListen = metricsListen }
         return settings

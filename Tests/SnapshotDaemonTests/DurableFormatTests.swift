@@ -96,3 +96,21 @@ struct DurableFormatTests {
         #expect(json.contains("\"snapshotd_dtype\" : \"bfloat16\"") && json.contains("\"gradient_norm\" : 0.75"), "\(json)")
     }
 }
+
+@Suite("Transport selection")
+struct TransportSelectionTests {
+    static let rxe = RDMADevices.Device(name: "rxe0", activePorts: [1])
+
+    @Test func autoFallsBackToTCPAndSaysWhy() throws {
+        #expect(try TransportSelection.decide(.auto, devices: []).used == .tcp)
+        #expect(try TransportSelection.decide(.auto, devices: []).logLine.contains("no RDMA device on this machine; falling back to TCP"))
+        let withDevice = try TransportSelection.decide(.auto, devices: [Self.rxe])
+        #expect(withDevice.used == (TransportSelection.rdmaDataPathBuilt ? .rdma : .tcp))
+        #expect(withDevice.logLine.contains("rxe0 (active ports [1])"))
+    }
+
+    @Test func rdmaWithoutADeviceIsRefusedAtStart() throws {
+        #expect(throws: ConfigurationError.self) { try TransportSelection.decide(.rdma, devices: []) }
+        #expect(try TransportSelection.decide(.tcp, devices: [Self.rxe]).used == .tcp)
+    }
+}

@@ -1,5 +1,8 @@
 import Foundation
 import Glibc
+import SnapshotClient
+import SnapshotDaemon
+import SnapshotProtocol
 import Testing
 
 /// Bad configuration values, given to a real `snapshotd`: each gives one clear
@@ -80,8 +83,25 @@ struct ConfigurationTests {
         ("time-based flushing in a cluster", "flush_directory = \"/tmp/durable\"\nflush_interval_ms = 1000\n", clusterFile(groupSize: 3),
          "flush_interval_ms works on a single node only"),
         ("an unwritable flush directory", "flush_directory = \"/proc/durable\"\nflush_every_steps = 1\n", nil, "cannot create directory /proc/durable"),
+        ("an unknown transport", "transport = \"infiniband\"\n", nil, "transport = \"infiniband\" is not one of \"tcp\", \"rdma\", \"auto\""),
+        ("RDMA where there is none", "transport = \"rdma\"\n", nil,
+         RDMADevices.list().isEmpty ? "transport = \"rdma\" but this machine has no RDMA device" : "this build has no RDMA data path yet"),
         ("peers sharing the trainers' secret", "peer_secret_file = \"$SCRATCH/secret\"\n", clusterFile(groupSize: 3), "peer_secret_file and shared_secret_file are the same file"),
     ]
+
+    /// `auto` on a machine without RDMA: one clear line, and the daemon serves over TCP.
+    @Test func autoTransportFallsBackToTCPWithOneLogLine() throws {
+        let daemon = try DaemonProcess(extraArguments: ["--transport", "auto"])
+        let expected = RDMADevices.list().isEmpty
+            ? "transport auto: no RDMA device on this machine; falling back to TCP for peers and remote clients"
+            : "this build has no RDMA data path yet; falling back to TCP"
+        let lines = daemon.log().split(separator: "\n").filter { $0.contains("transport auto:") }
+        #expect(lines.count == 1, "\(lines)")
+        #expect(lines.first?.contains(expected) == true, "\(lines)")
+        let client = try daemon.tcpClient(job: try JobID("auto-tcp"), rank: 0, world: 1)
+        try client.save(step: 1, tensors: tensors(step: 1, rank: 0, sizes: [("w", .float32, 4096)]))
+        #expect(matches(try client.restore(), tensors(step: 1, rank: 0, sizes: [("w", .float32, 4096)])))
+    }
 
     @Test(arguments: 0..<cases.count)
     func aBadValueIsOneClearErrorAndANonZeroExit(index: Int) throws {

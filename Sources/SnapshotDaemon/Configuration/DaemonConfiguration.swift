@@ -42,6 +42,8 @@ public struct DaemonConfiguration: Sendable, Equatable {
     public var flushIntervalMilliseconds: Int64 = 0
     public var flushBytesPerSecond: UInt64 = 256 << 20
     public var flushKeptSteps = 2
+    /// Peers and remote clients: TCP, RDMA, or RDMA where a device is present (`auto`).
+    public var transport: TransportMode = .auto
     /// "host:port" (IPv4) of the Prometheus endpoint, `GET /metrics`; nil:
     /// none. Unauthenticated (it names jobs, never data): loopback or a
     /// management network. Port 0 takes a free port (logged at start).
@@ -53,7 +55,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
         "node_id", "unix_socket", "tcp_listen", "arena_directory", "memory_budget", "snapshots_kept_per_job",
         "shared_secret_file", "peer_secret_file", "log_level", "max_connections", "frame_timeout_ms", "cluster_file",
         "scrub_interval_ms", "flush_directory", "flush_every_steps", "flush_interval_ms", "flush_bandwidth", "flush_kept_steps",
-        "metrics_listen",
+        "metrics_listen", "transport",
     ]
 
     /// Reads a TOML file over the defaults. Unknown keys are errors: a typo
@@ -92,6 +94,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
             config.flushBytesPerSecond = try parseByteSize(text)
         }
         if let v = table["flush_kept_steps"] { config.flushKeptSteps = try integer(v, "flush_kept_steps") }
+        if let v = table["transport"] { config.transport = try parseTransport(try string(v, "transport")) }
         if let v = table["metrics_listen"] { config.metricsListen = try string(v, "metrics_listen") }
         return config
     }
@@ -171,6 +174,13 @@ public struct DaemonConfiguration: Sendable, Equatable {
         }
         guard let bytes = UInt64(trimmed) else { throw ConfigurationError("'\(text)' is not a size (e.g. 64GiB)") }
         return bytes
+    }
+
+    public static func parseTransport(_ text: String) throws -> TransportMode {
+        guard let mode = TransportMode(rawValue: text) else {
+            throw ConfigurationError("transport = \"\(text)\" is not one of \(TransportMode.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", "))")
+        }
+        return mode
     }
 
     public static func parseLogLevel(_ text: String) throws -> Logger.Level {

@@ -117,6 +117,9 @@ public final class SnapshotServer: Service, Sendable {
             throw IOError("cannot create the directory of unix_socket \(configuration.unixSocketPath)")
         }
         warnIfBudgetExceedsArenaFileSystem()
+        let devices = RDMADevices.list()
+        let transport = try TransportSelection.decide(configuration.transport, devices: devices)
+        logger.notice("\(transport.logLine)")
         if let flushDirectory = configuration.flushDirectory {
             // A durable tier that cannot be written must fail at start, not at the first flush.
             try DurableFiles.createDirectory(flushDirectory)
@@ -157,7 +160,6 @@ public final class SnapshotServer: Service, Sendable {
         cluster?.start()
         startScrub()
         startFlusher()
-        let devices = RDMADevices.list()
         logger.info(
             "snapshotd ready",
             metadata: [
@@ -166,7 +168,7 @@ public final class SnapshotServer: Service, Sendable {
                 "metrics": "\(configuration.metricsListen.flatMap { listen in boundMetricsPort.map { "\(listen.split(separator: ":").first ?? ""):\($0)" } } ?? "off")",
                 "arena": "\(arena.root)", "budgetBytes": "\(configuration.memoryBudgetBytes)",
                 "durableTier": "\(configuration.flushDirectory.map { "\($0) every \(configuration.flushEverySteps) steps / \(configuration.flushIntervalMilliseconds) ms" } ?? "off")",
-                "rdma": "\(devices.isEmpty ? "no RDMA device, using TCP" : devices.map(\.name).joined(separator: ","))",
+                "transport": "\(transport.used)",
             ])
         SystemdNotifier.notify(["READY=1", "STATUS=\(statusLine())"])
     }
