@@ -23,6 +23,8 @@ let package = Package(
         .executable(name: "snapshot-bench", targets: ["snapshot-bench"]),
         .executable(name: "snapshot-trainer", targets: ["snapshot-trainer"]),
         .executable(name: "snapshot-demo", targets: ["snapshot-demo"]),
+        // The RDMA transport's checks, run inside the Soft-RoCE guest (Tests/rdma-guest/run.sh).
+        .executable(name: "rdma-guest-test", targets: ["rdma-guest-test"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -52,6 +54,11 @@ let package = Package(
             dependencies: ["CSocketShim", "SnapshotProtocol", .product(name: "Crypto", package: "swift-crypto")],
             swiftSettings: strictSettings
         ),
+        // RDMA over libibverbs and librdmacm: rdma_cm connections, registered
+        // memory, SEND/RECV messages and RDMA WRITE, every failure a typed error.
+        .target(name: "RDMATransport", dependencies: ["CRDMA"], swiftSettings: strictSettings),
+        .executableTarget(
+            name: "rdma-guest-test", dependencies: ["RDMATransport", "SnapshotProtocol", "ErasureCoding"], swiftSettings: strictSettings),
         // The daemon as a library.
         .target(
             name: "SnapshotDaemon",
@@ -112,6 +119,7 @@ let package = Package(
             swiftSettings: strictSettings
         ),
 
+        .testTarget(name: "RDMATransportTests", dependencies: ["RDMATransport"], swiftSettings: strictSettings),
         .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding"], swiftSettings: strictSettings),
         .testTarget(name: "SnapshotProtocolTests", dependencies: ["SnapshotProtocol"], swiftSettings: strictSettings),
         .testTarget(name: "CheckFreeTests", dependencies: ["CheckFree"], swiftSettings: strictSettings),

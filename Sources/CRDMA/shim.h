@@ -7,3 +7,34 @@ static inline int snapshotd_ibv_query_port(struct ibv_context *context, uint8_t 
                                            struct ibv_port_attr *port_attr) {
     return ibv_query_port(context, port_num, port_attr);
 }
+
+// librdmacm's inline helpers (rdma_post_send, rdma_post_write, …).
+#include <rdma/rdma_verbs.h>
+#include <errno.h>
+#include <poll.h>
+
+/* Waits for one completion on `cq`, armed through `channel`, for at most
+ * `timeout_ms` between events: 1 with the completion in *wc (check
+ * wc->status), 0 when the time passed, -1 on an error (errno says which).
+ * rdma_get_send_comp and rdma_get_recv_comp would block without a bound. */
+static inline int snapshotd_rdma_wait_completion(struct ibv_cq *cq, struct ibv_comp_channel *channel, int timeout_ms,
+                                                 struct ibv_wc *wc) {
+    for (;;) {
+        int found = ibv_poll_cq(cq, 1, wc);
+        if (found != 0) return found < 0 ? -1 : 1;
+        if (ibv_req_notify_cq(cq, 0)) return -1;
+        found = ibv_poll_cq(cq, 1, wc); /* one that completed while arming */
+        if (found != 0) return found < 0 ? -1 : 1;
+        struct pollfd ready = {.fd = channel->fd, .events = POLLIN};
+        int events = poll(&ready, 1, timeout_ms);
+        if (events == 0) return 0;
+        if (events < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        struct ibv_cq *event_cq;
+        void *context;
+        if (ibv_get_cq_event(channel, &event_cq, &context)) return -1;
+        ibv_ack_cq_events(event_cq, 1);
+    }
+}

@@ -60,8 +60,11 @@ copy_with_libraries "$(command -v rdma)" /sbin/rdma
 provider=$(ls /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav*.so)
 copy_with_libraries "$provider" "$provider"
 cp /etc/libibverbs.d/rxe.driver "$root/etc/libibverbs.d/"
-gcc -O2 -Wall -o "$work/rdma_smoke" Tests/rdma-guest/rdma_smoke.c -lrdmacm -libverbs -lpthread
+gcc -O2 -Wall -o "$work/rdma_smoke" Tests/rdma-guest/rdma_smoke.c -lrdmacm -libverbs
 copy_with_libraries "$work/rdma_smoke" /tests/rdma_smoke
+# The Swift RDMA transport's checks (and the Swift runtime they load).
+swift build --product rdma-guest-test >/dev/null
+copy_with_libraries "$(swift build --product rdma-guest-test --show-bin-path)/rdma-guest-test" /tests/rdma-guest-test
 # The modules, in load order (without crc32_generic, adding the rxe link fails);
 # one built into this kernel is skipped.
 order="crc32_generic configfs ib_core ib_uverbs udp_tunnel ip6_udp_tunnel rdma_rxe ib_cm iw_cm rdma_cm rdma_ucm veth"
@@ -113,7 +116,14 @@ server=\$!
 sleep 1
 timeout 120 /tests/rdma_smoke client 10.77.0.1 10.77.0.2 || result "fail (rdma_smoke client)"
 wait \$server || result "fail (rdma_smoke server)"
-result "pass (rdma_smoke)"
+for scenario in ok corrupt disconnect; do
+    timeout 120 /tests/rdma-guest-test server 10.77.0.2 \$scenario &
+    server=\$!
+    sleep 2
+    timeout 120 /tests/rdma-guest-test client 10.77.0.1 10.77.0.2 \$scenario || result "fail (rdma-guest-test client \$scenario)"
+    wait \$server || result "fail (rdma-guest-test server \$scenario)"
+done
+result "pass (rdma_smoke; rdma-guest-test ok, corrupt, disconnect)"
 GUEST
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initrd.gz"
@@ -126,6 +136,6 @@ timeout "$timeout_s" qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 2 -nogr
 status=$?
 set -e
 verdict=$(grep -a -o 'RDMA-GUEST-RESULT: .*' "$work/guest.log" | tr -d '\r' | tail -1)
-grep -a -E '^rdma_smoke|^link ' "$work/guest.log" | tr -d '\r' || true
+grep -a -E '^rdma_smoke|^rdma-guest-test|^link ' "$work/guest.log" | tr -d '\r' || true
 echo "${verdict:-RDMA-GUEST-RESULT: fail (no verdict; qemu exit $status, see $work/guest.log)} in $(( $(date +%s) - started )) s"
 case "$verdict" in "RDMA-GUEST-RESULT: pass"*) exit 0 ;; *) tail -30 "$work/guest.log"; exit 1 ;; esac
