@@ -36,11 +36,14 @@ public final class RDMAMemoryRegion {
     let region: UnsafeMutablePointer<ibv_mr>
     public let base: UnsafeMutableRawPointer
     public let count: Int
+    /// Kept alive by the region: the protection domain goes with the last endpoint.
+    let connection: RDMAConnection
 
-    init(region: UnsafeMutablePointer<ibv_mr>, base: UnsafeMutableRawPointer, count: Int) {
+    init(region: UnsafeMutablePointer<ibv_mr>, base: UnsafeMutableRawPointer, count: Int, connection: RDMAConnection) {
         self.region = region
         self.base = base
         self.count = count
+        self.connection = connection
     }
 
     /// What a peer needs to RDMA-WRITE into this region.
@@ -85,13 +88,26 @@ public struct RemoteBuffer: Equatable, Sendable {
 public final class RDMAConnection {
     public static let receiveSlots = 16
     public static let maximumMessageBytes = 64 << 10
+    /// One RDMA WRITE at most: a scatter entry's length is 32 bits, and Soft-RoCE takes 2 GiB.
+    public static let maximumWriteBytes = 1 << 30
 
     let id: UnsafeMutablePointer<rdma_cm_id>
     private let slots: UnsafeMutableRawPointer
     private let slotRegion: UnsafeMutablePointer<ibv_mr>
     private let sendBuffer: UnsafeMutableRawPointer
     private let sendRegion: UnsafeMutablePointer<ibv_mr>
-    private var closed = false
+    /// Set by close() or by the first failed or timed-out work request: the
+    /// queue pair is then disconnected (in error, its work flushed) and
+    /// every later call is refused, so no stale completion is mistaken for a new one.
+    private var failure: RDMAError?
+
+    /// How many RDMA devices the verbs library lists.
+    public static var deviceCount: Int {
+        var count: Int32 = 0
+        guard let devices = ibv_get_device_list(&count) else { return 0 }
+        ibv_free_device_list(devices)
+        return Int(count)
+    }
 
     /// Resolves `to` from `from` and connects (synchronous rdma_cm: bounded by its own resolution timeouts).
     public static func connect(from: String, to: String, port: UInt16) throws(RDMAError) -> RDMAConnection {
@@ -110,31 +126,47 @@ public final class RDMAConnection {
         var attributes = queuePairAttributes()
         var id: UnsafeMutablePointer<rdma_cm_id>?
         guard rdma_create_ep(&id, info, nil, &attributes) == 0, let id else { throw .errno(.connection, "create endpoint to \(to):\(port)") }
-        let connection: RDMAConnection
-        do {
-            connection = try RDMAConnection(id: id)
-        } catch {
-            rdma_destroy_ep(id)
-            throw error
-        }
+        let connection = try adopt(id)
         var parameters = connectionParameters()
         guard rdma_connect(id, &parameters) == 0 else { throw .errno(.connection, "connect to \(to):\(port)") }
         return connection
     }
 
-    init(id: UnsafeMutablePointer<rdma_cm_id>) throws(RDMAError) {
-        self.id = id
-        let slotBytes = Self.receiveSlots * Self.maximumMessageBytes
-        slots = UnsafeMutableRawPointer.allocate(byteCount: slotBytes, alignment: 4096)
-        sendBuffer = UnsafeMutableRawPointer.allocate(byteCount: Self.maximumMessageBytes, alignment: 4096)
-        guard let slotRegion = rdma_reg_msgs(id, slots, slotBytes), let sendRegion = rdma_reg_msgs(id, sendBuffer, Self.maximumMessageBytes) else {
+    /// Takes ownership of `id` (destroyed on every path: here on a failed
+    /// registration, else by the connection) and posts its receive slots.
+    static func adopt(_ id: UnsafeMutablePointer<rdma_cm_id>) throws(RDMAError) -> RDMAConnection {
+        let slotBytes = receiveSlots * maximumMessageBytes
+        let slots = UnsafeMutableRawPointer.allocate(byteCount: slotBytes, alignment: 4096)
+        let sendBuffer = UnsafeMutableRawPointer.allocate(byteCount: maximumMessageBytes, alignment: 4096)
+        guard let slotRegion = rdma_reg_msgs(id, slots, slotBytes) else {
+            let error = RDMAError.errno(.registration, "register receive slots")
+            rdma_destroy_ep(id)
             slots.deallocate()
             sendBuffer.deallocate()
-            throw .errno(.registration, "register message buffers")
+            throw error
         }
+        guard let sendRegion = rdma_reg_msgs(id, sendBuffer, maximumMessageBytes) else {
+            let error = RDMAError.errno(.registration, "register the send buffer")
+            rdma_dereg_mr(slotRegion)
+            rdma_destroy_ep(id)
+            slots.deallocate()
+            sendBuffer.deallocate()
+            throw error
+        }
+        let connection = RDMAConnection(id: id, slots: slots, slotRegion: slotRegion, sendBuffer: sendBuffer, sendRegion: sendRegion)
+        for slot in 0..<receiveSlots { try connection.postReceive(slot) }  // on failure the connection's deinit cleans up
+        return connection
+    }
+
+    private init(
+        id: UnsafeMutablePointer<rdma_cm_id>, slots: UnsafeMutableRawPointer, slotRegion: UnsafeMutablePointer<ibv_mr>,
+        sendBuffer: UnsafeMutableRawPointer, sendRegion: UnsafeMutablePointer<ibv_mr>
+    ) {
+        self.id = id
+        self.slots = slots
         self.slotRegion = slotRegion
+        self.sendBuffer = sendBuffer
         self.sendRegion = sendRegion
-        for slot in 0..<Self.receiveSlots { try postReceive(slot) }
     }
 
     static func queuePairAttributes() -> ibv_qp_init_attr {
@@ -157,51 +189,69 @@ public final class RDMAConnection {
         return parameters
     }
 
+    private func usable(_ operation: String) throws(RDMAError) {
+        if let failure { throw RDMAError(kind: failure.kind, operation: operation, detail: "the connection already failed (\(failure))") }
+    }
+
     private func postReceive(_ slot: Int) throws(RDMAError) {
         let address = slots + slot * Self.maximumMessageBytes
         guard rdma_post_recv(id, UnsafeMutableRawPointer(bitPattern: slot + 1), address, Self.maximumMessageBytes, slotRegion) == 0 else {
-            throw .errno(.post, "post receive")
+            throw fail(.errno(.post, "post receive"))
         }
     }
 
     /// Registers `count` bytes at `base` (which must outlive the region); `remoteWrite` lets the peer write into it.
     public func register(_ base: UnsafeMutableRawPointer, count: Int, remoteWrite: Bool) throws(RDMAError) -> RDMAMemoryRegion {
+        try usable("register")
         let region = remoteWrite ? rdma_reg_write(id, base, count) : rdma_reg_msgs(id, base, count)
         guard let region else { throw .errno(.registration, "register \(count) bytes") }
-        return RDMAMemoryRegion(region: region, base: base, count: count)
+        return RDMAMemoryRegion(region: region, base: base, count: count, connection: self)
     }
 
     /// Sends one message (a frame) and waits until the device has delivered it.
     public func send(_ message: [UInt8], timeoutMilliseconds: Int32) throws(RDMAError) {
+        try usable("send")
         guard message.count <= Self.maximumMessageBytes else {
             throw RDMAError(kind: .protocolViolation, operation: "send", detail: "\(message.count) bytes exceed a receive slot (\(Self.maximumMessageBytes))")
         }
         message.withUnsafeBytes { sendBuffer.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
-        guard rdma_post_send(id, nil, sendBuffer, message.count, sendRegion, 0) == 0 else { throw .errno(.post, "post send") }
+        guard rdma_post_send(id, nil, sendBuffer, message.count, sendRegion, 0) == 0 else { throw fail(.errno(.post, "post send")) }
         _ = try waitCompletion(send: true, "send", timeoutMilliseconds: timeoutMilliseconds)
     }
 
     /// The next message the peer sent.
     public func receive(timeoutMilliseconds: Int32) throws(RDMAError) -> [UInt8] {
+        try usable("receive")
         let completion = try waitCompletion(send: false, "receive", timeoutMilliseconds: timeoutMilliseconds)
         let slot = Int(completion.wr_id) - 1
         guard (0..<Self.receiveSlots).contains(slot), Int(completion.byte_len) <= Self.maximumMessageBytes else {
-            throw RDMAError(kind: .protocolViolation, operation: "receive", detail: "completion for slot \(slot) with \(completion.byte_len) bytes")
+            throw fail(RDMAError(kind: .protocolViolation, operation: "receive", detail: "completion for slot \(slot) with \(completion.byte_len) bytes"))
         }
         let message = [UInt8](UnsafeRawBufferPointer(start: slots + slot * Self.maximumMessageBytes, count: Int(completion.byte_len)))
         try postReceive(slot)
         return message
     }
 
-    /// RDMA-WRITEs `count` bytes at `offset` of `local` into `remote` at `remoteOffset`, and waits for it to complete.
+    /// RDMA-WRITEs `count` bytes at `offset` of `local` into `remote` at
+    /// `remoteOffset`, in pieces of at most ``maximumWriteBytes``, and waits
+    /// for each to complete. Ranges come from peers: checked without overflow.
     public func write(_ local: RDMAMemoryRegion, offset: Int, count: Int, to remote: RemoteBuffer, remoteOffset: UInt64, timeoutMilliseconds: Int32) throws(RDMAError) {
-        guard offset >= 0, count >= 0, offset + count <= local.count, remoteOffset + UInt64(count) <= remote.count else {
+        try usable("write")
+        let (localEnd, localOverflow) = offset.addingReportingOverflow(count)
+        let (remoteEnd, remoteOverflow) = remoteOffset.addingReportingOverflow(UInt64(clamping: count))
+        let (_, addressOverflow) = remote.address.addingReportingOverflow(remoteEnd)
+        guard offset >= 0, count >= 0, !localOverflow, localEnd <= local.count, !remoteOverflow, remoteEnd <= remote.count, !addressOverflow else {
             throw RDMAError(kind: .protocolViolation, operation: "write", detail: "\(count) bytes at \(offset) → \(remoteOffset) exceed a region")
         }
-        guard rdma_post_write(id, nil, local.base + offset, count, local.region, 0, remote.address + remoteOffset, remote.key) == 0 else {
-            throw .errno(.post, "post write")
+        var done = 0
+        while done < count {
+            let piece = min(Self.maximumWriteBytes, count - done)
+            guard rdma_post_write(id, nil, local.base + offset + done, piece, local.region, 0, remote.address + remoteOffset + UInt64(done), remote.key) == 0 else {
+                throw fail(.errno(.post, "post write"))
+            }
+            _ = try waitCompletion(send: true, "write", timeoutMilliseconds: timeoutMilliseconds)
+            done += piece
         }
-        _ = try waitCompletion(send: true, "write", timeoutMilliseconds: timeoutMilliseconds)
     }
 
     private func waitCompletion(send: Bool, _ operation: String, timeoutMilliseconds: Int32) throws(RDMAError) -> ibv_wc {
@@ -210,22 +260,32 @@ public final class RDMAConnection {
             ? snapshotd_rdma_wait_completion(id.pointee.send_cq, id.pointee.send_cq_channel, timeoutMilliseconds, &completion)
             : snapshotd_rdma_wait_completion(id.pointee.recv_cq, id.pointee.recv_cq_channel, timeoutMilliseconds, &completion)
         switch found {
-        case 0: throw RDMAError(kind: .timeout, operation: operation, detail: "no completion within \(timeoutMilliseconds) ms")
+        case 0: throw fail(RDMAError(kind: .timeout, operation: operation, detail: "no completion within \(timeoutMilliseconds) ms"))
         case 1 where completion.status == IBV_WC_SUCCESS: return completion
-        case 1: throw RDMAError(kind: .completion, operation: operation, detail: String(cString: ibv_wc_status_str(completion.status)))
-        default: throw .errno(.completion, "wait for \(operation)")
+        case 1: throw fail(RDMAError(kind: .completion, operation: operation, detail: String(cString: ibv_wc_status_str(completion.status))))
+        default: throw fail(.errno(.completion, "wait for \(operation)"))
         }
+    }
+
+    /// Records the first failure and disconnects: the queue pair goes to
+    /// error, so the device stops touching registered memory.
+    private func fail(_ error: RDMAError) -> RDMAError {
+        if failure == nil {
+            failure = error
+            rdma_disconnect(id)
+        }
+        return error
     }
 
     /// Disconnects; posted work completes with a flush error.
     public func close() {
-        guard !closed else { return }
-        closed = true
-        rdma_disconnect(id)
+        _ = fail(RDMAError(kind: .connection, operation: "close", detail: "closed by this side"))
     }
 
     deinit {
         close()
+        // The queue pair first: nothing posted may still reference the regions.
+        rdma_destroy_qp(id)
         rdma_dereg_mr(slotRegion)
         rdma_dereg_mr(sendRegion)
         rdma_destroy_ep(id)
@@ -256,13 +316,7 @@ public final class RDMAListener {
     public func accept() throws(RDMAError) -> RDMAConnection {
         var request: UnsafeMutablePointer<rdma_cm_id>?
         guard rdma_get_request(id, &request) == 0, let request else { throw .errno(.connection, "get a connection request") }
-        let connection: RDMAConnection
-        do {
-            connection = try RDMAConnection(id: request)
-        } catch {
-            rdma_destroy_ep(request)
-            throw error
-        }
+        let connection = try RDMAConnection.adopt(request)
         var parameters = RDMAConnection.connectionParameters()
         guard rdma_accept(request, &parameters) == 0 else { throw .errno(.connection, "accept") }
         return connection

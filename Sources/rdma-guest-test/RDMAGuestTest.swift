@@ -54,31 +54,45 @@ struct RDMAGuestTest {
         defer { arena.deallocate() }
         arena.initializeMemory(as: UInt8.self, repeating: 0, count: payloadBytes)
         let region = try connection.register(arena, count: payloadBytes, remoteWrite: true)
-        try connection.send(region.grant.encoded, timeoutMilliseconds: timeoutMilliseconds)
-        if scenario == "disconnect" {
-            connection.close()
-            // Nothing is committed: the arena holds no save (the client's writes, if any landed, stay uncommitted).
-            say("rdma-guest-test server disconnect: ok (left after the grant; nothing committed)")
-            return
+        // The region must stay registered until the verdict: the client writes into it meanwhile.
+        try withExtendedLifetime(region) {
+            try connection.send(region.grant.encoded, timeoutMilliseconds: timeoutMilliseconds)
+            if scenario == "disconnect" {
+                connection.close()
+                // Nothing is committed: the arena holds no save (writes that landed stay uncommitted).
+                say("rdma-guest-test server disconnect: ok (left after the grant; nothing committed)")
+                return
+            }
+            guard case .commitSave(let commit) = try decode(try connection.receive(timeoutMilliseconds: timeoutMilliseconds)), let claimed = commit.checksums?.first else {
+                throw GuestTestFailure("expected a commitSave frame with a CRC")
+            }
+            let held = CRC32C.checksum(UnsafeRawBufferPointer(start: arena, count: payloadBytes))
+            let verdict: Message = held == claimed
+                ? .saveAccepted(SaveAccepted(step: commit.step, state: .localComplete))
+                : .error(ErrorReply(code: .checksumMismatch, message: String(format: "payload CRC-32C %08x, the commit says %08x", held, claimed)))
+            try connection.send(try frame(verdict), timeoutMilliseconds: timeoutMilliseconds)
+            switch (scenario, held == claimed) {
+            case ("ok", true): say(String(format: "rdma-guest-test server ok: ok (%d bytes by RDMA WRITE, CRC-32C %08x matches)", payloadBytes, held))
+            case ("corrupt", false): say(String(format: "rdma-guest-test server corrupt: ok (refused: CRC-32C %08x, the commit says %08x)", held, claimed))
+            default: throw GuestTestFailure("scenario \(scenario) but the CRC match is \(held == claimed)")
+            }
+            _ = try? connection.receive(timeoutMilliseconds: 2000)  // let the client read the verdict before the disconnect
         }
-        guard case .commitSave(let commit) = try decode(try connection.receive(timeoutMilliseconds: timeoutMilliseconds)), let claimed = commit.checksums?.first else {
-            throw GuestTestFailure("expected a commitSave frame with a CRC")
-        }
-        let held = CRC32C.checksum(UnsafeRawBufferPointer(start: arena, count: payloadBytes))
-        let verdict: Message = held == claimed
-            ? .saveAccepted(SaveAccepted(step: commit.step, state: .localComplete))
-            : .error(ErrorReply(code: .checksumMismatch, message: String(format: "payload CRC-32C %08x, the commit says %08x", held, claimed)))
-        try connection.send(try frame(verdict), timeoutMilliseconds: timeoutMilliseconds)
-        switch (scenario, held == claimed) {
-        case ("ok", true): say(String(format: "rdma-guest-test server ok: ok (%d bytes by RDMA WRITE, CRC-32C %08x matches)", payloadBytes, held))
-        case ("corrupt", false): say(String(format: "rdma-guest-test server corrupt: ok (refused: CRC-32C %08x, the commit says %08x)", held, claimed))
-        default: throw GuestTestFailure("scenario \(scenario) but the CRC match is \(held == claimed)")
-        }
-        _ = try? connection.receive(timeoutMilliseconds: 2000)  // let the client read the verdict before the disconnect
     }
 
     static func client(from: String, to: String, scenario: String) throws {
-        let connection = try RDMAConnection.connect(from: from, to: to, port: port)
+        // The server may still be starting (the Swift runtime loads slowly under emulation): retry for 60 s.
+        var attempt: RDMAConnection? = nil
+        let deadline = Date().addingTimeInterval(60)
+        while attempt == nil {
+            do throws(RDMAError) {
+                attempt = try RDMAConnection.connect(from: from, to: to, port: port)
+            } catch {
+                guard error.kind == .connection, Date() < deadline else { throw error }
+                usleep(200_000)
+            }
+        }
+        guard let connection = attempt else { throw GuestTestFailure("no connection") }
         let grant = try RemoteBuffer(decoding: try connection.receive(timeoutMilliseconds: timeoutMilliseconds))
         let buffer = UnsafeMutableRawPointer.allocate(byteCount: payloadBytes, alignment: 4096)
         defer { buffer.deallocate() }

@@ -393,8 +393,9 @@ struct CLIError: Error, CustomStringConvertible {
         switch error.code {
         case .unknownStep?, .notCommitted?: self.init(error.message, .notFound)
         case .unrecoverable?: self.init(error.message, .unrecoverable)
-        // A failure with no daemon code happened in the client: the connection.
-        case .timeout?, .shuttingDown?, .unauthenticated?, nil: self.init(error.message, .unreachable)
+        case .timeout?, .shuttingDown?, .unauthenticated?: self.init(error.message, .unreachable)
+        // No daemon code: the client's own failure; a lost connection is the daemon gone.
+        case nil where error.message.hasPrefix("connection to snapshotd lost"): self.init(error.message, .unreachable)
         // The asked daemon is fine; a peer or a rank is not.
         case .unavailable?: self.init(error.message, .degraded)
         default: self.init(error.message, .failed)

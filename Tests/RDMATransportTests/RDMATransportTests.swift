@@ -15,7 +15,8 @@ struct RDMATransportTests {
         #expect(error?.description == "RDMA grant failed: a grant is 20 bytes, got 19")
     }
 
-    @Test func connectingWithoutADeviceIsATypedConnectionError() throws {
+    @Test(.enabled(if: RDMAConnection.deviceCount == 0, "this machine has an RDMA device: the guest test covers it"))
+    func connectingWithoutADeviceIsATypedConnectionError() throws {
         let listen = #expect(throws: RDMAError.self) { try RDMAListener(address: "127.0.0.1", port: 7499) }
         #expect(listen?.kind == .connection, "\(String(describing: listen))")
         #expect(listen?.description.hasPrefix("RDMA ") == true && listen?.description.contains("127.0.0.1:7499") == true, "\(String(describing: listen))")

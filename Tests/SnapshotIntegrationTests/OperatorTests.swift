@@ -56,11 +56,15 @@ import Testing
             #expect(shard.durableSource == durable + "/cluster-job/" + ExportLayout.stepDirectoryName(4) + "/" + ExportLayout.tensorFile(rank: rank))
             #expect(matches(shard, tensors(step: 4, rank: rank, sizes: cluster.sizes(for: rank, base: LocalCluster.sizes))), "rank \(rank) differs")
         }
-        // Node 0 still holds its ranks: they come from memory.
-        let kept = try cluster.restore(rank: 0, step: 5)
-        #expect(kept.durableSource == nil)
-        #expect(matches(kept, tensors(step: 5, rank: 0, sizes: cluster.sizes(for: 0, base: LocalCluster.sizes))))
+        // Node 0 still holds its ranks of steps 4 and 5, but the job restores one step: 4, from node 0's memory.
+        for rank: Rank in 0...1 {
+            let kept = try cluster.restore(rank: rank, step: nil)
+            #expect(kept.step == 4, "every rank of the job restores the same step")
+            #expect(kept.durableSource == nil, "node 0 holds step 4 itself")
+            #expect(matches(kept, tensors(step: 4, rank: rank, sizes: cluster.sizes(for: rank, base: LocalCluster.sizes))))
+        }
         #expect(try cluster.operatorClient(1).status().counter("durable_restores") == 2)
+        #expect(try cluster.operatorClient(0).status().counter("durable_restores") == 0)
     }
 
     /// A durable copy with a flipped byte is refused with its CRC error, not served.

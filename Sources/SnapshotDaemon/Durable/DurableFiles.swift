@@ -162,7 +162,7 @@ enum DurableFiles {
                 unlink("\(directory)/\(ExportLayout.rankManifestFile(rank: rank))")
                 unlink("\(directory)/\(ExportLayout.tensorFile(rank: rank))")
             }
-            if (try? FileManager.default.contentsOfDirectory(atPath: directory)) == [ExportLayout.stepManifestFile] {
+            if let left = try? FileManager.default.contentsOfDirectory(atPath: directory), left.isEmpty || left == [ExportLayout.stepManifestFile] {
                 unlink("\(directory)/\(ExportLayout.stepManifestFile)")
                 rmdir(directory)
             }

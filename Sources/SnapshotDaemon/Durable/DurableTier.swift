@@ -63,15 +63,19 @@ extension SnapshotServer {
             let started = monotonicMilliseconds()
             while sleepUnlessStopping(milliseconds: Limits.flushPollMilliseconds) {
                 let now = monotonicMilliseconds()
-                let due: [(JobID, Step, UInt32, [RankToWrite])] = state.withLock { state in
+                let due: [(JobID, Step, UInt32)] = state.withLock { state in
                     state.store.jobs.sorted { $0.key < $1.key }.compactMap { job, record in
                         let current = progress[job] ?? .init(lastStep: nil, lastFlushMilliseconds: started)
                         guard let step = policy.stepToFlush(committed: Array(record.committedSteps), progress: current, nowMilliseconds: now) else { return nil }
-                        return (job, step, record.world, Self.pinLocalRanks(job: job, step: step, state: &state))
+                        return (job, step, record.world)
                     }
                 }
-                for (job, step, world, ranks) in due {
+                for (job, step, world) in due {
                     progress[job] = .init(lastStep: step, lastFlushMilliseconds: now)
+                    // Pinned just before its own flush: another job's retired steps are not held meanwhile.
+                    let ranks = state.withLock { state in
+                        state.store.isCommitted(job: job, step: step) ? Self.pinLocalRanks(job: job, step: step, state: &state) : []
+                    }
                     flush(job: job, step: step, world: world, ranks: ranks, root: root)
                 }
             }
@@ -92,8 +96,8 @@ extension SnapshotServer {
         // A step the store retires meanwhile is abandoned, so its memory is freed
         // at once: a paced flush never holds more than the kept steps.
         let isCancelled = { [self] in state.withLock { state in state.stopping || keys.contains { state.store.doomed.contains($0) } } }
+        let directory = ExportLayout.stepDirectory(root: root, job: job, step: step)
         do {
-            let directory = ExportLayout.stepDirectory(root: root, job: job, step: step)
             var bytes: UInt64 = 0
             for rank in ranks {
                 bytes += try DurableFiles.writeRank(
@@ -109,8 +113,20 @@ extension SnapshotServer {
                 "job": "\(job)", "step": "\(step)", "ranks": "\(ranks.map(\.key.rank))", "bytes": "\(bytes)", "seconds": "\(seconds)", "directory": "\(directory)",
             ])
         } catch {
-            counters.increment(.flushFailures)
-            logger.error("flush to the durable tier failed; the next due step is tried", metadata: ["job": "\(job)", "step": "\(step)", "error": "\(error)"])
+            // What this node wrote of the step goes: a part of a step is no fallback and would never be pruned.
+            for rank in ranks {
+                unlink("\(directory)/\(ExportLayout.rankManifestFile(rank: rank.key.rank))")
+                unlink("\(directory)/\(ExportLayout.tensorFile(rank: rank.key.rank))")
+            }
+            if isCancelled() {
+                counters.increment(.flushesAbandoned)
+                logger.notice("flush abandoned: the step was retired from memory before it was written (flush_bandwidth too low for the step cadence?)", metadata: [
+                    "job": "\(job)", "step": "\(step)",
+                ])
+            } else {
+                counters.increment(.flushFailures)
+                logger.error("flush to the durable tier failed; the next due step is tried", metadata: ["job": "\(job)", "step": "\(step)", "error": "\(error)"])
+            }
         }
     }
 
@@ -130,12 +146,24 @@ extension SnapshotServer {
         }
     }
 
-    /// Whether the cluster's view counts `rank` of `job`'s newest committed
-    /// step lost beyond tolerance (a rebuild keeps retrying it, but it
-    /// cannot succeed), and the newest step memory can still restore.
-    func memoryLoss(job: JobID, rank: Rank) -> (lost: Bool, newestRestorable: Step?) {
+    /// Whether the cluster's view counts `rank` of `job` lost beyond
+    /// tolerance at `step` (nil: the newest committed; a rebuild keeps
+    /// retrying it, but it cannot succeed), and the newest step memory can
+    /// still restore.
+    func memoryLoss(job: JobID, rank: Rank, step: Step?) -> (lost: Bool, newestRestorable: Step?) {
         guard let recovery = cluster?.recoverPicture().jobs.first(where: { $0.job == job }) else { return (false, nil) }
-        return (recovery.lostRanks.contains(rank), recovery.newestRestorable)
+        let atNewest = step == nil || step == recovery.latestCommitted
+        return (atNewest && recovery.lostRanks.contains(rank), recovery.newestRestorable)
+    }
+
+    /// The step a restore of "the newest step" goes to when the cluster lost
+    /// part of `job`'s newest committed step: the same for every rank on
+    /// every node, the newer of what memory can still restore whole and what
+    /// the durable tier holds whole. Nil when nothing is lost (or nothing is left).
+    func jobWideRestoreTarget(job: JobID) -> Step? {
+        guard let recovery = cluster?.recoverPicture().jobs.first(where: { $0.job == job }), !recovery.lostRanks.isEmpty else { return nil }
+        let durable = configuration.flushDirectory.flatMap { DurableFiles.stepToRestore(root: $0, job: job, wanted: nil) }
+        return [recovery.newestRestorable, durable].compactMap { $0 }.max()
     }
 
     /// Steps of `job` complete in the durable tier as this node sees it, oldest first.
@@ -151,12 +179,14 @@ extension SnapshotServer {
     /// at a time: this node's from its memory, the others fetched from the
     /// nodes that hold them, every tensor CRC-checked.
     func export(_ request: ExportRequest) throws -> ExportReply {
-        let root = (request.directory as NSString).standardizingPath
-        guard root.hasPrefix("/") else { throw StoreError(.invalidRequest, "export directory '\(request.directory)' must be an absolute path") }
+        guard request.directory.hasPrefix("/") else { throw StoreError(.invalidRequest, "export directory '\(request.directory)' must be an absolute path") }
+        // Symbolic links resolved: no way into the arena or the durable tier through one.
+        let root = Self.resolvedPath(request.directory)
         for (own, what) in [(arena.root, "the arena"), (configuration.flushDirectory, "the durable tier")] {
             guard let own else { continue }
-            let ownPath = (own as NSString).standardizingPath
-            if root == ownPath || root.hasPrefix(ownPath + "/") || ownPath.hasPrefix(root + "/") {
+            let ownPath = Self.resolvedPath(own)
+            func inside(_ path: String, _ directory: String) -> Bool { path == directory || path.hasPrefix(directory == "/" ? "/" : directory + "/") }
+            if inside(root, ownPath) || inside(ownPath, root) {
                 throw StoreError(.invalidRequest, "export directory \(root) overlaps \(what) (\(ownPath)); choose another")
             }
         }
@@ -194,6 +224,21 @@ extension SnapshotServer {
         try DurableFiles.writeStepManifest(stepDirectory: directory, job: request.job, step: step, world: world)
         logger.notice("step exported", metadata: ["job": "\(request.job)", "step": "\(step)", "ranks": "\(world)", "bytes": "\(bytes)", "directory": "\(directory)"])
         return ExportReply(job: request.job, step: step, directory: directory, ranks: world, bytes: bytes)
+    }
+}
+
+extension SnapshotServer {
+    /// `path` with every symbolic link of its deepest existing ancestor resolved (the rest appended).
+    static func resolvedPath(_ path: String) -> String {
+        var existing = (path as NSString).standardizingPath
+        var rest: [String] = []
+        while !FileManager.default.fileExists(atPath: existing), existing != "/" {
+            rest.insert((existing as NSString).lastPathComponent, at: 0)
+            existing = (existing as NSString).deletingLastPathComponent
+        }
+        guard let resolved = realpath(existing, nil) else { return (path as NSString).standardizingPath }
+        defer { free(resolved) }
+        return ([String(cString: resolved)] + rest).joined(separator: "/").replacingOccurrences(of: "//", with: "/")
     }
 }
 

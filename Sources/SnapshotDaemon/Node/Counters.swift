@@ -22,6 +22,8 @@ final class Counters: Sendable {
         case flushedBytes = "flushed_bytes"
         /// Flushes that failed (the directory unwritable, the disk full); each is logged.
         case flushFailures = "flush_failures"
+        /// Flushes given up because their step was retired from memory first (too slow for the cadence).
+        case flushesAbandoned = "flushes_abandoned"
         /// Restores served from the durable tier because memory could not serve them.
         case durableRestores = "durable_restores"
         /// Durable copies that could not be served (unreadable, or failing their CRCs).
@@ -51,6 +53,7 @@ final class Counters: Sendable {
             case .stepsFlushed: "Steps this node wrote its ranks of to the durable tier."
             case .flushedBytes: "Tensor bytes this node wrote to the durable tier."
             case .flushFailures: "Flushes to the durable tier that failed (each is logged)."
+            case .flushesAbandoned: "Flushes given up because their step was retired from memory before it was written."
             case .durableRestores: "Restores served from the durable tier because memory could not serve them."
             case .durableReadFailures: "Durable copies that could not be served (unreadable, or failing their CRCs)."
             }

@@ -321,16 +321,20 @@ final class Session {
         guard m.transport == .stream || !isTCP else {
             throw StoreError(.invalidRequest, "shared-memory transport needs the Unix socket; use stream over TCP")
         }
+        // Part of the newest step lost somewhere: every rank of the job goes to
+        // the same step, from memory where this node holds it, else from the
+        // durable tier (the fallback below).
+        let wanted = m.step ?? server.jobWideRestoreTarget(job: job!)
         let (step, shard, segment): (Step, ShardRecord, MappedSegment)
         do {
-            (step, shard, segment) = try server.pinForRestore(job: job!, rank: rank, step: m.step)
+            (step, shard, segment) = try server.pinForRestore(job: job!, rank: rank, step: wanted)
         } catch let error as StoreError where [.unrecoverable, .unknownStep, .notCommitted, .unavailable].contains(error.code) {
             // What memory cannot serve for good (lost beyond tolerance, or not
             // held), the durable tier may (README, "The durable tier"); not
             // while a rebuild that will serve the step is still possible.
-            let memory = server.memoryLoss(job: job!, rank: rank)
+            let memory = server.memoryLoss(job: job!, rank: rank, step: m.step)
             guard error.code != .unavailable || memory.lost,
-                let durable = try server.durableRestore(job: job!, rank: rank, step: m.step, world: world, memoryNewest: memory.newestRestorable)
+                let durable = try server.durableRestore(job: job!, rank: rank, step: wanted, world: world, memoryNewest: memory.newestRestorable)
             else { throw error }
             return try serveDurable(durable, transport: m.transport, requestID: requestID, memoryError: error)
         }
