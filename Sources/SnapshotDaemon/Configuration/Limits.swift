@@ -78,6 +78,10 @@ public enum Limits {
 
     // MARK: Operator requests
 
+    /// How long an operator request waits for a peer to connect and answer
+    /// (status, drain, rebuild plan): longer than a heartbeat, since a loaded
+    /// peer is slow, not dead; peers are asked at once, so this bounds the whole request.
+    static let operatorPeerTimeoutMilliseconds: Int64 = 5000
     /// Threads one operator request uses to ask the nodes of a cluster at once.
     static let operatorFanOutThreads = 32
     /// How long a node may take to verify what it holds (unpaced, on a dedicated connection).

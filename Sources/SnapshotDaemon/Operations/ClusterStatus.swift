@@ -31,7 +31,7 @@ extension SnapshotServer {
                 return NodeSummary(node: peer, state: .dead, isCoordinator: false, usedBytes: 0, budgetBytes: 0, quarantinedFiles: 0, note: "declared dead (no heartbeat)")
             }
             do {
-                let reply = try cluster.mesh.request(peer, .control, .clusterStatus, timeoutMilliseconds: cluster.heartbeatTimeoutMilliseconds)
+                let reply = try cluster.mesh.request(peer, .control, .clusterStatus, timeoutMilliseconds: Limits.operatorPeerTimeoutMilliseconds)
                 guard case .clusterStatusReply(let summary) = reply, let line = summary.nodes.first, line.node == peer else {
                     throw PeerError(code: nil, message: "unexpected reply \(reply.type)")
                 }

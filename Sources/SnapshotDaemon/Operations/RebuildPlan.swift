@@ -21,7 +21,7 @@ extension SnapshotServer {
                 // A peer's failure is not this session's: it becomes an error reply.
                 let reply: Message
                 do {
-                    reply = try cluster.mesh.request(node, .control, .status(StatusRequest(job: nil)), timeoutMilliseconds: cluster.heartbeatTimeoutMilliseconds)
+                    reply = try cluster.mesh.request(node, .control, .status(StatusRequest(job: nil)), timeoutMilliseconds: Limits.operatorPeerTimeoutMilliseconds)
                 } catch {
                     throw StoreError(.unavailable, "node \(node) does not answer: \(error)")
                 }

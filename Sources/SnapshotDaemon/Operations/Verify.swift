@@ -27,7 +27,7 @@ extension SnapshotServer {
             // A connection of its own: a long unpaced check must not hold the
             // shared data channel that protection and rebuilds use.
             do {
-                let connection = try cluster.mesh.openConnection(node, .data, timeoutMilliseconds: cluster.heartbeatTimeoutMilliseconds)
+                let connection = try cluster.mesh.openConnection(node, .data, timeoutMilliseconds: Limits.operatorPeerTimeoutMilliseconds)
                 defer { connection.close() }
                 try connection.send(.verify(asked), requestID: 1)
                 let reply = try connection.receiveReply(
