@@ -100,6 +100,7 @@ struct ConfigurationTests {
         #expect(lines.first?.contains(expected) == true, "\(lines)")
         let client = try daemon.tcpClient(job: try JobID("auto-tcp"), rank: 0, world: 1)
         try client.save(step: 1, tensors: tensors(step: 1, rank: 0, sizes: [("w", .float32, 4096)]))
+        _ = try client.waitCommitted(step: 1)
         #expect(matches(try client.restore(), tensors(step: 1, rank: 0, sizes: [("w", .float32, 4096)])))
     }
 

@@ -123,6 +123,7 @@ import Testing
         let daemon = try DaemonProcess()
         let client = try daemon.unixClient(job: try JobID("exit-codes"), rank: 0, world: 1)
         try client.save(step: 1, tensors: tensors(step: 1, rank: 0, sizes: [("w", .float32, 64)]))
+        _ = try client.waitCommitted(step: 1)  // the save returns after the copy; the cases below need it committed
         let wrongSecret = try makeScratchDirectory() + "/wrong-secret"
         try "not-the-secret-0123456789abcdef".write(toFile: wrongSecret, atomically: true, encoding: .utf8)
         let target = try makeScratchDirectory()

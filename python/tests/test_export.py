@@ -80,6 +80,7 @@ def test_bfloat16_exports_for_torch(daemon) -> None:
     model = torch.nn.Linear(16, 8).to(torch.bfloat16)
     with Client("bf16-job", 0, 1, socket=daemon.socket) as client:
         snapshotd.torch.snapshot(client, 1, model=model)
+        assert client.wait_committed(1) == 1  # the save returns after the copy; export needs the commit
     target = daemon.directory / "export"
     run = snapshotctl("export", "--socket", daemon.socket, "--job", "bf16-job", "--to", str(target))
     assert run.returncode == 0, run.stderr
