@@ -20,11 +20,15 @@ struct ConfigurationTests {
     /// given) and waits for it to exit. `$SCRATCH` in `config` is its directory.
     func run(config: String, cluster: String? = nil) throws -> Outcome {
         let scratch = try makeScratchDirectory()
-        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let arena = "/dev/shm/snapshotd-config-test-\(UUID().uuidString.prefix(8))"
+        defer {
+            try? FileManager.default.removeItem(atPath: scratch)
+            try? FileManager.default.removeItem(atPath: arena)  // a daemon refused late (a bad flush directory) made it
+        }
         try "integration-test-secret-0123456789".write(toFile: scratch + "/secret", atomically: true, encoding: .utf8)
         var text = """
             unix_socket = "\(scratch)/snapshotd.sock"
-            arena_directory = "/dev/shm/snapshotd-config-test-\(UUID().uuidString.prefix(8))"
+            arena_directory = "\(arena)"
             shared_secret_file = "\(scratch)/secret"
 
             """

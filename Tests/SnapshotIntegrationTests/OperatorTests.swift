@@ -30,6 +30,8 @@ import Testing
         let scrape = try Scrape(try #require(metricsEndpoint(inLog: cluster.log(0))))
         try scrape.expect("snapshotd_flush_duration_seconds_count", 2)
         try scrape.expect("snapshotd_steps_flushed_total", 2)
+        let lastFlush = try scrape.require("snapshotd_last_flush_timestamp_seconds")
+        #expect(abs(lastFlush - Date().timeIntervalSince1970) < 600, "the last flush ended moments ago: \(lastFlush)")
         let manifest = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: durable + "/cluster-job/" + ExportLayout.stepDirectoryName(4) + "/manifest.json"))) as? [String: Any]
         #expect(manifest?["world"] as? Int == 6)
         #expect(manifest?["step"] as? Int == 4)
@@ -70,6 +72,7 @@ import Testing
     /// A durable copy with a flipped byte is refused with its CRC error, not served.
     @Test func aCorruptedDurableCopyIsRefused() throws {
         let durable = try makeScratchDirectory() + "/durable"
+        defer { try? FileManager.default.removeItem(atPath: (durable as NSString).deletingLastPathComponent) }
         let daemon = try DaemonProcess(extraArguments: ["--flush-directory", durable, "--flush-every-steps", "1"])
         let job = try JobID("durable-crc")
         let sizes: [(String, DType, Int)] = [("w", .float32, 4096)]
@@ -127,6 +130,10 @@ import Testing
         let wrongSecret = try makeScratchDirectory() + "/wrong-secret"
         try "not-the-secret-0123456789abcdef".write(toFile: wrongSecret, atomically: true, encoding: .utf8)
         let target = try makeScratchDirectory()
+        defer {
+            try? FileManager.default.removeItem(atPath: (wrongSecret as NSString).deletingLastPathComponent)
+            try? FileManager.default.removeItem(atPath: target)
+        }
         let cases: [(arguments: [String], status: Int32, says: String)] = [
             (["status", "--socket", daemon.scratch + "/absent.sock"], 4, "no snapshotd socket at"),
             (["status", "--tcp", "127.0.0.1:\(daemon.tcpPort)", "--secret-file", wrongSecret], 4, "refused the secret in \(wrongSecret)"),

@@ -1,3 +1,4 @@
+import Foundation
 import SnapshotProtocol
 import Synchronization
 
@@ -40,8 +41,14 @@ final class MetricsRegistry: Sendable {
 
     func recordSaveStaging(seconds: Double) { saveStaging.observe(seconds: seconds) }
     func recordSaveCommit(seconds: Double) { saveCommit.observe(seconds: seconds) }
-    /// For the durable tier: one flush took this long.
-    func recordFlush(seconds: Double) { flush.observe(seconds: seconds) }
+    /// For the durable tier: one flush took this long (and ended now).
+    func recordFlush(seconds: Double) {
+        flush.observe(seconds: seconds)
+        lastFlushWallSeconds.withLock { $0 = Date().timeIntervalSince1970 }
+    }
+
+    /// When the last flush ended (Unix time): what an alert on a stuck durable tier watches.
+    private let lastFlushWallSeconds = Mutex<Double?>(nil)
 
     /// This node's share of the step is local-complete: its protection is
     /// timed from now. Steps that never commit (dropped, superseded) are
@@ -111,6 +118,10 @@ final class MetricsRegistry: Sendable {
         }
         for (name, value) in counters {
             families.append(.counter("snapshotd_\(name.rawValue)_total", name.help, [MetricSample(.unsigned(value))]))
+        }
+        // Only once a flush happened: absent means "never", which an alert tells apart from "long ago".
+        if let last = lastFlushWallSeconds.withLock({ $0 }) {
+            families.append(.gauge("snapshotd_last_flush_timestamp_seconds", "Unix time the last flush to the durable tier ended.", [MetricSample(.double(last))]))
         }
         families += [
             .histogram("snapshotd_save_staging_duration_seconds", "Per shard: beginSave received to commitSave received (segment allocated, every tensor written or streamed).", [saveStaging.sample()]),
