@@ -56,14 +56,15 @@ let package = Package(
         ),
         // RDMA over libibverbs and librdmacm: rdma_cm connections, registered
         // memory, SEND/RECV messages and RDMA WRITE, every failure a typed error.
-        .target(name: "RDMATransport", dependencies: ["CRDMA"], swiftSettings: strictSettings),
+        // RDMAStream: the same byte stream as a socket, with bulk bytes moved by RDMA WRITE.
+        .target(name: "RDMATransport", dependencies: ["CRDMA", "SnapshotIO"], swiftSettings: strictSettings),
         .executableTarget(
-            name: "rdma-guest-test", dependencies: ["RDMATransport", "SnapshotProtocol", "ErasureCoding"], swiftSettings: strictSettings),
+            name: "rdma-guest-test", dependencies: ["RDMATransport", "SnapshotProtocol", "SnapshotIO", "SnapshotClient", "ErasureCoding"], swiftSettings: strictSettings),
         // The daemon as a library.
         .target(
             name: "SnapshotDaemon",
             dependencies: [
-                "ErasureCoding", "SnapshotProtocol", "SnapshotIO", "CRDMA", "CheckFree",
+                "ErasureCoding", "SnapshotProtocol", "SnapshotIO", "CRDMA", "RDMATransport", "CheckFree",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
@@ -71,7 +72,7 @@ let package = Package(
             swiftSettings: strictSettings
         ),
         // The trainer-side library.
-        .target(name: "SnapshotClient", dependencies: ["SnapshotProtocol", "SnapshotIO"], swiftSettings: strictSettings),
+        .target(name: "SnapshotClient", dependencies: ["SnapshotProtocol", "SnapshotIO", "RDMATransport"], swiftSettings: strictSettings),
         // The C interface over it: the header's home (CSnapshotd) and its Swift implementation.
         .target(name: "CSnapshotd"),
         .target(name: "SnapshotClientC", dependencies: ["CSnapshotd", "SnapshotClient", "SnapshotProtocol", "SnapshotIO"], swiftSettings: strictSettings),

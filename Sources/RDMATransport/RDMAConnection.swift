@@ -52,6 +52,29 @@ public final class RDMAMemoryRegion {
     deinit { rdma_dereg_mr(region) }
 }
 
+/// Memory registered in a protection domain, independent of any one
+/// connection (the domain is the device's): arena segments registered once
+/// and reused (``RDMARegistrations``), or one transfer's buffer. Immutable;
+/// deregistered when released, which must happen before its pages are unmapped.
+public final class RegisteredMemory: @unchecked Sendable {
+    let region: UnsafeMutablePointer<ibv_mr>
+    public let base: UnsafeMutableRawPointer
+    public let count: Int
+
+    init(region: UnsafeMutablePointer<ibv_mr>, base: UnsafeMutableRawPointer, count: Int) {
+        self.region = region
+        self.base = base
+        self.count = count
+    }
+
+    /// What a peer needs to RDMA-WRITE `count` bytes at `address` (inside this memory).
+    public func grant(_ address: UnsafeMutableRawPointer, count: Int) -> RemoteBuffer {
+        RemoteBuffer(address: UInt64(UInt(bitPattern: address)), key: region.pointee.rkey, count: UInt64(count))
+    }
+
+    deinit { ibv_dereg_mr(region) }
+}
+
 /// A peer's registered memory, as its grant message says.
 public struct RemoteBuffer: Equatable, Sendable {
     public var address: UInt64
@@ -96,6 +119,8 @@ public final class RDMAConnection {
     private let slotRegion: UnsafeMutablePointer<ibv_mr>
     private let sendBuffer: UnsafeMutableRawPointer
     private let sendRegion: UnsafeMutablePointer<ibv_mr>
+    /// The event channel `establish` moved the id to: destroyed after the id.
+    private var ownedChannel: UnsafeMutablePointer<rdma_event_channel>?
     /// Set by close() or by the first failed or timed-out work request: the
     /// queue pair is then disconnected (in error, its work flushed) and
     /// every later call is refused, so no stale completion is mistaken for a new one.
@@ -109,27 +134,71 @@ public final class RDMAConnection {
         return Int(count)
     }
 
-    /// Resolves `to` from `from` and connects (synchronous rdma_cm: bounded by its own resolution timeouts).
-    public static func connect(from: String, to: String, port: UInt16) throws(RDMAError) -> RDMAConnection {
+    /// How long connecting or accepting may take once addresses are resolved:
+    /// the CM's own retries would wait for an unanswering peer for minutes.
+    public static let establishTimeoutMilliseconds: Int32 = 10_000
+
+    /// Resolves `to` (from the local address `from`, else as routing picks;
+    /// rdma_cm bounds each resolution by 2 s) and connects within `timeoutMilliseconds`.
+    public static func connect(from: String?, to: String, port: UInt16, timeoutMilliseconds: Int32 = establishTimeoutMilliseconds) throws(RDMAError) -> RDMAConnection {
         var hints = rdma_addrinfo()
         hints.ai_port_space = Int32(RDMA_PS_TCP.rawValue)
         var source: UnsafeMutablePointer<addrinfo>?
-        guard getaddrinfo(from, nil, nil, &source) == 0, let source else {
-            throw RDMAError(kind: .connection, operation: "resolve \(from)", detail: "not an address of this machine")
+        if let from {
+            guard getaddrinfo(from, nil, nil, &source) == 0, let source else {
+                throw RDMAError(kind: .connection, operation: "resolve \(from)", detail: "not an address of this machine")
+            }
+            hints.ai_src_addr = source.pointee.ai_addr
+            hints.ai_src_len = source.pointee.ai_addrlen
         }
-        defer { freeaddrinfo(source) }
-        hints.ai_src_addr = source.pointee.ai_addr
-        hints.ai_src_len = source.pointee.ai_addrlen
+        defer { if let source { freeaddrinfo(source) } }
         var info: UnsafeMutablePointer<rdma_addrinfo>?
-        guard rdma_getaddrinfo(to, String(port), &hints, &info) == 0, let info else { throw .errno(.connection, "resolve \(to):\(port) from \(from)") }
+        guard rdma_getaddrinfo(to, String(port), &hints, &info) == 0, let info else { throw .errno(.connection, "resolve \(to):\(port) from \(from ?? "any local address")") }
         defer { rdma_freeaddrinfo(info) }
         var attributes = queuePairAttributes()
         var id: UnsafeMutablePointer<rdma_cm_id>?
         guard rdma_create_ep(&id, info, nil, &attributes) == 0, let id else { throw .errno(.connection, "create endpoint to \(to):\(port)") }
         let connection = try adopt(id)
-        var parameters = connectionParameters()
-        guard rdma_connect(id, &parameters) == 0 else { throw .errno(.connection, "connect to \(to):\(port)") }
+        try connection.establish("connect to \(to):\(port)", timeoutMilliseconds: timeoutMilliseconds) { id in
+            var parameters = connectionParameters()
+            return rdma_connect(id, &parameters)
+        }
         return connection
+    }
+
+    /// Moves the id to an event channel of its own, in asynchronous mode, so
+    /// `start` (rdma_connect or rdma_accept) returns at once, and waits at most
+    /// `timeoutMilliseconds` for the connection to be established. Later
+    /// rdma_cm events (a disconnect) arrive on the same channel.
+    func establish(_ operation: String, timeoutMilliseconds: Int32, _ start: (UnsafeMutablePointer<rdma_cm_id>) -> Int32) throws(RDMAError) {
+        guard let channel = rdma_create_event_channel() else { throw fail(.errno(.connection, "create an event channel to \(operation)")) }
+        guard rdma_migrate_id(id, channel) == 0 else {
+            let error = RDMAError.errno(.connection, "move the connection to its event channel to \(operation)")
+            rdma_destroy_event_channel(channel)
+            throw fail(error)
+        }
+        ownedChannel = channel
+        guard start(id) == 0 else { throw fail(.errno(.connection, operation)) }
+        let deadline = Self.nowMilliseconds() + Int64(timeoutMilliseconds)
+        while true {
+            let left = Int32(clamping: max(0, deadline - Self.nowMilliseconds()))
+            switch snapshotd_rdma_fd_readable(channel.pointee.fd, left) {
+            case 0: throw fail(RDMAError(kind: .timeout, operation: operation, detail: "no answer within \(timeoutMilliseconds) ms"))
+            case 1: break
+            default: throw fail(.errno(.connection, operation))
+            }
+            var event: UnsafeMutablePointer<rdma_cm_event>?
+            guard rdma_get_cm_event(channel, &event) == 0, let event else { throw fail(.errno(.connection, operation)) }
+            let (kind, status) = (event.pointee.event, event.pointee.status)
+            rdma_ack_cm_event(event)
+            switch kind {
+            case RDMA_CM_EVENT_ESTABLISHED: return
+            case RDMA_CM_EVENT_REJECTED, RDMA_CM_EVENT_UNREACHABLE, RDMA_CM_EVENT_CONNECT_ERROR, RDMA_CM_EVENT_DISCONNECTED, RDMA_CM_EVENT_DEVICE_REMOVAL:
+                let reason = kind == RDMA_CM_EVENT_REJECTED ? "refused (nothing listens there over RDMA?)" : "failed"
+                throw fail(RDMAError(kind: .connection, operation: operation, detail: "\(reason): \(String(cString: rdma_event_str(kind))), status \(status)"))
+            default: continue
+            }
+        }
     }
 
     /// Takes ownership of `id` (destroyed on every path: here on a failed
@@ -236,17 +305,24 @@ public final class RDMAConnection {
     /// `remoteOffset`, in pieces of at most ``maximumWriteBytes``, and waits
     /// for each to complete. Ranges come from peers: checked without overflow.
     public func write(_ local: RDMAMemoryRegion, offset: Int, count: Int, to remote: RemoteBuffer, remoteOffset: UInt64, timeoutMilliseconds: Int32) throws(RDMAError) {
+        try write(region: local.region, base: local.base, regionCount: local.count, offset: offset, count: count, to: remote, remoteOffset: remoteOffset, timeoutMilliseconds: timeoutMilliseconds)
+    }
+
+    private func write(
+        region: UnsafeMutablePointer<ibv_mr>, base: UnsafeMutableRawPointer, regionCount: Int, offset: Int, count: Int, to remote: RemoteBuffer, remoteOffset: UInt64,
+        timeoutMilliseconds: Int32
+    ) throws(RDMAError) {
         try usable("write")
         let (localEnd, localOverflow) = offset.addingReportingOverflow(count)
         let (remoteEnd, remoteOverflow) = remoteOffset.addingReportingOverflow(UInt64(clamping: count))
         let (_, addressOverflow) = remote.address.addingReportingOverflow(remoteEnd)
-        guard offset >= 0, count >= 0, !localOverflow, localEnd <= local.count, !remoteOverflow, remoteEnd <= remote.count, !addressOverflow else {
+        guard offset >= 0, count >= 0, !localOverflow, localEnd <= regionCount, !remoteOverflow, remoteEnd <= remote.count, !addressOverflow else {
             throw RDMAError(kind: .protocolViolation, operation: "write", detail: "\(count) bytes at \(offset) → \(remoteOffset) exceed a region")
         }
         var done = 0
         while done < count {
             let piece = min(Self.maximumWriteBytes, count - done)
-            guard rdma_post_write(id, nil, local.base + offset + done, piece, local.region, 0, remote.address + remoteOffset + UInt64(done), remote.key) == 0 else {
+            guard rdma_post_write(id, nil, base + offset + done, piece, region, 0, remote.address + remoteOffset + UInt64(done), remote.key) == 0 else {
                 throw fail(.errno(.post, "post write"))
             }
             _ = try waitCompletion(send: true, "write", timeoutMilliseconds: timeoutMilliseconds)
@@ -254,17 +330,69 @@ public final class RDMAConnection {
         }
     }
 
+    /// The connection's rdma_cm event channel (sync mode gives every id its own): where a peer's disconnect shows.
+    private var eventFD: Int32 { id.pointee.channel.map { $0.pointee.fd } ?? -1 }
+
+    /// The next completion on the send or receive queue; -1 waits without
+    /// limit. A peer's disconnect (rdma_cm DISCONNECTED) ends the wait at
+    /// once, as a `.connection` error, instead of when a work request times out.
     private func waitCompletion(send: Bool, _ operation: String, timeoutMilliseconds: Int32) throws(RDMAError) -> ibv_wc {
         var completion = ibv_wc()
-        let found = send
-            ? snapshotd_rdma_wait_completion(id.pointee.send_cq, id.pointee.send_cq_channel, timeoutMilliseconds, &completion)
-            : snapshotd_rdma_wait_completion(id.pointee.recv_cq, id.pointee.recv_cq_channel, timeoutMilliseconds, &completion)
-        switch found {
-        case 0: throw fail(RDMAError(kind: .timeout, operation: operation, detail: "no completion within \(timeoutMilliseconds) ms"))
-        case 1 where completion.status == IBV_WC_SUCCESS: return completion
-        case 1: throw fail(RDMAError(kind: .completion, operation: operation, detail: String(cString: ibv_wc_status_str(completion.status))))
-        default: throw fail(.errno(.completion, "wait for \(operation)"))
+        let deadline = timeoutMilliseconds < 0 ? nil : Self.nowMilliseconds() + Int64(timeoutMilliseconds)
+        while true {
+            let left = deadline.map { Int32(clamping: max(0, $0 - Self.nowMilliseconds())) } ?? -1
+            let found = send
+                ? snapshotd_rdma_wait_completion(id.pointee.send_cq, id.pointee.send_cq_channel, eventFD, left, &completion)
+                : snapshotd_rdma_wait_completion(id.pointee.recv_cq, id.pointee.recv_cq_channel, eventFD, left, &completion)
+            switch found {
+            case 0: throw fail(RDMAError(kind: .timeout, operation: operation, detail: "no completion within \(timeoutMilliseconds) ms"))
+            case 1 where completion.status == IBV_WC_SUCCESS: return completion
+            case 1: throw fail(RDMAError(kind: .completion, operation: operation, detail: String(cString: ibv_wc_status_str(completion.status))))
+            case 2: try takeConnectionEvent(operation)
+            default: throw fail(.errno(.completion, "wait for \(operation)"))
+            }
         }
+    }
+
+    /// Reads the waiting rdma_cm event: a disconnect (or the device going
+    /// away) fails the connection; anything else is acknowledged and ignored.
+    private func takeConnectionEvent(_ operation: String) throws(RDMAError) {
+        guard let channel = id.pointee.channel else { return }
+        var event: UnsafeMutablePointer<rdma_cm_event>?
+        guard rdma_get_cm_event(channel, &event) == 0, let event else { throw fail(.errno(.connection, "read a connection event during \(operation)")) }
+        let kind = event.pointee.event
+        rdma_ack_cm_event(event)
+        switch kind {
+        case RDMA_CM_EVENT_DISCONNECTED, RDMA_CM_EVENT_DEVICE_REMOVAL, RDMA_CM_EVENT_TIMEWAIT_EXIT:
+            throw fail(RDMAError(kind: .connection, operation: operation, detail: "the peer disconnected (\(String(cString: rdma_event_str(kind))))"))
+        default:
+            return
+        }
+    }
+
+    /// Whether the peer is gone (a disconnect event waiting, or this side
+    /// failed). Never blocks.
+    public func peerHasLeft() -> Bool {
+        if failure != nil { return true }
+        guard eventFD >= 0, snapshotd_rdma_fd_readable(eventFD, 0) == 1 else { return false }
+        do throws(RDMAError) {
+            try takeConnectionEvent("check the peer")
+        } catch {
+            return true
+        }
+        return failure != nil
+    }
+
+    /// Whether a message is waiting (or the connection failed: the next receive says how). Never blocks.
+    public func messageWaiting() -> Bool {
+        if failure != nil { return true }
+        return snapshotd_rdma_fd_readable(id.pointee.recv_cq_channel.pointee.fd, 0) == 1 || peerHasLeft()
+    }
+
+    static func nowMilliseconds() -> Int64 {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        return Int64(now.tv_sec) * 1000 + Int64(now.tv_nsec) / 1_000_000
     }
 
     /// Records the first failure and disconnects: the queue pair goes to
@@ -275,6 +403,36 @@ public final class RDMAConnection {
             rdma_disconnect(id)
         }
         return error
+    }
+
+    /// Disconnects from any thread (a daemon stopping, a session evicted):
+    /// the queue pair goes to error and a thread blocked on it wakes with a
+    /// flush error. Valid while the connection lives (its holder keeps it).
+    public struct Disconnector: @unchecked Sendable {  // an rdma_cm id; rdma_disconnect is thread-safe
+        let id: UnsafeMutablePointer<rdma_cm_id>
+        public func disconnect() { rdma_disconnect(id) }
+    }
+
+    public var disconnector: Disconnector { Disconnector(id: id) }
+
+    /// The protection domain regions must belong to: one per device in
+    /// librdmacm, shared by every connection on it (a registration cache key).
+    public var protectionDomainKey: UInt { UInt(bitPattern: id.pointee.pd) }
+
+    /// Registers `count` bytes at `base` in this connection's protection
+    /// domain, for as long as the returned memory lives: as the source of
+    /// RDMA WRITEs, and (`remoteWrite`) as their destination.
+    public func registerShared(_ base: UnsafeMutableRawPointer, count: Int, remoteWrite: Bool) throws(RDMAError) -> RegisteredMemory {
+        try usable("register")
+        let access = remoteWrite ? Int32(IBV_ACCESS_LOCAL_WRITE.rawValue | IBV_ACCESS_REMOTE_WRITE.rawValue) : 0
+        guard let region = ibv_reg_mr(id.pointee.pd, base, count, access) else { throw .errno(.registration, "register \(count) bytes") }
+        return RegisteredMemory(region: region, base: base, count: count)
+    }
+
+    /// RDMA-WRITEs `count` bytes at `source` (inside `memory`) to `remote` at `remoteOffset`.
+    public func write(_ source: UnsafeRawPointer, count: Int, in memory: RegisteredMemory, to remote: RemoteBuffer, remoteOffset: UInt64, timeoutMilliseconds: Int32) throws(RDMAError) {
+        let offset = source - UnsafeRawPointer(memory.base)
+        try write(region: memory.region, base: memory.base, regionCount: memory.count, offset: offset, count: count, to: remote, remoteOffset: remoteOffset, timeoutMilliseconds: timeoutMilliseconds)
     }
 
     /// Disconnects; posted work completes with a flush error.
@@ -289,13 +447,15 @@ public final class RDMAConnection {
         rdma_dereg_mr(slotRegion)
         rdma_dereg_mr(sendRegion)
         rdma_destroy_ep(id)
+        if let ownedChannel { rdma_destroy_event_channel(ownedChannel) }
         slots.deallocate()
         sendBuffer.deallocate()
     }
 }
 
-/// A listening rdma_cm endpoint.
-public final class RDMAListener {
+/// A listening rdma_cm endpoint. Immutable; one thread accepts on it (it
+/// may be handed to that thread, hence Sendable).
+public final class RDMAListener: @unchecked Sendable {
     let id: UnsafeMutablePointer<rdma_cm_id>
 
     public init(address: String, port: UInt16) throws(RDMAError) {
@@ -314,11 +474,26 @@ public final class RDMAListener {
 
     /// The next connection (blocks until a peer connects).
     public func accept() throws(RDMAError) -> RDMAConnection {
+        try accept(timeoutMilliseconds: -1)!
+    }
+
+    /// The next connection, or nil when none asked within `timeoutMilliseconds`
+    /// (-1: without limit), so an accepting thread can look whether to stop.
+    public func accept(timeoutMilliseconds: Int32) throws(RDMAError) -> RDMAConnection? {
+        if let channel = id.pointee.channel {
+            switch snapshotd_rdma_fd_readable(channel.pointee.fd, timeoutMilliseconds) {
+            case 0: return nil
+            case 1: break
+            default: throw .errno(.connection, "wait for a connection request")
+            }
+        }
         var request: UnsafeMutablePointer<rdma_cm_id>?
         guard rdma_get_request(id, &request) == 0, let request else { throw .errno(.connection, "get a connection request") }
         let connection = try RDMAConnection.adopt(request)
-        var parameters = RDMAConnection.connectionParameters()
-        guard rdma_accept(request, &parameters) == 0 else { throw .errno(.connection, "accept") }
+        try connection.establish("accept", timeoutMilliseconds: RDMAConnection.establishTimeoutMilliseconds) { id in
+            var parameters = RDMAConnection.connectionParameters()
+            return rdma_accept(id, &parameters)
+        }
         return connection
     }
 

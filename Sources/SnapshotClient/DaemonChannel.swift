@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import RDMATransport
 import SnapshotIO
 public import SnapshotProtocol
 
@@ -25,19 +26,31 @@ final class DaemonChannel: @unchecked Sendable {
         self.replyTimeoutMilliseconds = replyTimeoutMilliseconds
         switch endpoint {
         case .unix(let path):
-            connection = FramedConnection(socket: try Socket.connectUnix(path: path))
+            connection = FramedConnection(stream: try Socket.connectUnix(path: path))
         case .tcp(let host, let port, let secret):
-            connection = FramedConnection(socket: try Socket.connectTCP(host: host, port: port, timeoutMilliseconds: replyTimeoutMilliseconds))
+            connection = FramedConnection(stream: try Socket.connectTCP(host: host, port: port, timeoutMilliseconds: replyTimeoutMilliseconds))
+            try answerChallenge(secret: secret)
+        case .rdma(let host, let port, let secret, let source):
             do {
-                try connection.socket.waitReadable(until: monotonicMilliseconds() + replyTimeoutMilliseconds)
-                let (_, challenge) = try receiveFrame()
-                guard case .challenge(let c) = challenge else { throw unexpected(challenge) }
-                let reply = try call(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: c.nonce))))
-                guard case .ok = reply else { throw unexpected(reply) }
+                connection = FramedConnection(stream: try RDMAStream.connect(from: source, to: host, port: port))
             } catch {
-                connection.close()
-                throw error
+                throw SnapshotClientError(code: nil, message: "cannot connect to snapshotd at \(host):\(port) over RDMA: \(error)")
             }
+            try answerChallenge(secret: secret)
+        }
+    }
+
+    /// A remote daemon's challenge, answered before anything else.
+    private func answerChallenge(secret: [UInt8]) throws {
+        do {
+            try connection.stream.waitReadable(until: monotonicMilliseconds() + replyTimeoutMilliseconds)
+            let (_, challenge) = try receiveFrame()
+            guard case .challenge(let c) = challenge else { throw unexpected(challenge) }
+            let reply = try call(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: c.nonce))))
+            guard case .ok = reply else { throw unexpected(reply) }
+        } catch {
+            connection.close()
+            throw error
         }
     }
 
@@ -84,7 +97,11 @@ final class DaemonChannel: @unchecked Sendable {
         var earlierRefusal: SnapshotClientError?
         while true {
             do {
-                try connection.socket.waitReadable(until: deadline)
+                try connection.stream.waitReadable(until: deadline)
+            } catch let error as IOError where error.errnoCode != ETIMEDOUT {
+                // Over RDMA the wait itself sees the peer leave.
+                connection.close()
+                throw SnapshotClientError(code: nil, message: "connection to snapshotd lost while waiting for the reply to request \(requestID): \(error)")
             } catch {
                 connection.close()
                 throw SnapshotClientError(code: .timeout, message: "snapshotd did not answer request \(requestID) within \(timeoutMilliseconds ?? replyTimeoutMilliseconds) ms; connection closed")

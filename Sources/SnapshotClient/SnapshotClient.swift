@@ -13,6 +13,11 @@ public enum Endpoint: Sendable {
     case unix(path: String)
     /// Remote daemon: tensors stream over TCP; the shared secret authenticates.
     case tcp(host: String, port: UInt16, secret: [UInt8])
+    /// Remote daemon over RDMA (its `transport` is `rdma` or `auto`, on the
+    /// same address and port as TCP): the same frames and secret, with
+    /// tensors RDMA-written between this process's memory and the daemon's
+    /// arena. `source`: the local address to connect from (nil: as routing picks).
+    case rdma(host: String, port: UInt16, secret: [UInt8], source: String? = nil)
 }
 
 /// An error from the daemon (with its code) or from the connection.
@@ -237,7 +242,7 @@ public final class SnapshotClient: @unchecked Sendable {
             while cursor < end {
                 let count = min(chunkBytes, end - cursor)
                 let chunk = buffer.bytes(offset: cursor, count: count)
-                try connection.socket.readExact(into: chunk.baseAddress!, count: count, deadlineMilliseconds: connection.deadline())
+                try connection.stream.readExact(into: chunk.baseAddress!, count: count, deadlineMilliseconds: connection.deadline())
                 crc = CRC32C.checksum(UnsafeRawBufferPointer(chunk), seed: crc)
                 cursor += count
             }

@@ -29,7 +29,13 @@ public func cClientOpen(
             let secretPath = try string(options.secret_file, "secret_file (required with host)")
             guard let secret = Authentication.secret(fromFile: secretPath) else { throw ArgumentError("cannot read secret file \(secretPath)") }
             guard !secret.isEmpty else { throw ArgumentError("secret file \(secretPath) is empty") }
-            endpoint = .tcp(host: try string(host, "host"), port: options.port, secret: secret)
+            switch try options.transport.map({ try string($0, "transport") }) ?? "tcp" {
+            case "tcp": endpoint = .tcp(host: try string(host, "host"), port: options.port, secret: secret)
+            case "rdma":
+                let source = try options.rdma_source.map { try string($0, "rdma_source") }
+                endpoint = .rdma(host: try string(host, "host"), port: options.port, secret: secret, source: source)
+            case let other: throw ArgumentError("transport \"\(other)\" is not \"tcp\" or \"rdma\"")
+            }
         } else {
             endpoint = .unix(path: options.socket_path == nil ? Endpoint.defaultUnixSocketPath : try string(options.socket_path, "socket_path"))
         }

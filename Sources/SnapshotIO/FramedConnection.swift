@@ -16,15 +16,16 @@ public enum ConnectionError: Error, Sendable, CustomStringConvertible {
     }
 }
 
-/// Frames over a ``Socket``: header and control payload; bulk bytes are moved
-/// by the caller straight between the socket and their final memory.
+/// Frames over a ``ByteStream`` (a socket, or RDMA): header and control
+/// payload; bulk bytes are moved by the caller straight between the stream
+/// and their final memory.
 public struct FramedConnection: Sendable {
-    public let socket: Socket
+    public let stream: any ByteStream
     /// Once a frame has started, the rest of it must arrive within this time.
     public let frameTimeoutMilliseconds: Int64
 
-    public init(socket: Socket, frameTimeoutMilliseconds: Int64 = 30_000) {
-        self.socket = socket
+    public init(stream: any ByteStream, frameTimeoutMilliseconds: Int64 = 30_000) {
+        self.stream = stream
         self.frameTimeoutMilliseconds = frameTimeoutMilliseconds
     }
 
@@ -32,12 +33,12 @@ public struct FramedConnection: Sendable {
     public func send(_ message: Message, requestID: UInt64, bulkLength: UInt64 = 0, passing descriptors: [Int32] = []) throws {
         let frame = try Frame.encode(message, requestID: requestID, bulkLength: bulkLength)
         // A large frame (a manifests-carrying report) gets the bulk allowance on top.
-        try socket.writeAll(frame, passing: descriptors, deadlineMilliseconds: bulkDeadline(UInt64(frame.count)))
+        try stream.writeAll(frame, passing: descriptors, deadlineMilliseconds: bulkDeadline(UInt64(frame.count)))
     }
 
     /// Writes bulk bytes that follow a frame, within ``bulkDeadline(_:)``.
     public func sendBulk(_ buffer: UnsafeRawPointer, count: Int) throws {
-        try socket.writeAll(buffer, count: count, deadlineMilliseconds: bulkDeadline(UInt64(count)))
+        try stream.writeAll(buffer, count: count, deadlineMilliseconds: bulkDeadline(UInt64(count)))
     }
 
     /// Waits (without limit) for the next frame, then reads it under the frame deadline.
@@ -68,8 +69,8 @@ public struct FramedConnection: Sendable {
         var headerBytes = [UInt8](repeating: 0, count: FrameHeader.sizeBytes)
         do {
             try headerBytes.withUnsafeMutableBytes { b in
-                try socket.readExact(into: b.baseAddress!, count: 1, deadlineMilliseconds: firstDeadline)
-                try socket.readExact(into: b.baseAddress! + 1, count: FrameHeader.sizeBytes - 1, deadlineMilliseconds: restDeadline ?? deadline())
+                try stream.readExact(into: b.baseAddress!, count: 1, deadlineMilliseconds: firstDeadline)
+                try stream.readExact(into: b.baseAddress! + 1, count: FrameHeader.sizeBytes - 1, deadlineMilliseconds: restDeadline ?? deadline())
             }
         } catch { throw .io(Self.ioError(error)) }
         return try decodeRest(headerBytes, payloadDeadline: restDeadline, maximumPayloadBytes: maximumPayloadBytes)
@@ -82,7 +83,7 @@ public struct FramedConnection: Sendable {
         guard acceptDescriptors else { return try receive(firstByteBy: nil, restBy: nil, maximumPayloadBytes: maximumPayloadBytes) }
         let headerBytes: [UInt8]
         do {
-            headerBytes = try socket.readExact(count: FrameHeader.sizeBytes, collecting: &descriptors)
+            headerBytes = try stream.readExact(count: FrameHeader.sizeBytes, collecting: &descriptors)
         } catch { throw .io(Self.ioError(error)) }
         return try decodeRest(headerBytes, payloadDeadline: nil, maximumPayloadBytes: maximumPayloadBytes)
     }
@@ -99,7 +100,7 @@ public struct FramedConnection: Sendable {
         }
         let payload: [UInt8]
         do {
-            payload = try socket.readExact(count: Int(header.payloadLength), deadlineMilliseconds: payloadDeadline ?? bulkDeadline(UInt64(header.payloadLength)))
+            payload = try stream.readExact(count: Int(header.payloadLength), deadlineMilliseconds: payloadDeadline ?? bulkDeadline(UInt64(header.payloadLength)))
         } catch { throw .io(Self.ioError(error)) }
         do {
             try header.validatePayload(payload)
@@ -120,5 +121,5 @@ public struct FramedConnection: Sendable {
     /// sized for one frame.
     public func bulkDeadline(_ bytes: UInt64) -> Int64 { deadline() + Int64(bytes >> 20) * 10 }
 
-    public func close() { socket.close() }
+    public func close() { stream.close() }
 }

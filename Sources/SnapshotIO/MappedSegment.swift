@@ -27,6 +27,7 @@ public final class MappedSegment: @unchecked Sendable {
             throw error
         }
         base = pointer
+        MappedMemory.shared.add(base: pointer, count: sizeBytes, writable: writable)
     }
 
     /// Private anonymous memory, pre-faulted: a receive buffer that does not
@@ -46,6 +47,7 @@ public final class MappedSegment: @unchecked Sendable {
         let pointer = mmap(nil, sizeBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0)
         guard let pointer, pointer != MAP_FAILED else { throw IOError("mmap(anonymous, \(sizeBytes) bytes)") }
         base = pointer
+        MappedMemory.shared.add(base: pointer, count: sizeBytes, writable: true)
     }
 
     public func bytes(offset: Int, count: Int) -> UnsafeMutableRawBufferPointer {
@@ -55,7 +57,10 @@ public final class MappedSegment: @unchecked Sendable {
     }
 
     deinit {
-        if let base { munmap(base, sizeBytes) }
+        if let base {
+            MappedMemory.shared.remove(base: base)  // registrations first: they pinned these pages
+            munmap(base, sizeBytes)
+        }
         if fd >= 0 { Glibc.close(fd) }
     }
 }

@@ -17,6 +17,10 @@ import SnapshotProtocol
 /// leaves after its grant: the client must get a clear error, the server
 /// must not have committed anything). Each side prints one line starting
 /// "rdma-guest-test <role> <scenario>: ok" when it saw what it must.
+///
+///     rdma-guest-test daemons SNAPSHOTD
+///
+/// runs two real daemons over RDMA (``DaemonScenarios``).
 @main
 struct RDMAGuestTest {
     static let port: UInt16 = 7472
@@ -29,8 +33,9 @@ struct RDMAGuestTest {
             switch (arguments.count, arguments.count > 1 ? arguments[1] : "") {
             case (4, "server"): try server(address: arguments[2], scenario: arguments[3])
             case (5, "client"): try client(from: arguments[2], to: arguments[3], scenario: arguments[4])
+            case (3, "daemons"): try DaemonScenarios.run(snapshotd: arguments[2])
             default:
-                say("usage: rdma-guest-test server ADDRESS ok|corrupt|disconnect | client FROM TO ok|corrupt|disconnect")
+                say("usage: rdma-guest-test server ADDRESS ok|corrupt|disconnect | client FROM TO ok|corrupt|disconnect | daemons SNAPSHOTD")
                 exit(2)
             }
         } catch {
@@ -115,7 +120,7 @@ struct RDMAGuestTest {
                 }
                 usleep(50_000)
             }
-            if let failure, [.completion, .timeout, .post].contains(failure.kind) {
+            if let failure, [.connection, .completion, .timeout, .post].contains(failure.kind) {
                 say("rdma-guest-test client disconnect: ok (a clear error: \(failure))")
                 return
             }

@@ -254,6 +254,14 @@ struct ClusterLedgerTests {
         let gather = try ClusterConfiguration.load(tomlText: "repair = \"gather\"\n" + valid)
         #expect(gather.repair == .gather)
         #expect(loadError("repair = \"fast\"\n" + valid)?.contains("repair must be one of \"pipelined\", \"gather\"") == true)
+        // How peers reach a node: auto unless its entry says otherwise.
+        #expect(config.nodes.map(\.transport) == [.auto, .auto])
+        let pinned = try ClusterConfiguration.load(tomlText: valid.replacingOccurrences(of: "address = \"127.0.0.11:7401\"", with: "address = \"127.0.0.11:7401\"\ntransport = \"tcp\""))
+        #expect(pinned.nodes.map(\.transport) == [.auto, .tcp])
+        let badTransport = valid.replacingOccurrences(of: "address = \"127.0.0.11:7401\"", with: "address = \"127.0.0.11:7401\"\ntransport = \"ib\"")
+        #expect(loadError(badTransport) == "cluster file: node 1: transport = \"ib\" is not one of \"tcp\", \"rdma\", \"auto\"")
+        let misspelt = valid.replacingOccurrences(of: "address = \"127.0.0.11:7401\"", with: "address = \"127.0.0.11:7401\"\ntransprot = \"tcp\"")
+        #expect(loadError(misspelt) == "cluster file: node 1 has unknown key 'transprot'")
     }
 
     @Test func commitNeedsEveryNodeProtectedKnownEverywhereAndEveryRankCovered() throws {

@@ -17,19 +17,19 @@ struct BadInputTests {
         let connection: FramedConnection
 
         static func unix(_ daemon: DaemonProcess) throws -> Raw {
-            Raw(connection: FramedConnection(socket: try Socket.connectUnix(path: daemon.socketPath), frameTimeoutMilliseconds: 5000))
+            Raw(connection: FramedConnection(stream: try Socket.connectUnix(path: daemon.socketPath), frameTimeoutMilliseconds: 5000))
         }
 
         /// TCP, authenticated with `secret` (nil: skip the answer entirely).
         static func tcp(_ daemon: DaemonProcess, secret: [UInt8]?) throws -> (Raw, Message?) {
-            let raw = Raw(connection: FramedConnection(socket: try Socket.connectTCP(host: "127.0.0.1", port: daemon.tcpPort), frameTimeoutMilliseconds: 5000))
+            let raw = Raw(connection: FramedConnection(stream: try Socket.connectTCP(host: "127.0.0.1", port: daemon.tcpPort), frameTimeoutMilliseconds: 5000))
             guard case .challenge(let challenge) = try raw.connection.receive().message else { throw HarnessError("no challenge") }
             guard let secret else { return (raw, nil) }
             try raw.connection.send(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: challenge.nonce))), requestID: 1)
             return (raw, try? raw.connection.receive().message)
         }
 
-        func send(bytes: [UInt8]) throws { try connection.socket.writeAll(bytes, deadlineMilliseconds: connection.deadline()) }
+        func send(bytes: [UInt8]) throws { try connection.stream.writeAll(bytes, deadlineMilliseconds: connection.deadline()) }
 
         func call(_ message: Message) throws -> Message {
             try connection.send(message, requestID: 77)

@@ -193,7 +193,7 @@ struct ClusterTests {
         let unknownStep = try refusal(FragmentID(job: job, step: 99, stripe: 1, index: 2), chain: [mine])
         #expect(unknownStep?.code == .unavailable)
         // A slice size outside the protocol's bounds is a malformed frame; the session survives it.
-        try peer.socket.writeAll(Frame.encode(.repairRequest(RepairRequest(fragment: own, fragmentSizeBytes: 1 << 20, sliceSizeBytes: 100, chain: [mine])), requestID: 6), deadlineMilliseconds: monotonicMilliseconds() + 5000)
+        try peer.stream.writeAll(Frame.encode(.repairRequest(RepairRequest(fragment: own, fragmentSizeBytes: 1 << 20, sliceSizeBytes: 100, chain: [mine])), requestID: 6), deadlineMilliseconds: monotonicMilliseconds() + 5000)
         guard case .error(let malformed) = try peer.receive().message else { throw HarnessError("no error for a bad slice size") }
         #expect(malformed.code == .malformedFrame && malformed.message.contains("sliceSizeBytes"))
         #expect(cluster.log(0).contains("request refused"))
@@ -289,7 +289,7 @@ struct ClusterTests {
 /// An authenticated peer session to `node`, introduced as node `peer`.
 func peerConnection(to node: Int, of cluster: LocalCluster, as peer: NodeID) throws -> FramedConnection {
     let address = try cluster.peerAddress(node)
-    let connection = FramedConnection(socket: try Socket.connectTCP(host: address.host, port: address.port), frameTimeoutMilliseconds: 10_000)
+    let connection = FramedConnection(stream: try Socket.connectTCP(host: address.host, port: address.port), frameTimeoutMilliseconds: 10_000)
     guard case .challenge(let challenge) = try connection.receive().message else { throw HarnessError("no challenge") }
     let secret = Array(try String(contentsOfFile: cluster.directory + "/peer-secret", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines).utf8)
     try connection.send(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: challenge.nonce))), requestID: 1)

@@ -89,7 +89,7 @@ struct ConfigurationTests {
         ("an unwritable flush directory", "flush_directory = \"/proc/durable\"\nflush_every_steps = 1\n", nil, "cannot create directory /proc/durable"),
         ("an unknown transport", "transport = \"infiniband\"\n", nil, "transport = \"infiniband\" is not one of \"tcp\", \"rdma\", \"auto\""),
         ("RDMA where there is none", "transport = \"rdma\"\n", nil,
-         RDMADevices.list().isEmpty ? "transport = \"rdma\" but this machine has no RDMA device" : "this build has no RDMA data path yet"),
+         RDMADevices.list().isEmpty ? "transport = \"rdma\" but this machine has no RDMA device" : "needs tcp_listen: RDMA listens on its address and port"),
         ("peers sharing the trainers' secret", "peer_secret_file = \"$SCRATCH/secret\"\n", clusterFile(groupSize: 3), "peer_secret_file and shared_secret_file are the same file"),
     ]
 
@@ -98,7 +98,7 @@ struct ConfigurationTests {
         let daemon = try DaemonProcess(extraArguments: ["--transport", "auto"])
         let expected = RDMADevices.list().isEmpty
             ? "transport auto: no RDMA device on this machine; falling back to TCP for peers and remote clients"
-            : "this build has no RDMA data path yet; falling back to TCP"
+            : "peers and remote clients use RDMA, TCP where a peer does not answer over RDMA"
         let lines = daemon.log().split(separator: "\n").filter { $0.contains("transport auto:") }
         #expect(lines.count == 1, "\(lines)")
         #expect(lines.first?.contains(expected) == true, "\(lines)")

@@ -194,7 +194,7 @@ struct HostileNetworkTests {
     /// in hello, and returns the error code of the refusal (nil if accepted).
     private func claimRole(_ cluster: LocalCluster, secretFile: String, role: PeerRole) throws -> ErrorCode? {
         let (host, port) = try cluster.peerAddress(0)
-        let connection = FramedConnection(socket: try Socket.connectTCP(host: host, port: port, timeoutMilliseconds: 2000), frameTimeoutMilliseconds: 5000)
+        let connection = FramedConnection(stream: try Socket.connectTCP(host: host, port: port, timeoutMilliseconds: 2000), frameTimeoutMilliseconds: 5000)
         defer { connection.close() }
         let first = try connection.receive().message
         guard case .challenge(let challenge) = first else { throw HarnessError("no challenge: \(first)") }

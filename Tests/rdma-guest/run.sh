@@ -62,9 +62,12 @@ copy_with_libraries "$provider" "$provider"
 cp /etc/libibverbs.d/rxe.driver "$root/etc/libibverbs.d/"
 gcc -O2 -Wall -o "$work/rdma_smoke" Tests/rdma-guest/rdma_smoke.c -lrdmacm -libverbs
 copy_with_libraries "$work/rdma_smoke" /tests/rdma_smoke
-# The Swift RDMA transport's checks (and the Swift runtime they load).
+# The Swift RDMA transport's checks and the daemon they start (and the Swift runtime they load).
 swift build --product rdma-guest-test >/dev/null
-copy_with_libraries "$(swift build --product rdma-guest-test --show-bin-path)/rdma-guest-test" /tests/rdma-guest-test
+swift build --product snapshotd >/dev/null
+bin=$(swift build --show-bin-path)
+copy_with_libraries "$bin/rdma-guest-test" /tests/rdma-guest-test
+copy_with_libraries "$bin/snapshotd" /tests/snapshotd
 # The modules, in load order (without crc32_generic, adding the rxe link fails);
 # one built into this kernel is skipped.
 order="crc32_generic configfs ib_core ib_uverbs udp_tunnel ip6_udp_tunnel rdma_rxe ib_cm iw_cm rdma_cm rdma_ucm veth"
@@ -123,7 +126,9 @@ for scenario in ok corrupt disconnect; do
     timeout 120 /tests/rdma-guest-test client 10.77.0.1 10.77.0.2 \$scenario || result "fail (rdma-guest-test client \$scenario)"
     wait \$server || result "fail (rdma-guest-test server \$scenario)"
 done
-result "pass (rdma_smoke; rdma-guest-test ok, corrupt, disconnect)"
+# Two real daemons and their trainers over RDMA: saves, restores, fragments, a rebuild.
+timeout 600 /tests/rdma-guest-test daemons /tests/snapshotd || { tail -40 /tmp/rdma-daemons/node0.log; tail -40 /tmp/rdma-daemons/node1.log; result "fail (rdma-guest-test daemons)"; }
+result "pass (rdma_smoke; rdma-guest-test ok, corrupt, disconnect; daemons save-restore, corrupt, disconnect, dead-daemon, rebuild)"
 GUEST
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initrd.gz"
@@ -131,7 +136,7 @@ chmod +x "$root/init"
 # 4. Boot, and read the verdict from the serial console.
 echo "booting $kernel_package under QEMU (TCG) with Soft-RoCE; guest log: $work/guest.log"
 set +e
-timeout "$timeout_s" qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 2 -nographic -no-reboot \
+timeout "$timeout_s" qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 2 -nographic -no-reboot \
     -kernel "$vmlinuz" -initrd "$work/initrd.gz" -append "console=ttyS0 panic=-1 quiet" >"$work/guest.log" 2>&1
 status=$?
 set -e

@@ -111,6 +111,18 @@ def test_tcp_round_trip_with_the_shared_secret(daemon, rng) -> None:
         assert shard[name].tobytes() == array.tobytes(), name
 
 
+def test_rdma_without_a_device_is_a_clear_connection_error_and_bad_transports_are_refused(daemon) -> None:
+    # No RDMA device here (the Soft-RoCE guest, Tests/rdma-guest, runs RDMA for real).
+    with pytest.raises(DaemonUnavailableError) as caught:
+        Client("rdma-job", 0, 1, address=daemon.address, secret_file=daemon.secret_file, transport="rdma")
+    assert caught.value.code == ErrorCode.CONNECTION
+    assert "over RDMA" in caught.value.message and "RDMA" in caught.value.message.split("over RDMA", 1)[1]
+    with pytest.raises(ValueError, match="'infiniband' is not 'tcp' or 'rdma'"):
+        Client("rdma-job", 0, 1, address=daemon.address, secret_file=daemon.secret_file, transport="infiniband")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="apply to a remote daemon"):
+        Client("rdma-job", 0, 1, socket=daemon.socket, transport="rdma")
+
+
 def test_torchrun_environment_supplies_rank_and_world(daemon, monkeypatch) -> None:
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -121,6 +121,8 @@ typedef struct snapshotd_client_options {
     uint32_t tensor_parallel_index;
     uint32_t data_parallel_index;
     int64_t reply_timeout_ms;     /* how long a reply may take to start; 0: 60000 */
+    const char *transport;        /* with host: "tcp" (or NULL) or "rdma" (tensors by RDMA WRITE, zero copy) */
+    const char *rdma_source;      /* with transport "rdma": the local address to connect from; NULL: as routing picks */
 } snapshotd_client_options;
 
 /* One tensor of a save: name (UTF-8, 1–256 bytes, unique in the shard),
@@ -155,7 +157,7 @@ const char *snapshotd_version(void);
 int snapshotd_client_open(const char *job, uint32_t rank, uint32_t world,
                           const snapshotd_client_options *options, snapshotd_client **out);
 void snapshotd_client_close(snapshotd_client *client);
-/* 1 when tensors travel through shared memory (local daemon), 0 over TCP. */
+/* 1 when tensors travel through shared memory (local daemon), 0 over TCP or RDMA. */
 int snapshotd_client_is_local(const snapshotd_client *client);
 
 /* Starts this rank's save of `step`: the daemon reserves memory for every

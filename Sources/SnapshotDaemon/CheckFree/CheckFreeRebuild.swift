@@ -372,7 +372,7 @@ extension ClusterNode {
                 guard case .shardData(let data) = reply, data.job == job, data.step == step, data.rank == rank, data.segmentSizeBytes == UInt64(size) else {
                     throw PeerError(code: nil, message: "unexpected reply \(reply.type) to a shard request")
                 }
-                try connection.socket.readExact(into: buffer.base!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
+                try connection.stream.readExact(into: buffer.base!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
             }
         }
         let bad = corruptedTensors(reported.manifest.shard, in: buffer)
@@ -402,7 +402,7 @@ extension ClusterNode {
         }
         let size = Int(shard.segmentSizeBytes)
         try connection.send(.shardData(ShardData(job: key.job, step: key.step, rank: key.rank, segmentSizeBytes: UInt64(size))), requestID: requestID, bulkLength: UInt64(size))
-        try connection.socket.writeAll(segment.base!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
+        try connection.stream.writeAll(segment.base!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
     }
 }
 

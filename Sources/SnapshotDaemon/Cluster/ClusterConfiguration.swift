@@ -12,6 +12,7 @@ import TOMLKit
 ///     [[node]]
 ///     id = 0
 ///     address = "10.0.0.1:7070"
+///     transport = "auto"         # how peers reach it: "tcp", "rdma" or "auto" (default)
 ///     [[group]]
 ///     nodes = [0, 1, 2, 3, 4, 5]
 ///     parity = 2
@@ -20,12 +21,16 @@ public struct ClusterConfiguration: Sendable, Equatable {
         public let id: NodeID
         public let host: String
         public let port: UInt16
+        /// How peers reach this node (when they themselves use RDMA): `tcp`
+        /// for a node without an RDMA device, `rdma` to refuse a TCP fallback.
+        public let transport: TransportMode
         public var address: String { "\(host):\(port)" }
 
-        public init(id: NodeID, host: String, port: UInt16) {
+        public init(id: NodeID, host: String, port: UInt16, transport: TransportMode = .auto) {
             self.id = id
             self.host = host
             self.port = port
+            self.transport = transport
         }
     }
 
@@ -121,8 +126,19 @@ public struct ClusterConfiguration: Sendable, Equatable {
                 throw ConfigurationError("cluster file: each [[node]] needs id and address")
             }
             guard let nodeID = NodeID(exactly: id) else { throw ConfigurationError("cluster file: node id \(id) out of range") }
+            for key in entry.keys where !["id", "address", "transport"].contains(key) {
+                throw ConfigurationError("cluster file: node \(id) has unknown key '\(key)'")
+            }
             let (host, port) = try DaemonConfiguration.parseHostPort(address)
-            return Node(id: nodeID, host: host, port: port)
+            let transport = try entry["transport"].map { value -> TransportMode in
+                guard let text = value.string else { throw ConfigurationError("cluster file: node \(id) transport must be a string") }
+                do {
+                    return try DaemonConfiguration.parseTransport(text)
+                } catch {
+                    throw ConfigurationError("cluster file: node \(id): \(error)")
+                }
+            }
+            return Node(id: nodeID, host: host, port: port, transport: transport ?? .auto)
         }
         let groups = try (table["group"]?.array ?? TOMLArray()).enumerated().map { index, value -> Group in
             guard let entry = value.table, let members = entry["nodes"]?.array, let parity = entry["parity"]?.int else {

@@ -50,12 +50,12 @@ struct NodeStepData {
     func write(offset: Int, count: Int, to connection: FramedConnection) throws {
         let deadline = connection.bulkDeadline(UInt64(count))
         let (zeros, _) = try visit(offset: offset, count: count) { piece in
-            if let base = piece.baseAddress { try connection.socket.writeAll(base, count: piece.count, deadlineMilliseconds: deadline) }
+            if let base = piece.baseAddress { try connection.stream.writeAll(base, count: piece.count, deadlineMilliseconds: deadline) }
         }
         var left = zeros
         while left > 0 {
             let chunk = min(left, ZeroBytes.capacity)
-            try connection.socket.writeAll(ZeroBytes.buffer(chunk).baseAddress!, count: chunk, deadlineMilliseconds: deadline)
+            try connection.stream.writeAll(ZeroBytes.buffer(chunk).baseAddress!, count: chunk, deadlineMilliseconds: deadline)
             left -= chunk
         }
     }

@@ -123,7 +123,7 @@ extension ClusterNode {
         switch admitted {
         case .failure(let error):
             // Refused before its bytes were read: drain them so the stream stays framed.
-            try connection.socket.discard(count: header.bulkLength, deadlineMilliseconds: connection.bulkDeadline(header.bulkLength))
+            try connection.stream.discard(count: header.bulkLength, deadlineMilliseconds: connection.bulkDeadline(header.bulkLength))
             logger.error("fragment refused", metadata: ["fragment": "\(id)", "source": "\(put.sourceNode)", "reason": "\(error.message)"])
             throw error
         case .success(let admittedSegment):
@@ -132,7 +132,7 @@ extension ClusterNode {
         let size = Int(put.fragmentSizeBytes)
         if scratch == nil || scratch!.sizeBytes < size { scratch = try MappedSegment.anonymous(sizeBytes: size) }
         let buffer = scratch!.bytes(offset: 0, count: size)
-        try connection.socket.readExact(into: buffer.baseAddress!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
+        try connection.stream.readExact(into: buffer.baseAddress!, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
         let crc = CRC32C.checksum(UnsafeRawBufferPointer(buffer))
         guard crc == put.crc32c else {
             counters.increment(.crcFailures)

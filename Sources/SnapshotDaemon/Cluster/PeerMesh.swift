@@ -1,12 +1,14 @@
 import Foundation
 import Glibc
 import Logging
+import RDMATransport
 import SnapshotIO
 import SnapshotProtocol
 import Synchronization
 
-/// Outbound connections from this daemon to its peers: TCP, authenticated with
-/// the shared secret like any client, then introduced as a peer. One
+/// Outbound connections from this daemon to its peers: TCP or RDMA
+/// (``use(_:)``), authenticated with the shared secret like any client, then
+/// introduced as a peer. One
 /// connection per (peer, purpose) so heartbeats never queue behind a bulk
 /// fragment transfer. A failed exchange drops the connection; the next one
 /// reconnects.
@@ -40,6 +42,13 @@ final class PeerMesh: Sendable {
     /// One channel per (peer, purpose), all made up front: the set never
     /// changes, so finding one takes no lock.
     private let channels: [Key: Channel]
+    /// How peers are reached, as start decided (``TransportSelection``): TCP
+    /// until then. With `rdma` or `auto`, every peer over RDMA unless its
+    /// `[[node]]` entry says `transport = "tcp"`; with `auto` (and a peer
+    /// not pinned to `rdma`), one that does not answer over RDMA over TCP.
+    private let transport = Mutex<TransportMode>(.tcp)
+    /// Peers reached over TCP because they did not answer over RDMA: logged once each way.
+    private let fellBackToTCP = Mutex<Set<NodeID>>([])
 
     init(selfID: NodeID, cluster: ClusterConfiguration, secret: [UInt8], logger: Logger) {
         self.selfID = selfID
@@ -54,6 +63,38 @@ final class PeerMesh: Sendable {
     }
 
     var peers: [NodeID] { cluster.nodeIDs.filter { $0 != selfID } }
+
+    /// Sets how peers are reached; connections open from now on follow it.
+    func use(_ mode: TransportMode) { transport.withLock { $0 = mode } }
+
+    /// A byte stream to `peer`: over RDMA when this node and the peer's
+    /// entry allow it, else (or, under `auto`, when RDMA does not answer) TCP.
+    private func openStream(to peer: ClusterConfiguration.Node, timeoutMilliseconds: Int64) throws -> any ByteStream {
+        let mode = transport.withLock { $0 }
+        if mode != .tcp, peer.transport != .tcp, let source = cluster.node(selfID)?.host {
+            let started = monotonicMilliseconds()
+            do {
+                let stream = try RDMAStream.connect(from: source, to: peer.host, port: peer.port)
+                if monotonicMilliseconds() - started > 1000 {
+                    logger.notice("RDMA connection to a peer was slow to establish", metadata: ["peer": "\(peer.id)", "milliseconds": "\(monotonicMilliseconds() - started)"])
+                }
+                if fellBackToTCP.withLock({ $0.remove(peer.id) }) != nil {
+                    logger.notice("peer answers over RDMA again", metadata: ["peer": "\(peer.id)", "address": "\(peer.address)"])
+                }
+                return stream
+            } catch {
+                guard mode == .auto, peer.transport == .auto else {
+                    throw PeerError(code: nil, message: "node \(peer.id) at \(peer.address) does not answer over RDMA (transport = \"rdma\"): \(error)")
+                }
+                if fellBackToTCP.withLock({ $0.insert(peer.id).inserted }) {
+                    logger.warning("peer does not answer over RDMA: falling back to TCP (transport = \"auto\")", metadata: [
+                        "peer": "\(peer.id)", "address": "\(peer.address)", "error": "\(error)",
+                    ])
+                }
+            }
+        }
+        return try Socket.connectTCP(host: peer.host, port: peer.port, timeoutMilliseconds: timeoutMilliseconds)
+    }
 
     private func channel(_ key: Key) throws -> Channel {
         guard let channel = channels[key] else { throw PeerError(code: nil, message: "node \(key.node) is not a peer of node \(selfID)") }
@@ -130,9 +171,8 @@ final class PeerMesh: Sendable {
 
     private func connect(_ node: NodeID, _ purpose: Purpose, timeoutMilliseconds: Int64) throws -> FramedConnection {
         guard let peer = cluster.node(node) else { throw PeerError(code: nil, message: "node \(node) is not in the cluster file") }
-        let socket = try Socket.connectTCP(host: peer.host, port: peer.port, timeoutMilliseconds: timeoutMilliseconds)
         let connection = FramedConnection(
-            socket: socket, frameTimeoutMilliseconds: Self.replyTimeoutMilliseconds(purpose, connectTimeoutMilliseconds: timeoutMilliseconds))
+            stream: try openStream(to: peer, timeoutMilliseconds: timeoutMilliseconds), frameTimeoutMilliseconds: Self.replyTimeoutMilliseconds(purpose, connectTimeoutMilliseconds: timeoutMilliseconds))
         do {
             guard case .challenge(let challenge) = try connection.receiveReply(deadlineMilliseconds: connection.deadline()).message else {
                 throw PeerError(code: nil, message: "node \(node) did not send an authentication challenge")
@@ -151,7 +191,7 @@ final class PeerMesh: Sendable {
     }
 
     func closeAll() {
-        for channel in channels.values { channel.connection?.socket.shutdownBoth() }
+        for channel in channels.values { channel.connection?.stream.shutdownBoth() }
     }
 }
 

@@ -31,16 +31,16 @@ struct NodeState: Sendable {
 enum ConnectionSlot: Sendable, Hashable {
     /// The Unix socket: this node's trainers and operators.
     case local
-    /// TCP, not yet authenticated.
+    /// TCP or RDMA, not yet authenticated.
     case handshake
-    /// TCP, authenticated: peers and remote clients.
+    /// TCP or RDMA, authenticated: peers and remote clients.
     case remote
     /// Shut down to make room, ending; counted in no pool.
     case evicted
 }
 
 struct OpenSession: Sendable {
-    let socket: Socket
+    let stream: any ByteStream
     var slot: ConnectionSlot
 }
 
@@ -51,19 +51,19 @@ extension NodeState {
     /// evicts its oldest member instead of refusing (a real client
     /// authenticates within milliseconds, so under a flood of strangers the
     /// oldest handshake is the likeliest stranger); a full local or remote
-    /// pool refuses. Returns the new session's id and the evicted socket to
+    /// pool refuses. Returns the new session's id and the evicted stream to
     /// shut down, or nil when refused.
-    mutating func admit(_ socket: Socket, to slot: ConnectionSlot, limit: Int) -> (id: SessionID, evicted: Socket?)? {
+    mutating func admit(_ stream: any ByteStream, to slot: ConnectionSlot, limit: Int) -> (id: SessionID, evicted: (any ByteStream)?)? {
         guard !stopping else { return nil }
-        var evicted: Socket?
+        var evicted: (any ByteStream)?
         if sessionCount(slot) >= limit {
             guard slot == .handshake, let oldest = sessions.filter({ $0.value.slot == .handshake }).keys.min() else { return nil }
             sessions[oldest]!.slot = .evicted
-            evicted = sessions[oldest]!.socket
+            evicted = sessions[oldest]!.stream
         }
         let id = nextSessionID
         nextSessionID += 1
-        sessions[id] = OpenSession(socket: socket, slot: slot)
+        sessions[id] = OpenSession(stream: stream, slot: slot)
         return (id, evicted)
     }
 }

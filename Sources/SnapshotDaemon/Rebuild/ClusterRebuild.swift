@@ -273,7 +273,7 @@ extension ClusterNode {
                 throw PeerError(code: nil, message: "unexpected reply \(reply.type) to a fragment request")
             }
             let size = Int(fragmentSizeBytes)
-            try connection.socket.readExact(into: buffer, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
+            try connection.stream.readExact(into: buffer, count: size, deadlineMilliseconds: connection.bulkDeadline(UInt64(size)))
             guard CRC32C.checksum(UnsafeRawBufferPointer(start: buffer, count: size)) == data.crc32c else {
                 counters.increment(.crcFailures)
                 throw PeerError(code: .checksumMismatch, message: "fragment \(id) from node \(node) failed its CRC check")

@@ -129,7 +129,7 @@ extension ClusterNode {
         guard case .repairSlice(let slice) = message, slice.offsetBytes == offsetBytes, header.bulkLength == UInt64(countBytes) else {
             throw StoreError(.invalidRequest, "repair chain sent \(message.type) (\(header.bulkLength) bytes) where slice \(offsetBytes) of \(countBytes) bytes was due")
         }
-        try connection.socket.readExact(into: destination, count: countBytes, deadlineMilliseconds: connection.deadline())
+        try connection.stream.readExact(into: destination, count: countBytes, deadlineMilliseconds: connection.deadline())
         guard CRC32C.checksum(UnsafeRawBufferPointer(start: destination, count: countBytes)) == slice.crc32c else {
             counters.increment(.crcFailures)
             throw StoreError(.checksumMismatch, "repair slice at \(offsetBytes) failed its CRC check")

@@ -12,7 +12,9 @@ final class Session {
     let server: SnapshotServer
     let id: SessionID
     let connection: FramedConnection
-    let isTCP: Bool
+    let transport: SessionTransport
+    /// TCP or RDMA: authenticated by the challenge, no shared memory, no fd passing.
+    var isRemote: Bool { transport != .unix }
     var logger: Logger
 
     /// Set by hello.
@@ -33,19 +35,19 @@ final class Session {
     /// ``Limits/metricsStagingTimersPerSession``; a trainer has one or two.
     var stagingStarts: [ShardKey: ContinuousClock.Instant] = [:]
 
-    init(server: SnapshotServer, id: SessionID, connection: FramedConnection, isTCP: Bool) {
+    init(server: SnapshotServer, id: SessionID, connection: FramedConnection, transport: SessionTransport) {
         self.server = server
         self.id = id
         self.connection = connection
-        self.isTCP = isTCP
+        self.transport = transport
         logger = server.logger
         logger[metadataKey: "session"] = "\(id)"
-        logger[metadataKey: "transport"] = "\(isTCP ? "tcp" : "unix")"
+        logger[metadataKey: "transport"] = "\(transport)"
     }
 
     func serve() {
         defer { releasePins() }
-        if isTCP {
+        if isRemote {
             guard let credential = authenticate() else { return }
             self.credential = credential
         }
@@ -177,7 +179,7 @@ final class Session {
         case (.operatorTool, .recover): reply(.recoverReply(server.recoverReport()), to: header.requestID)
         case (.operatorTool, .export(let m)):
             // It writes files where the operator says: only someone on the daemon's machine may.
-            guard !isTCP else { throw StoreError(.invalidRequest, "export writes files on the daemon's machine: run snapshotctl export there, over its Unix socket") }
+            guard !isRemote else { throw StoreError(.invalidRequest, "export writes files on the daemon's machine: run snapshotctl export there, over its Unix socket") }
             reply(.exportReply(try server.export(m)), to: header.requestID)
         case (.operatorTool, .clusterStatus): reply(.clusterStatusReply(server.clusterStatus()), to: header.requestID)
         case (.operatorTool, .drain(let m)): reply(.drainReply(try server.drain(m)), to: header.requestID)
@@ -220,7 +222,7 @@ final class Session {
         case .operatorTool:
             logger.info("operator connected")
         case .peer:
-            guard isTCP, let cluster = server.clusterConfiguration, cluster.node(hello.nodeID) != nil, hello.nodeID != server.configuration.nodeID else {
+            guard isRemote, let cluster = server.clusterConfiguration, cluster.node(hello.nodeID) != nil, hello.nodeID != server.configuration.nodeID else {
                 throw StoreError(.invalidRequest, "node \(hello.nodeID) is not a peer of this daemon")
             }
             peerNode = hello.nodeID
@@ -236,7 +238,7 @@ final class Session {
     private func beginSave(_ m: BeginSave, requestID: UInt64) throws {
         let received = ContinuousClock.now
         let key = ShardKey(job: job!, step: m.step, rank: rank)
-        guard m.transport == .stream || !isTCP else {
+        guard m.transport == .stream || !isRemote else {
             throw StoreError(.invalidRequest, "shared-memory transport needs the Unix socket; use stream over TCP")
         }
         let (record, segment) = try server.beginSave(session: id, key: key, specs: m.tensors, topology: topology)
@@ -254,12 +256,12 @@ final class Session {
             guard header.bulkLength <= Limits.maximumDiscardBytes else {
                 throw SessionEnd(reason: "refused put of \(header.bulkLength) bulk bytes for \(key) tensor \(m.tensorIndex)")
             }
-            try connection.socket.discard(count: header.bulkLength, deadlineMilliseconds: connection.bulkDeadline(header.bulkLength))
+            try connection.stream.discard(count: header.bulkLength, deadlineMilliseconds: connection.bulkDeadline(header.bulkLength))
             throw StoreError(.invalidRequest, "put for \(key) tensor \(m.tensorIndex) at \(m.offsetBytes)+\(header.bulkLength) is outside any save in progress on this session")
         }
         let destination = segment.bytes(offset: offset, count: Int(header.bulkLength))
         if let base = destination.baseAddress {
-            try connection.socket.readExact(into: base, count: destination.count, deadlineMilliseconds: connection.bulkDeadline(header.bulkLength))
+            try connection.stream.readExact(into: base, count: destination.count, deadlineMilliseconds: connection.bulkDeadline(header.bulkLength))
         }
     }
 
@@ -309,7 +311,7 @@ final class Session {
             }
             // Without the lock: a trainer that died (or hung up) while waiting
             // ends its session now, and endSession detaches its rank.
-            if connection.socket.peerHasClosed() {
+            if connection.stream.peerHasClosed() {
                 throw SessionEnd(reason: "client closed the connection while waiting for step \(m.step)")
             }
         }
@@ -318,7 +320,7 @@ final class Session {
     // MARK: Restoring
 
     private func restore(_ m: Restore, requestID: UInt64) throws {
-        guard m.transport == .stream || !isTCP else {
+        guard m.transport == .stream || !isRemote else {
             throw StoreError(.invalidRequest, "shared-memory transport needs the Unix socket; use stream over TCP")
         }
         // Part of the newest step lost somewhere: every rank of the job goes to
@@ -362,7 +364,7 @@ final class Session {
             let deadline = connection.bulkDeadline(total)
             for (spec, offset) in zip(shard.specs, shard.tensorOffsets) where spec.byteLength > 0 {
                 let bytes = segment.bytes(offset: Int(offset), count: Int(spec.byteLength))
-                try connection.socket.writeAll(bytes.baseAddress!, count: bytes.count, deadlineMilliseconds: deadline)
+                try connection.stream.writeAll(bytes.baseAddress!, count: bytes.count, deadlineMilliseconds: deadline)
             }
         }
         logger.info("shard restored", metadata: ["step": "\(step)", "transport": "\(m.transport)", "approximate": "\(shard.reconstruction.map { "\($0)" } ?? "no")"])
@@ -384,7 +386,7 @@ final class Session {
             let deadline = connection.bulkDeadline(total)
             for (entry, offset) in zip(ready.entries, ready.tensorOffsets) where entry.spec.byteLength > 0 {
                 let bytes = durable.file.bytes(offset: Int(offset), count: Int(entry.spec.byteLength))
-                try connection.socket.writeAll(bytes.baseAddress!, count: bytes.count, deadlineMilliseconds: deadline)
+                try connection.stream.writeAll(bytes.baseAddress!, count: bytes.count, deadlineMilliseconds: deadline)
             }
         }
         server.counters.increment(.durableRestores)
@@ -446,6 +448,11 @@ final class Session {
         // A trainer sees only its own job.
         reply(.statusReply(server.status(job: role == .trainer ? job : m.job)), to: requestID)
     }
+}
+
+/// What a session runs over.
+enum SessionTransport: String, Sendable {
+    case unix, tcp, rdma
 }
 
 /// The session must close: the stream is no longer at a trustworthy frame boundary.

@@ -2,6 +2,7 @@ import ErasureCoding
 import Foundation
 import Glibc
 public import Logging
+import RDMATransport
 import ServiceLifecycle
 import SnapshotIO
 import SnapshotProtocol
@@ -150,8 +151,20 @@ public final class SnapshotServer: Service, Sendable {
             throw error
         }
         state.withLock { $0.listeners = opened.map(\.0) + (metricsListener.map { [$0] } ?? []) }
+        let rdmaListener: RDMAListener?
+        do {
+            rdmaListener = try listenRDMA(transport)
+        } catch {
+            for (listener, _) in opened { listener.close() }
+            metricsListener?.close()
+            unlink(configuration.unixSocketPath)
+            throw error
+        }
         for (listener, isTCP) in opened {
             Thread.detachNewThread { [self] in acceptLoop(listener, isTCP: isTCP) }
+        }
+        if let rdmaListener {
+            Thread.detachNewThread { [self] in rdmaAcceptLoop(rdmaListener) }
         }
         if let metricsListener {
             Thread.detachNewThread { [self] in serveMetrics(on: metricsListener) }
@@ -171,6 +184,33 @@ public final class SnapshotServer: Service, Sendable {
                 "transport": "\(transport.used)",
             ])
         SystemdNotifier.notify(["READY=1", "STATUS=\(statusLine())"])
+    }
+
+    /// With RDMA chosen, listens for RDMA connections on the TCP listen
+    /// address and port (rdma_cm's own port space) and has the peers reached
+    /// over RDMA. `auto` falls back to TCP, with one log line, when the
+    /// listener cannot be opened; `rdma` fails the start.
+    private func listenRDMA(_ transport: TransportSelection.Decision) throws -> RDMAListener? {
+        guard transport.used == .rdma else { return nil }
+        do {
+            guard let listen = configuration.tcpListen, let port = boundTCPPort else {
+                throw ConfigurationError("transport = \"\(configuration.transport.rawValue)\" needs tcp_listen: RDMA listens on its address and port")
+            }
+            let (host, _) = try DaemonConfiguration.parseHostPort(listen)
+            let listener: RDMAListener
+            do throws(RDMAError) {
+                listener = try RDMAListener(address: host, port: port)
+            } catch {
+                throw ConfigurationError("cannot listen for RDMA on \(host):\(port): \(error)")
+            }
+            cluster?.mesh.use(configuration.transport)
+            logger.notice("listening for RDMA", metadata: ["address": "\(host):\(port)"])
+            return listener
+        } catch {
+            guard configuration.transport == .auto else { throw error }
+            logger.warning("transport auto: falling back to TCP for peers and remote clients", metadata: ["reason": "\(error)"])
+            return nil
+        }
     }
 
     /// WATCHDOG=1 at half the interval systemd asked for, each beat earned:
@@ -218,7 +258,7 @@ public final class SnapshotServer: Service, Sendable {
         cluster?.stop()
         let open = state.withLock { state in
             state.stopping = true
-            return (state.listeners, state.sessions.values.map(\.socket))
+            return (state.listeners, state.sessions.values.map(\.stream))
         }
         state.broadcast()
         for listener in open.0 {
@@ -242,27 +282,49 @@ public final class SnapshotServer: Service, Sendable {
                 usleep(10_000)
                 continue
             }
-            let slot: ConnectionSlot = isTCP ? .handshake : .local
-            let limit = isTCP ? Limits.maximumHandshakes : configuration.maximumConnections
-            guard let (id, evicted) = state.withLock({ $0.admit(socket, to: slot, limit: limit) }) else {
-                refuse(socket, "snapshotd has \(limit) local sessions, the maximum; try again later")
+            serve(socket, transport: isTCP ? .tcp : .unix)
+        }
+    }
+
+    /// RDMA connections, as TCP ones (the same challenge, slots and
+    /// sessions) over an ``RDMAStream``. Wakes every 200 ms to see whether to stop.
+    private func rdmaAcceptLoop(_ listener: RDMAListener) {
+        while !state.withLock({ $0.stopping }) {
+            let connection: RDMAConnection?
+            do throws(RDMAError) {
+                connection = try listener.accept(timeoutMilliseconds: 200)
+            } catch {
+                logger.warning("RDMA accept failed", metadata: ["error": "\(error)"])
+                usleep(10_000)
                 continue
             }
-            if let evicted {
-                counters.increment(.handshakesEvicted)
-                evicted.shutdownBoth()  // its thread's read fails at once and the session ends
-            }
-            Thread.detachNewThread { [self] in
-                let session = Session(server: self, id: id, connection: FramedConnection(socket: socket, frameTimeoutMilliseconds: configuration.frameTimeoutMilliseconds), isTCP: isTCP)
-                session.serve()
-                endSession(id)
-                socket.close()
-            }
+            guard let connection else { continue }
+            serve(RDMAStream(connection, peer: "an RDMA client"), transport: .rdma)
+        }
+    }
+
+    /// Admits a new connection to its pool and serves it on a thread of its own.
+    private func serve(_ stream: any ByteStream, transport: SessionTransport) {
+        let slot: ConnectionSlot = transport == .unix ? .local : .handshake
+        let limit = transport == .unix ? configuration.maximumConnections : Limits.maximumHandshakes
+        guard let (id, evicted) = state.withLock({ $0.admit(stream, to: slot, limit: limit) }) else {
+            refuse(stream, "snapshotd has \(limit) \(transport == .unix ? "local" : "pending remote") sessions, the maximum; try again later")
+            return
+        }
+        if let evicted {
+            counters.increment(.handshakesEvicted)
+            evicted.shutdownBoth()  // its thread's read fails at once and the session ends
+        }
+        Thread.detachNewThread { [self] in
+            let session = Session(server: self, id: id, connection: FramedConnection(stream: stream, frameTimeoutMilliseconds: configuration.frameTimeoutMilliseconds), transport: transport)
+            session.serve()
+            endSession(id)
+            stream.close()
         }
     }
 
     /// Answers `tooManyConnections` (without waiting on the client) and closes.
-    private func refuse(_ socket: Socket, _ reason: String) {
+    private func refuse(_ socket: any ByteStream, _ reason: String) {
         counters.increment(.connectionsRefused)
         if refusalLog.shouldLog(nowMilliseconds: monotonicMilliseconds()) {
             logger.warning("refusing connection: slots full", metadata: ["reason": "\(reason)", "refusedSoFar": "\(counters.value(.connectionsRefused))"])

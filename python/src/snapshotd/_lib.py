@@ -20,6 +20,8 @@ class ClientOptions(ctypes.Structure):
         ("tensor_parallel_index", ctypes.c_uint32),
         ("data_parallel_index", ctypes.c_uint32),
         ("reply_timeout_ms", ctypes.c_int64),
+        ("transport", ctypes.c_char_p),
+        ("rdma_source", ctypes.c_char_p),
     ]
 
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -252,7 +252,9 @@ class Client:
     ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE``. Locally (``socket``, default
     ``$SNAPSHOTD_SOCKET`` or ``/run/snapshotd/snapshotd.sock``) tensors move
     through shared memory; remotely (``address="host:port"`` and
-    ``secret_file``) over authenticated TCP.
+    ``secret_file``) over authenticated TCP, or with ``transport="rdma"``
+    over RDMA (tensors RDMA-written between this process and the daemon's
+    memory; ``rdma_source``: the local address to connect from).
     """
 
     def __init__(
@@ -266,6 +268,8 @@ class Client:
         socket: str | None = None,
         address: str | None = None,
         secret_file: str | None = None,
+        transport: Literal["tcp", "rdma"] = "tcp",
+        rdma_source: str | None = None,
         timeout: float = 60.0,
     ) -> None:
         rank = rank if rank is not None else _environment_int("RANK")
@@ -283,7 +287,13 @@ class Client:
                 raise ValueError(f"address {address!r} is not host:port")
             if secret_file is None:
                 raise ValueError("a remote daemon (address=) needs secret_file=")
+            if transport not in ("tcp", "rdma"):
+                raise ValueError(f"transport {transport!r} is not 'tcp' or 'rdma'")
             options.host, options.port, options.secret_file = host.encode(), int(port), secret_file.encode()
+            options.transport = transport.encode()
+            options.rdma_source = rdma_source.encode() if rdma_source is not None else None
+        elif transport != "tcp" or rdma_source is not None:
+            raise ValueError("transport= and rdma_source= apply to a remote daemon (address=)")
         else:
             options.socket_path = (socket or os.environ.get("SNAPSHOTD_SOCKET") or DEFAULT_SOCKET).encode()
         options.local_world = local_world or 0
