@@ -35,7 +35,16 @@ static inline int snapshotd_rdma_wait_completion(struct ibv_cq *cq, struct ibv_c
             if (errno == EINTR) continue;
             return -1;
         }
-        if (cm_fd >= 0 && (ready[1].revents & POLLIN)) return 2;
+        if (cm_fd >= 0 && (ready[1].revents & POLLIN)) {
+            /* A completion that came before the disconnect is still delivered. */
+            found = ibv_poll_cq(cq, 1, wc);
+            if (found != 0) return found < 0 ? -1 : 1;
+            return 2;
+        }
+        if (ready[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+            errno = EIO;
+            return -1;
+        }
         if (!(ready[0].revents & POLLIN)) continue;
         struct ibv_cq *event_cq;
         void *context;

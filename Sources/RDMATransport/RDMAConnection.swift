@@ -1,5 +1,6 @@
 import CRDMA
 import Glibc
+import SnapshotIO
 
 /// A verbs or rdma_cm failure, typed: what failed and why, in words an
 /// operator can act on (errno text, or the work completion's status).
@@ -30,41 +31,22 @@ public struct RDMAError: Error, Equatable, Sendable, CustomStringConvertible {
     }
 }
 
-/// Memory registered with a connection's device (`ibv_reg_mr`): what RDMA
-/// reads and writes go from and to. Deregistered when released.
-public final class RDMAMemoryRegion {
+/// Memory registered in a connection's protection domain (`ibv_reg_mr`):
+/// a mapped segment registered once and reused (``MappedMemory``), or one
+/// transfer's buffer. Immutable; deregistered when released, which happens
+/// before its pages are unmapped and before its connection's domain goes.
+public final class RegisteredMemory: @unchecked Sendable {  // immutable; ibv_dereg_mr is thread-safe
     let region: UnsafeMutablePointer<ibv_mr>
     public let base: UnsafeMutableRawPointer
     public let count: Int
-    /// Kept alive by the region: the protection domain goes with the last endpoint.
-    let connection: RDMAConnection
+    /// Kept alive by the region: a domain cannot go while memory is registered in it.
+    let domain: ProtectionDomain
 
-    init(region: UnsafeMutablePointer<ibv_mr>, base: UnsafeMutableRawPointer, count: Int, connection: RDMAConnection) {
+    init(region: UnsafeMutablePointer<ibv_mr>, base: UnsafeMutableRawPointer, count: Int, domain: ProtectionDomain) {
         self.region = region
         self.base = base
         self.count = count
-        self.connection = connection
-    }
-
-    /// What a peer needs to RDMA-WRITE into this region.
-    public var grant: RemoteBuffer { RemoteBuffer(address: UInt64(UInt(bitPattern: base)), key: region.pointee.rkey, count: UInt64(count)) }
-
-    deinit { rdma_dereg_mr(region) }
-}
-
-/// Memory registered in a protection domain, independent of any one
-/// connection (the domain is the device's): arena segments registered once
-/// and reused (``RDMARegistrations``), or one transfer's buffer. Immutable;
-/// deregistered when released, which must happen before its pages are unmapped.
-public final class RegisteredMemory: @unchecked Sendable {
-    let region: UnsafeMutablePointer<ibv_mr>
-    public let base: UnsafeMutableRawPointer
-    public let count: Int
-
-    init(region: UnsafeMutablePointer<ibv_mr>, base: UnsafeMutableRawPointer, count: Int) {
-        self.region = region
-        self.base = base
-        self.count = count
+        self.domain = domain
     }
 
     /// What a peer needs to RDMA-WRITE `count` bytes at `address` (inside this memory).
@@ -73,6 +55,16 @@ public final class RegisteredMemory: @unchecked Sendable {
     }
 
     deinit { ibv_dereg_mr(region) }
+}
+
+/// A protection domain (`ibv_alloc_pd`): one per connection, deallocated
+/// when the connection and every region registered in it are gone.
+final class ProtectionDomain: @unchecked Sendable {  // immutable
+    let pointer: UnsafeMutablePointer<ibv_pd>
+
+    init(_ pointer: UnsafeMutablePointer<ibv_pd>) { self.pointer = pointer }
+
+    deinit { ibv_dealloc_pd(pointer) }
 }
 
 /// A peer's registered memory, as its grant message says.
@@ -95,11 +87,13 @@ public struct RemoteBuffer: Equatable, Sendable {
 
     public init(decoding bytes: [UInt8]) throws(RDMAError) {
         guard bytes.count == 20 else { throw RDMAError(kind: .protocolViolation, operation: "grant", detail: "a grant is 20 bytes, got \(bytes.count)") }
-        func field<T: FixedWidthInteger>(_ offset: Int, _: T.Type) -> T {
-            bytes[offset..<offset + MemoryLayout<T>.size].reversed().reduce(T(0)) { $0 << 8 | T($1) }
-        }
-        self.init(address: field(0, UInt64.self), key: field(8, UInt32.self), count: field(12, UInt64.self))
+        self.init(address: littleEndian(bytes, at: 0), key: littleEndian(bytes, at: 8), count: littleEndian(bytes, at: 12))
     }
+}
+
+/// The `T` stored little-endian at `offset` of `bytes` (the caller checked the length).
+func littleEndian<T: FixedWidthInteger>(_ bytes: [UInt8], at offset: Int) -> T {
+    bytes[offset..<offset + MemoryLayout<T>.size].reversed().reduce(T(0)) { $0 << 8 | T($1) }
 }
 
 /// One reliable-connected queue pair set up with rdma_cm: control messages
@@ -107,7 +101,13 @@ public struct RemoteBuffer: Equatable, Sendable {
 /// payloads with RDMA WRITE straight between registered memories. Owned by
 /// one thread at a time (not Sendable). At most ``receiveSlots`` messages
 /// may be in flight towards it: that many receives stay posted, and a
-/// sender beyond them waits in the device (RNR retry) instead of failing.
+/// sender beyond them waits in the device (RNR retry) instead of failing
+/// (``RDMAStream`` never lets it come to that: it sends on credits).
+///
+/// Each connection has a protection domain of its own: a key it grants is
+/// valid on its queue pair only, so no other connection (an unauthenticated
+/// one included) can reach memory registered for it, and its registrations
+/// go with it.
 public final class RDMAConnection {
     public static let receiveSlots = 16
     public static let maximumMessageBytes = 64 << 10
@@ -115,12 +115,15 @@ public final class RDMAConnection {
     public static let maximumWriteBytes = 1 << 30
 
     let id: UnsafeMutablePointer<rdma_cm_id>
+    private let protectionDomain: ProtectionDomain
     private let slots: UnsafeMutableRawPointer
     private let slotRegion: UnsafeMutablePointer<ibv_mr>
     private let sendBuffer: UnsafeMutableRawPointer
     private let sendRegion: UnsafeMutablePointer<ibv_mr>
-    /// The event channel `establish` moved the id to: destroyed after the id.
+    /// The event channel `beginEstablishing` moved the id to: destroyed after the id.
     private var ownedChannel: UnsafeMutablePointer<rdma_event_channel>?
+    /// Set while the connection is being established: what, and by when.
+    private var establishing: (operation: String, deadline: Int64, timeoutMilliseconds: Int32)?
     /// Set by close() or by the first failed or timed-out work request: the
     /// queue pair is then disconnected (in error, its work flushed) and
     /// every later call is refused, so no stale completion is mistaken for a new one.
@@ -155,22 +158,23 @@ public final class RDMAConnection {
         var info: UnsafeMutablePointer<rdma_addrinfo>?
         guard rdma_getaddrinfo(to, String(port), &hints, &info) == 0, let info else { throw .errno(.connection, "resolve \(to):\(port) from \(from ?? "any local address")") }
         defer { rdma_freeaddrinfo(info) }
-        var attributes = queuePairAttributes()
         var id: UnsafeMutablePointer<rdma_cm_id>?
-        guard rdma_create_ep(&id, info, nil, &attributes) == 0, let id else { throw .errno(.connection, "create endpoint to \(to):\(port)") }
+        guard rdma_create_ep(&id, info, nil, nil) == 0, let id else { throw .errno(.connection, "create endpoint to \(to):\(port)") }
         let connection = try adopt(id)
-        try connection.establish("connect to \(to):\(port)", timeoutMilliseconds: timeoutMilliseconds) { id in
+        try connection.beginEstablishing("connect to \(to):\(port)", timeoutMilliseconds: timeoutMilliseconds) { id in
             var parameters = connectionParameters()
             return rdma_connect(id, &parameters)
         }
+        try connection.awaitEstablished()
         return connection
     }
 
     /// Moves the id to an event channel of its own, in asynchronous mode, so
-    /// `start` (rdma_connect or rdma_accept) returns at once, and waits at most
-    /// `timeoutMilliseconds` for the connection to be established. Later
-    /// rdma_cm events (a disconnect) arrive on the same channel.
-    func establish(_ operation: String, timeoutMilliseconds: Int32, _ start: (UnsafeMutablePointer<rdma_cm_id>) -> Int32) throws(RDMAError) {
+    /// `start` (rdma_connect or rdma_accept) returns at once; the connection
+    /// is then established by ``awaitEstablished()`` (explicitly, or by the
+    /// first operation), within `timeoutMilliseconds` of now. Later rdma_cm
+    /// events (a disconnect) arrive on the same channel.
+    func beginEstablishing(_ operation: String, timeoutMilliseconds: Int32, _ start: (UnsafeMutablePointer<rdma_cm_id>) -> Int32) throws(RDMAError) {
         guard let channel = rdma_create_event_channel() else { throw fail(.errno(.connection, "create an event channel to \(operation)")) }
         guard rdma_migrate_id(id, channel) == 0 else {
             let error = RDMAError.errno(.connection, "move the connection to its event channel to \(operation)")
@@ -179,10 +183,15 @@ public final class RDMAConnection {
         }
         ownedChannel = channel
         guard start(id) == 0 else { throw fail(.errno(.connection, operation)) }
-        let deadline = Self.nowMilliseconds() + Int64(timeoutMilliseconds)
+        establishing = (operation, monotonicMilliseconds() + Int64(timeoutMilliseconds), timeoutMilliseconds)
+    }
+
+    /// Waits until the connection is established (at once when it is), or
+    /// fails it: refused, unreachable, or no answer by the deadline.
+    public func awaitEstablished() throws(RDMAError) {
+        guard let (operation, deadline, timeoutMilliseconds) = establishing, let channel = ownedChannel else { return }
         while true {
-            let left = Int32(clamping: max(0, deadline - Self.nowMilliseconds()))
-            switch snapshotd_rdma_fd_readable(channel.pointee.fd, left) {
+            switch snapshotd_rdma_fd_readable(channel.pointee.fd, Self.milliseconds(until: deadline)) {
             case 0: throw fail(RDMAError(kind: .timeout, operation: operation, detail: "no answer within \(timeoutMilliseconds) ms"))
             case 1: break
             default: throw fail(.errno(.connection, operation))
@@ -192,7 +201,9 @@ public final class RDMAConnection {
             let (kind, status) = (event.pointee.event, event.pointee.status)
             rdma_ack_cm_event(event)
             switch kind {
-            case RDMA_CM_EVENT_ESTABLISHED: return
+            case RDMA_CM_EVENT_ESTABLISHED:
+                establishing = nil
+                return
             case RDMA_CM_EVENT_REJECTED, RDMA_CM_EVENT_UNREACHABLE, RDMA_CM_EVENT_CONNECT_ERROR, RDMA_CM_EVENT_DISCONNECTED, RDMA_CM_EVENT_DEVICE_REMOVAL:
                 let reason = kind == RDMA_CM_EVENT_REJECTED ? "refused (nothing listens there over RDMA?)" : "failed"
                 throw fail(RDMAError(kind: .connection, operation: operation, detail: "\(reason): \(String(cString: rdma_event_str(kind))), status \(status)"))
@@ -201,37 +212,48 @@ public final class RDMAConnection {
         }
     }
 
-    /// Takes ownership of `id` (destroyed on every path: here on a failed
-    /// registration, else by the connection) and posts its receive slots.
+    /// Takes ownership of `id` (destroyed on every path: here on a failure,
+    /// else by the connection), gives it a protection domain and a queue
+    /// pair of its own, and posts its receive slots.
     static func adopt(_ id: UnsafeMutablePointer<rdma_cm_id>) throws(RDMAError) -> RDMAConnection {
+        guard let device = id.pointee.verbs, let pointer = ibv_alloc_pd(device) else {
+            let error = RDMAError.errno(.registration, "allocate a protection domain")
+            rdma_destroy_ep(id)
+            throw error
+        }
+        let protectionDomain = ProtectionDomain(pointer)  // deallocated after the id on every path
+        var attributes = queuePairAttributes()
+        guard rdma_create_qp(id, pointer, &attributes) == 0 else {
+            let error = RDMAError.errno(.connection, "create a queue pair")
+            rdma_destroy_ep(id)
+            throw error
+        }
         let slotBytes = receiveSlots * maximumMessageBytes
         let slots = UnsafeMutableRawPointer.allocate(byteCount: slotBytes, alignment: 4096)
         let sendBuffer = UnsafeMutableRawPointer.allocate(byteCount: maximumMessageBytes, alignment: 4096)
-        guard let slotRegion = rdma_reg_msgs(id, slots, slotBytes) else {
-            let error = RDMAError.errno(.registration, "register receive slots")
-            rdma_destroy_ep(id)
+        let slotRegion = rdma_reg_msgs(id, slots, slotBytes)
+        let sendRegion = rdma_reg_msgs(id, sendBuffer, maximumMessageBytes)
+        guard let slotRegion, let sendRegion else {
+            let error = RDMAError.errno(.registration, "register the message buffers")
+            if let slotRegion { rdma_dereg_mr(slotRegion) }
+            if let sendRegion { rdma_dereg_mr(sendRegion) }
+            rdma_destroy_ep(id)  // and its queue pair
             slots.deallocate()
             sendBuffer.deallocate()
             throw error
         }
-        guard let sendRegion = rdma_reg_msgs(id, sendBuffer, maximumMessageBytes) else {
-            let error = RDMAError.errno(.registration, "register the send buffer")
-            rdma_dereg_mr(slotRegion)
-            rdma_destroy_ep(id)
-            slots.deallocate()
-            sendBuffer.deallocate()
-            throw error
-        }
-        let connection = RDMAConnection(id: id, slots: slots, slotRegion: slotRegion, sendBuffer: sendBuffer, sendRegion: sendRegion)
+        let connection = RDMAConnection(
+            id: id, protectionDomain: protectionDomain, slots: slots, slotRegion: slotRegion, sendBuffer: sendBuffer, sendRegion: sendRegion)
         for slot in 0..<receiveSlots { try connection.postReceive(slot) }  // on failure the connection's deinit cleans up
         return connection
     }
 
     private init(
-        id: UnsafeMutablePointer<rdma_cm_id>, slots: UnsafeMutableRawPointer, slotRegion: UnsafeMutablePointer<ibv_mr>,
-        sendBuffer: UnsafeMutableRawPointer, sendRegion: UnsafeMutablePointer<ibv_mr>
+        id: UnsafeMutablePointer<rdma_cm_id>, protectionDomain: ProtectionDomain, slots: UnsafeMutableRawPointer,
+        slotRegion: UnsafeMutablePointer<ibv_mr>, sendBuffer: UnsafeMutableRawPointer, sendRegion: UnsafeMutablePointer<ibv_mr>
     ) {
         self.id = id
+        self.protectionDomain = protectionDomain
         self.slots = slots
         self.slotRegion = slotRegion
         self.sendBuffer = sendBuffer
@@ -260,6 +282,7 @@ public final class RDMAConnection {
 
     private func usable(_ operation: String) throws(RDMAError) {
         if let failure { throw RDMAError(kind: failure.kind, operation: operation, detail: "the connection already failed (\(failure))") }
+        try awaitEstablished()
     }
 
     private func postReceive(_ slot: Int) throws(RDMAError) {
@@ -267,14 +290,6 @@ public final class RDMAConnection {
         guard rdma_post_recv(id, UnsafeMutableRawPointer(bitPattern: slot + 1), address, Self.maximumMessageBytes, slotRegion) == 0 else {
             throw fail(.errno(.post, "post receive"))
         }
-    }
-
-    /// Registers `count` bytes at `base` (which must outlive the region); `remoteWrite` lets the peer write into it.
-    public func register(_ base: UnsafeMutableRawPointer, count: Int, remoteWrite: Bool) throws(RDMAError) -> RDMAMemoryRegion {
-        try usable("register")
-        let region = remoteWrite ? rdma_reg_write(id, base, count) : rdma_reg_msgs(id, base, count)
-        guard let region else { throw .errno(.registration, "register \(count) bytes") }
-        return RDMAMemoryRegion(region: region, base: base, count: count, connection: self)
     }
 
     /// Sends one message (a frame) and waits until the device has delivered it.
@@ -304,10 +319,6 @@ public final class RDMAConnection {
     /// RDMA-WRITEs `count` bytes at `offset` of `local` into `remote` at
     /// `remoteOffset`, in pieces of at most ``maximumWriteBytes``, and waits
     /// for each to complete. Ranges come from peers: checked without overflow.
-    public func write(_ local: RDMAMemoryRegion, offset: Int, count: Int, to remote: RemoteBuffer, remoteOffset: UInt64, timeoutMilliseconds: Int32) throws(RDMAError) {
-        try write(region: local.region, base: local.base, regionCount: local.count, offset: offset, count: count, to: remote, remoteOffset: remoteOffset, timeoutMilliseconds: timeoutMilliseconds)
-    }
-
     private func write(
         region: UnsafeMutablePointer<ibv_mr>, base: UnsafeMutableRawPointer, regionCount: Int, offset: Int, count: Int, to remote: RemoteBuffer, remoteOffset: UInt64,
         timeoutMilliseconds: Int32
@@ -317,7 +328,7 @@ public final class RDMAConnection {
         let (remoteEnd, remoteOverflow) = remoteOffset.addingReportingOverflow(UInt64(clamping: count))
         let (_, addressOverflow) = remote.address.addingReportingOverflow(remoteEnd)
         guard offset >= 0, count >= 0, !localOverflow, localEnd <= regionCount, !remoteOverflow, remoteEnd <= remote.count, !addressOverflow else {
-            throw RDMAError(kind: .protocolViolation, operation: "write", detail: "\(count) bytes at \(offset) → \(remoteOffset) exceed a region")
+            throw fail(RDMAError(kind: .protocolViolation, operation: "write", detail: "\(count) bytes at \(offset) → \(remoteOffset) exceed a region"))
         }
         var done = 0
         while done < count {
@@ -338,9 +349,9 @@ public final class RDMAConnection {
     /// once, as a `.connection` error, instead of when a work request times out.
     private func waitCompletion(send: Bool, _ operation: String, timeoutMilliseconds: Int32) throws(RDMAError) -> ibv_wc {
         var completion = ibv_wc()
-        let deadline = timeoutMilliseconds < 0 ? nil : Self.nowMilliseconds() + Int64(timeoutMilliseconds)
+        let deadline = timeoutMilliseconds < 0 ? nil : monotonicMilliseconds() + Int64(timeoutMilliseconds)
         while true {
-            let left = deadline.map { Int32(clamping: max(0, $0 - Self.nowMilliseconds())) } ?? -1
+            let left = Self.milliseconds(until: deadline)
             let found = send
                 ? snapshotd_rdma_wait_completion(id.pointee.send_cq, id.pointee.send_cq_channel, eventFD, left, &completion)
                 : snapshotd_rdma_wait_completion(id.pointee.recv_cq, id.pointee.recv_cq_channel, eventFD, left, &completion)
@@ -374,6 +385,7 @@ public final class RDMAConnection {
     /// failed). Never blocks.
     public func peerHasLeft() -> Bool {
         if failure != nil { return true }
+        guard establishing == nil else { return false }  // its events are the handshake's
         guard eventFD >= 0, snapshotd_rdma_fd_readable(eventFD, 0) == 1 else { return false }
         do throws(RDMAError) {
             try takeConnectionEvent("check the peer")
@@ -383,16 +395,9 @@ public final class RDMAConnection {
         return failure != nil
     }
 
-    /// Whether a message is waiting (or the connection failed: the next receive says how). Never blocks.
-    public func messageWaiting() -> Bool {
-        if failure != nil { return true }
-        return snapshotd_rdma_fd_readable(id.pointee.recv_cq_channel.pointee.fd, 0) == 1 || peerHasLeft()
-    }
-
-    static func nowMilliseconds() -> Int64 {
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        return Int64(now.tv_sec) * 1000 + Int64(now.tv_nsec) / 1_000_000
+    /// What is left until `deadline` (monotonic ms) as a poll timeout; nil: -1, without limit.
+    public static func milliseconds(until deadline: Int64?) -> Int32 {
+        deadline.map { Int32(clamping: max(0, $0 - monotonicMilliseconds())) } ?? -1
     }
 
     /// Records the first failure and disconnects: the queue pair goes to
@@ -415,18 +420,29 @@ public final class RDMAConnection {
 
     public var disconnector: Disconnector { Disconnector(id: id) }
 
-    /// The protection domain regions must belong to: one per device in
-    /// librdmacm, shared by every connection on it (a registration cache key).
-    public var protectionDomainKey: UInt { UInt(bitPattern: id.pointee.pd) }
+    /// The peer's address (host:port), for logs.
+    public var peerAddress: String {
+        guard let address = rdma_get_peer_addr(id) else { return "unknown" }
+        var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+        var service = [CChar](repeating: 0, count: Int(NI_MAXSERV))
+        let length = socklen_t(address.pointee.sa_family == sa_family_t(AF_INET6) ? MemoryLayout<sockaddr_in6>.size : MemoryLayout<sockaddr_in>.size)
+        guard getnameinfo(address, length, &host, socklen_t(host.count), &service, socklen_t(service.count), NI_NUMERICHOST | NI_NUMERICSERV) == 0 else { return "unknown" }
+        return "\(String(cString: host)):\(String(cString: service))"
+    }
+
+    /// This connection's protection domain, as a key for registrations
+    /// made for it (``MappedMemory``); they are dropped when it goes.
+    public var protectionDomainKey: UInt { UInt(bitPattern: protectionDomain.pointer) }
 
     /// Registers `count` bytes at `base` in this connection's protection
-    /// domain, for as long as the returned memory lives: as the source of
-    /// RDMA WRITEs, and (`remoteWrite`) as their destination.
-    public func registerShared(_ base: UnsafeMutableRawPointer, count: Int, remoteWrite: Bool) throws(RDMAError) -> RegisteredMemory {
+    /// domain, for as long as the returned memory lives (which must be less
+    /// than the connection's life and the memory's): as the source of RDMA
+    /// WRITEs, and (`remoteWrite`) as their destination.
+    public func register(_ base: UnsafeMutableRawPointer, count: Int, remoteWrite: Bool) throws(RDMAError) -> RegisteredMemory {
         try usable("register")
         let access = remoteWrite ? Int32(IBV_ACCESS_LOCAL_WRITE.rawValue | IBV_ACCESS_REMOTE_WRITE.rawValue) : 0
-        guard let region = ibv_reg_mr(id.pointee.pd, base, count, access) else { throw .errno(.registration, "register \(count) bytes") }
-        return RegisteredMemory(region: region, base: base, count: count)
+        guard let region = ibv_reg_mr(protectionDomain.pointer, base, count, access) else { throw .errno(.registration, "register \(count) bytes") }
+        return RegisteredMemory(region: region, base: base, count: count, domain: protectionDomain)
     }
 
     /// RDMA-WRITEs `count` bytes at `source` (inside `memory`) to `remote` at `remoteOffset`.
@@ -442,8 +458,11 @@ public final class RDMAConnection {
 
     deinit {
         close()
-        // The queue pair first: nothing posted may still reference the regions.
+        // The queue pair first: nothing posted may still reference the
+        // regions; then the regions (those cached for mapped segments too);
+        // the domain goes with its last reference.
         rdma_destroy_qp(id)
+        MappedMemory.shared.removeAttachments(key: protectionDomainKey)
         rdma_dereg_mr(slotRegion)
         rdma_dereg_mr(sendRegion)
         rdma_destroy_ep(id)
@@ -465,20 +484,26 @@ public final class RDMAListener: @unchecked Sendable {
         var info: UnsafeMutablePointer<rdma_addrinfo>?
         guard rdma_getaddrinfo(address, String(port), &hints, &info) == 0, let info else { throw .errno(.connection, "resolve \(address):\(port)") }
         defer { rdma_freeaddrinfo(info) }
-        var attributes = RDMAConnection.queuePairAttributes()
         var id: UnsafeMutablePointer<rdma_cm_id>?
-        guard rdma_create_ep(&id, info, nil, &attributes) == 0, let id else { throw .errno(.connection, "listen on \(address):\(port)") }
+        // No queue pair here: each accepted connection makes its own, in a domain of its own.
+        guard rdma_create_ep(&id, info, nil, nil) == 0, let id else { throw .errno(.connection, "listen on \(address):\(port)") }
         self.id = id
         guard rdma_listen(id, 8) == 0 else { throw .errno(.connection, "listen on \(address):\(port)") }
     }
 
-    /// The next connection (blocks until a peer connects).
+    /// The next connection, established (blocks until a peer connects).
     public func accept() throws(RDMAError) -> RDMAConnection {
-        try accept(timeoutMilliseconds: -1)!
+        let connection = try accept(timeoutMilliseconds: -1)!
+        try connection.awaitEstablished()
+        return connection
     }
 
-    /// The next connection, or nil when none asked within `timeoutMilliseconds`
-    /// (-1: without limit), so an accepting thread can look whether to stop.
+    /// The next connection request, accepted, or nil when none came within
+    /// `timeoutMilliseconds` (-1: without limit), so an accepting thread can
+    /// look whether to stop. The connection completes on its first use (or
+    /// ``RDMAConnection/awaitEstablished()``), on the thread that serves it,
+    /// within ``RDMAConnection/establishTimeoutMilliseconds``: a peer that
+    /// never finishes its handshake holds up no other.
     public func accept(timeoutMilliseconds: Int32) throws(RDMAError) -> RDMAConnection? {
         if let channel = id.pointee.channel {
             switch snapshotd_rdma_fd_readable(channel.pointee.fd, timeoutMilliseconds) {
@@ -490,7 +515,7 @@ public final class RDMAListener: @unchecked Sendable {
         var request: UnsafeMutablePointer<rdma_cm_id>?
         guard rdma_get_request(id, &request) == 0, let request else { throw .errno(.connection, "get a connection request") }
         let connection = try RDMAConnection.adopt(request)
-        try connection.establish("accept", timeoutMilliseconds: RDMAConnection.establishTimeoutMilliseconds) { id in
+        try connection.beginEstablishing("accept", timeoutMilliseconds: RDMAConnection.establishTimeoutMilliseconds) { id in
             var parameters = RDMAConnection.connectionParameters()
             return rdma_accept(id, &parameters)
         }

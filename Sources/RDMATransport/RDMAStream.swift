@@ -48,10 +48,13 @@ public final class RDMAStream: ByteStream {
         state = Mutex(StreamState(connection: connection))
     }
 
-    /// Connects to `host:port` from the local address `source` (nil: as routing picks).
-    public static func connect(from source: String?, to host: String, port: UInt16) throws -> RDMAStream {
+    /// Connects to `host:port` from the local address `source` (nil: as
+    /// routing picks), established within `timeoutMilliseconds`.
+    public static func connect(
+        from source: String?, to host: String, port: UInt16, timeoutMilliseconds: Int32 = RDMAConnection.establishTimeoutMilliseconds
+    ) throws -> RDMAStream {
         do throws(RDMAError) {
-            return RDMAStream(try RDMAConnection.connect(from: source, to: host, port: port), peer: "\(host):\(port)")
+            return RDMAStream(try RDMAConnection.connect(from: source, to: host, port: port, timeoutMilliseconds: timeoutMilliseconds), peer: "\(host):\(port)")
         } catch {
             throw IOError("\(error)", errno: ECONNREFUSED)
         }
@@ -61,7 +64,9 @@ public final class RDMAStream: ByteStream {
         guard count > 0 else { return }
         // The address crosses into the lock as an integer: a pointer is not Sendable.
         let address = UInt(bitPattern: buffer)
-        try state.withLock { state throws(IOError) in try state.read(into: UnsafeMutableRawPointer(bitPattern: address)!, count: count, deadline: deadlineMilliseconds) }
+        try state.withLock { state throws(IOError) in
+            try state.closingOnError { state throws(IOError) in try state.read(into: UnsafeMutableRawPointer(bitPattern: address)!, count: count, deadline: deadlineMilliseconds) }
+        }
     }
 
     public func readExact(count: Int, deadlineMilliseconds: Int64?) throws -> [UInt8] {
@@ -92,7 +97,9 @@ public final class RDMAStream: ByteStream {
     public func writeAll(_ buffer: UnsafeRawPointer, count: Int, deadlineMilliseconds: Int64) throws {
         guard count > 0 else { return }
         let address = UInt(bitPattern: buffer)
-        try state.withLock { state throws(IOError) in try state.write(UnsafeRawPointer(bitPattern: address)!, count: count, deadline: deadlineMilliseconds) }
+        try state.withLock { state throws(IOError) in
+            try state.closingOnError { state throws(IOError) in try state.write(UnsafeRawPointer(bitPattern: address)!, count: count, deadline: deadlineMilliseconds) }
+        }
     }
 
     public func writeAll(_ bytes: [UInt8], passing descriptors: [Int32], deadlineMilliseconds: Int64) throws {
@@ -104,7 +111,9 @@ public final class RDMAStream: ByteStream {
 
     public func waitReadable(until deadlineMilliseconds: Int64) throws {
         try state.withLock { state throws(IOError) in
-            while !state.readable { try state.receiveOne(deadline: deadlineMilliseconds, "wait for data") }
+            try state.closingOnError { state throws(IOError) in
+                while !state.readable { try state.receiveOne(deadline: deadlineMilliseconds, "wait for data") }
+            }
         }
     }
 
@@ -159,7 +168,7 @@ enum StreamMessage: Equatable {
         case .credit: break
         }
         var bytes = [UInt8]()
-        bytes.reserveCapacity(Self.headerBytes + Int(count))
+        if case .data(let payload) = self { bytes.reserveCapacity(Self.headerBytes + payload.count) }
         func put<T: FixedWidthInteger>(_ value: T) { withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) } }
         put(kind)
         put(UInt8(0))
@@ -177,12 +186,9 @@ enum StreamMessage: Equatable {
     /// Decodes a message from the peer; anything malformed is a protocol violation.
     static func decode(_ bytes: [UInt8]) throws(RDMAError) -> (message: StreamMessage, returnedCredits: UInt16) {
         guard bytes.count >= headerBytes else { throw violation("a \(bytes.count)-byte message is shorter than its header") }
-        func field<T: FixedWidthInteger>(_ offset: Int, _: T.Type) -> T {
-            bytes[offset..<offset + MemoryLayout<T>.size].reversed().reduce(T(0)) { $0 << 8 | T($1) }
-        }
-        let returned = field(2, UInt16.self)
-        let position = field(8, UInt64.self)
-        let count = field(16, UInt64.self)
+        let returned: UInt16 = littleEndian(bytes, at: 2)
+        let position: UInt64 = littleEndian(bytes, at: 8)
+        let count: UInt64 = littleEndian(bytes, at: 16)
         let payload = bytes.count - headerBytes
         guard bytes[0] == 1 || payload == 0 else { throw violation("a message of kind \(bytes[0]) carries \(payload) inline bytes") }
         let message: StreamMessage
@@ -191,7 +197,7 @@ enum StreamMessage: Equatable {
             guard count == UInt64(payload), payload > 0 else { throw violation("a data message says \(count) bytes and carries \(payload)") }
             message = .data(bytes[headerBytes...])
         case 2: message = .offer(position: position, count: count)
-        case 3: message = .grant(position: position, remote: RemoteBuffer(address: field(32, UInt64.self), key: field(24, UInt32.self), count: count))
+        case 3: message = .grant(position: position, remote: RemoteBuffer(address: littleEndian(bytes, at: 32), key: littleEndian(bytes, at: 24), count: count))
         case 4: message = .want(position: position, count: count)
         case 5: message = .written(position: position, count: count)
         case 6: message = .credit
@@ -230,6 +236,8 @@ struct StreamCredits: Equatable {
         guard available + Int(returned) <= Self.slots else {
             throw StreamMessage.violation("the peer returned \(returned) credits with \(available) of \(Self.slots) already held")
         }
+        // A peer on its credits fills at most every slot before this side answers.
+        guard unreturned < Self.slots else { throw StreamMessage.violation("the peer sent beyond its \(Self.slots) credits") }
         available += Int(returned)
         unreturned += 1
     }
@@ -252,18 +260,32 @@ struct StreamState {
     var offer: (next: UInt64, end: UInt64)?
     var pendingGrant: (position: UInt64, count: UInt64)?
 
-    // Writing: the peer's grants and wants for this side's offer, in order.
+    // Writing: the peer's grants and wants for this side's open offer, in
+    // order; `outgoing.next` is the first byte of it not yet asked for.
     var writePosition: UInt64 = 0
+    var outgoing: (next: UInt64, end: UInt64)?
     var requests: [StreamMessage] = []
 
+    /// Read bytes are dropped from the inbox's front once this many have piled up.
+    static let inboxCompactionBytes = 1 << 20
+
     init(connection: RDMAConnection) { self.connection = connection }
+
+    /// Runs `body`; on any error the connection closes: an offer or a grant
+    /// may be half done, and the peer must not write into memory any more.
+    mutating func closingOnError(_ body: (inout StreamState) throws(IOError) -> Void) throws(IOError) {
+        do throws(IOError) {
+            try body(&self)
+        } catch {
+            connection.close()
+            throw error
+        }
+    }
 
     var inboxCount: Int { inbox.count - inboxStart }
     var readable: Bool { inboxCount > 0 || offer.map { $0.next == readPosition } == true }
 
-    static func timeout(_ deadline: Int64?) -> Int32 {
-        deadline.map { Int32(clamping: max(0, $0 - monotonicMilliseconds())) } ?? -1
-    }
+    static func timeout(_ deadline: Int64?) -> Int32 { RDMAConnection.milliseconds(until: deadline) }
 
     static func ioError(_ error: RDMAError) -> IOError {
         let code: Int32 = switch error.kind {
@@ -284,7 +306,13 @@ struct StreamState {
                 let piece = min(inboxCount, count - done)
                 inbox.withUnsafeBytes { (buffer + done).copyMemory(from: $0.baseAddress! + inboxStart, byteCount: piece) }
                 inboxStart += piece
-                if inboxStart == inbox.count { (inbox, inboxStart) = ([], 0) }
+                if inboxStart == inbox.count {
+                    (inbox, inboxStart) = ([], 0)
+                } else if inboxStart >= Self.inboxCompactionBytes && inboxStart * 2 >= inbox.count {
+                    // Pipelined small writes keep the inbox from ever draining: drop what was read.
+                    inbox.removeFirst(inboxStart)
+                    inboxStart = 0
+                }
                 readPosition += UInt64(piece)
                 done += piece
             } else if let current = offer, current.next == readPosition {
@@ -323,6 +351,8 @@ struct StreamState {
             return
         }
         try send(.offer(position: writePosition, count: UInt64(count)), deadline: deadline)
+        outgoing = (writePosition, writePosition + UInt64(count))
+        defer { outgoing = nil }
         var done = 0
         while done < count {
             guard !requests.isEmpty else {
@@ -420,11 +450,22 @@ struct StreamState {
             pendingGrant = nil
             arrivedPosition += count
             closeOfferIfDone()
-        case .grant, .want:
-            requests.append(message)
+        case .grant(let position, let remote):
+            try acceptRequest(message, position: position, count: remote.count)
+        case .want(let position, let count):
+            try acceptRequest(message, position: position, count: count)
         case .credit:
             break
         }
+    }
+
+    /// A grant or a want is for this side's open offer, in order, and within it.
+    private mutating func acceptRequest(_ message: StreamMessage, position: UInt64, count: UInt64) throws(IOError) {
+        guard let open = outgoing, position == open.next, count > 0, count <= open.end - open.next else {
+            throw fail("\(message) outside this side's offer \(outgoing.map { "\($0.next)..<\($0.end)" } ?? "(none)")")
+        }
+        outgoing = (open.next + count, open.end)
+        requests.append(message)
     }
 
     private mutating func closeOfferIfDone() {
@@ -438,20 +479,19 @@ struct StreamState {
     }
 
     /// Registered memory holding `count` bytes at `address`: the whole
-    /// mapping when it is a mapped segment (registered once, reused until
-    /// unmapped: ``MappedMemory``), else this one transfer's range.
+    /// mapping when it is a mapped segment (registered once for this
+    /// connection and reused until either goes: ``MappedMemory``), else, or
+    /// when that fails, this one transfer's range.
     private func registration(_ address: UnsafeMutableRawPointer, count: Int, remoteWrite: Bool) throws(IOError) -> RegisteredMemory {
         let connection = connection
-        do {
-            let cached = try MappedMemory.shared.attachment(containing: address, count: count, key: connection.protectionDomainKey) { base, size, writable in
-                CachedRegistration(memory: try connection.registerShared(base, count: size, remoteWrite: writable), writable: writable)
-            }
-            if let cached, cached.writable || !remoteWrite { return cached.memory }
-            return try connection.registerShared(address, count: count, remoteWrite: remoteWrite)
-        } catch let error as RDMAError {
-            throw Self.ioError(error)
+        let cached = try? MappedMemory.shared.attachment(containing: address, count: count, key: connection.protectionDomainKey) { base, size, writable in
+            CachedRegistration(memory: try connection.register(base, count: size, remoteWrite: writable), writable: writable)
+        }
+        if let cached = cached ?? nil, cached.writable || !remoteWrite { return cached.memory }
+        do throws(RDMAError) {
+            return try connection.register(address, count: count, remoteWrite: remoteWrite)
         } catch {
-            throw IOError("RDMA register: \(error)", errno: EIO)
+            throw Self.ioError(error)
         }
     }
 }

@@ -32,7 +32,8 @@ final class DaemonChannel: @unchecked Sendable {
             try answerChallenge(secret: secret)
         case .rdma(let host, let port, let secret, let source):
             do {
-                connection = FramedConnection(stream: try RDMAStream.connect(from: source, to: host, port: port))
+                connection = FramedConnection(
+                    stream: try RDMAStream.connect(from: source, to: host, port: port, timeoutMilliseconds: Int32(clamping: replyTimeoutMilliseconds)))
             } catch {
                 throw SnapshotClientError(code: nil, message: "cannot connect to snapshotd at \(host):\(port) over RDMA: \(error)")
             }

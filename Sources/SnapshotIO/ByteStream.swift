@@ -31,47 +31,72 @@ public protocol ByteStream: Sendable {
 extension Socket: ByteStream {}
 
 /// The process's live memory mappings (``MappedSegment``s) and what is
-/// attached to each: RDMA registrations of the mapping, made on first use and
-/// reused for as long as the mapping lives. The attachments go (an RDMA
-/// region is deregistered) before the mapping is unmapped, so no registration
-/// ever outlives the pages it pinned: a later mapping at the same address
-/// can never be reached through a stale one.
+/// attached to each: RDMA registrations of the mapping, one per connection,
+/// made on first use and reused for as long as both live. The attachments go
+/// (an RDMA region is deregistered) before the mapping is unmapped, so no
+/// registration ever outlives the pages it pinned: a later mapping at the
+/// same address can never be reached through a stale one.
 public final class MappedMemory: Sendable {
     public static let shared = MappedMemory()
 
     struct Mapping {
         let count: Int
         let writable: Bool
+        /// Tells this mapping from a later one at the same address.
+        let generation: UInt64
         var attachments: [UInt: any Sendable] = [:]
     }
 
-    /// By base address.
-    private let mappings = Mutex<[UInt: Mapping]>([:])
-
-    func add(base: UnsafeMutableRawPointer, count: Int, writable: Bool) {
-        mappings.withLock { $0[UInt(bitPattern: base)] = Mapping(count: count, writable: writable) }
+    struct Mappings {
+        var byBase: [UInt: Mapping] = [:]
+        var nextGeneration: UInt64 = 0
     }
 
-    /// Drops the mapping's attachments (outside the lock: their deinit may take time).
+    private let mappings = Mutex(Mappings())
+
+    func add(base: UnsafeMutableRawPointer, count: Int, writable: Bool) {
+        mappings.withLock {
+            $0.byBase[UInt(bitPattern: base)] = Mapping(count: count, writable: writable, generation: $0.nextGeneration)
+            $0.nextGeneration += 1
+        }
+    }
+
+    /// Drops the mapping's attachments (outside the lock: deregistering takes time).
     func remove(base: UnsafeMutableRawPointer) {
-        let dropped = mappings.withLock { $0.removeValue(forKey: UInt(bitPattern: base)) }
+        let dropped = mappings.withLock { $0.byBase.removeValue(forKey: UInt(bitPattern: base)) }
+        _ = dropped
+    }
+
+    /// Drops every attachment under `key` (a connection that goes).
+    public func removeAttachments(key: UInt) {
+        let dropped = mappings.withLock { mappings in
+            mappings.byBase.keys.compactMap { base in mappings.byBase[base]?.attachments.removeValue(forKey: key) }
+        }
         _ = dropped
     }
 
     /// The attachment under `key` of the mapping holding `count` bytes at
-    /// `address`, made by `make(base, count, writable)` on first use; nil when
-    /// no live mapping holds the range (the caller registers for the one transfer).
+    /// `address`, made by `make(base, count, writable)` on first use; nil
+    /// when no live mapping holds the whole range (the caller registers for
+    /// the one transfer). The caller holds the mapping (it is transferring
+    /// into or out of it), so it stays while `make` runs outside the lock.
     public func attachment<T: Sendable>(
         containing address: UnsafeRawPointer, count: Int, key: UInt, make: (UnsafeMutableRawPointer, Int, Bool) throws -> T
     ) rethrows -> T? {
         let start = UInt(bitPattern: address)
-        return try mappings.withLock { mappings -> T? in
+        let found: (base: UInt, mapping: Mapping)? = mappings.withLock { mappings in
             // Mappings are few (one per segment in use): a scan is cheap next to a transfer.
-            guard let (base, mapping) = mappings.first(where: { base, mapping in start >= base && start - base <= UInt(mapping.count) && UInt(mapping.count) - (start - base) >= UInt(count) })
-            else { return nil }
-            if let existing = mapping.attachments[key] as? T { return existing }
-            let made = try make(UnsafeMutableRawPointer(bitPattern: base)!, mapping.count, mapping.writable)
-            mappings[base]?.attachments[key] = made
+            mappings.byBase.first { base, mapping in
+                start >= base && start - base <= UInt(mapping.count) && UInt(mapping.count) - (start - base) >= UInt(count)
+            }.map { ($0.key, $0.value) }
+        }
+        guard let (base, mapping) = found else { return nil }
+        if let existing = mapping.attachments[key] as? T { return existing }
+        let made = try make(UnsafeMutableRawPointer(bitPattern: base)!, mapping.count, mapping.writable)
+        return mappings.withLock { mappings in
+            guard mappings.byBase[base]?.generation == mapping.generation else { return made }  // gone meanwhile: this transfer's only
+            if let raced = mappings.byBase[base]?.attachments[key] as? T { return raced }
+            mappings.byBase[base]?.attachments[key] = made
             return made
         }
     }

@@ -94,6 +94,23 @@ enum DaemonScenarios {
         guard !log(1).contains("falling back to TCP") else { throw GuestTestFailure("the replacement fell back to TCP") }
         try waitForLog(1, "rebuild complete: this node serves its ranks again")
         say("rdma-guest-test daemons rebuild: ok (node 1 rebuilt from node 0 over RDMA; rank 1 step 2 restored byte-identical)")
+
+        // 5. `auto` towards a peer that does not answer over RDMA: TCP, said once.
+        for daemon in daemons { kill(daemon.processIdentifier, SIGKILL) }
+        usleep(500_000)
+        daemons = [try start(node: 0, snapshotd: snapshotd, fresh: true, transport: "auto"), try start(node: 1, snapshotd: snapshotd, fresh: true, transport: "tcp")]
+        try waitForLog(0, "listening for RDMA")
+        try waitForLog(1, "snapshotd ready")
+        let mixedJob = try JobID("rdma-guest-mixed")
+        let overRDMA = try SnapshotClient(endpoint: endpoint(rank: 0), job: mixedJob, rank: 0, world: 2, localWorld: 1)
+        let overTCP = try SnapshotClient(endpoint: .tcp(host: hosts[1], port: port, secret: secret), job: mixedJob, rank: 1, world: 2, localWorld: 1)
+        try save(overRDMA, step: 1, rank: 0)
+        try save(overTCP, step: 1, rank: 1)
+        _ = try overRDMA.waitCommitted(step: 1, timeoutMilliseconds: 120_000)
+        try expectRestores(overRDMA, step: 1, rank: 0, "restore with a TCP peer")
+        let fallbacks = log(0).split(separator: "\n").filter { $0.contains("peer does not answer over RDMA: falling back to TCP") }
+        guard fallbacks.count == 1 else { throw GuestTestFailure("node 0 logged \(fallbacks.count) fallbacks: \(fallbacks)") }
+        say("rdma-guest-test daemons auto-fallback: ok (node 0 reached node 1, which has no RDMA listener, over TCP, and said so once; step 1 committed)")
     }
 
     // MARK: Scenarios
@@ -163,7 +180,7 @@ enum DaemonScenarios {
         try cluster.write(toFile: "\(directory)/cluster.toml", atomically: true, encoding: .utf8)
     }
 
-    static func start(node: Int, snapshotd: String, fresh: Bool) throws -> Process {
+    static func start(node: Int, snapshotd: String, fresh: Bool, transport: String = "rdma") throws -> Process {
         let arena = "\(directory)/arena\(node)"
         if fresh { _ = try? FileManager.default.removeItem(atPath: arena) }
         let logPath = "\(directory)/node\(node).log"
@@ -171,7 +188,7 @@ enum DaemonScenarios {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: snapshotd)
         process.arguments = [
-            "--node-id", "\(node)", "--cluster-file", "\(directory)/cluster.toml", "--transport", "rdma",
+            "--node-id", "\(node)", "--cluster-file", "\(directory)/cluster.toml", "--transport", transport,
             "--shared-secret-file", "\(directory)/secret", "--peer-secret-file", "\(directory)/peer-secret",
             "--unix-socket", "\(directory)/node\(node).sock", "--arena-directory", arena, "--memory-budget", "256MiB", "--keep", "2",
             "--log-level", "info",

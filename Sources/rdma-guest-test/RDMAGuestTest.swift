@@ -61,7 +61,7 @@ struct RDMAGuestTest {
         let region = try connection.register(arena, count: payloadBytes, remoteWrite: true)
         // The region must stay registered until the verdict: the client writes into it meanwhile.
         try withExtendedLifetime(region) {
-            try connection.send(region.grant.encoded, timeoutMilliseconds: timeoutMilliseconds)
+            try connection.send(region.grant(arena, count: payloadBytes).encoded, timeoutMilliseconds: timeoutMilliseconds)
             if scenario == "disconnect" {
                 connection.close()
                 // Nothing is committed: the arena holds no save (writes that landed stay uncommitted).
@@ -114,7 +114,7 @@ struct RDMAGuestTest {
             var failure: RDMAError? = nil
             for _ in 0..<200 where failure == nil {
                 do throws(RDMAError) {
-                    try connection.write(local, offset: 0, count: payloadBytes, to: grant, remoteOffset: 0, timeoutMilliseconds: 5000)
+                    try connection.write(buffer, count: payloadBytes, in: local, to: grant, remoteOffset: 0, timeoutMilliseconds: 5000)
                 } catch {
                     failure = error
                 }
@@ -126,7 +126,7 @@ struct RDMAGuestTest {
             }
             throw GuestTestFailure("writes kept succeeding after the server left")
         }
-        try connection.write(local, offset: 0, count: payloadBytes, to: grant, remoteOffset: 0, timeoutMilliseconds: timeoutMilliseconds)
+        try connection.write(buffer, count: payloadBytes, in: local, to: grant, remoteOffset: 0, timeoutMilliseconds: timeoutMilliseconds)
         try connection.send(try frame(.commitSave(CommitSave(step: 1, checksums: [crc]))), timeoutMilliseconds: timeoutMilliseconds)
         let verdict = try decode(try connection.receive(timeoutMilliseconds: timeoutMilliseconds))
         switch (scenario, verdict) {

@@ -1,4 +1,6 @@
 @testable import RDMATransport
+import SnapshotIO
+import Synchronization
 import Testing
 
 /// What the RDMA transport does without a device (this machine and CI): clear
@@ -91,5 +93,45 @@ struct RDMAStreamProtocolTests {
         #expect(credits.available == StreamCredits.slots - 1)
         let overflow = #expect(throws: RDMAError.self) { try credits.received(returned: 2) }
         #expect(overflow?.detail == "the peer returned 2 credits with \(StreamCredits.slots - 1) of \(StreamCredits.slots) already held")
+    }
+}
+
+/// What the RDMA stream caches per mapped segment: made once per key, found
+/// for any range inside the mapping, gone before the mapping is unmapped or
+/// when its connection goes.
+@Suite("Mapped memory registrations")
+struct MappedMemoryTests {
+    /// Stands for a registration: counts its releases.
+    final class Token: Sendable {
+        static let released = Mutex(0)
+        deinit { Self.released.withLock { $0 += 1 } }
+    }
+
+    @Test func anAttachmentIsMadeOncePerKeyAndGoesWithItsMappingOrKey() throws {
+        let pageBytes = 4096
+        var segment: MappedSegment? = try MappedSegment.anonymous(sizeBytes: 4 * pageBytes)
+        let base = try #require(segment?.base)
+        let releasedBefore = Token.released.withLock { $0 }
+        var made: [(UnsafeMutableRawPointer, Int, Bool)] = []
+        func attachment(_ offset: Int, _ count: Int, key: UInt) -> Token? {
+            MappedMemory.shared.attachment(containing: base + offset, count: count, key: key) { mappingBase, size, writable in
+                made.append((mappingBase, size, writable))
+                return Token()
+            }
+        }
+        let first = try #require(attachment(100, 1000, key: 7))
+        #expect(attachment(3 * pageBytes, pageBytes, key: 7) === first, "any range inside the mapping finds the same one")
+        #expect(made.count == 1 && made[0].0 == base && made[0].1 == 4 * pageBytes && made[0].2)
+        #expect(attachment(3 * pageBytes, pageBytes + 1, key: 7) == nil, "a range past the mapping's end is not cached")
+        let other = try #require(attachment(0, 1, key: 8))
+        #expect(other !== first && made.count == 2)
+        MappedMemory.shared.removeAttachments(key: 7)
+        #expect(Token.released.withLock { $0 } == releasedBefore, "the test still holds both")
+        #expect(attachment(0, 1, key: 7) !== first && made.count == 3, "a connection that came back registers afresh")
+        segment = nil  // unmapped: its attachments go first
+        _ = segment
+        #expect(Token.released.withLock { $0 } == releasedBefore + 1, "the one made after the key was dropped went with the mapping")
+        #expect(MappedMemory.shared.attachment(containing: base, count: 1, key: 8) { _, _, _ in Token() } == nil)
+        withExtendedLifetime((first, other)) {}
     }
 }

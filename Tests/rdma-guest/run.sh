@@ -128,7 +128,7 @@ for scenario in ok corrupt disconnect; do
 done
 # Two real daemons and their trainers over RDMA: saves, restores, fragments, a rebuild.
 timeout 600 /tests/rdma-guest-test daemons /tests/snapshotd || { tail -40 /tmp/rdma-daemons/node0.log; tail -40 /tmp/rdma-daemons/node1.log; result "fail (rdma-guest-test daemons)"; }
-result "pass (rdma_smoke; rdma-guest-test ok, corrupt, disconnect; daemons save-restore, corrupt, disconnect, dead-daemon, rebuild)"
+result "pass (rdma_smoke; rdma-guest-test ok, corrupt, disconnect; daemons save-restore, corrupt, disconnect, dead-daemon, rebuild, auto-fallback)"
 GUEST
 chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/initrd.gz"

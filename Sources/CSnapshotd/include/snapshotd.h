@@ -121,6 +121,7 @@ typedef struct snapshotd_client_options {
     uint32_t tensor_parallel_index;
     uint32_t data_parallel_index;
     int64_t reply_timeout_ms;     /* how long a reply may take to start; 0: 60000 */
+    /* Added in 0.5 (the struct grew: code built against an older header must be rebuilt). */
     const char *transport;        /* with host: "tcp" (or NULL) or "rdma" (tensors by RDMA WRITE, zero copy) */
     const char *rdma_source;      /* with transport "rdma": the local address to connect from; NULL: as routing picks */
 } snapshotd_client_options;

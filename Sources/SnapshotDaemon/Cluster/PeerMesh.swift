@@ -47,8 +47,12 @@ final class PeerMesh: Sendable {
     /// `[[node]]` entry says `transport = "tcp"`; with `auto` (and a peer
     /// not pinned to `rdma`), one that does not answer over RDMA over TCP.
     private let transport = Mutex<TransportMode>(.tcp)
-    /// Peers reached over TCP because they did not answer over RDMA: logged once each way.
-    private let fellBackToTCP = Mutex<Set<NodeID>>([])
+    /// Peers reached over TCP because they did not answer over RDMA, and
+    /// when: RDMA is tried again only after ``rdmaRetryMilliseconds`` (a peer
+    /// without RDMA must not cost a connect timeout on every reconnect).
+    /// Logged once each way.
+    private let fellBackToTCP = Mutex<[NodeID: Int64]>([:])
+    static let rdmaRetryMilliseconds: Int64 = 60_000
 
     init(selfID: NodeID, cluster: ClusterConfiguration, secret: [UInt8], logger: Logger) {
         self.selfID = selfID
@@ -71,14 +75,16 @@ final class PeerMesh: Sendable {
     /// entry allow it, else (or, under `auto`, when RDMA does not answer) TCP.
     private func openStream(to peer: ClusterConfiguration.Node, timeoutMilliseconds: Int64) throws -> any ByteStream {
         let mode = transport.withLock { $0 }
-        if mode != .tcp, peer.transport != .tcp, let source = cluster.node(selfID)?.host {
-            let started = monotonicMilliseconds()
+        let started = monotonicMilliseconds()
+        let backingOff = mode == .auto && peer.transport == .auto
+            && fellBackToTCP.withLock { $0[peer.id].map { started - $0 < Self.rdmaRetryMilliseconds } ?? false }
+        if mode != .tcp, peer.transport != .tcp, !backingOff, let source = cluster.node(selfID)?.host {
             do {
-                let stream = try RDMAStream.connect(from: source, to: peer.host, port: peer.port)
+                let stream = try RDMAStream.connect(from: source, to: peer.host, port: peer.port, timeoutMilliseconds: Int32(clamping: timeoutMilliseconds))
                 if monotonicMilliseconds() - started > 1000 {
                     logger.notice("RDMA connection to a peer was slow to establish", metadata: ["peer": "\(peer.id)", "milliseconds": "\(monotonicMilliseconds() - started)"])
                 }
-                if fellBackToTCP.withLock({ $0.remove(peer.id) }) != nil {
+                if fellBackToTCP.withLock({ $0.removeValue(forKey: peer.id) }) != nil {
                     logger.notice("peer answers over RDMA again", metadata: ["peer": "\(peer.id)", "address": "\(peer.address)"])
                 }
                 return stream
@@ -86,11 +92,14 @@ final class PeerMesh: Sendable {
                 guard mode == .auto, peer.transport == .auto else {
                     throw PeerError(code: nil, message: "node \(peer.id) at \(peer.address) does not answer over RDMA (transport = \"rdma\"): \(error)")
                 }
-                if fellBackToTCP.withLock({ $0.insert(peer.id).inserted }) {
+                // A peer that is down answers neither way: only one that answers over TCP has fallen back.
+                let socket = try Socket.connectTCP(host: peer.host, port: peer.port, timeoutMilliseconds: timeoutMilliseconds)
+                if fellBackToTCP.withLock({ $0.updateValue(started, forKey: peer.id) }) == nil {
                     logger.warning("peer does not answer over RDMA: falling back to TCP (transport = \"auto\")", metadata: [
                         "peer": "\(peer.id)", "address": "\(peer.address)", "error": "\(error)",
                     ])
                 }
+                return socket
             }
         }
         return try Socket.connectTCP(host: peer.host, port: peer.port, timeoutMilliseconds: timeoutMilliseconds)

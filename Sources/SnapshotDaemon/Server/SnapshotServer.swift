@@ -40,6 +40,7 @@ public final class SnapshotServer: Service, Sendable {
     let verifying = Mutex(false)
     /// Refusals come in floods: one log line per second says how many so far.
     let refusalLog = LogRateLimiter(intervalMilliseconds: 1000)
+    let rdmaAcceptFailureLog = LogRateLimiter(intervalMilliseconds: 1000)
     /// The TCP port the listener bound (known once ``start()`` returned).
     public var boundTCPPort: UInt16? { boundPort.withLock { $0 } }
     private let boundPort = Mutex<UInt16?>(nil)
@@ -150,7 +151,6 @@ public final class SnapshotServer: Service, Sendable {
             unlink(configuration.unixSocketPath)
             throw error
         }
-        state.withLock { $0.listeners = opened.map(\.0) + (metricsListener.map { [$0] } ?? []) }
         let rdmaListener: RDMAListener?
         do {
             rdmaListener = try listenRDMA(transport)
@@ -160,6 +160,7 @@ public final class SnapshotServer: Service, Sendable {
             unlink(configuration.unixSocketPath)
             throw error
         }
+        state.withLock { $0.listeners = opened.map(\.0) + (metricsListener.map { [$0] } ?? []) }
         for (listener, isTCP) in opened {
             Thread.detachNewThread { [self] in acceptLoop(listener, isTCP: isTCP) }
         }
@@ -181,7 +182,7 @@ public final class SnapshotServer: Service, Sendable {
                 "metrics": "\(configuration.metricsListen.flatMap { listen in boundMetricsPort.map { "\(listen.split(separator: ":").first ?? ""):\($0)" } } ?? "off")",
                 "arena": "\(arena.root)", "budgetBytes": "\(configuration.memoryBudgetBytes)",
                 "durableTier": "\(configuration.flushDirectory.map { "\($0) every \(configuration.flushEverySteps) steps / \(configuration.flushIntervalMilliseconds) ms" } ?? "off")",
-                "transport": "\(transport.used)",
+                "transport": "\(rdmaListener == nil ? "tcp" : "rdma")",
             ])
         SystemdNotifier.notify(["READY=1", "STATUS=\(statusLine())"])
     }
@@ -294,21 +295,30 @@ public final class SnapshotServer: Service, Sendable {
             do throws(RDMAError) {
                 connection = try listener.accept(timeoutMilliseconds: 200)
             } catch {
-                logger.warning("RDMA accept failed", metadata: ["error": "\(error)"])
+                if rdmaAcceptFailureLog.shouldLog(nowMilliseconds: monotonicMilliseconds()) {
+                    logger.warning("RDMA accept failed", metadata: ["error": "\(error)"])
+                }
                 usleep(10_000)
                 continue
             }
             guard let connection else { continue }
-            serve(RDMAStream(connection, peer: "an RDMA client"), transport: .rdma)
+            let peer = connection.peerAddress
+            serve(RDMAStream(connection, peer: peer), transport: .rdma, remote: peer)
         }
     }
 
     /// Admits a new connection to its pool and serves it on a thread of its own.
-    private func serve(_ stream: any ByteStream, transport: SessionTransport) {
+    private func serve(_ stream: any ByteStream, transport: SessionTransport, remote: String? = nil) {
         let slot: ConnectionSlot = transport == .unix ? .local : .handshake
         let limit = transport == .unix ? configuration.maximumConnections : Limits.maximumHandshakes
         guard let (id, evicted) = state.withLock({ $0.admit(stream, to: slot, limit: limit) }) else {
-            refuse(stream, "snapshotd has \(limit) \(transport == .unix ? "local" : "pending remote") sessions, the maximum; try again later")
+            let reason = "snapshotd has \(limit) \(transport == .unix ? "local" : "pending remote") sessions, the maximum; try again later"
+            if transport == .rdma {
+                // Its handshake finishes on first use: not on the accepting thread.
+                Thread.detachNewThread { [self] in refuse(stream, reason, graceMilliseconds: 2000) }
+            } else {
+                refuse(stream, reason)
+            }
             return
         }
         if let evicted {
@@ -316,7 +326,9 @@ public final class SnapshotServer: Service, Sendable {
             evicted.shutdownBoth()  // its thread's read fails at once and the session ends
         }
         Thread.detachNewThread { [self] in
-            let session = Session(server: self, id: id, connection: FramedConnection(stream: stream, frameTimeoutMilliseconds: configuration.frameTimeoutMilliseconds), transport: transport)
+            let session = Session(
+                server: self, id: id, connection: FramedConnection(stream: stream, frameTimeoutMilliseconds: configuration.frameTimeoutMilliseconds), transport: transport)
+            if let remote { session.logger[metadataKey: "remote"] = "\(remote)" }
             session.serve()
             endSession(id)
             stream.close()
@@ -324,12 +336,13 @@ public final class SnapshotServer: Service, Sendable {
     }
 
     /// Answers `tooManyConnections` (without waiting on the client) and closes.
-    private func refuse(_ socket: any ByteStream, _ reason: String) {
+    /// `graceMilliseconds`: how long the reply may take (0 for a socket: its buffer takes it or it is dropped).
+    private func refuse(_ socket: any ByteStream, _ reason: String, graceMilliseconds: Int64 = 0) {
         counters.increment(.connectionsRefused)
         if refusalLog.shouldLog(nowMilliseconds: monotonicMilliseconds()) {
             logger.warning("refusing connection: slots full", metadata: ["reason": "\(reason)", "refusedSoFar": "\(counters.value(.connectionsRefused))"])
         }
-        try? socket.writeAll(Frame.encode(.error(ErrorReply(code: .tooManyConnections, message: reason)), requestID: 0), deadlineMilliseconds: monotonicMilliseconds())
+        try? socket.writeAll(Frame.encode(.error(ErrorReply(code: .tooManyConnections, message: reason)), requestID: 0), deadlineMilliseconds: monotonicMilliseconds() + graceMilliseconds)
         socket.close()
     }
 

@@ -14,4 +14,4 @@ __all__ = [
     "SnapshotdError", "DaemonUnavailableError", "ErrorCode",
     "PARAMETER", "OPTIMIZER", "RNG", "EXTRA", "CARRIED",
 ]
-__version__ = "0.4.0"
+__version__ = "0.5.0"
