@@ -12,6 +12,7 @@ static inline int snapshotd_ibv_query_port(struct ibv_context *context, uint8_t 
 #include <rdma/rdma_verbs.h>
 #include <errno.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 
 /* Waits for one completion on `cq`, armed through `channel`, for at most
  * `timeout_ms` between events (-1: without limit), while also watching the
@@ -61,5 +62,22 @@ static inline int snapshotd_rdma_fd_readable(int fd, int timeout_ms) {
         int events = poll(&ready, 1, timeout_ms);
         if (events >= 0) return events > 0 ? 1 : 0;
         if (errno != EINTR) return -1;
+    }
+}
+
+/* Which of two descriptors is readable first within `timeout_ms` (-1: without
+ * limit): 1 for `first`, 2 for `second`, 0 when the time passed, -1 on an
+ * error. For a handshake that a disconnect from another thread must end. */
+static inline int snapshotd_rdma_wait_either(int first, int second, int timeout_ms) {
+    struct pollfd ready[2] = {{.fd = first, .events = POLLIN}, {.fd = second, .events = POLLIN}};
+    for (;;) {
+        int events = poll(ready, 2, timeout_ms);
+        if (events == 0) return 0;
+        if (events < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        if (ready[1].revents) return 2;
+        if (ready[0].revents) return 1;
     }
 }

@@ -120,6 +120,10 @@ public final class RDMAConnection {
     private let slotRegion: UnsafeMutablePointer<ibv_mr>
     private let sendBuffer: UnsafeMutableRawPointer
     private let sendRegion: UnsafeMutablePointer<ibv_mr>
+    /// Written by ``Disconnector/disconnect()``: ends a handshake in progress,
+    /// which a disconnect of a connection not yet established does not (no
+    /// rdma_cm event comes of it).
+    private let disconnectSignal: Int32
     /// The event channel `beginEstablishing` moved the id to: destroyed after the id.
     private var ownedChannel: UnsafeMutablePointer<rdma_event_channel>?
     /// Set while the connection is being established: what, and by when.
@@ -191,9 +195,10 @@ public final class RDMAConnection {
     public func awaitEstablished() throws(RDMAError) {
         guard let (operation, deadline, timeoutMilliseconds) = establishing, let channel = ownedChannel else { return }
         while true {
-            switch snapshotd_rdma_fd_readable(channel.pointee.fd, Self.milliseconds(until: deadline)) {
+            switch snapshotd_rdma_wait_either(channel.pointee.fd, disconnectSignal, Self.milliseconds(until: deadline)) {
             case 0: throw fail(RDMAError(kind: .timeout, operation: operation, detail: "no answer within \(timeoutMilliseconds) ms"))
             case 1: break
+            case 2: throw fail(RDMAError(kind: .connection, operation: operation, detail: "disconnected by this side during the handshake"))
             default: throw fail(.errno(.connection, operation))
             }
             var event: UnsafeMutablePointer<rdma_cm_event>?
@@ -254,6 +259,7 @@ public final class RDMAConnection {
     ) {
         self.id = id
         self.protectionDomain = protectionDomain
+        disconnectSignal = eventfd(0, Int32(EFD_CLOEXEC | EFD_NONBLOCK))
         self.slots = slots
         self.slotRegion = slotRegion
         self.sendBuffer = sendBuffer
@@ -405,7 +411,10 @@ public final class RDMAConnection {
     private func fail(_ error: RDMAError) -> RDMAError {
         if failure == nil {
             failure = error
-            rdma_disconnect(id)
+            // Before `beginEstablishing` the id is in librdmacm's blocking
+            // mode, where a disconnect would wait for an event that never
+            // comes; not connected then, there is nothing to flush.
+            if ownedChannel != nil { rdma_disconnect(id) }
         }
         return error
     }
@@ -413,12 +422,18 @@ public final class RDMAConnection {
     /// Disconnects from any thread (a daemon stopping, a session evicted):
     /// the queue pair goes to error and a thread blocked on it wakes with a
     /// flush error. Valid while the connection lives (its holder keeps it).
-    public struct Disconnector: @unchecked Sendable {  // an rdma_cm id; rdma_disconnect is thread-safe
+    public struct Disconnector: @unchecked Sendable {  // an rdma_cm id and an eventfd; both calls are thread-safe
         let id: UnsafeMutablePointer<rdma_cm_id>
-        public func disconnect() { rdma_disconnect(id) }
+        let signal: Int32
+
+        public func disconnect() {
+            if signal >= 0 { _ = eventfd_write(signal, 1) }
+            rdma_disconnect(id)
+        }
     }
 
-    public var disconnector: Disconnector { Disconnector(id: id) }
+    /// Only for a connection past `beginEstablishing` (every one `connect` and `accept` return).
+    public var disconnector: Disconnector { Disconnector(id: id, signal: disconnectSignal) }
 
     /// The peer's address (host:port), for logs.
     public var peerAddress: String {
@@ -431,7 +446,8 @@ public final class RDMAConnection {
     }
 
     /// This connection's protection domain, as a key for registrations
-    /// made for it (``MappedMemory``); they are dropped when it goes.
+    /// made for it (``MappedMemory``; with the low bit set, the
+    /// remote-writable ones); they are dropped when it goes.
     public var protectionDomainKey: UInt { UInt(bitPattern: protectionDomain.pointer) }
 
     /// Registers `count` bytes at `base` in this connection's protection
@@ -463,10 +479,12 @@ public final class RDMAConnection {
         // the domain goes with its last reference.
         rdma_destroy_qp(id)
         MappedMemory.shared.removeAttachments(key: protectionDomainKey)
+        MappedMemory.shared.removeAttachments(key: protectionDomainKey | 1)  // the remote-writable ones
         rdma_dereg_mr(slotRegion)
         rdma_dereg_mr(sendRegion)
         rdma_destroy_ep(id)
         if let ownedChannel { rdma_destroy_event_channel(ownedChannel) }
+        if disconnectSignal >= 0 { Glibc.close(disconnectSignal) }
         slots.deallocate()
         sendBuffer.deallocate()
     }

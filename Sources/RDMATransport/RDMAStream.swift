@@ -39,12 +39,9 @@ public final class RDMAStream: ByteStream {
 
     private let state: Mutex<StreamState>
     private let disconnector: RDMAConnection.Disconnector
-    /// What the stream runs between, for messages.
-    public let peerDescription: String
 
-    public init(_ connection: sending RDMAConnection, peer: String) {
+    public init(_ connection: sending RDMAConnection) {
         disconnector = connection.disconnector
-        peerDescription = peer
         state = Mutex(StreamState(connection: connection))
     }
 
@@ -54,7 +51,7 @@ public final class RDMAStream: ByteStream {
         from source: String?, to host: String, port: UInt16, timeoutMilliseconds: Int32 = RDMAConnection.establishTimeoutMilliseconds
     ) throws -> RDMAStream {
         do throws(RDMAError) {
-            return RDMAStream(try RDMAConnection.connect(from: source, to: host, port: port, timeoutMilliseconds: timeoutMilliseconds), peer: "\(host):\(port)")
+            return RDMAStream(try RDMAConnection.connect(from: source, to: host, port: port, timeoutMilliseconds: timeoutMilliseconds))
         } catch {
             throw IOError("\(error)", errno: ECONNREFUSED)
         }
@@ -480,24 +477,22 @@ struct StreamState {
 
     /// Registered memory holding `count` bytes at `address`: the whole
     /// mapping when it is a mapped segment (registered once for this
-    /// connection and reused until either goes: ``MappedMemory``), else, or
-    /// when that fails, this one transfer's range.
+    /// connection and use, and reused until either goes: ``MappedMemory``),
+    /// else, or when that fails, this one transfer's range. A mapping is
+    /// remote-writable only once it has been granted: one only ever written
+    /// from (a restore's source) never is.
     private func registration(_ address: UnsafeMutableRawPointer, count: Int, remoteWrite: Bool) throws(IOError) -> RegisteredMemory {
         let connection = connection
-        let cached = try? MappedMemory.shared.attachment(containing: address, count: count, key: connection.protectionDomainKey) { base, size, writable in
-            CachedRegistration(memory: try connection.register(base, count: size, remoteWrite: writable), writable: writable)
+        let key = connection.protectionDomainKey | (remoteWrite ? 1 : 0)  // domains are aligned: the low bit is free
+        let cached = try? MappedMemory.shared.attachment(containing: address, count: count, key: key) { base, size, writable in
+            guard writable || !remoteWrite else { throw IOError("a read-only mapping cannot be granted", errno: EACCES) }
+            return try connection.register(base, count: size, remoteWrite: remoteWrite)
         }
-        if let cached = cached ?? nil, cached.writable || !remoteWrite { return cached.memory }
+        if let cached = cached ?? nil { return cached }
         do throws(RDMAError) {
             return try connection.register(address, count: count, remoteWrite: remoteWrite)
         } catch {
             throw Self.ioError(error)
         }
     }
-}
-
-/// A mapping's registration, as ``MappedMemory`` keeps it.
-struct CachedRegistration: Sendable {
-    let memory: RegisteredMemory
-    let writable: Bool
 }

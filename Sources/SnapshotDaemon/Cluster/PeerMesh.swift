@@ -93,7 +93,8 @@ final class PeerMesh: Sendable {
                     throw PeerError(code: nil, message: "node \(peer.id) at \(peer.address) does not answer over RDMA (transport = \"rdma\"): \(error)")
                 }
                 // A peer that is down answers neither way: only one that answers over TCP has fallen back.
-                let socket = try Socket.connectTCP(host: peer.host, port: peer.port, timeoutMilliseconds: timeoutMilliseconds)
+                let left = max(1, timeoutMilliseconds - (monotonicMilliseconds() - started))
+                let socket = try Socket.connectTCP(host: peer.host, port: peer.port, timeoutMilliseconds: left)
                 if fellBackToTCP.withLock({ $0.updateValue(started, forKey: peer.id) }) == nil {
                     logger.warning("peer does not answer over RDMA: falling back to TCP (transport = \"auto\")", metadata: [
                         "peer": "\(peer.id)", "address": "\(peer.address)", "error": "\(error)",

@@ -7,8 +7,9 @@ import SnapshotProtocol
 /// within a control timeout each, so one frozen peer costs one timeout.
 extension SnapshotServer {
     /// This node's own line.
-    func ownSummary() -> NodeSummary {
-        let rebuilding = cluster.map { $0.recoverPicture().rebuildingNodes.contains(configuration.nodeID) } ?? false
+    /// - Parameter picture: the cluster's recovery picture when the caller has one already.
+    func ownSummary(picture: RecoverReply? = nil) -> NodeSummary {
+        let rebuilding = (picture ?? cluster?.recoverPicture())?.rebuildingNodes.contains(configuration.nodeID) ?? false
         return state.withLock { state in
             let coordinator = state.cluster?.monitor.coordinator ?? configuration.nodeID
             let joining = state.cluster.map { !$0.discovered } ?? false
@@ -20,9 +21,12 @@ extension SnapshotServer {
     }
 
     func clusterStatus() -> ClusterStatusReply {
-        let own = ownSummary()
-        guard let cluster, let clusterConfiguration else { return ClusterStatusReply(coordinator: own.node, nodes: [own], groups: []) }
+        guard let cluster, let clusterConfiguration else {
+            let own = ownSummary()
+            return ClusterStatusReply(coordinator: own.node, nodes: [own], groups: [])
+        }
         let picture = cluster.recoverPicture()
+        let own = ownSummary(picture: picture)
         let dead = Set(picture.deadNodes)
         let rebuilding = Set(picture.rebuildingNodes)
         let peers = clusterConfiguration.nodeIDs.filter { $0 != own.node }

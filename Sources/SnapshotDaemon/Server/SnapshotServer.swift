@@ -303,7 +303,7 @@ public final class SnapshotServer: Service, Sendable {
             }
             guard let connection else { continue }
             let peer = connection.peerAddress
-            serve(RDMAStream(connection, peer: peer), transport: .rdma, remote: peer)
+            serve(RDMAStream(connection), transport: .rdma, remote: peer)
         }
     }
 
