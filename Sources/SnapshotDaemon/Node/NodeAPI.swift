@@ -13,7 +13,36 @@ extension SnapshotServer {
         if cluster != nil, localWorld == 0, world > 1 {
             throw StoreError(.invalidRequest, "in a cluster, trainers must say how many ranks use this node (localWorld)")
         }
-        try state.withLock { try $0.store.attach(session: session, job: job, rank: rank, world: world, localWorld: localWorld) }
+        // A rank has one live session. When the store names another holder,
+        // that holder may be a trainer that died an instant ago (its thread
+        // sits in waitCommitted and has not looked at its socket yet): a
+        // holder whose peer is gone hands the rank over at once; a live one
+        // keeps it and this session is refused.
+        let holder = try state.withLock { (state: inout NodeState) throws -> (id: SessionID, stream: any ByteStream)? in
+            do {
+                try state.store.attach(session: session, job: job, rank: rank, world: world, localWorld: localWorld)
+                return nil
+            } catch let error as StoreError where error.code == .duplicateRank {
+                guard let id = state.store.jobs[job]?.sessions[rank], let open = state.sessions[id] else { throw error }
+                return (id, open.stream)
+            }
+        }
+        guard let holder else { return }
+        // The check runs without the lock: it is a system call.
+        guard holder.stream.peerHasClosed() else {
+            throw StoreError(.duplicateRank, "rank \(rank) of job \(job) is already connected (session \(holder.id), still live)")
+        }
+        try state.withLock { state in
+            // Only the holder that was checked is ended; another change meanwhile is decided afresh.
+            if state.store.jobs[job]?.sessions[rank] == holder.id {
+                apply(state.store.detach(session: holder.id), to: &state)
+            }
+            try state.store.attach(session: session, job: job, rank: rank, world: world, localWorld: localWorld)
+        }
+        holder.stream.shutdownBoth()  // its thread ends at its next look at the socket
+        logger.info(
+            "rank handed over: its previous session's client is gone",
+            metadata: ["job": "\(job)", "rank": "\(rank)", "previousSession": "\(holder.id)", "session": "\(session)"])
     }
 
     /// Reserves the shard's memory and maps its segment (refused up front,
