@@ -121,7 +121,7 @@ let package = Package(
         ),
 
         .testTarget(name: "RDMATransportTests", dependencies: ["RDMATransport"], swiftSettings: strictSettings),
-        .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding"], swiftSettings: strictSettings),
+        .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding", "SnapshotProtocol"], swiftSettings: strictSettings),
         .testTarget(name: "SnapshotProtocolTests", dependencies: ["SnapshotProtocol"], swiftSettings: strictSettings),
         .testTarget(name: "CheckFreeTests", dependencies: ["CheckFree"], swiftSettings: strictSettings),
         .testTarget(name: "SnapshotDaemonTests", dependencies: ["SnapshotDaemon"], swiftSettings: strictSettings),

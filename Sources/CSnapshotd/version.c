@@ -2,4 +2,4 @@
 
 /* Kept in C so the header has a home target that Swift imports: the Swift
  * implementation (Sources/SnapshotClientC) sees exactly the declared types. */
-const char *snapshotd_version(void) { return "0.5.0"; }
+const char *snapshotd_version(void) { return SNAPSHOTD_VERSION; }

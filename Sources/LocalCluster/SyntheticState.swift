@@ -3,7 +3,7 @@ public import SnapshotClient
 import SnapshotProtocol
 
 /// Deterministic tensors for (seed, rank, step): parameters, optimizer state
-/// and an RNG blob, filled by SplitMix64. Sendable: the buffers are only read after init.
+/// and an RNG blob, filled by ``SplitMix64``. Sendable: the buffers are only read after init.
 public struct SyntheticState: @unchecked Sendable {
     let buffers: [UnsafeMutableRawBufferPointer]
     public let tensors: [TensorData]
@@ -18,19 +18,8 @@ public struct SyntheticState: @unchecked Sendable {
                 : try! TensorSpec.blob(name: name, byteCount: size, kind: kind))
         }
         buffers = sizes.map { UnsafeMutableRawBufferPointer.allocate(byteCount: max($0, 1), alignment: 64) }
-        var state = seed &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(rank) << 32 ^ step
-        for (buffer, size) in zip(buffers, sizes) {
-            let words = size / 8
-            let pointer = buffer.baseAddress!
-            for i in 0..<words {
-                state &+= 0x9E37_79B9_7F4A_7C15
-                var z = state
-                z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-                z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-                pointer.storeBytes(of: z ^ (z >> 31), toByteOffset: i * 8, as: UInt64.self)
-            }
-            for i in (words * 8)..<size { buffer[i] = UInt8(truncatingIfNeeded: state >> (i % 8 * 8)) }
-        }
+        var random = SplitMix64(seed: seed &* 0x9E37_79B9_7F4A_7C15 ^ UInt64(rank) << 32 ^ step)
+        for (buffer, size) in zip(buffers, sizes) { random.fill(UnsafeMutableRawBufferPointer(rebasing: buffer[0..<size])) }
         tensors = zip(specs, zip(buffers, sizes)).map { TensorData(spec: $0, bytes: UnsafeRawBufferPointer(rebasing: $1.0[0..<$1.1])) }
     }
 

@@ -260,18 +260,11 @@ enum DaemonScenarios {
         }
     }
 
-    /// Pseudo-random bytes (a 64-bit LCG, a word at a time), the same for the same seed.
+    /// Pseudo-random bytes, the same for the same seed.
     static func pattern(count: Int, seed: UInt64) -> [UInt8] {
-        var state = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+        var random = SplitMix64(seed: seed)
         var bytes = [UInt8](repeating: 0, count: count)
-        bytes.withUnsafeMutableBytes { buffer in
-            for offset in stride(from: 0, to: count, by: 8) {
-                state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
-                withUnsafeBytes(of: state) { word in
-                    for index in 0..<min(8, count - offset) { buffer[offset + index] = word[index] }
-                }
-            }
-        }
+        bytes.withUnsafeMutableBytes { random.fill($0) }
         return bytes
     }
 

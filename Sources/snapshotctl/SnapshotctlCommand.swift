@@ -17,7 +17,7 @@ struct SnapshotctlCommand: ParsableCommand {
             4 unreachable (no daemon, wrong secret, no answer in time); 5 not found \
             (unknown job or step); 64 usage (bad flags).
             """,
-        version: "0.1.0",
+        version: SnapshotdVersion.string,
         subcommands: [Status.self, Jobs.self, Snapshots.self, Verify.self, Recover.self, Drain.self, Export.self])
 
     /// Every error ends as one line on stderr and its documented exit code.

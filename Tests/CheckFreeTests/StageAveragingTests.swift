@@ -79,10 +79,10 @@ import Testing
         }
     }
 
-    static func seeded(_ test: String) -> SplitMix {
+    static func seeded(_ test: String) -> SplitMix64 {
         let seed = ProcessInfo.processInfo.environment["SNAPSHOTD_TEST_SEED"].flatMap(UInt64.init) ?? UInt64.random(in: 1...UInt64(UInt32.max))
         print("[\(test)] seed \(seed) (replay with SNAPSHOTD_TEST_SEED=\(seed))")
-        return SplitMix(seed: seed)
+        return SplitMix64(seed: seed)
     }
 
     // MARK: Conversions
@@ -254,15 +254,3 @@ import Testing
     }
 }
 
-/// SplitMix64, seeded and printed by each randomized test.
-struct SplitMix: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}

@@ -1,4 +1,5 @@
 import ErasureCoding
+import SnapshotProtocol
 import Glibc
 import Testing
 

@@ -171,7 +171,7 @@ struct SnapshotStoreTests {
     @Test func randomOperationSequencesKeepInvariants() throws {
         let seed = ProcessInfo.processInfo.environment["SNAPSHOTD_TEST_SEED"].flatMap(UInt64.init) ?? UInt64.random(in: 0...UInt64.max)
         print("[randomOperationSequences] seed \(seed) (replay with SNAPSHOTD_TEST_SEED=\(seed))")
-        var rng = SimulationRandom(seed: seed)
+        var rng = SplitMix64(seed: seed)
         for _ in 0..<200 {
             var store = SnapshotStore(budgetBytes: 12 << 20, snapshotsKeptPerJob: Int.random(in: 1...3, using: &rng))
             let world: UInt32 = 3

@@ -58,7 +58,7 @@ struct BadInputTests {
 
         // Random bytes: a bad-magic error, then the daemon hangs up.
         let seed = testSeed("bad input")
-        var rng = SeededGenerator(seed: seed)
+        var rng = SplitMix64(seed: seed)
         for _ in 0..<20 {
             let raw = try Raw.unix(daemon)
             try raw.send(bytes: (0..<Int.random(in: 40...400, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) })

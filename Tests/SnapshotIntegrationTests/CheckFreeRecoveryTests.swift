@@ -44,7 +44,7 @@ import Testing
     static func bytes(step: Step, rank: Rank, spec: TensorSpec, seed: UInt64) -> [UInt8] {
         var ownerRank = rank
         if spec.kind == .carried { ownerRank = spec.name == "embed.weight" ? rank - 2 : rank + 2 }
-        var random = SeededGenerator(seed: seed ^ (step &* 0x9E37) ^ (UInt64(ownerRank) << 32) ^ UInt64(spec.name.hashValueStable))
+        var random = SplitMix64(seed: seed ^ (step &* 0x9E37) ^ (UInt64(ownerRank) << 32) ^ UInt64(spec.name.hashValueStable))
         let count = Int(spec.byteLength / spec.dtype.elementSizeBytes)
         var out: [UInt8] = []
         out.reserveCapacity(Int(spec.byteLength))

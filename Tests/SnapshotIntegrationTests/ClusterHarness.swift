@@ -136,20 +136,6 @@ final class LogFollower {
 
 // MARK: Randomized tests
 
-/// SplitMix64: a small seeded generator, so a failing randomized test can be
-/// replayed with its seed.
-struct SeededGenerator: RandomNumberGenerator {
-    private var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// The seed of a randomized test: SNAPSHOTD_TEST_SEED if set, else a fresh
 /// one. Printed either way (and tests name it in their failure messages) so a
 /// failure can be replayed.

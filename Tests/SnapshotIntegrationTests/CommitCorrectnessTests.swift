@@ -42,7 +42,7 @@ struct CommitCorrectnessTests {
     @Test func lateTrainersOnTheFirstStepAreProtectedWhenItCommits() throws {
         let rounds = environmentInteger("SNAPSHOTD_COMMIT_ROUNDS") ?? Self.lateTrainerRoundsInCI
         let seed = testSeed("lateTrainers")
-        var random = SeededGenerator(seed: seed)
+        var random = SplitMix64(seed: seed)
         for round in 0..<rounds {
             let delay = Double.random(in: 1...2, using: &random)
             try lateTrainerRound(round, delaySeconds: delay, seed: seed)
@@ -242,7 +242,7 @@ struct CommitCorrectnessTests {
         let sizes: [(String, DType, Int)] = shardMiB.map { [("rng.state", .bytes, 9), ("layers.0.weight", .float32, max($0, 1) << 20)] } ?? LocalCluster.sizes
         try #require(sizes.map(\.2).max()! <= RandomPool.shared.bytes.count, "SNAPSHOTD_KILL_SHARD_MIB is larger than the test's random pool")
         let seed = testSeed("randomKills")
-        var random = SeededGenerator(seed: seed)
+        var random = SplitMix64(seed: seed)
         // Per node and step: 2 ranks' shards, node 0's extra tensor, 1/3 of the largest share as parity;
         // 2 steps kept plus 1 in flight.
         let budgetMiB = max(1024, 10 * (shardMiB ?? 0))

@@ -151,7 +151,12 @@ typedef struct snapshotd_tensor_info {
 /* The message of the last failing call on this thread ("" if none). */
 const char *snapshotd_last_error(void);
 
-/* The library's version string, e.g. "0.4.0". */
+/* The version of snapshotd this header belongs to (the daemon, snapshotctl
+ * and the Python package carry the same one). */
+#define SNAPSHOTD_VERSION "0.5.0"
+
+/* The library's version string: SNAPSHOTD_VERSION when the header and the
+ * loaded library match. */
 const char *snapshotd_version(void);
 
 /* Connects and introduces this rank. `options` may be NULL. */

@@ -18,7 +18,7 @@ import Synchronization
 /// can wait on (commits, freed shards). Byte-moving work (socket reads into
 /// the arena, CRCs) happens outside the lock.
 public final class SnapshotServer: Service, Sendable {
-    public static let version = "0.1.0"
+    public static let version = SnapshotdVersion.string
 
     let configuration: DaemonConfiguration
     let logger: Logger

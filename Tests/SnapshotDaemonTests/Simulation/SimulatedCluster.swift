@@ -37,7 +37,7 @@ final class SimulatedCluster {
 
         /// A random scenario: every m < n the layout allows, crashes never
         /// taking more than m nodes at once.
-        static func random(_ rng: inout SimulationRandom) -> Scenario {
+        static func random(_ rng: inout SplitMix64) -> Scenario {
             let nodes = Int(rng.next(below: 7)) + 2
             let parity = Int(rng.next(below: UInt64(nodes - 1))) + 1
             var ranks = (0..<nodes).map { _ in Int(rng.next(below: 3)) }
@@ -76,7 +76,7 @@ final class SimulatedCluster {
     let world: UInt32
     let faults: ProtectionMachine.Faults
     let keptSteps = 2
-    var rng: SimulationRandom
+    var rng: SplitMix64
     var now: Int64 = 0
     private var queue = EventQueue()
     var nodes: [SimulatedNode] = []
@@ -112,7 +112,7 @@ final class SimulatedCluster {
         self.seed = seed
         statePageBytes = [Int.max, 1, 1500][Int(seed % 3)]
         self.faults = faults
-        rng = SimulationRandom(seed: seed)
+        rng = SplitMix64(seed: seed)
         scenario = Scenario.random(&rng)
         configuration = try ClusterConfiguration(
             nodes: (0..<scenario.nodes).map { ClusterConfiguration.Node(id: NodeID($0), host: "127.0.0.1", port: UInt16(7000 + $0)) },
@@ -355,7 +355,7 @@ final class SimulatedCluster {
         guard nodes[index].machine.refusalOfSave(job: job, step: step) == nil else { return note("node \(id) rank \(rank) step \(step): save refused") }
         let key = ShardKey(job: job, step: step, rank: rank)
         // Bytes differ by incarnation: a re-save after a restart need not match.
-        var bytesRandom = SimulationRandom(seed: seed ^ (UInt64(step) << 40) ^ (UInt64(rank) << 20) ^ nodes[index].incarnation)
+        var bytesRandom = SplitMix64(seed: seed ^ (UInt64(step) << 40) ^ (UInt64(rank) << 20) ^ nodes[index].incarnation)
         let bytes = (0..<(Int(bytesRandom.next(below: 48)) + 1)).map { _ in UInt8(truncatingIfNeeded: bytesRandom.next(below: 256)) }
         let crc = CRC32C.checksum(bytes)
         versions[key, default: [:]][crc] = bytes
@@ -960,21 +960,3 @@ struct EventQueue {
     private static func before(_ a: Entry, _ b: Entry) -> Bool { (a.time, a.sequence) < (b.time, b.sequence) }
 }
 
-/// SplitMix64: small, fast, and the same sequence for the same seed everywhere.
-struct SimulationRandom: RandomNumberGenerator {
-    private var state: UInt64
-
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
-    mutating func next(below bound: UInt64) -> UInt64 { bound == 0 ? 0 : next() % bound }
-
-    mutating func chance(_ probability: Double) -> Bool { probability > 0 && Double(next() >> 11) / Double(1 << 53) < probability }
-}
