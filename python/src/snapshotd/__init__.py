@@ -6,12 +6,14 @@
     step, shard = client.restore()                 # zero-copy read-only arrays
 """
 
+from ._dtypes import DType
+from ._enums import Kind
 from .client import CARRIED, EXTRA, OPTIMIZER, PARAMETER, RNG, Client, PendingSave, Reconstruction, SaveHandle, Shard, flatten
 from .errors import DaemonUnavailableError, ErrorCode, SnapshotdError
 
 __all__ = [
     "Client", "PendingSave", "SaveHandle", "Shard", "Reconstruction", "flatten",
     "SnapshotdError", "DaemonUnavailableError", "ErrorCode",
-    "PARAMETER", "OPTIMIZER", "RNG", "EXTRA", "CARRIED",
+    "Kind", "DType", "PARAMETER", "OPTIMIZER", "RNG", "EXTRA", "CARRIED",
 ]
 __version__ = "0.5.0"

@@ -15,6 +15,10 @@ replication the job already has).
 ``dcp.async_save`` uses this writer as its ``AsyncStager``: staging copies each
 tensor straight into the daemon's memory (no intermediate CPU buffer); the
 upload thread then only commits.
+
+As with :meth:`snapshotd.Client.save`, a save of the step the client just
+restored (through :class:`SnapshotdReader` or otherwise) is skipped: the
+daemon already holds that state.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _dtypes
-from .client import EXTRA, Client, PendingSave, Shard
+from ._dtypes import DType
+from ._enums import Kind
+from .client import Client, PendingSave, Shard
 from .torch import to_torch
 
 BYTES_PREFIX = "bytes:"
@@ -104,9 +109,14 @@ class SnapshotdWriter(StorageWriter):
         return plans
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        assert self.step is not None
+        if self.step is None:
+            raise ValueError("SnapshotdWriter needs a step: SnapshotdWriter(client, step) or checkpoint_id=step")
         items = self._local_items or list(plan.items)
         staged = self._take_staged()
+        if self.client._skips(self.step):  # the step just restored: the daemon holds it already
+            if staged is not None:
+                staged[0].close()
+            return _completed([WriteResult(index=item.index, size_in_bytes=0, storage_data=_item_name(item)) for item in plan.items])
         names = {_item_name(item) for item in items}
         if staged is not None and not names <= staged[1]:
             staged[0].close()  # the plan holds items the stage did not: save them all the plain way
@@ -128,12 +138,10 @@ class SnapshotdWriter(StorageWriter):
                 else:
                     resolved = cast(torch.Tensor, data).detach()
                     flat[_item_name(item)] = resolved.cpu() if resolved.is_cuda else resolved
-            self.client.save(self.step, flat, metadata, kinds={name: EXTRA for name in flat if name.startswith(BYTES_PREFIX)})
+            self.client.save(self.step, flat, metadata, kinds={name: Kind.EXTRA for name in flat if name.startswith(BYTES_PREFIX)})
             sizes_of = {name: (value.nbytes if isinstance(value, np.ndarray) else value.numel() * value.element_size()) for name, value in flat.items()}
-        results = [WriteResult(index=item.index, size_in_bytes=sizes_of.get(_item_name(item), 0), storage_data=_item_name(item)) for item in plan.items]
-        future: Future[list[WriteResult]] = Future()
-        future.set_result(results)
-        return future
+        return _completed([WriteResult(index=item.index, size_in_bytes=sizes_of.get(_item_name(item), 0), storage_data=_item_name(item))
+                           for item in plan.items])
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         # Nothing to write: each rank's shard carries what it needs to load.
@@ -157,6 +165,8 @@ class SnapshotdWriter(StorageWriter):
         serializes other objects as DCP would); the upload only commits."""
         if self.step is None:
             raise ValueError("SnapshotdWriter needs a step before async_save: SnapshotdWriter(client, step)")
+        if self.client._resumes_at(self.step):  # write_data skips this save: nothing to stage
+            return state_dict
         flat, _ = flatten_state_dict(state_dict)
         entries: dict[str, Any] = {}
         for fqn, value in flat.items():
@@ -168,7 +178,7 @@ class SnapshotdWriter(StorageWriter):
                 buffer = io.BytesIO()
                 torch.save(value, buffer)
                 entries[storage_name(fqn, WriteItemType.BYTE_IO)] = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
-        pending = self.client.begin_save(self.step, entries, kinds={name: EXTRA for name in entries if name.startswith(BYTES_PREFIX)})
+        pending = self.client.begin_save(self.step, entries, kinds={name: Kind.EXTRA for name in entries if name.startswith(BYTES_PREFIX)})
         try:
             for index in range(len(pending.tensors)):
                 pending.fill(index)
@@ -195,8 +205,14 @@ class SnapshotdWriter(StorageWriter):
         return staged[1], staged[2]
 
 
-def _element_size(code: int) -> int:
-    return 1 if code == _dtypes.BYTES else _dtypes.to_numpy(code).itemsize
+def _element_size(code: DType) -> int:
+    return 1 if code == DType.BYTES else code.itemsize
+
+
+def _completed(results: list[WriteResult]) -> Future[list[WriteResult]]:
+    future: Future[list[WriteResult]] = Future()
+    future.set_result(results)
+    return future
 
 
 class SnapshotdReader(StorageReader):
@@ -212,9 +228,10 @@ class SnapshotdReader(StorageReader):
     def reset(self, checkpoint_id: Any = None) -> None:
         if checkpoint_id is not None:
             self.step = _checkpoint_step(checkpoint_id)
-        self._shard, self._tensors = None, {}
+        self._release()
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        self._release()
         chosen, shard = self.client.restore(self.step)
         self.step, self._shard = chosen, shard
         self._tensors = to_torch(shard, copy=False)  # views: read_data copies each range once, into its target
@@ -266,7 +283,7 @@ class SnapshotdReader(StorageReader):
             target.copy_(stored)
             planner.commit_tensor(request, target)
         # Every byte is copied into the caller's tensors: release the daemon's pin.
-        self._shard, self._tensors = None, {}
+        self._release()
         future: Future[None] = Future()
         future.set_result(None)
         return future
@@ -274,6 +291,15 @@ class SnapshotdReader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         return isinstance(checkpoint_id, int) or str(checkpoint_id).isdigit()
+
+    def close(self) -> None:
+        """Lets go of the shard read by :meth:`read_metadata` if no load followed. Idempotent."""
+        self._release()
+
+    def _release(self) -> None:
+        shard, self._shard, self._tensors = self._shard, None, {}
+        if shard is not None:
+            shard.close()
 
 
 __all__ = ["SnapshotdWriter", "SnapshotdReader"]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class ErrorCode(enum.IntEnum):
-    """The codes of include/snapshotd.h: 1–99 are the daemon's, 100+ the library's."""
+    """The codes of include/snapshotd.h (``snapshotd_status``): 1–99 are the daemon's, 100+ the library's."""
 
     MALFORMED_FRAME = 1
     UNAUTHENTICATED = 2
@@ -35,17 +36,30 @@ class SnapshotdError(Exception):
 
     ``code`` is an :class:`ErrorCode` (or the raw int for a code this
     version does not know); ``message`` is the daemon's own explanation.
+    Instances pickle with both (``torch.distributed`` gathers a rank's
+    exception to the coordinator that way).
     """
 
     def __init__(self, code: int, message: str) -> None:
         try:
             self.code: ErrorCode | int = ErrorCode(code)
         except ValueError:
-            self.code = code
+            self.code = int(code)
         self.message = message
         name = self.code.name if isinstance(self.code, ErrorCode) else str(code)
-        super().__init__(f"{name} ({code}): {message}")
+        super().__init__(f"{name} ({int(code)}): {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce re-calls __init__ with ``args`` (the formatted
+        # text alone); rebuild from code and message instead, keeping any
+        # attributes set since (``__dict__``).
+        return type(self), (int(self.code), self.message), self.__dict__
 
 
 class DaemonUnavailableError(SnapshotdError):
     """The daemon is down, unreachable, or the connection to it broke."""
+
+
+def error_for(code: int, message: str) -> SnapshotdError:
+    """The exception for a failing call's status: :class:`DaemonUnavailableError` for a lost connection."""
+    return (DaemonUnavailableError if code == ErrorCode.CONNECTION else SnapshotdError)(code, message)

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from . import _dtypes
-from .client import EXTRA, OPTIMIZER, PARAMETER, RNG, Client, PendingSave, Reconstruction, SaveHandle, Shard
+from ._enums import Kind
+from .client import Client, Reconstruction, SaveHandle, Shard
 
 #: The pickled structure of the state (everything but tensor bytes).
 STRUCTURE = "__snapshotd__.structure"
@@ -35,7 +36,7 @@ class _TensorRef:
     name: str
 
 
-def _split(value: Any, name: str, kind: int, tensors: dict[str, torch.Tensor], kinds: dict[str, int]) -> Any:
+def _split(value: Any, name: str, kind: Kind, tensors: dict[str, torch.Tensor], kinds: dict[str, Kind]) -> Any:
     if isinstance(value, torch.Tensor):
         if name in tensors:
             raise ValueError(f"two tensors of the state are both named {name!r}")
@@ -75,42 +76,47 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def capture(*, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-            scheduler: Any = None, extra: Mapping[str, Any] | None = None, rng: bool = True) -> tuple[dict[str, Any], dict[str, int]]:
+            scheduler: Any = None, extra: Mapping[str, Any] | None = None, rng: bool = True) -> tuple[dict[str, Any], dict[str, Kind]]:
     """The training state as a flat name → tensor mapping (tensors by
     reference, nothing copied) plus its pickled structure, with each tensor's kind."""
-    parts: list[tuple[str, Any, int]] = []
+    parts: list[tuple[str, Any, Kind]] = []
     if model is not None:
-        parts.append(("model", model.state_dict(), PARAMETER))
+        parts.append(("model", model.state_dict(), Kind.PARAMETER))
     if optimizer is not None:
-        parts.append(("optimizer", optimizer.state_dict(), OPTIMIZER))
+        parts.append(("optimizer", optimizer.state_dict(), Kind.OPTIMIZER))
     if scheduler is not None:
-        parts.append(("scheduler", scheduler.state_dict(), EXTRA))
+        parts.append(("scheduler", scheduler.state_dict(), Kind.EXTRA))
     if extra is not None:
-        parts.append(("extra", dict(extra), EXTRA))
+        parts.append(("extra", dict(extra), Kind.EXTRA))
     if rng:
-        parts.append(("rng", rng_state(), RNG))
+        parts.append(("rng", rng_state(), Kind.RNG))
     tensors: dict[str, torch.Tensor] = {}
-    kinds: dict[str, int] = {}
+    kinds: dict[str, Kind] = {}
     structure = {name: _split(value, name, kind, tensors, kinds) for name, value, kind in parts}
     flat: dict[str, Any] = dict(tensors)
     flat[STRUCTURE] = np.frombuffer(pickle.dumps(structure, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
-    kinds[STRUCTURE] = EXTRA
+    kinds[STRUCTURE] = Kind.EXTRA
     return flat, kinds
 
 
 def snapshot(client: Client, step: int, *, model: torch.nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
              scheduler: Any = None, extra: Mapping[str, Any] | None = None, rng: bool = True,
-             gradient_norm: float | None = None, asynchronous: bool = False) -> SaveHandle | None:
+             gradient_norm: float | None = None, asynchronous: bool = False) -> SaveHandle:
     """Saves model, optimizer, scheduler, RNG and ``extra`` state as this rank's shard of ``step``.
 
-    With ``asynchronous=True`` returns a :class:`~snapshotd.SaveHandle` at once;
-    call ``handle.wait()`` before the next ``optimizer.step()`` (or any other
-    in-place change of the saved tensors)."""
+    The snapshot of ``step`` is the state entering that step: take it at the
+    top of the step, before the forward pass. With ``asynchronous=True`` the
+    returned :class:`~snapshotd.SaveHandle` comes back at once; call
+    ``handle.wait()`` before the next ``optimizer.step()`` (or any other
+    in-place change of the saved tensors). Without it, the handle is complete.
+
+    The step :func:`restore` just restored is not saved again (``handle.skipped``):
+    the daemon already holds exactly that state, so a loop resumed at the
+    restored step runs on unchanged."""
     flat, kinds = capture(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra, rng=rng)
     if asynchronous:
         return client.save_async(step, flat, gradient_norm=gradient_norm, kinds=kinds)
-    client.save(step, flat, gradient_norm=gradient_norm, kinds=kinds)
-    return None
+    return client.save(step, flat, gradient_norm=gradient_norm, kinds=kinds)
 
 
 def to_torch(shard: Shard, *, copy: bool = True, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
@@ -126,7 +132,7 @@ def to_torch(shard: Shard, *, copy: bool = True, device: torch.device | str | No
                 continue
             view = torch.from_numpy(array).view(_dtypes.to_torch(_dtypes.CODES[shard.dtypes[name]]))
             tensors[name] = view.clone() if copy else view
-            if device is not None and shard.kinds.get(name) != RNG:
+            if device is not None and shard.kinds.get(name) != Kind.RNG:
                 tensors[name] = tensors[name].to(device)
     return tensors
 
@@ -148,7 +154,10 @@ def restore(client: Client, *, model: torch.nn.Module | None = None, optimizer: 
             scheduler: Any = None, step: int | None = None, rng: bool = True, device: torch.device | str | None = None) -> Restored:
     """Loads the newest committed step (or ``step``) saved by :func:`snapshot`
     into ``model``, ``optimizer`` and ``scheduler``, and restores the RNG state.
-    Returns the step and the ``extra`` state."""
+    Returns the step and the ``extra`` state.
+
+    The state restored is the state entering the returned step: run that step
+    next. Its own snapshot there is skipped (see :func:`snapshot`)."""
     chosen, shard = client.restore(step)
     reconstruction = shard.reconstruction
     durable_source = shard.durable_source
@@ -159,11 +168,11 @@ def restore(client: Client, *, model: torch.nn.Module | None = None, optimizer: 
         warnings.warn(f"rank {client.rank}: step {chosen} was rebuilt approximately by {reconstruction.method} from stages "
                       f"{list(reconstruction.source_stages)}; optimizer state restarts at zero, raise this stage's learning rate "
                       f"x{reconstruction.learning_rate_factor}", stacklevel=2)
-    if STRUCTURE not in shard:
-        raise ValueError(f"step {chosen} was not saved by snapshotd.torch.snapshot (no {STRUCTURE})")
-    structure = pickle.loads(shard[STRUCTURE].tobytes())  # noqa: S301 - written by this job's own ranks
-    state = _join(structure, to_torch(shard, device=device))
-    del shard  # the daemon may reuse the step's pin now: everything is copied
+    with shard:  # everything is copied by the end of the block: the daemon's pin goes with it
+        if STRUCTURE not in shard:
+            raise ValueError(f"step {chosen} was not saved by snapshotd.torch.snapshot (no {STRUCTURE})")
+        structure = pickle.loads(shard[STRUCTURE].tobytes())  # noqa: S301 - written by this job's own ranks
+        state = _join(structure, to_torch(shard, device=device))
     for name, target in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
         if target is None:
             continue
@@ -173,34 +182,6 @@ def restore(client: Client, *, model: torch.nn.Module | None = None, optimizer: 
     if rng and "rng" in state:
         set_rng_state(state["rng"])
     return Restored(chosen, state.get("extra", {}), reconstruction, durable_source)
-
-
-def copy_cuda_into(pending: PendingSave, ready: torch.cuda.Event) -> None:
-    """Device-to-host copies of the save's CUDA tensors into arena memory, on a
-    side stream that first waits for ``ready`` (recorded after the work that
-    produced them). The arena range is registered as pinned for the copy, so
-    the copies are true asynchronous DMA."""
-    stream = torch.cuda.Stream()
-    stream.wait_event(ready)
-    registered: list[int] = []
-    cudart = torch.cuda.cudart()
-    try:
-        with torch.cuda.stream(stream):
-            for index, tensor in enumerate(pending.tensors):
-                if not getattr(tensor.value, "is_cuda", False):
-                    continue
-                target = pending.destination(index)
-                if target.size == 0:
-                    continue
-                address, length = target.__array_interface__["data"][0], target.nbytes
-                if cudart.cudaHostRegister(address, length, 0) == 0:
-                    registered.append(address)
-                torch.from_numpy(target).view(tensor.value.dtype).copy_(tensor.value.detach(), non_blocking=True)
-        stream.synchronize()
-    finally:
-        for address in registered:
-            cudart.cudaHostUnregister(address)
-
 
 
 __all__ = ["snapshot", "restore", "capture", "to_torch", "rng_state", "set_rng_state", "Restored", "STRUCTURE"]
