@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import SnapshotProtocol
 public import SnapshotClient
 public import SnapshotProtocol
 
@@ -67,10 +68,10 @@ public final class LocalCluster: @unchecked Sendable {
     /// Where `node` listens for peers (and remote clients).
     public func peerAddress(_ node: Int) throws -> (host: String, port: UInt16) {
         let text = try run(["address", directory, "\(node)"]).trimmingCharacters(in: .whitespacesAndNewlines)
-        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else {
+        guard let address = try? HostPort(parsing: text) else {
             throw LocalClusterError("local-cluster.sh printed no host:port for node \(node): \(text)")
         }
-        return (String(text[..<colon]), port)
+        return (address.host, address.port)
     }
 
     public func arenaDirectory(_ node: Int) throws -> String {

@@ -32,8 +32,9 @@ public struct Socket: Sendable {
     /// - Parameter timeoutMilliseconds: bound on the connect itself (a dead host
     ///   on a real network would otherwise hold the caller for minutes).
     public static func connectTCP(host: String, port: UInt16, timeoutMilliseconds: Int64? = nil) throws -> Socket {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw IOError("socket(AF_INET)") }
+        var (address, length) = try inetAddress(host: host, port: port)
+        let fd = socket(Int32(address.ss_family), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IOError("socket(\(address.ss_family == AF_INET6 ? "AF_INET6" : "AF_INET"))") }
         if let timeoutMilliseconds {
             // Linux applies SO_SNDTIMEO to connect(2).
             var timeout = timeval(tv_sec: Int(timeoutMilliseconds / 1000), tv_usec: Int(timeoutMilliseconds % 1000) * 1000)
@@ -43,9 +44,8 @@ public struct Socket: Sendable {
             var none = timeval()
             setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &none, socklen_t(MemoryLayout<timeval>.size))
         }
-        var address = try inetAddress(host: host, port: port)
         let result = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, length) }
         }
         guard result == 0 else {
             let error = IOError("connect(\(host):\(port))")
@@ -80,13 +80,13 @@ public struct Socket: Sendable {
     }
 
     public static func listenTCP(host: String, port: UInt16, backlog: Int32 = 128) throws -> Socket {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw IOError("socket(AF_INET)") }
+        var (address, length) = try inetAddress(host: host, port: port)
+        let fd = socket(Int32(address.ss_family), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IOError("socket(\(address.ss_family == AF_INET6 ? "AF_INET6" : "AF_INET"))") }
         var one: Int32 = 1
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        var address = try inetAddress(host: host, port: port)
         let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) }
         }
         guard bound == 0, listen(fd, backlog) == 0 else {
             let error = IOError("listen(\(host):\(port))")
@@ -98,12 +98,14 @@ public struct Socket: Sendable {
 
     /// The bound TCP port (useful after listening on port 0).
     public func localPort() -> UInt16? {
-        var address = sockaddr_in()
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        var address = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
         let result = withUnsafeMutablePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
         }
-        return result == 0 ? UInt16(bigEndian: address.sin_port) : nil
+        guard result == 0 else { return nil }
+        // The port sits at the same offset in sockaddr_in and sockaddr_in6.
+        return withUnsafeBytes(of: &address) { UInt16(bigEndian: $0.load(fromByteOffset: MemoryLayout.offset(of: \sockaddr_in.sin_port)!, as: UInt16.self)) }
     }
 
     public func accept() throws -> Socket {
@@ -318,15 +320,29 @@ public struct Socket: Sendable {
         return address
     }
 
-    private static func inetAddress(host: String, port: UInt16) throws -> sockaddr_in {
+    /// A numeric IPv4 or IPv6 address (`localhost` is 127.0.0.1; no name
+    /// lookups: a lookup could block without a deadline).
+    private static func inetAddress(host: String, port: UInt16) throws -> (sockaddr_storage, socklen_t) {
+        var storage = sockaddr_storage()
+        let resolved = host == "localhost" ? "127.0.0.1" : host
+        if resolved.contains(":") {
+            var address = sockaddr_in6()
+            address.sin6_family = sa_family_t(AF_INET6)
+            address.sin6_port = port.bigEndian
+            guard inet_pton(AF_INET6, resolved, &address.sin6_addr) == 1 else {
+                throw IOError("'\(host)' is not an IPv6 address", errno: EINVAL)
+            }
+            withUnsafeMutableBytes(of: &storage) { $0.copyMemory(from: UnsafeRawBufferPointer(start: &address, count: MemoryLayout<sockaddr_in6>.size)) }
+            return (storage, socklen_t(MemoryLayout<sockaddr_in6>.size))
+        }
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = port.bigEndian
-        let resolved = host == "localhost" ? "127.0.0.1" : host
         guard inet_pton(AF_INET, resolved, &address.sin_addr) == 1 else {
-            throw IOError("'\(host)' is not an IPv4 address", errno: EINVAL)
+            throw IOError("'\(host)' is not an IPv4 or IPv6 address", errno: EINVAL)
         }
-        return address
+        withUnsafeMutableBytes(of: &storage) { $0.copyMemory(from: UnsafeRawBufferPointer(start: &address, count: MemoryLayout<sockaddr_in>.size)) }
+        return (storage, socklen_t(MemoryLayout<sockaddr_in>.size))
     }
 }
 

@@ -49,7 +49,9 @@ struct TrainerCommand: ParsableCommand {
         let jobID = try JobID(job)
         let topology = Topology(pipelineStage: stage)
         if let tcp {
-            let (host, port) = (String(tcp.split(separator: ":")[0]), UInt16(tcp.split(separator: ":")[1])!)
+            let address: HostPort
+            do { address = try HostPort(parsing: tcp) } catch { throw ValidationError("--tcp: \(error)") }
+            let (host, port) = (address.host, address.port)
             guard let secret = Authentication.secret(fromFile: secretFile ?? "") else { throw ValidationError("cannot read the shared secret file \(secretFile ?? "(none given)")") }
             return try SnapshotClient(endpoint: .tcp(host: host, port: port, secret: secret), job: jobID, rank: rank, world: world, localWorld: localWorld, topology: topology)
         }

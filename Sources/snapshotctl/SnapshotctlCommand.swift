@@ -83,12 +83,12 @@ struct DaemonOptions: ParsableArguments {
                 }
                 return try OperatorClient(endpoint: .unix(path: socket), replyTimeoutMilliseconds: replyTimeoutMilliseconds)
             }
-            let parts = tcp.split(separator: ":")
-            guard parts.count == 2, let port = UInt16(parts[1]) else { throw ValidationError("--tcp takes host:port") }
+            let address: HostPort
+            do { address = try HostPort(parsing: tcp) } catch { throw ValidationError("--tcp: \(error)") }
             guard let secret = Authentication.secret(fromFile: secretFile) else {
                 throw ValidationError("cannot read the shared secret file \(secretFile)")
             }
-            return try OperatorClient(endpoint: .tcp(host: String(parts[0]), port: port, secret: secret), replyTimeoutMilliseconds: replyTimeoutMilliseconds)
+            return try OperatorClient(endpoint: .tcp(host: address.host, port: address.port, secret: secret), replyTimeoutMilliseconds: replyTimeoutMilliseconds)
         } catch let error as ValidationError {
             throw error
         } catch let error as CLIError {

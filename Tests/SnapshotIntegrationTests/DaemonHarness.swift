@@ -27,6 +27,8 @@ final class DaemonProcess: @unchecked Sendable {
     let secretPath: String
     let secret = Array("integration-test-secret-0123456789".utf8)
     let tcpPort: UInt16
+    /// The TCP listen host: 127.0.0.1, or ::1 to serve over IPv6.
+    let tcpHost: String
     let budget: String
     let keep: Int
     let extraArguments: [String]
@@ -35,7 +37,7 @@ final class DaemonProcess: @unchecked Sendable {
     private(set) var process: Process?
     var logPath: String { scratch + "/snapshotd.log" }
 
-    init(budget: String = "2GiB", keep: Int = 2, arena: String? = nil, extraArguments: [String] = []) throws {
+    init(budget: String = "2GiB", keep: Int = 2, arena: String? = nil, tcpHost: String = "127.0.0.1", extraArguments: [String] = []) throws {
         scratch = try makeScratchDirectory()
         self.arena = arena ?? "/dev/shm/snapshotd-test-\(UUID().uuidString.prefix(8))"
         socketPath = scratch + "/snapshotd.sock"
@@ -43,7 +45,8 @@ final class DaemonProcess: @unchecked Sendable {
         self.budget = budget
         self.keep = keep
         self.extraArguments = extraArguments
-        tcpPort = try freeTCPPort()
+        self.tcpHost = tcpHost
+        tcpPort = try freeTCPPort(host: tcpHost)
         try String(decoding: secret, as: UTF8.self).write(toFile: secretPath, atomically: true, encoding: .utf8)
         try start()
     }
@@ -52,7 +55,7 @@ final class DaemonProcess: @unchecked Sendable {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Executables.path("snapshotd"))
         process.arguments = [
-            "--unix-socket", socketPath, "--arena-directory", arena, "--tcp-listen", "127.0.0.1:\(tcpPort)",
+            "--unix-socket", socketPath, "--arena-directory", arena, "--tcp-listen", HostPort(host: tcpHost, port: tcpPort).description,
             "--shared-secret-file", secretPath, "--memory-budget", budget, "--keep", "\(keep)", "--log-level", "debug",
         ] + extraArguments
         if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
@@ -98,7 +101,7 @@ final class DaemonProcess: @unchecked Sendable {
     }
 
     func tcpClient(job: JobID, rank: Rank, world: UInt32) throws -> SnapshotClient {
-        try SnapshotClient(endpoint: .tcp(host: "127.0.0.1", port: tcpPort, secret: secret), job: job, rank: rank, world: world)
+        try SnapshotClient(endpoint: .tcp(host: tcpHost, port: tcpPort, secret: secret), job: job, rank: rank, world: world)
     }
 
     deinit {
@@ -123,8 +126,8 @@ func makeScratchDirectory() throws -> String {
 }
 
 /// A loopback port nobody listens on right now.
-func freeTCPPort() throws -> UInt16 {
-    let listener = try Socket.listenTCP(host: "127.0.0.1", port: 0)
+func freeTCPPort(host: String = "127.0.0.1") throws -> UInt16 {
+    let listener = try Socket.listenTCP(host: host, port: 0)
     defer { listener.close() }
     guard let port = listener.localPort() else { throw HarnessError("no free port") }
     return port

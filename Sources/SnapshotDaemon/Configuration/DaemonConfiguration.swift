@@ -153,11 +153,14 @@ public struct DaemonConfiguration: Sendable, Equatable {
         }
     }
 
+    /// ``HostPort``'s parse, its error as a configuration error naming the key.
     public static func parseHostPort(_ text: String, key: String? = nil) throws -> (host: String, port: UInt16) {
-        guard let colon = text.lastIndex(of: ":"), let port = UInt16(text[text.index(after: colon)...]) else {
-            throw ConfigurationError("\(key.map { "\($0) = " } ?? "")'\(text)' is not host:port")
+        do {
+            let parsed = try HostPort(parsing: text)
+            return (parsed.host, parsed.port)
+        } catch {
+            throw ConfigurationError("\(key.map { "\($0) = " } ?? "")\(error)")
         }
-        return (String(text[..<colon]), port)
     }
 
     /// "64GiB", "512MiB", "1.5TiB", "100MB" or a plain byte count.

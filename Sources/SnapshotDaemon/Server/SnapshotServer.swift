@@ -178,13 +178,19 @@ public final class SnapshotServer: Service, Sendable {
             "snapshotd ready",
             metadata: [
                 "node": "\(configuration.nodeID)", "unixSocket": "\(configuration.unixSocketPath)",
-                "tcp": "\(boundTCPPort.map { "\(configuration.tcpListen!.split(separator: ":").first!):\($0)" } ?? "off")",
-                "metrics": "\(configuration.metricsListen.flatMap { listen in boundMetricsPort.map { "\(listen.split(separator: ":").first ?? ""):\($0)" } } ?? "off")",
+                "tcp": "\(Self.boundAddress(configuration.tcpListen, port: boundTCPPort))",
+                "metrics": "\(Self.boundAddress(configuration.metricsListen, port: boundMetricsPort))",
                 "arena": "\(arena.root)", "budgetBytes": "\(configuration.memoryBudgetBytes)",
                 "durableTier": "\(configuration.flushDirectory.map { "\($0) every \(configuration.flushEverySteps) steps / \(configuration.flushIntervalMilliseconds) ms" } ?? "off")",
                 "transport": "\(rdmaListener == nil ? "tcp" : "rdma")",
             ])
         SystemdNotifier.notify(["READY=1", "STATUS=\(statusLine())"])
+    }
+
+    /// The configured listen address with the port actually bound (port 0 picks one), or "off".
+    private static func boundAddress(_ listen: String?, port: UInt16?) -> String {
+        guard let listen, let port, let configured = try? HostPort(parsing: listen) else { return "off" }
+        return HostPort(host: configured.host, port: port).description
     }
 
     /// With RDMA chosen, listens for RDMA connections on the TCP listen
