@@ -248,7 +248,7 @@ extension ClusterNode {
             guard monotonicMilliseconds() < deadline else {
                 throw StoreError(.unavailable, "node \(selfID) is still running its exact rebuild; try again")
             }
-            usleep(50_000)
+            usleep(useconds_t(Limits.checkFreeClaimPollMilliseconds * 1000))
         }
     }
 

@@ -76,7 +76,8 @@ public struct ClusterConfiguration: Sendable, Equatable {
     public let heartbeatIntervalMilliseconds: Int64
     public let failureTimeoutMilliseconds: Int64
 
-    public init(nodes: [Node], groups: [Group], heartbeatIntervalMilliseconds: Int64 = 200, failureTimeoutMilliseconds: Int64 = 2000, repair: RepairStrategy = .pipelined) throws {
+    public init(nodes: [Node], groups: [Group], heartbeatIntervalMilliseconds: Int64 = Limits.defaultHeartbeatIntervalMilliseconds,
+        failureTimeoutMilliseconds: Int64 = Limits.defaultFailureTimeoutMilliseconds, repair: RepairStrategy = .pipelined) throws {
         var seen = Set<NodeID>()
         for node in nodes where !seen.insert(node.id).inserted {
             throw ConfigurationError("cluster file: node id \(node.id) appears twice")

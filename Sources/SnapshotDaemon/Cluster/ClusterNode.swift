@@ -71,7 +71,7 @@ final class ClusterNode: Sendable {
         self.metrics = metrics
     }
 
-    var heartbeatTimeoutMilliseconds: Int64 { max(200, cluster.failureTimeoutMilliseconds / 2) }
+    var heartbeatTimeoutMilliseconds: Int64 { max(Limits.minimumHeartbeatTimeoutMilliseconds, cluster.failureTimeoutMilliseconds / 2) }
     var arena: Arena { storeEffects.arena }
     var isStopping: Bool { state.withLock { $0.stopping } }
 

@@ -33,9 +33,10 @@ extension ClusterNode {
                 }
             }
             round += 1
-            if learned || (everyPeerRefused && round * 100 >= Int(cluster.failureTimeoutMilliseconds)) { break }
-            if round % 50 == 0 { logger.warning("still waiting for a peer to share the cluster's state") }
-            usleep(100_000)
+            let waitedMilliseconds = Int64(round) * Limits.discoveryPollMilliseconds
+            if learned || (everyPeerRefused && waitedMilliseconds >= cluster.failureTimeoutMilliseconds) { break }
+            if waitedMilliseconds % Limits.discoveryWarningIntervalMilliseconds == 0 { logger.warning("still waiting for a peer to share the cluster's state") }
+            usleep(useconds_t(Limits.discoveryPollMilliseconds * 1000))
         }
         let (missing, rebuildActions) = state.withLock { state in
             state.cluster!.discovered = true

@@ -48,11 +48,10 @@ final class PeerMesh: Sendable {
     /// not pinned to `rdma`), one that does not answer over RDMA over TCP.
     private let transport = Mutex<TransportMode>(.tcp)
     /// Peers reached over TCP because they did not answer over RDMA, and
-    /// when: RDMA is tried again only after ``rdmaRetryMilliseconds`` (a peer
+    /// when: RDMA is tried again only after ``Limits/rdmaRetryMilliseconds`` (a peer
     /// without RDMA must not cost a connect timeout on every reconnect).
     /// Logged once each way.
     private let fellBackToTCP = Mutex<[NodeID: Int64]>([:])
-    static let rdmaRetryMilliseconds: Int64 = 60_000
 
     init(selfID: NodeID, cluster: ClusterConfiguration, secret: [UInt8], logger: Logger) {
         self.selfID = selfID
@@ -77,7 +76,7 @@ final class PeerMesh: Sendable {
         let mode = transport.withLock { $0 }
         let started = monotonicMilliseconds()
         let backingOff = mode == .auto && peer.transport == .auto
-            && fellBackToTCP.withLock { $0[peer.id].map { started - $0 < Self.rdmaRetryMilliseconds } ?? false }
+            && fellBackToTCP.withLock { $0[peer.id].map { started - $0 < Limits.rdmaRetryMilliseconds } ?? false }
         if mode != .tcp, peer.transport != .tcp, !backingOff, let source = cluster.node(selfID)?.host {
             do {
                 let stream = try RDMAStream.connect(from: source, to: peer.host, port: peer.port, timeoutMilliseconds: Int32(clamping: timeoutMilliseconds))
@@ -168,14 +167,12 @@ final class PeerMesh: Sendable {
         }
     }
 
-    /// How long a reply may take to start, by purpose: heartbeats must notice
-    /// a stuck peer quickly; a fragment's acknowledgement follows reading,
-    /// checking and folding up to gigabytes, so it gets a minute.
+    /// How long a reply may take to start, by purpose (``Limits``).
     static func replyTimeoutMilliseconds(_ purpose: Purpose, connectTimeoutMilliseconds: Int64) -> Int64 {
         switch purpose {
-        case .heartbeat: max(connectTimeoutMilliseconds, 1000)
-        case .control: 10_000
-        case .data: 60_000
+        case .heartbeat: max(connectTimeoutMilliseconds, Limits.heartbeatReplyTimeoutMilliseconds)
+        case .control: Limits.controlReplyTimeoutMilliseconds
+        case .data: Limits.dataReplyTimeoutMilliseconds
         }
     }
 

@@ -86,8 +86,8 @@ extension ClusterNode {
     /// not commit.
     private func sendWithRetry(to node: NodeID, _ body: (FramedConnection) throws -> Void) throws {
         var lastError: (any Error)?
-        for attempt in 0..<5 {
-            if attempt > 0 { usleep(200_000) }
+        for attempt in 0..<Limits.fragmentSendAttempts {
+            if attempt > 0 { usleep(useconds_t(Limits.fragmentSendRetryMilliseconds * 1000)) }
             do {
                 return try mesh.withConnection(node, .data, timeoutMilliseconds: heartbeatTimeoutMilliseconds, body)
             } catch let error as PeerError where error.code != nil && error.code != .unavailable {

@@ -31,6 +31,12 @@ public enum Limits {
     /// Nodes in one cluster file: each peer has a heartbeat thread.
     public static let maximumNodes = 1024
 
+    // MARK: Defaults of configurable values
+
+    /// A cluster file that names no heartbeat interval or failure timeout gets these.
+    public static let defaultHeartbeatIntervalMilliseconds: Int64 = 200
+    public static let defaultFailureTimeoutMilliseconds: Int64 = 2000
+
     // MARK: Threads and queues
 
     /// Reports, state pulls, rebuild orders.
@@ -49,6 +55,42 @@ public enum Limits {
     /// time, not on what a node can learn: 4096 × 64 MiB = 256 GiB of reports.
     static let maximumClusterStatePages = 4096
 
+    // MARK: Peers
+
+    /// A heartbeat's connect and reply are bounded by half the failure
+    /// timeout (a peer answers at least twice within it), but never by less
+    /// than this: a loaded loopback connect takes tens of milliseconds.
+    static let minimumHeartbeatTimeoutMilliseconds: Int64 = 200
+    /// How long a peer's reply may take to start, by purpose. Heartbeats: at
+    /// least this (their connect timeout if longer), so a stuck peer is seen
+    /// quickly. Control (reports, state pulls, orders): a loaded peer answers
+    /// within seconds. Data: a fragment's acknowledgement follows reading,
+    /// checking and folding up to gigabytes.
+    static let heartbeatReplyTimeoutMilliseconds: Int64 = 1000
+    static let controlReplyTimeoutMilliseconds: Int64 = 10_000
+    static let dataReplyTimeoutMilliseconds: Int64 = 60_000
+    /// A peer that did not answer over RDMA is reached over TCP, and RDMA is
+    /// tried again only after this (not a connect timeout on every reconnect).
+    static let rdmaRetryMilliseconds: Int64 = 60_000
+    /// A fragment send is tried this many times, this far apart (a stale
+    /// connection, or a holder that has not yet received the step's reports).
+    static let fragmentSendAttempts = 5
+    static let fragmentSendRetryMilliseconds: Int64 = 200
+    /// A node that starts asks its peers for the cluster's state this often;
+    /// with every peer refusing for a failure timeout it starts as the first.
+    static let discoveryPollMilliseconds: Int64 = 100
+    /// While discovery waits, a warning this often.
+    static let discoveryWarningIntervalMilliseconds: Int64 = 5000
+    /// Peers unreachable at start are named in a warning; each is given this long to answer.
+    static let startupPeerProbeMilliseconds: Int64 = 1000
+
+    // MARK: Protection
+
+    /// A step's protection is retried this often while a holder does not
+    /// acknowledge, and given up (the step does not commit) after the timeout.
+    public static let protectionRetryIntervalMilliseconds: Int64 = 1000
+    public static let protectionTimeoutMilliseconds: Int64 = 120_000
+
     // MARK: Scrub
 
     /// How much longer systemd should wait for start-up, asked for before
@@ -58,6 +100,8 @@ public enum Limits {
     /// How long a CheckFree order waits for the node's own exact rebuild
     /// (which retries a step beyond tolerance) to stop before it is refused.
     static let checkFreeClaimTimeoutMilliseconds: Int64 = 30_000
+    /// How often that wait looks again.
+    static let checkFreeClaimPollMilliseconds: Int64 = 50
     /// A computed CheckFree share whose planner never committed or aborted
     /// it is dropped by the next rebuild of the step after this long.
     static let checkFreeShareLifetimeMilliseconds: Int64 = 600_000
@@ -73,6 +117,9 @@ public enum Limits {
     static let durableWriteChunkBytes = 4 << 20
     /// How often the flusher looks for a newly committed step to flush.
     static let flushPollMilliseconds: Int64 = 200
+    /// The pacer sleeps at most this long at once, so a flush abandoned
+    /// meanwhile is noticed soon.
+    static let pacerLongestSleepMilliseconds: Int64 = 10_000
     /// A rank's JSON manifest read back from disk (16,384 tensors with long names fit).
     static let maximumRankManifestFileBytes = 64 << 20
 
@@ -100,6 +147,21 @@ public enum Limits {
     /// The largest frame read before authentication: the authenticate frame
     /// (a 32-byte tag) fits many times over, an 8 MiB claim does not.
     static let unauthenticatedPayloadBytes = 1024
+    /// The longest a trainer may wait for a commit in one request.
+    static let longestCommitWaitMilliseconds: UInt32 = 3_600_000
+    /// A commit wait looks, between slices this long, whether its client is
+    /// still there: a trainer killed while waiting frees its rank within one.
+    static let commitWaitSliceMilliseconds: Int64 = 100
+    /// A refusal (slots full) sent over RDMA may take this long; a socket's
+    /// buffer takes one at once or drops it.
+    static let rdmaRefusalGraceMilliseconds: Int64 = 2000
+    /// The RDMA listener wakes this often to see whether the daemon stops.
+    static let rdmaAcceptWakeMilliseconds: Int32 = 200
+    /// After a failed accept (EMFILE and the like), this pause before the next.
+    static let acceptRetryPauseMilliseconds: Int64 = 10
+    /// Warnings that repeat under load (refused connections, RDMA accept
+    /// failures) are logged at most this often.
+    static let repeatedWarningIntervalMilliseconds: Int64 = 1000
 
     // MARK: Metrics endpoint
 
@@ -126,21 +188,47 @@ public enum Limits {
     static let prometheusDefaultScrapeTimeoutMilliseconds: Int64 = 10_000
 
     /// Checks how the limits relate; a violation is a programming error in
-    /// this file, so it traps at start (never on input).
+    /// this file, so it traps at start (never on input). `LimitsTests` runs
+    /// the same checks.
     static func checkRelationships() {
-        precondition(memoryBudgetBytes.lowerBound >= SegmentLayout.segmentGranularityBytes, "a budget must hold one segment")
-        precondition(heartbeatIntervalMilliseconds.lowerBound * 2 < failureTimeoutMilliseconds.upperBound)
-        precondition(failureTimeoutMilliseconds.lowerBound > 2 * heartbeatIntervalMilliseconds.lowerBound)
-        precondition(maximumNodes >= ReedSolomon.maximumTotalFragments, "a cluster holds at least one full group")
-        precondition(maximumDiscardBytes <= ProtocolLimits.maximumBulkBytes)
-        precondition(unauthenticatedPayloadBytes >= 64 + ProtocolLimits.authenticationTagBytes, "the authenticate frame must fit")
-        precondition(authenticationTimeoutMilliseconds <= frameTimeoutMilliseconds.upperBound)
-        precondition(UInt64(ProtocolLimits.maximumControlPayloadBytes) < SegmentLayout.maximumSegmentBytes)
-        precondition(clusterStatePageBytes * 2 <= ProtocolLimits.maximumLargeControlPayloadBytes, "a page plus one report that overflowed it fits a message")
-        precondition(scrubChunkBytes <= scrubBytesPerSecond, "the scrub paces in pieces it may read within a second")
-        precondition(UInt64(durableWriteChunkBytes) <= flushBytesPerSecond.lowerBound, "a flush paces in pieces it may write within a second")
-        precondition(
-            metricsRequestTimeoutMilliseconds + metricsResponseTimeoutMilliseconds + metricsLingerMilliseconds < prometheusDefaultScrapeTimeoutMilliseconds,
-            "a scrape queued behind one stuck client is still answered within Prometheus's default scrape timeout")
+        let violated = violatedRelationships()
+        precondition(violated.isEmpty, "limits do not hold together: \(violated.joined(separator: "; "))")
+    }
+
+    /// The relationships between limits that do not hold (none, when this file is right).
+    static func violatedRelationships() -> [String] {
+        let relationships: [(holds: Bool, what: String)] = [
+            (memoryBudgetBytes.lowerBound >= SegmentLayout.segmentGranularityBytes, "a budget must hold one segment"),
+            (heartbeatIntervalMilliseconds.lowerBound * 2 < failureTimeoutMilliseconds.upperBound, "some heartbeat interval fits a failure timeout twice"),
+            (failureTimeoutMilliseconds.lowerBound > 2 * heartbeatIntervalMilliseconds.lowerBound, "the shortest failure timeout spans two of the shortest heartbeats"),
+            (defaultFailureTimeoutMilliseconds > 2 * defaultHeartbeatIntervalMilliseconds, "the default failure timeout spans two default heartbeats"),
+            (heartbeatIntervalMilliseconds.contains(defaultHeartbeatIntervalMilliseconds), "the default heartbeat interval is a valid one"),
+            (failureTimeoutMilliseconds.contains(defaultFailureTimeoutMilliseconds), "the default failure timeout is a valid one"),
+            (minimumHeartbeatTimeoutMilliseconds <= heartbeatReplyTimeoutMilliseconds, "a heartbeat's reply may take as long as its connect"),
+            (heartbeatReplyTimeoutMilliseconds < controlReplyTimeoutMilliseconds && controlReplyTimeoutMilliseconds < dataReplyTimeoutMilliseconds,
+             "replies are given more time as they carry more work"),
+            // The retries are for quick failures (a stale connection, a holder
+            // not yet told of the step); those and one attempt that waits out
+            // its whole reply timeout fit before the step is given up.
+            (Int64(fragmentSendAttempts) * fragmentSendRetryMilliseconds + dataReplyTimeoutMilliseconds < protectionTimeoutMilliseconds,
+             "a fragment send's quick retries and one slow attempt fit the protection timeout"),
+            (protectionRetryIntervalMilliseconds < protectionTimeoutMilliseconds, "protection is retried before it is given up"),
+            (discoveryPollMilliseconds < discoveryWarningIntervalMilliseconds, "discovery asks before it warns"),
+            (checkFreeClaimPollMilliseconds < checkFreeClaimTimeoutMilliseconds, "a CheckFree claim looks again before it gives up"),
+            (checkFreeClaimTimeoutMilliseconds < checkFreeShareLifetimeMilliseconds, "a claimed CheckFree share outlives the claim's wait"),
+            (commitWaitSliceMilliseconds * 10 <= Int64(longestCommitWaitMilliseconds), "a commit wait is many slices"),
+            (maximumNodes >= ReedSolomon.maximumTotalFragments, "a cluster holds at least one full group"),
+            (maximumDiscardBytes <= ProtocolLimits.maximumBulkBytes, "a refused put that is read and dropped is a valid one"),
+            (unauthenticatedPayloadBytes >= 64 + ProtocolLimits.authenticationTagBytes, "the authenticate frame must fit"),
+            (authenticationTimeoutMilliseconds <= frameTimeoutMilliseconds.upperBound, "authentication fits a frame timeout"),
+            (UInt64(ProtocolLimits.maximumControlPayloadBytes) < SegmentLayout.maximumSegmentBytes, "a control message fits a segment"),
+            (clusterStatePageBytes * 2 <= ProtocolLimits.maximumLargeControlPayloadBytes, "a page plus one report that overflowed it fits a message"),
+            (scrubChunkBytes <= scrubBytesPerSecond, "the scrub paces in pieces it may read within a second"),
+            (UInt64(durableWriteChunkBytes) <= flushBytesPerSecond.lowerBound, "a flush paces in pieces it may write within a second"),
+            (flushPollMilliseconds < pacerLongestSleepMilliseconds, "the flusher looks for work more often than the pacer sleeps"),
+            (metricsRequestTimeoutMilliseconds + metricsResponseTimeoutMilliseconds + metricsLingerMilliseconds < prometheusDefaultScrapeTimeoutMilliseconds,
+             "a scrape queued behind one stuck client is still answered within Prometheus's default scrape timeout"),
+        ]
+        return relationships.filter { !$0.holds }.map(\.what)
     }
 }

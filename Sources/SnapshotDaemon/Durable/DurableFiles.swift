@@ -245,6 +245,6 @@ struct BandwidthPacer {
         bytes += count
         let dueMilliseconds = Int64(bytes / (bytesPerSecond / 1000))
         let ahead = dueMilliseconds - (monotonicMilliseconds() - startedMilliseconds)
-        if ahead > 0 { usleep(UInt32(min(ahead, 10_000)) * 1000) }
+        if ahead > 0 { usleep(useconds_t(min(ahead, Limits.pacerLongestSleepMilliseconds) * 1000)) }
     }
 }

@@ -115,7 +115,7 @@ extension SnapshotServer {
             } catch {
                 if state.withLock({ $0.stopping }) { return }
                 logger.warning("metrics: accept failed", metadata: ["error": "\(error)"])
-                usleep(10_000)
+                usleep(useconds_t(Limits.acceptRetryPauseMilliseconds * 1000))
                 continue
             }
             answerScrape(connection)

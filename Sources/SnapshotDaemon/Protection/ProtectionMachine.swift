@@ -119,7 +119,8 @@ public struct ProtectionMachine: Sendable {
 
     public init(
         selfID: NodeID, configuration: ClusterConfiguration, keptStepsPerJob: Int,
-        retryIntervalMilliseconds: Int64 = 1000, protectionTimeoutMilliseconds: Int64 = 120_000
+        retryIntervalMilliseconds: Int64 = Limits.protectionRetryIntervalMilliseconds,
+        protectionTimeoutMilliseconds: Int64 = Limits.protectionTimeoutMilliseconds
     ) throws(ConfigurationError) {
         guard let group = configuration.group(of: selfID), let position = group.position(of: selfID) else {
             throw ConfigurationError("node \(selfID) is not in the cluster file")

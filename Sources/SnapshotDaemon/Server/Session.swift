@@ -292,18 +292,15 @@ final class Session {
         reply(.ok, to: requestID)
     }
 
-    /// How long a waiting session sleeps on the server's condition before it
-    /// lets go of the lock and looks whether its client is still there: a rank
-    /// whose trainer died while waiting is detached within about this long, so
-    /// its restarted trainer is not refused as a duplicate for the rest of the wait.
-    static let waitCommittedSliceMilliseconds: Int = 100
-
+    /// Waits in slices of ``Limits/commitWaitSliceMilliseconds``: between
+    /// two, without the lock, it looks whether its client is still there, so
+    /// the session of a trainer that died while waiting ends within a slice.
     private func waitCommitted(_ m: WaitCommitted, requestID: UInt64) throws {
-        let deadline = Date().addingTimeInterval(Double(min(m.timeoutMilliseconds, 3_600_000)) / 1000)
+        let deadline = Date().addingTimeInterval(Double(min(m.timeoutMilliseconds, Limits.longestCommitWaitMilliseconds)) / 1000)
         let job = job!
         while true {
             // One slice with the lock held; nil: the slice ended before the step committed.
-            let sliceEnd = min(deadline, Date().addingTimeInterval(Double(Self.waitCommittedSliceMilliseconds) / 1000))
+            let sliceEnd = min(deadline, Date().addingTimeInterval(Double(Limits.commitWaitSliceMilliseconds) / 1000))
             let committed = try server.waitForCommit(job: job, step: m.step, world: world, sliceEnd: sliceEnd, deadline: deadline, timeoutMilliseconds: m.timeoutMilliseconds)
             if let committed {
                 reply(.latestCommittedReply(LatestCommittedReply(step: committed)), to: requestID)

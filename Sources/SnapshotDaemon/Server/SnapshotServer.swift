@@ -39,8 +39,8 @@ public final class SnapshotServer: Service, Sendable {
     /// Set while this node runs `snapshotctl verify`'s check (one at a time).
     let verifying = Mutex(false)
     /// Refusals come in floods: one log line per second says how many so far.
-    let refusalLog = LogRateLimiter(intervalMilliseconds: 1000)
-    let rdmaAcceptFailureLog = LogRateLimiter(intervalMilliseconds: 1000)
+    let refusalLog = LogRateLimiter(intervalMilliseconds: Limits.repeatedWarningIntervalMilliseconds)
+    let rdmaAcceptFailureLog = LogRateLimiter(intervalMilliseconds: Limits.repeatedWarningIntervalMilliseconds)
     /// The TCP port the listener bound (known once ``start()`` returned).
     public var boundTCPPort: UInt16? { boundPort.withLock { $0 } }
     private let boundPort = Mutex<UInt16?>(nil)
@@ -286,7 +286,7 @@ public final class SnapshotServer: Service, Sendable {
             } catch {
                 if state.withLock({ $0.stopping }) { return }
                 logger.warning("accept failed", metadata: ["error": "\(error)"])
-                usleep(10_000)
+                usleep(useconds_t(Limits.acceptRetryPauseMilliseconds * 1000))
                 continue
             }
             serve(socket, transport: isTCP ? .tcp : .unix)
@@ -294,17 +294,17 @@ public final class SnapshotServer: Service, Sendable {
     }
 
     /// RDMA connections, as TCP ones (the same challenge, slots and
-    /// sessions) over an ``RDMAStream``. Wakes every 200 ms to see whether to stop.
+    /// sessions) over an ``RDMAStream``. Wakes every ``Limits/rdmaAcceptWakeMilliseconds`` to see whether to stop.
     private func rdmaAcceptLoop(_ listener: RDMAListener) {
         while !state.withLock({ $0.stopping }) {
             let connection: RDMAConnection?
             do throws(RDMAError) {
-                connection = try listener.accept(timeoutMilliseconds: 200)
+                connection = try listener.accept(timeoutMilliseconds: Limits.rdmaAcceptWakeMilliseconds)
             } catch {
                 if rdmaAcceptFailureLog.shouldLog(nowMilliseconds: monotonicMilliseconds()) {
                     logger.warning("RDMA accept failed", metadata: ["error": "\(error)"])
                 }
-                usleep(10_000)
+                usleep(useconds_t(Limits.acceptRetryPauseMilliseconds * 1000))
                 continue
             }
             guard let connection else { continue }
@@ -321,7 +321,7 @@ public final class SnapshotServer: Service, Sendable {
             let reason = "snapshotd has \(limit) \(transport == .unix ? "local" : "pending remote") sessions, the maximum; try again later"
             if transport == .rdma {
                 // Its handshake finishes on first use: not on the accepting thread.
-                Thread.detachNewThread { [self] in refuse(stream, reason, graceMilliseconds: 2000) }
+                Thread.detachNewThread { [self] in refuse(stream, reason, graceMilliseconds: Limits.rdmaRefusalGraceMilliseconds) }
             } else {
                 refuse(stream, reason)
             }
@@ -386,7 +386,7 @@ public final class SnapshotServer: Service, Sendable {
     private func warnAboutUnreachablePeers(_ cluster: ClusterConfiguration) {
         Thread.detachNewThread { [logger, configuration] in
             for node in cluster.nodes where node.id != configuration.nodeID {
-                if let socket = try? Socket.connectTCP(host: node.host, port: node.port, timeoutMilliseconds: 1000) {
+                if let socket = try? Socket.connectTCP(host: node.host, port: node.port, timeoutMilliseconds: Limits.startupPeerProbeMilliseconds) {
                     socket.close()
                 } else {
                     logger.warning("peer not reachable yet", metadata: ["peer": "\(node.id)", "address": "\(node.address)"])
