@@ -10,6 +10,7 @@ import os
 import time
 import weakref
 from collections.abc import Iterable, Mapping
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -392,6 +393,7 @@ class Client:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"snapshotd-save-{rank}")
         # The step this client restored, until it saves another: a save of it is the resumed loop's first snapshot.
         self._restored_step: int | None = None
+        self._last_async_save: Future[float] | None = None  # the worker runs saves in order: the last one lands after all
 
     # Saving
 
@@ -444,6 +446,7 @@ class Client:
 
             cuda_ready = _cuda.record_event(flat.values())
         future: Future[float] = self._worker.submit(self._save_job, step, flat, _encode_metadata(metadata), gradient_norm, kinds, cuda_ready)
+        self._last_async_save = future
         return SaveHandle(self, step, future, started)
 
     def _save_job(self, step: int, flat: dict[str, Any], metadata: bytes, gradient_norm: float | None,
@@ -477,9 +480,18 @@ class Client:
     # Commit state
 
     def wait_committed(self, step: int, timeout: float = 60.0) -> int:
-        """Blocks until ``step`` or a newer one is committed job-wide; returns the committed step."""
+        """Blocks until ``step`` or a newer one is committed job-wide; returns the committed step.
+
+        This client's asynchronous saves still in flight land first (their
+        errors stay with their handles): the library serves one call of a
+        client at a time, so a wait could not otherwise see them commit."""
+        deadline = time.monotonic() + timeout
+        last = self._last_async_save
+        if last is not None:
+            futures.wait([last], timeout)
+        remaining = max(0.0, deadline - time.monotonic())
         committed = ctypes.c_uint64()
-        _check(lib.snapshotd_wait_committed(self._handle_or_raise(), step, max(0, min(int(timeout * 1000), 2**32 - 1)), ctypes.byref(committed)))
+        _check(lib.snapshotd_wait_committed(self._handle_or_raise(), step, min(int(remaining * 1000), 2**32 - 1), ctypes.byref(committed)))
         return committed.value
 
     def latest_committed_step(self) -> int | None:
