@@ -97,7 +97,7 @@ public enum CheckFreeRefusal: Error, Sendable, Equatable, CustomStringConvertibl
 }
 
 /// Decides how to rebuild lost pipeline stages from their neighbours
-/// (DESIGN.md, "Beyond tolerance, pipeline stages"). Pure: the cluster's
+/// (docs/architecture.md, "CheckFree"). Pure: the cluster's
 /// reports in, a plan or a refusal out.
 public enum CheckFreePlanner {
     /// Plans the rebuild of every lost rank of `step`.

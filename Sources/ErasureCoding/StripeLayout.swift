@@ -1,5 +1,5 @@
-/// The declustered, rotating-parity layout of a protection group (DESIGN.md,
-/// "Protection across nodes").
+/// The declustered, rotating-parity layout of a protection group (docs/architecture.md,
+/// "Erasure coding").
 ///
 /// A group of `n` nodes tolerates `m` node losses with RS(k = n − m, m). Each
 /// node's step data is cut into k equal fragments. There are n stripes; stripe

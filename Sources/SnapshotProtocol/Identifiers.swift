@@ -33,7 +33,7 @@ public typealias Step = UInt64
 public typealias Rank = UInt32
 public typealias NodeID = UInt32
 
-/// Where a rank sits in the job's parallelism (DESIGN.md, "Data model").
+/// Where a rank sits in the job's parallelism (docs/architecture.md, "Data model").
 public struct Topology: Hashable, Sendable, Codable {
     public var pipelineStage: UInt32
     public var tensorParallelIndex: UInt32

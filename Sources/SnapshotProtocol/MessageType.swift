@@ -172,7 +172,7 @@ public enum PeerRole: UInt8, Sendable, CaseIterable {
     case operatorTool = 2
 }
 
-/// Life of a rank's shard on a node (DESIGN.md): receiving → local-complete → protected.
+/// Life of a rank's shard on a node (docs/architecture.md, "Data model"): receiving → local-complete → protected.
 public enum ShardState: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     case receiving = 0
     case sealing = 1

@@ -1,6 +1,6 @@
 /// How a shard that erasure coding could not recover was rebuilt
-/// approximately from its pipeline neighbours (CheckFree, DESIGN.md
-/// "Beyond tolerance, pipeline stages"). A restored shard carries it so the
+/// approximately from its pipeline neighbours (CheckFree,
+/// docs/architecture.md, "CheckFree"). A restored shard carries it so the
 /// trainer knows its parameters are an estimate and its optimizer starts fresh.
 public struct Reconstruction: Hashable, Sendable, CustomStringConvertible {
     public enum Method: UInt8, Sendable, CaseIterable, CustomStringConvertible {

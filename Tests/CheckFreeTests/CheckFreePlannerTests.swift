@@ -2,7 +2,7 @@ import CheckFree
 import SnapshotProtocol
 import Testing
 
-/// The planner's rules (DESIGN.md, "Beyond tolerance, pipeline stages"), one
+/// The planner's rules (docs/architecture.md, "CheckFree"), one
 /// by one, on reports built here: which neighbours, which weights, which
 /// source for every tensor, and a named refusal for everything that does not fit.
 @Suite struct CheckFreePlannerTests {

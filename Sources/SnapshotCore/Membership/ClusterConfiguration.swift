@@ -3,7 +3,7 @@ import Foundation
 public import SnapshotProtocol
 import TOMLKit
 
-/// The static cluster file (DESIGN.md, "Control plane"): nodes, their peer
+/// The static cluster file (docs/operations.md, "A cluster"): nodes, their peer
 /// addresses, protection groups, and failure-detection timing.
 ///
 ///     heartbeat_interval_ms = 200

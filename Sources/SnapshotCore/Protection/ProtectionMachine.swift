@@ -8,7 +8,7 @@ public import SnapshotProtocol
 /// node (``ClusterNode``) and the cluster simulation in the tests execute the
 /// same actions, so the simulation checks the rules the daemon runs.
 ///
-/// The rules that make "committed" mean what DESIGN.md says:
+/// The rules that make "committed" mean what docs/architecture.md ("The commit rule") says:
 /// 1. **Reports are final.** The ledger keeps the first readiness report of a
 ///    node for a step; a different one later is a conflict and is ignored
 ///    (a fragment size, an expected-slot set or a parity fold made from the

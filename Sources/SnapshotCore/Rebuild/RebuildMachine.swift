@@ -1,4 +1,4 @@
-/// The rebuild of a node's missing steps (DESIGN.md, "Recovery") as a pure
+/// The rebuild of a node's missing steps (docs/architecture.md, "Rebuild") as a pure
 /// machine, like ``ClusterMonitor`` and ``ProtectionMachine``: events in (a
 /// coordinator's order, discovery, the cluster's state pulled, one step's
 /// outcome), actions out ("pull the cluster's state", "rebuild this step",

@@ -6,7 +6,7 @@ import Logging
 import SnapshotIO
 import SnapshotProtocol
 
-/// CheckFree on a cluster (DESIGN.md, "Beyond tolerance, pipeline stages"):
+/// CheckFree on a cluster (docs/architecture.md, "CheckFree"):
 /// when a group loses more nodes than it tolerates and with them every copy
 /// of a pipeline stage, the stage is rebuilt approximately from its intact
 /// neighbours. An operator asks for it (`snapshotctl recover --checkfree`);

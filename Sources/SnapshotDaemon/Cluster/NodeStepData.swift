@@ -3,7 +3,7 @@ import Glibc
 import SnapshotIO
 
 /// A node's share of a step as one logical byte string: its ranks' segments
-/// in rank order (DESIGN.md: "each node's step data is cut into k equal
+/// in rank order (docs/architecture.md, "Protection across nodes": "cut into k equal
 /// fragments"). Fragments are ranges of it, read and written in place, with
 /// zero padding past the end; nothing is copied into a staging buffer.
 struct NodeStepData {

@@ -1,7 +1,7 @@
 import Foundation
 
 /// One value behind one lock, with waits on it: the daemon's state has one
-/// owner (DESIGN.md, "State has one owner"). `Synchronization.Mutex` cannot
+/// owner (docs/architecture.md, "State ownership"). `Synchronization.Mutex` cannot
 /// wait on a condition, which sessions need (a commit, a freed shard), so
 /// this wraps an `NSCondition`; like `Mutex`, the value is reachable only
 /// inside ``withLock(_:)``, so the compiler sees every access.

@@ -6,7 +6,7 @@ import SnapshotIO
 import SnapshotProtocol
 import Synchronization
 
-/// Rebuilding a lost node on its replacement (DESIGN.md, "Recovery"): for every
+/// Rebuilding a lost node on its replacement (docs/architecture.md, "Rebuild"): for every
 /// committed step it took part in, pull k surviving fragments per affected
 /// stripe, decode its data fragments and the parity it held, check every CRC,
 /// and adopt the result. Runs when the coordinator orders it.

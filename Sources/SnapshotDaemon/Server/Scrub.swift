@@ -4,7 +4,7 @@ import Glibc
 import SnapshotIO
 import SnapshotProtocol
 
-/// The background scrub (DESIGN.md, "Data that survives restarts and rot"):
+/// The background scrub (docs/architecture.md, "Restarts, quarantine and scrub"):
 /// every `scrub_interval_ms`, every shard of a committed step and every
 /// sealed parity fragment this node holds is read again and checked against
 /// the CRCs it was sealed with, at most ``Limits/scrubBytesPerSecond``. Rot
