@@ -194,3 +194,50 @@ def test_dcp_with_two_gloo_ranks_loads_replicated_and_own_tensors_on_each(daemon
     for rank, (process, output) in enumerate(zip(ranks, outputs)):
         assert process.returncode == 0, output
         assert f"rank {rank} OK" in output
+
+
+def test_the_snapshot_of_the_restored_step_is_skipped_and_training_goes_on(daemon, caplog) -> None:
+    """The README's loop after a restart: it snapshots the restored step again first."""
+    import logging
+
+    model, optimizer, scheduler = model_and_optimizer()
+    with Client("resume-torch", 0, 1, socket=daemon.socket) as client:
+        snapshot_torch.snapshot(client, 4, model=model, optimizer=optimizer, scheduler=scheduler).wait_committed()
+        restored = snapshot_torch.restore(client, model=model, optimizer=optimizer, scheduler=scheduler)
+        assert restored.step == 4
+        with caplog.at_level(logging.INFO, logger="snapshotd"):
+            handle = snapshot_torch.snapshot(client, 4, model=model, optimizer=optimizer, scheduler=scheduler, asynchronous=True)
+            assert handle.skipped
+            handle.wait()
+            assert snapshot_torch.snapshot(client, 4, model=model, optimizer=optimizer, scheduler=scheduler).skipped
+        assert sum("resumed at step 4" in record.getMessage() for record in caplog.records) == 2
+        train_steps(model, optimizer, scheduler, 1)
+        handle = snapshot_torch.snapshot(client, 5, model=model, optimizer=optimizer, scheduler=scheduler, asynchronous=True)
+        assert not handle.skipped
+        assert handle.wait_committed() == 5
+
+
+def test_a_dcp_save_of_the_step_just_loaded_is_skipped_sync_and_async(daemon) -> None:
+    model, _, _ = model_and_optimizer()
+    state = {"model": model.state_dict()}
+    with Client("resume-dcp", 0, 1, socket=daemon.socket) as client:
+        dcp.save(state, storage_writer=SnapshotdWriter(client, step=6), no_dist=True)
+        client.wait_committed(6)
+        reader = SnapshotdReader(client)
+        dcp.load(state, storage_reader=reader, no_dist=True)
+        assert reader.step == 6
+        dcp.save(state, storage_writer=SnapshotdWriter(client, step=6), no_dist=True)  # skipped, not refused
+        writer = SnapshotdWriter(client, step=6)
+        dcp.async_save(state, storage_writer=writer, no_dist=True).result()  # nothing staged, nothing refused
+        assert writer._staged is None
+        dcp.save(state, storage_writer=SnapshotdWriter(client, step=7), no_dist=True)
+        assert client.wait_committed(7) == 7
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from snapshotd import ErrorCode, SnapshotdError
+
+        with pytest.raises(CheckpointException) as refused:  # moved on: step 6 again is a real save, refused
+            dcp.save(state, storage_writer=SnapshotdWriter(client, step=6), no_dist=True)
+        error = refused.value.failures[0][0]
+        assert isinstance(error, SnapshotdError) and error.code == ErrorCode.INVALID_REQUEST, error
+        assert "not newer than committed step 7" in error.message
