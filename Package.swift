@@ -14,6 +14,7 @@ let package = Package(
     products: [
         .library(name: "ErasureCoding", targets: ["ErasureCoding"]),
         .library(name: "SnapshotProtocol", targets: ["SnapshotProtocol"]),
+        .library(name: "SnapshotCore", targets: ["SnapshotCore"]),
         .library(name: "SnapshotDaemon", targets: ["SnapshotDaemon"]),
         .library(name: "SnapshotClient", targets: ["SnapshotClient"]),
         // The C interface (Sources/CSnapshotd/include/snapshotd.h) as libsnapshotdclient.so, for C, C++ and Python.
@@ -60,11 +61,17 @@ let package = Package(
         .target(name: "RDMATransport", dependencies: ["CRDMA", "SnapshotIO"], swiftSettings: strictSettings),
         .executableTarget(
             name: "rdma-guest-test", dependencies: ["RDMATransport", "SnapshotProtocol", "SnapshotIO", "SnapshotClient", "ErasureCoding"], swiftSettings: strictSettings),
-        // The daemon as a library.
+        // The daemon's decisions: store bookkeeping, protection and commit,
+        // rebuild, failure detection, the cluster map, limits. Value types and
+        // state machines, time passed in; it imports no I/O module (no
+        // SnapshotIO, RDMATransport, Glibc, Dispatch, Logging), so the compiler keeps it pure.
+        .target(name: "SnapshotCore", dependencies: ["ErasureCoding", "SnapshotProtocol"], swiftSettings: strictSettings),
+        // The daemon as a library: the core's decisions carried out (arena
+        // files, sockets, peers, threads).
         .target(
             name: "SnapshotDaemon",
             dependencies: [
-                "ErasureCoding", "SnapshotProtocol", "SnapshotIO", "CRDMA", "RDMATransport", "CheckFree",
+                "ErasureCoding", "SnapshotProtocol", "SnapshotCore", "SnapshotIO", "CRDMA", "RDMATransport", "CheckFree",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
@@ -124,7 +131,8 @@ let package = Package(
         .testTarget(name: "ErasureCodingTests", dependencies: ["ErasureCoding", "SnapshotProtocol"], swiftSettings: strictSettings),
         .testTarget(name: "SnapshotProtocolTests", dependencies: ["SnapshotProtocol"], swiftSettings: strictSettings),
         .testTarget(name: "CheckFreeTests", dependencies: ["CheckFree"], swiftSettings: strictSettings),
-        .testTarget(name: "SnapshotDaemonTests", dependencies: ["SnapshotDaemon"], swiftSettings: strictSettings),
+        .testTarget(name: "SnapshotCoreTests", dependencies: ["SnapshotCore"], swiftSettings: strictSettings),
+        .testTarget(name: "SnapshotDaemonTests", dependencies: ["SnapshotDaemon", "SnapshotCore"], swiftSettings: strictSettings),
         // Real processes: depends on the executables so `swift test` builds them.
         .testTarget(
             name: "SnapshotIntegrationTests",

@@ -1,5 +1,5 @@
-import ErasureCoding
-import SnapshotProtocol
+public import ErasureCoding
+public import SnapshotProtocol
 
 /// Every bound and timeout of the daemon, in one place (TIGER_STYLE: a limit
 /// on everything). Configuration values are checked against the ranges here
@@ -40,49 +40,49 @@ public enum Limits {
     // MARK: Threads and queues
 
     /// Reports, state pulls, rebuild orders.
-    static let controlPoolThreads = 4
+    public static let controlPoolThreads = 4
     /// Fragment streams to parity holders.
-    static let dataPoolThreads = 4
+    public static let dataPoolThreads = 4
     /// Queued jobs per pool; beyond it a submission is refused and logged.
-    static let queuedJobsPerPool = 4096
+    public static let queuedJobsPerPool = 4096
 
     // MARK: Cluster state
 
     /// Reports per page of a cluster-state reply (a single larger report
     /// travels alone: it fits the large-message limit, as a stepReady does).
-    static let clusterStatePageBytes = 64 << 20
+    public static let clusterStatePageBytes = 64 << 20
     /// Pages one pull may take; each makes progress, so this is a bound on
     /// time, not on what a node can learn: 4096 × 64 MiB = 256 GiB of reports.
-    static let maximumClusterStatePages = 4096
+    public static let maximumClusterStatePages = 4096
 
     // MARK: Peers
 
     /// A heartbeat's connect and reply are bounded by half the failure
     /// timeout (a peer answers at least twice within it), but never by less
     /// than this: a loaded loopback connect takes tens of milliseconds.
-    static let minimumHeartbeatTimeoutMilliseconds: Int64 = 200
+    public static let minimumHeartbeatTimeoutMilliseconds: Int64 = 200
     /// How long a peer's reply may take to start, by purpose. Heartbeats: at
     /// least this (their connect timeout if longer), so a stuck peer is seen
     /// quickly. Control (reports, state pulls, orders): a loaded peer answers
     /// within seconds. Data: a fragment's acknowledgement follows reading,
     /// checking and folding up to gigabytes.
-    static let heartbeatReplyTimeoutMilliseconds: Int64 = 1000
-    static let controlReplyTimeoutMilliseconds: Int64 = 10_000
-    static let dataReplyTimeoutMilliseconds: Int64 = 60_000
+    public static let heartbeatReplyTimeoutMilliseconds: Int64 = 1000
+    public static let controlReplyTimeoutMilliseconds: Int64 = 10_000
+    public static let dataReplyTimeoutMilliseconds: Int64 = 60_000
     /// A peer that did not answer over RDMA is reached over TCP, and RDMA is
     /// tried again only after this (not a connect timeout on every reconnect).
-    static let rdmaRetryMilliseconds: Int64 = 60_000
+    public static let rdmaRetryMilliseconds: Int64 = 60_000
     /// A fragment send is tried this many times, this far apart (a stale
     /// connection, or a holder that has not yet received the step's reports).
-    static let fragmentSendAttempts = 5
-    static let fragmentSendRetryMilliseconds: Int64 = 200
+    public static let fragmentSendAttempts = 5
+    public static let fragmentSendRetryMilliseconds: Int64 = 200
     /// A node that starts asks its peers for the cluster's state this often;
     /// with every peer refusing for a failure timeout it starts as the first.
-    static let discoveryPollMilliseconds: Int64 = 100
+    public static let discoveryPollMilliseconds: Int64 = 100
     /// While discovery waits, a warning this often.
-    static let discoveryWarningIntervalMilliseconds: Int64 = 5000
+    public static let discoveryWarningIntervalMilliseconds: Int64 = 5000
     /// Peers unreachable at start are named in a warning; each is given this long to answer.
-    static let startupPeerProbeMilliseconds: Int64 = 1000
+    public static let startupPeerProbeMilliseconds: Int64 = 1000
 
     // MARK: Protection
 
@@ -96,107 +96,107 @@ public enum Limits {
     /// How much longer systemd should wait for start-up, asked for before
     /// arena recovery and again after each step recovered (EXTEND_TIMEOUT_USEC):
     /// a large arena is CRC-checked before the daemon says READY=1.
-    static let startupExtensionMicroseconds: UInt64 = 30_000_000
+    public static let startupExtensionMicroseconds: UInt64 = 30_000_000
     /// How long a CheckFree order waits for the node's own exact rebuild
     /// (which retries a step beyond tolerance) to stop before it is refused.
-    static let checkFreeClaimTimeoutMilliseconds: Int64 = 30_000
+    public static let checkFreeClaimTimeoutMilliseconds: Int64 = 30_000
     /// How often that wait looks again.
-    static let checkFreeClaimPollMilliseconds: Int64 = 50
+    public static let checkFreeClaimPollMilliseconds: Int64 = 50
     /// A computed CheckFree share whose planner never committed or aborted
     /// it is dropped by the next rebuild of the step after this long.
-    static let checkFreeShareLifetimeMilliseconds: Int64 = 600_000
+    public static let checkFreeShareLifetimeMilliseconds: Int64 = 600_000
     /// What the background scrub reads per second at most: it must not take
     /// memory bandwidth a trainer's save or a rebuild needs.
-    static let scrubBytesPerSecond = 256 << 20
+    public static let scrubBytesPerSecond = 256 << 20
     /// The scrub paces itself in pieces of this size.
-    static let scrubChunkBytes = 16 << 20
+    public static let scrubChunkBytes = 16 << 20
 
     // MARK: Durable tier
 
     /// Flushes and exports write in pieces of this size (the pacer's unit).
-    static let durableWriteChunkBytes = 4 << 20
+    public static let durableWriteChunkBytes = 4 << 20
     /// How often the flusher looks for a newly committed step to flush.
-    static let flushPollMilliseconds: Int64 = 200
+    public static let flushPollMilliseconds: Int64 = 200
     /// The pacer sleeps at most this long at once, so a flush abandoned
     /// meanwhile is noticed soon.
-    static let pacerLongestSleepMilliseconds: Int64 = 10_000
+    public static let pacerLongestSleepMilliseconds: Int64 = 10_000
     /// A rank's JSON manifest read back from disk (16,384 tensors with long names fit).
-    static let maximumRankManifestFileBytes = 64 << 20
+    public static let maximumRankManifestFileBytes = 64 << 20
 
     // MARK: Operator requests
 
     /// How long an operator request waits for a peer to connect and answer
     /// (status, drain, rebuild plan): longer than a heartbeat, since a loaded
     /// peer is slow, not dead; peers are asked at once, so this bounds the whole request.
-    static let operatorPeerTimeoutMilliseconds: Int64 = 5000
+    public static let operatorPeerTimeoutMilliseconds: Int64 = 5000
     /// Threads one operator request uses to ask the nodes of a cluster at once.
-    static let operatorFanOutThreads = 32
+    public static let operatorFanOutThreads = 32
     /// How long a node may take to verify what it holds (unpaced, on a dedicated connection).
-    static let verifyReplyTimeoutMilliseconds: Int64 = 3_600_000
+    public static let verifyReplyTimeoutMilliseconds: Int64 = 3_600_000
 
     // MARK: Sessions
 
     /// Bulk bytes of a refused put are read and dropped up to this size to
     /// keep the session; a larger refused put closes it instead.
-    static let maximumDiscardBytes: UInt64 = 64 << 20
+    public static let maximumDiscardBytes: UInt64 = 64 << 20
     /// TCP connections still authenticating, all together; more are refused
     /// at accept (no thread, no memory). Each must finish within
     /// ``authenticationTimeoutMilliseconds``.
-    static let maximumHandshakes = 256
-    static let authenticationTimeoutMilliseconds: Int64 = 5000
+    public static let maximumHandshakes = 256
+    public static let authenticationTimeoutMilliseconds: Int64 = 5000
     /// The largest frame read before authentication: the authenticate frame
     /// (a 32-byte tag) fits many times over, an 8 MiB claim does not.
-    static let unauthenticatedPayloadBytes = 1024
+    public static let unauthenticatedPayloadBytes = 1024
     /// The longest a trainer may wait for a commit in one request.
-    static let longestCommitWaitMilliseconds: UInt32 = 3_600_000
+    public static let longestCommitWaitMilliseconds: UInt32 = 3_600_000
     /// A commit wait looks, between slices this long, whether its client is
     /// still there: a trainer killed while waiting frees its rank within one.
-    static let commitWaitSliceMilliseconds: Int64 = 100
+    public static let commitWaitSliceMilliseconds: Int64 = 100
     /// A refusal (slots full) sent over RDMA may take this long; a socket's
     /// buffer takes one at once or drops it.
-    static let rdmaRefusalGraceMilliseconds: Int64 = 2000
+    public static let rdmaRefusalGraceMilliseconds: Int64 = 2000
     /// The RDMA listener wakes this often to see whether the daemon stops.
-    static let rdmaAcceptWakeMilliseconds: Int32 = 200
+    public static let rdmaAcceptWakeMilliseconds: Int32 = 200
     /// After a failed accept (EMFILE and the like), this pause before the next.
-    static let acceptRetryPauseMilliseconds: Int64 = 10
+    public static let acceptRetryPauseMilliseconds: Int64 = 10
     /// Warnings that repeat under load (refused connections, RDMA accept
     /// failures) are logged at most this often.
-    static let repeatedWarningIntervalMilliseconds: Int64 = 1000
+    public static let repeatedWarningIntervalMilliseconds: Int64 = 1000
 
     // MARK: Metrics endpoint
 
     /// The most a scrape's request head (request line and headers) may be;
     /// Prometheus sends a few hundred bytes. A larger one is answered 431.
-    static let metricsRequestBytes = 8 << 10
+    public static let metricsRequestBytes = 8 << 10
     /// The whole request head must arrive within this. The endpoint serves
     /// one connection at a time, so a silent or slow client holds it this
     /// long at most, and a scrape behind it waits no longer.
-    static let metricsRequestTimeoutMilliseconds: Int64 = 2000
+    public static let metricsRequestTimeoutMilliseconds: Int64 = 2000
     /// A scraper must take the whole response within this.
-    static let metricsResponseTimeoutMilliseconds: Int64 = 5000
+    public static let metricsResponseTimeoutMilliseconds: Int64 = 5000
     /// After answering, how long the endpoint reads what a client still
     /// sends before closing (a reset would lose the answer).
-    static let metricsLingerMilliseconds: Int64 = 200
+    public static let metricsLingerMilliseconds: Int64 = 200
     /// Steps whose protection is being timed (local-complete, not yet
     /// committed), all jobs together; beyond it the oldest is dropped.
-    static let metricsProtectionTimers = 1024
+    public static let metricsProtectionTimers = 1024
     /// Saves one session has begun and not committed whose staging is timed;
     /// beyond it the oldest is dropped.
-    static let metricsStagingTimersPerSession = 64
+    public static let metricsStagingTimersPerSession = 64
     /// Prometheus's default scrape timeout: a scrape that waits behind one
     /// stuck client must still be answered within it.
-    static let prometheusDefaultScrapeTimeoutMilliseconds: Int64 = 10_000
+    public static let prometheusDefaultScrapeTimeoutMilliseconds: Int64 = 10_000
 
     /// Checks how the limits relate; a violation is a programming error in
     /// this file, so it traps at start (never on input). `LimitsTests` runs
     /// the same checks.
-    static func checkRelationships() {
+    public static func checkRelationships() {
         let violated = violatedRelationships()
         precondition(violated.isEmpty, "limits do not hold together: \(violated.joined(separator: "; "))")
     }
 
     /// The relationships between limits that do not hold (none, when this file is right).
-    static func violatedRelationships() -> [String] {
+    public static func violatedRelationships() -> [String] {
         let relationships: [(holds: Bool, what: String)] = [
             (memoryBudgetBytes.lowerBound >= SegmentLayout.segmentGranularityBytes, "a budget must hold one segment"),
             (heartbeatIntervalMilliseconds.lowerBound * 2 < failureTimeoutMilliseconds.upperBound, "some heartbeat interval fits a failure timeout twice"),

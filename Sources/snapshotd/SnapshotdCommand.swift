@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import ServiceLifecycle
+import SnapshotCore
 import SnapshotDaemon
 
 /// Thin executable: configuration in, the daemon run under a service group

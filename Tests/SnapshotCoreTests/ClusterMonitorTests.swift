@@ -1,4 +1,4 @@
-import SnapshotDaemon
+@testable import SnapshotCore
 import SnapshotProtocol
 import Testing
 
@@ -226,44 +226,6 @@ func permutations<T>(_ items: [T]) -> [[T]] {
 
 @Suite("Cluster file and ledger")
 struct ClusterLedgerTests {
-    @Test func clusterFileValidation() throws {
-        let valid = """
-            heartbeat_interval_ms = 100
-            failure_timeout_ms = 1000
-            [[node]]
-            id = 0
-            address = "127.0.0.10:7400"
-            [[node]]
-            id = 1
-            address = "127.0.0.11:7401"
-            [[group]]
-            nodes = [0, 1]
-            parity = 1
-            """
-        let config = try ClusterConfiguration.load(tomlText: valid)
-        #expect(config.nodeIDs == [0, 1] && config.groups[0].parity == 1)
-        let duplicate = valid.replacingOccurrences(of: "id = 1", with: "id = 0")
-        #expect(loadError(duplicate)?.contains("appears twice") == true)
-        let parityTooLarge = valid.replacingOccurrences(of: "parity = 1", with: "parity = 2")
-        #expect(loadError(parityTooLarge)?.contains("m = 2 ≥ n = 2") == true)
-        let tooLarge = valid.replacingOccurrences(of: "nodes = [0, 1]", with: "nodes = [0, 1, 2]")
-        #expect(loadError(tooLarge)?.contains("only 2") == true)
-        let unknown = valid.replacingOccurrences(of: "nodes = [0, 1]", with: "nodes = [0, 5]")
-        #expect(loadError(unknown)?.contains("unknown node 5") == true)
-        #expect(config.repair == .pipelined, "pipelined repair is the default")
-        let gather = try ClusterConfiguration.load(tomlText: "repair = \"gather\"\n" + valid)
-        #expect(gather.repair == .gather)
-        #expect(loadError("repair = \"fast\"\n" + valid)?.contains("repair must be one of \"pipelined\", \"gather\"") == true)
-        // How peers reach a node: auto unless its entry says otherwise.
-        #expect(config.nodes.map(\.transport) == [.auto, .auto])
-        let pinned = try ClusterConfiguration.load(tomlText: valid.replacingOccurrences(of: "address = \"127.0.0.11:7401\"", with: "address = \"127.0.0.11:7401\"\ntransport = \"tcp\""))
-        #expect(pinned.nodes.map(\.transport) == [.auto, .tcp])
-        let badTransport = valid.replacingOccurrences(of: "address = \"127.0.0.11:7401\"", with: "address = \"127.0.0.11:7401\"\ntransport = \"ib\"")
-        #expect(loadError(badTransport) == "cluster file: node 1: transport = \"ib\" is not one of \"tcp\", \"rdma\", \"auto\"")
-        let misspelt = valid.replacingOccurrences(of: "address = \"127.0.0.11:7401\"", with: "address = \"127.0.0.11:7401\"\ntransprot = \"tcp\"")
-        #expect(loadError(misspelt) == "cluster file: node 1 has unknown key 'transprot'")
-    }
-
     @Test func commitNeedsEveryNodeProtectedKnownEverywhereAndEveryRankCovered() throws {
         var ledger = ClusterLedger(configuration: try cluster(nodes: 3, parity: 1))
         let job = try JobID("j")
@@ -298,11 +260,3 @@ struct ClusterLedgerTests {
     }
 }
 
-func loadError(_ text: String) -> String? {
-    do {
-        _ = try ClusterConfiguration.load(tomlText: text)
-        return nil
-    } catch {
-        return "\(error)"
-    }
-}

@@ -1,4 +1,4 @@
-@testable import SnapshotDaemon
+@testable import SnapshotCore
 import Testing
 
 /// The relationships between the daemon's limits, run as a test (the daemon

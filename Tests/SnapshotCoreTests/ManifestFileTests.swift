@@ -1,4 +1,4 @@
-@testable import SnapshotDaemon
+@testable import SnapshotCore
 import SnapshotProtocol
 import Testing
 

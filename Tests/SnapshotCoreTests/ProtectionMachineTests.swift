@@ -1,4 +1,4 @@
-import SnapshotDaemon
+@testable import SnapshotCore
 import SnapshotProtocol
 import Testing
 

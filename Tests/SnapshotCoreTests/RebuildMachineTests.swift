@@ -1,7 +1,7 @@
 import SnapshotProtocol
 import Testing
 
-@testable import SnapshotDaemon
+@testable import SnapshotCore
 
 /// The rebuild machine's rules, event by event (its runs over a network are
 /// exercised by the cluster simulation).

@@ -1,5 +1,5 @@
 import Foundation
-import SnapshotDaemon
+@testable import SnapshotCore
 import SnapshotProtocol
 import Testing
 
@@ -207,59 +207,5 @@ struct SnapshotStoreTests {
                 }
             }
         }
-    }
-}
-
-@Suite("Configuration")
-struct ConfigurationTests {
-    @Test func parsesTOML() throws {
-        let config = try DaemonConfiguration.load(tomlText: """
-            node_id = 3
-            unix_socket = "/tmp/x.sock"
-            tcp_listen = "127.0.0.1:7070"
-            arena_directory = "/dev/shm/a"
-            memory_budget = "1.5GiB"
-            snapshots_kept_per_job = 3
-            shared_secret_file = "/etc/snapshotd/secret"
-            log_level = "debug"
-            metrics_listen = "127.0.0.1:9464"
-            """)
-        #expect(config.nodeID == 3)
-        #expect(config.metricsListen == "127.0.0.1:9464")
-        #expect(config.memoryBudgetBytes == 1_610_612_736)
-        #expect(config.snapshotsKeptPerJob == 3)
-        #expect(config.logLevel == .debug)
-        #expect(throws: Never.self) { try config.validate() }
-    }
-
-    /// The example shipped in deploy/ must load and validate as it is.
-    @Test func shippedExampleConfigurationLoads() throws {
-        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path + "/deploy/snapshotd.toml"
-        let config = try DaemonConfiguration.load(tomlText: try String(contentsOfFile: path, encoding: .utf8))
-        #expect(config.memoryBudgetBytes == 64 << 30)
-        #expect(config.tcpListen == "127.0.0.1:7070", "the shipped config listens on loopback unless told otherwise")
-        #expect(config.metricsListen == "127.0.0.1:9464", "metrics on loopback too")
-        #expect(throws: Never.self) { try config.validate() }
-        // The local one, for trying it out, needs no secret and no TCP.
-        let localPath = URL(fileURLWithPath: path).deletingLastPathComponent().path + "/snapshotd-local.toml"
-        let local = try DaemonConfiguration.load(tomlText: try String(contentsOfFile: localPath, encoding: .utf8))
-        #expect(local.tcpListen == nil && local.sharedSecretFile == nil)
-        #expect(throws: Never.self) { try local.validate() }
-    }
-
-    @Test func rejectsMistakes() throws {
-        #expect(throws: ConfigurationError.self) { try DaemonConfiguration.load(tomlText: "memroy_budget = \"1GiB\"") }
-        #expect(throws: ConfigurationError.self) { try DaemonConfiguration.parseByteSize("lots") }
-        var config = DaemonConfiguration()
-        config.tcpListen = "0.0.0.0:7070"
-        #expect(throws: ConfigurationError.self) { try config.validate() }
-        config.sharedSecretFile = "/s"
-        config.snapshotsKeptPerJob = 0
-        #expect(throws: ConfigurationError.self) { try config.validate() }
-    }
-
-    @Test func rdmaDeviceListingLinksAndAnswers() {
-        // No RDMA hardware on CI: the list is empty, and the call must not crash.
-        for device in RDMADevices.list() { #expect(!device.name.isEmpty) }
     }
 }

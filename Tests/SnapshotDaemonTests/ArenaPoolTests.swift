@@ -5,6 +5,7 @@ import SnapshotProtocol
 import Synchronization
 import Testing
 
+@testable import SnapshotCore
 @testable import SnapshotDaemon
 
 /// The arena is called from many threads at once without the node's state

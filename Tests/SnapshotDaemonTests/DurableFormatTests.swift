@@ -2,6 +2,7 @@ import Foundation
 import SnapshotProtocol
 import Testing
 
+@testable import SnapshotCore
 @testable import SnapshotDaemon
 
 @Suite("Durable tier: flush cadence and the export format")

@@ -2,6 +2,7 @@ import Foundation
 import SnapshotProtocol
 import Testing
 
+@testable import SnapshotCore
 @testable import SnapshotDaemon
 
 /// The Prometheus side of the daemon without sockets: the text format

@@ -4,6 +4,7 @@ import SnapshotIO
 import SnapshotProtocol
 import Testing
 
+@testable import SnapshotCore
 @testable import SnapshotDaemon
 
 /// The node API sessions call (save, wait, restore, pin, status), driven

@@ -1,4 +1,3 @@
-import Glibc
 import ErasureCoding
 public import SnapshotProtocol
 
@@ -477,7 +476,7 @@ public struct ProtectionMachine: Sendable {
 
     /// Why a readiness report cannot be used, if it cannot: sizes beyond what
     /// a group can encode, or manifests of another step or with repeated ranks.
-    /// Equality of two reports, comparing manifests with memcmp (the
+    /// Equality of two reports, comparing manifests a word at a time (the
     /// synthesized `==` compares them byte by byte, which at tens of MiB per
     /// report is slow outside optimized builds).
     static func sameReport(_ a: StepReady, _ b: StepReady) -> Bool {
@@ -485,8 +484,19 @@ public struct ProtectionMachine: Sendable {
             a.manifests.count == b.manifests.count
         else { return false }
         return zip(a.manifests, b.manifests).allSatisfy { x, y in
-            x.count == y.count && x.withUnsafeBytes { p in y.withUnsafeBytes { q in p.count == 0 || memcmp(p.baseAddress!, q.baseAddress!, p.count) == 0 } }
+            x.count == y.count && x.withUnsafeBytes { p in y.withUnsafeBytes { q in sameBytes(p, q) } }
         }
+    }
+
+    /// Whether two buffers of equal length hold the same bytes.
+    static func sameBytes(_ p: UnsafeRawBufferPointer, _ q: UnsafeRawBufferPointer) -> Bool {
+        precondition(p.count == q.count)
+        let words = p.count / 8
+        for index in 0..<words where p.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self) != q.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self) {
+            return false
+        }
+        for index in (words * 8)..<p.count where p[index] != q[index] { return false }
+        return true
     }
 
     struct InvalidReport: Error {

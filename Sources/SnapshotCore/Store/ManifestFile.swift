@@ -1,4 +1,4 @@
-import ErasureCoding
+public import ErasureCoding
 public import SnapshotProtocol
 
 /// A sealed shard's manifest as stored beside its segment, so a restarted

@@ -4,6 +4,7 @@ import Logging
 import Synchronization
 public import SnapshotIO
 public import SnapshotProtocol
+import SnapshotCore
 
 /// Snapshot memory as files on a tmpfs (default /dev/shm), owned by the daemon:
 ///

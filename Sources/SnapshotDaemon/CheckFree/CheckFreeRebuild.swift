@@ -5,6 +5,7 @@ import Glibc
 import Logging
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// CheckFree on a cluster (docs/architecture.md, "CheckFree"):
 /// when a group loses more nodes than it tolerates and with them every copy

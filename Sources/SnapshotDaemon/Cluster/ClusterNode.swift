@@ -4,6 +4,7 @@ import Glibc
 import Logging
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// This daemon's part in the cluster, as an executor of pure machines:
 /// ``ClusterMonitor`` decides liveness and coordination, ``ProtectionMachine``

@@ -3,6 +3,7 @@ import Glibc
 import Logging
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// The cluster's view of its steps: learning it when the node joins, pulling
 /// what was missed (anti-entropy), taking peers' reports, and answering for

@@ -4,6 +4,7 @@ import Glibc
 import Logging
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// Serving fragments for a rebuild: a range of this node's data of a step it
 /// committed (its tensors checked against their sealed CRCs first), or a

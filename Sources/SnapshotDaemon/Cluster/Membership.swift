@@ -3,6 +3,7 @@ import Glibc
 import Logging
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// Membership: heartbeats to every peer and the coordinator's decisions
 /// (``ClusterMonitor``), carried out.

@@ -1,4 +1,5 @@
 import Foundation
+import SnapshotCore
 
 /// Where a node learns who is in the cluster: node ids, addresses, protection
 /// groups and failure-detection timing, as one checked

@@ -1,6 +1,7 @@
 import ErasureCoding
 import Glibc
 import SnapshotIO
+import SnapshotCore
 
 /// A node's share of a step as one logical byte string: its ranks' segments
 /// in rank order (docs/architecture.md, "Protection across nodes": "cut into k equal

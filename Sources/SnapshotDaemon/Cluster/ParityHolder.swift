@@ -4,6 +4,7 @@ import Glibc
 import Logging
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// Protection, holder side: parity buffers created zeroed, data fragments
 /// checked and folded in (each slot once, as the machine admits them), parity

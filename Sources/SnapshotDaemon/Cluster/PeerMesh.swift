@@ -5,6 +5,7 @@ import RDMATransport
 import SnapshotIO
 import SnapshotProtocol
 import Synchronization
+import SnapshotCore
 
 /// Outbound connections from this daemon to its peers: TCP or RDMA
 /// (``use(_:)``), authenticated with the shared secret like any client, then

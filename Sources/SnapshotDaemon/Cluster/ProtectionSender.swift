@@ -4,6 +4,7 @@ import Glibc
 import Logging
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// Protection, source side: this node's sealed share reported to the cluster
 /// and streamed, fragment by fragment, to its parity holders.

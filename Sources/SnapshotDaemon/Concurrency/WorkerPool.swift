@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import SnapshotCore
 
 /// A fixed set of threads draining a bounded queue of jobs: the daemon's work
 /// runs here, never on one new thread per event. Jobs do blocking I/O (with

@@ -3,6 +3,7 @@ import Glibc
 public import Logging
 public import SnapshotProtocol
 import TOMLKit
+import SnapshotCore
 
 /// Everything `snapshotd` is told, from the TOML file and/or flags (flags win).
 public struct DaemonConfiguration: Sendable, Equatable {
@@ -204,10 +205,6 @@ public struct DaemonConfiguration: Sendable, Equatable {
     }
 }
 
-public struct ConfigurationError: Error, CustomStringConvertible {
-    public let description: String
-    public init(_ description: String) { self.description = description }
-}
 
 extension Optional {
     func orThrow(_ message: String) throws -> Wrapped {

@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// The export format on disk (``ExportLayout``): writing a rank and a step
 /// atomically (temporary name, fsync, rename, fsync of the directory), and

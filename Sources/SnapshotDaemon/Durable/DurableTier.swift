@@ -1,6 +1,7 @@
 import Foundation
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// When the durable tier flushes (pure: the flusher feeds it what is
 /// committed and the clock). A step is due when it is a multiple of

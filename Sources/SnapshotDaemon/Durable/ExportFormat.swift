@@ -1,6 +1,7 @@
 import ErasureCoding
 import Foundation
 public import SnapshotProtocol
+import SnapshotCore
 
 /// The export format, shared by `snapshotctl export` and the durable tier
 /// (README, "The durable tier"): a step is a directory

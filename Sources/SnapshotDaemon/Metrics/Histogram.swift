@@ -1,4 +1,5 @@
 import Synchronization
+import SnapshotCore
 
 /// A latency histogram with fixed bucket bounds in seconds: observations are
 /// counted into the first bucket whose bound they do not exceed, so a scrape

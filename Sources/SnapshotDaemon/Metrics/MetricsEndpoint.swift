@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import SnapshotIO
+import SnapshotCore
 
 /// The little HTTP/1.1 the metrics endpoint speaks, as pure functions (bytes
 /// in, decision or bytes out), apart from the socket loop that uses them.

@@ -1,3 +1,4 @@
+import SnapshotCore
 /// The Prometheus text exposition format, version 0.0.4, as pure values and
 /// one renderer: families in, text out, no I/O.
 ///

@@ -1,6 +1,7 @@
 import Foundation
 import SnapshotProtocol
 import Synchronization
+import SnapshotCore
 
 /// The daemon's latency histograms and the timers that feed them, owned by
 /// ``SnapshotServer`` next to ``Counters``. Like the counters it is apart

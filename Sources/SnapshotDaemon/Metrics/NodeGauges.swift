@@ -1,4 +1,5 @@
 import SnapshotProtocol
+import SnapshotCore
 
 /// What a scrape reads from the node's state: taken in one pass under the
 /// state lock (bookkeeping only, no I/O), rendered after it is released.

@@ -1,5 +1,6 @@
 import SnapshotProtocol
 import Synchronization
+import SnapshotCore
 
 /// Monotonic event counters of one daemon, reported in the status reply
 /// (``StatusReply/counters``) under stable snake_case names. Separate from

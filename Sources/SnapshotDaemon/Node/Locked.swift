@@ -1,4 +1,5 @@
 import Foundation
+import SnapshotCore
 
 /// One value behind one lock, with waits on it: the daemon's state has one
 /// owner (docs/architecture.md, "State ownership"). `Synchronization.Mutex` cannot

@@ -1,6 +1,7 @@
 import Foundation
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// What a session can ask of its node, as transactions on the node's one
 /// state: each takes the lock once, decides through the store (and in a

@@ -1,6 +1,7 @@
 import ErasureCoding
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// Everything a node changes while it runs, as one value with one owner
 /// (``SnapshotServer/state``, a ``Locked``): the store's bookkeeping, the

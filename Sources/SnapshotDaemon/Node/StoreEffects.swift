@@ -1,5 +1,6 @@
 import Logging
 import SnapshotProtocol
+import SnapshotCore
 
 /// Carries out what the store decided, on the arena: commit markers written or
 /// removed, freed shard and parity segments returned to the pool. Called inside

@@ -1,5 +1,6 @@
 import Foundation
 import SnapshotProtocol
+import SnapshotCore
 
 /// `snapshotctl status`: every node and every group, as the asked daemon
 /// sees them. Dead nodes are not asked; live ones report themselves (memory,

@@ -1,4 +1,5 @@
 import SnapshotProtocol
+import SnapshotCore
 
 /// `snapshotctl drain --node X`: X refuses new saves (restores and
 /// protection go on) and says when stopping it loses nothing. The asked

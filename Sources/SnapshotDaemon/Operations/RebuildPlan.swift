@@ -1,4 +1,5 @@
 import SnapshotProtocol
+import SnapshotCore
 
 /// `snapshotctl recover --node X`: what rebuilding X takes, per committed
 /// step the cluster knows X had a share of (its ranks' shards and its

@@ -2,6 +2,7 @@ import ErasureCoding
 import Foundation
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// `snapshotctl verify`: every node re-checks what it holds (of one job or
 /// step, if asked): each committed shard's tensors against their sealed

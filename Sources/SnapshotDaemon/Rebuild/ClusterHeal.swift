@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// Healing rot in place (found by the scrub, `Server/Scrub.swift`): the bad
 /// bytes are decoded again from k fragments of their stripes held by peers,

@@ -5,6 +5,7 @@ import Logging
 import SnapshotIO
 import SnapshotProtocol
 import Synchronization
+import SnapshotCore
 
 /// Rebuilding a lost node on its replacement (docs/architecture.md, "Rebuild"): for every
 /// committed step it took part in, pull k surviving fragments per affected

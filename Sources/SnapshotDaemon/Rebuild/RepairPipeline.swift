@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// Pipelined repair (Li et al., "Repair Pipelining for Erasure-Coded Storage",
 /// USENIX ATC 2017). Rebuilding a fragment from k survivors by gathering them

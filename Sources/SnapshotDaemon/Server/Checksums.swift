@@ -1,6 +1,7 @@
 import ErasureCoding
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// CRC-32C of each tensor of a shard, read from its mapped segment.
 func tensorChecksums(_ shard: ShardRecord, in segment: MappedSegment) -> [UInt32] {

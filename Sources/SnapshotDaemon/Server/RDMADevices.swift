@@ -1,4 +1,5 @@
 import CRDMA
+import SnapshotCore
 
 /// What the verbs library can see. On machines without RDMA hardware (or
 /// without the kernel modules) this is empty and the daemon uses TCP; the

@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// The background scrub (docs/architecture.md, "Restarts, quarantine and scrub"):
 /// every `scrub_interval_ms`, every shard of a committed step and every

@@ -3,6 +3,7 @@ import Glibc
 import Logging
 import SnapshotIO
 import SnapshotProtocol
+import SnapshotCore
 
 /// One client connection, served on its own thread. Handles the handshake
 /// (TCP: HMAC challenge first, before anything else is read), then requests.

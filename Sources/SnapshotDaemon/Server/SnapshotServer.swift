@@ -7,6 +7,7 @@ import ServiceLifecycle
 import SnapshotIO
 import SnapshotProtocol
 import Synchronization
+import SnapshotCore
 
 /// The per-node daemon: owns the arena, serves trainers over the Unix socket
 /// (file descriptors, zero copy) and TCP (bulk bytes straight into the arena),

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import SnapshotCore
 
 /// sd_notify without libsystemd: a datagram to $NOTIFY_SOCKET. A no-op when
 /// not started by systemd with Type=notify.

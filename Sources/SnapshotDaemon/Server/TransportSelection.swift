@@ -1,9 +1,7 @@
+import SnapshotCore
 /// `transport = tcp | rdma | auto`: which transport peers and remote clients
 /// use, decided once at start from the configuration and the RDMA devices
 /// the verbs library sees (pure: devices in, decision out).
-public enum TransportMode: String, Sendable, CaseIterable {
-    case tcp, rdma, auto
-}
 
 enum TransportSelection {
     /// What the daemon uses, and the one line it logs about it.

@@ -1,5 +1,5 @@
 import Foundation
-import SnapshotDaemon
+@testable import SnapshotCore
 import Testing
 
 /// The deterministic cluster simulation (``SimulatedCluster``) over many seeds.

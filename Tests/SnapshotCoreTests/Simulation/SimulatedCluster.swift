@@ -1,5 +1,5 @@
 import ErasureCoding
-import SnapshotDaemon
+@testable import SnapshotCore
 import SnapshotProtocol
 
 /// A deterministic simulation of a snapshotd cluster, in the spirit of
