@@ -6,7 +6,8 @@ public import SnapshotProtocol
 /// drive every interleaving directly.
 ///
 /// Invariants (checked by ``checkInvariants()``):
-/// - `heldBytes` is the sum of the segment sizes of all shards held.
+/// - `heldBytes` is the sum of the segment sizes of all shards and parity held.
+/// - `heldBytes + reservedBytes` stays within the budget for every admission.
 /// - The newest committed step of a job is never freed before a newer one commits.
 /// - Only committed steps are restorable; every rank restores the same step.
 public struct SnapshotStore: Sendable {
@@ -19,6 +20,12 @@ public struct SnapshotStore: Sendable {
 
     public private(set) var jobs: [JobID: JobRecord] = [:]
     public private(set) var heldBytes: UInt64 = 0
+    /// Bytes promised to work that is still allocating them (a rebuild's
+    /// segments), by reservation: counted against the budget, held by no
+    /// record until ``adoptCommitted(job:step:world:shards:parity:reservation:)``
+    /// turns them into held bytes or ``cancelReservation(_:)`` frees them.
+    public private(set) var reservations: [ReservationID: UInt64] = [:]
+    private var nextReservation: ReservationID = 1
     /// Shards still mapped by restoring clients: freed only when the count drops to 0.
     public private(set) var restorePins: [ShardKey: Int] = [:]
     /// Shards retention released while pinned; freed on the last unpin.
@@ -77,7 +84,32 @@ public struct SnapshotStore: Sendable {
         self.commitsLocally = commitsLocally
     }
 
-    public var freeBytes: UInt64 { budgetBytes > heldBytes ? budgetBytes - heldBytes : 0 }
+    public var reservedBytes: UInt64 { reservations.values.reduce(0, +) }
+
+    public var freeBytes: UInt64 {
+        let used = heldBytes + reservedBytes
+        return budgetBytes > used ? budgetBytes - used : 0
+    }
+
+    // MARK: Reservations
+
+    /// Promises `bytes` of the budget to work that allocates them later;
+    /// refused up front, touching nothing held, when they are not free.
+    public mutating func reserve(bytes: UInt64, for purpose: String) throws(StoreError) -> ReservationID {
+        guard bytes <= freeBytes else {
+            throw StoreError(.overBudget, "\(purpose) needs \(bytes) bytes; \(freeBytes) of \(budgetBytes) budget bytes are free")
+        }
+        let id = nextReservation
+        nextReservation += 1
+        reservations[id] = bytes
+        return id
+    }
+
+    /// The work gave up: its bytes are free again. A reservation already
+    /// adopted or cancelled is ignored, so every error path may call this.
+    public mutating func cancelReservation(_ id: ReservationID) {
+        reservations[id] = nil
+    }
 
     // MARK: Sessions
 
@@ -347,7 +379,10 @@ public struct SnapshotStore: Sendable {
 
     /// Re-adopts a committed step found in the arena after a restart, or
     /// rebuilt from the survivors' fragments.
-    public mutating func adoptCommitted(job: JobID, step: Step, world: UInt32, shards: [Rank: ShardRecord], parity: [Int: ParityRecord] = [:]) {
+    public mutating func adoptCommitted(
+        job: JobID, step: Step, world: UInt32, shards: [Rank: ShardRecord], parity: [Int: ParityRecord] = [:], reservation: ReservationID? = nil
+    ) {
+        if let reservation { reservations[reservation] = nil }  // its bytes are held from here on
         if jobs[job] == nil { jobs[job] = JobRecord(world: world, localWorld: commitsLocally ? world : UInt32(shards.count)) }
         if jobs[job]!.localWorld == 0 && !shards.isEmpty { jobs[job]!.localWorld = UInt32(shards.count) }
         for (rank, shard) in shards {

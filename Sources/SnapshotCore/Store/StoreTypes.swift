@@ -1,6 +1,9 @@
 public import SnapshotProtocol
 
 /// One rank's shard of one step.
+/// A promise of budget bytes to work still allocating them (``SnapshotStore/reserve(bytes:for:)``).
+public typealias ReservationID = UInt64
+
 public struct ShardKey: Hashable, Sendable, CustomStringConvertible {
     public let job: JobID
     public let step: Step

@@ -192,7 +192,7 @@ extension SnapshotServer {
                 }
                 return JobStatus(job: name, world: record.world, localRanks: UInt32(record.sessions.count), steps: steps)
             }
-            return StatusReply(nodeID: configuration.nodeID, daemonVersion: Self.version, budgetBytes: store.budgetBytes, usedBytes: store.heldBytes, jobs: jobs, counters: counters.snapshot)
+            return StatusReply(nodeID: configuration.nodeID, daemonVersion: Self.version, budgetBytes: store.budgetBytes, usedBytes: store.heldBytes + store.reservedBytes, jobs: jobs, counters: counters.snapshot)
         }
         // Outside the lock: this reads the flush directory and the arena's file times.
         guard readingDisk else { return reply }

@@ -16,7 +16,7 @@ extension SnapshotServer {
             let joining = state.cluster.map { !$0.discovered } ?? false
             let nodeState: NodeSummary.State = joining ? .joining : state.draining ? .draining : rebuilding ? .rebuilding : .alive
             return NodeSummary(
-                node: configuration.nodeID, state: nodeState, isCoordinator: coordinator == configuration.nodeID, usedBytes: state.store.heldBytes,
+                node: configuration.nodeID, state: nodeState, isCoordinator: coordinator == configuration.nodeID, usedBytes: state.store.heldBytes + state.store.reservedBytes,
                 budgetBytes: state.store.budgetBytes, quarantinedFiles: counters.value(.quarantinedFiles))
         }
     }

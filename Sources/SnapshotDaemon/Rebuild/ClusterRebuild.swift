@@ -104,8 +104,24 @@ extension ClusterNode {
         let (entry, fragmentSize) = try stepEntry(job: job, step: step)
         let own = entry.ready[selfID]!
         let manifests = try own.manifests.map { try ManifestFile(decoding: $0) }.sorted { $0.key.rank < $1.key.rank }
+        let paritySlots = try layout.parityStripes(node: position)
+        guard let paritySegmentSize = SegmentLayout.fragmentSegmentBytes(fragmentSize) else {
+            throw StoreError(.invalidRequest, "a fragment of \(fragmentSize) bytes is over the segment limit")
+        }
+        // The budget first, for everything the step will hold here; every
+        // file made below is given back if the rebuild stops before adoption.
+        var reservation = Reservation()
+        let reservedBytes = manifests.reduce(0) { $0 + $1.shard.segmentSizeBytes } + UInt64(paritySlots.count) * paritySegmentSize
+        let reserved = try state.withLock { try $0.store.reserve(bytes: reservedBytes, for: "the rebuild of \(job) step \(step)") }
+        reservation.took { [self] in state.withLock { $0.store.cancelReservation(reserved) } }
         // Fresh segments for this node's shards (no one else writes these keys: the store holds none of this step).
-        let segments = try manifests.map { try arena.createSegment($0.key, sizeBytes: $0.shard.segmentSizeBytes) }
+        var segments: [MappedSegment] = []
+        for manifest in manifests {
+            let segment = try arena.createSegment(manifest.key, sizeBytes: manifest.shard.segmentSizeBytes)
+            reservation.took { [arena] in arena.release(manifest.key, segment: segment, poolLimitBytes: 0) }
+            segments.append(segment)
+        }
+        try Failpoints.hit("rebuild.afterShardSegments")
         let data = NodeStepData(segments: segments)
         guard UInt64(data.totalBytes) == own.dataSizeBytes else {
             throw StoreError(.unrecoverable, "manifests give \(data.totalBytes) bytes, the node reported \(own.dataSizeBytes)")
@@ -120,21 +136,22 @@ extension ClusterNode {
         }
         var parity: [Int: ParityRecord] = [:]
         var paritySegmentsBuilt: [Int: MappedSegment] = [:]
-        for (stripe, row) in try layout.parityStripes(node: position) {
+        for (stripe, row) in paritySlots {
             let key = ParityKey(job: job, step: step, stripe: stripe)
-            guard let segmentSize = SegmentLayout.fragmentSegmentBytes(fragmentSize) else {
-                throw StoreError(.invalidRequest, "a fragment of \(fragmentSize) bytes is over the segment limit")
-            }
+            let segmentSize = paritySegmentSize
             let segment = try arena.createParitySegment(key, sizeBytes: segmentSize)
+            var parityTaken = Reservation()
+            parityTaken.took { [arena] in arena.releaseParity(key, segment: segment, poolLimitBytes: 0) }
             do {
                 try rebuildFragment(job: job, step: step, stripe: stripe, target: layout.dataFragmentCount + row, entry: entry, fragmentSizeBytes: fragmentSize, workspace: &workspace, tally: &tally, into: segment.base!)
             } catch let error as StoreError where error.code == .checksumMismatch {
                 // The survivors' bytes for this stripe are bad: this node's data is
                 // intact and served, but the step has one less parity here.
                 logger.error("parity of a step cannot be rebuilt: the group tolerates one loss fewer for this step", metadata: ["job": "\(job)", "step": "\(step)", "stripe": "\(stripe)", "error": "\(error)"])
-                arena.releaseParity(key, segment: segment, poolLimitBytes: 0)
-                continue
+                continue  // parityTaken gives the segment back
             }
+            parityTaken.installed()
+            reservation.took { [arena] in arena.releaseParity(key, segment: segment, poolLimitBytes: 0) }
             let crc = CRC32C.checksum(UnsafeRawBufferPointer(segment.bytes(offset: 0, count: size)))
             parity[stripe] = ParityRecord(row: row, fragmentSizeBytes: fragmentSize, segmentSizeBytes: segmentSize, crc32c: crc)
             paritySegmentsBuilt[stripe] = segment
@@ -146,9 +163,15 @@ extension ClusterNode {
                 counters.increment(.crcFailures)
                 throw StoreError(.checksumMismatch, "rebuilt \(manifest.key) fails the CRC check for \(bad)")
             }
-            try arena.writeManifest(manifest)
+            try arena.writeManifest(manifest)  // given back with its segment
         }
-        let actions = try state.withLock { state in
+        // The marker before the store changes: a node that restarts after
+        // this holds the step whole; one that stops before it holds nothing.
+        let rebuiltRanks = manifests.map(\.key.rank)
+        try arena.writeCommitMarker(job: job, step: step, world: entry.world, ranks: rebuiltRanks, parity: parity)
+        reservation.took { [arena] in arena.removeCommitMarker(job: job, step: step) }
+        try Failpoints.hit("rebuild.beforeAdoption")
+        let actions = state.withLock { state in
             // Parity this node folded from late fragments before the rebuild is replaced.
             for stripe in (state.store.jobs[job]?.parity[step] ?? [:]).keys.sorted() {
                 storeEffects.apply(state.store.releaseParity(ParityKey(job: job, step: step, stripe: stripe)), to: &state)
@@ -157,14 +180,14 @@ extension ClusterNode {
             for (stripe, segment) in paritySegmentsBuilt { state.paritySegments[ParityKey(job: job, step: step, stripe: stripe)] = segment }
             var shards: [Rank: ShardRecord] = [:]
             for manifest in manifests { shards[manifest.key.rank] = manifest.shard }
-            state.store.adoptCommitted(job: job, step: step, world: entry.world, shards: shards, parity: parity)
-            try arena.writeCommitMarker(job: job, step: step, world: entry.world, ranks: Array(shards.keys), parity: parity)
+            state.store.adoptCommitted(job: job, step: step, world: entry.world, shards: shards, parity: parity, reservation: reserved)
             // Counted with the adoption, under the same lock: whoever sees the node no longer missing the step sees it counted.
             counters.increment(.rebuilds)
             counters.increment(.rebuiltBytes, by: UInt64(data.totalBytes) + parity.values.reduce(0) { $0 + $1.segmentSizeBytes })
             state.cluster!.protection.stepRebuilt(job: job, step: step)
             return state.cluster!.protection.paritySealed(job: job, step: step, store: state.store)
         }
+        reservation.installed()
         execute(actions)
         logger.info("step rebuilt", metadata: ["job": "\(job)", "step": "\(step)", "ranks": "\(manifests.map(\.key.rank))", "dataBytes": "\(data.totalBytes)", "parityStripes": "\(parity.keys.sorted())"])
         tally.bytes += UInt64(data.totalBytes) + UInt64(parity.count) * fragmentSize

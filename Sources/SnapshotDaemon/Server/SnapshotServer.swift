@@ -55,6 +55,11 @@ public final class SnapshotServer: Service, Sendable {
 
     public init(configuration: DaemonConfiguration, logger: Logger) throws {
         Limits.checkRelationships()
+        if !Failpoints.active.isEmpty {
+            let unknown = Failpoints.active.subtracting(Failpoints.known)
+            guard unknown.isEmpty else { throw ConfigurationError("\(Failpoints.environmentVariable) names unknown failpoints: \(unknown.sorted().joined(separator: ", "))") }
+            logger.warning("failpoints are set: this daemon fails on purpose (tests only)", metadata: ["failpoints": "\(Failpoints.active.sorted())"])
+        }
         try configuration.validate()
         var configuration = configuration
         clusterConfiguration = try configuration.clusterFile.map { try StaticClusterFile(path: $0).load() }
