@@ -36,13 +36,12 @@ final class ClusterNode: Sendable {
     let logger: Logger
     let counters: Counters
     let metrics: MetricsRegistry
-    /// Serializes folding into parity buffers (two sources of one stripe may arrive at once).
-    let accumulateLock = NSLock()
-    /// Serializes creating parity buffers, which runs outside the state lock
-    /// (reserving and zeroing a fragment-sized file is not bookkeeping): two
-    /// fragments of one new stripe arriving at once create it once.
-    /// Taken before the state lock, never while holding it.
-    let parityAllocationLock = NSLock()
+    /// One owner per parity fragment: two data fragments of one new stripe
+    /// arriving at once create its buffer once, and fold into it one at a
+    /// time; other stripes go on in parallel. Creating the buffer (a file
+    /// reserved and zeroed) and folding (ISA-L, then a CRC) run outside the
+    /// state lock. Taken before the state lock, never while holding it.
+    let parityOwners = KeyedExclusion<ParityKey>()
     /// Reports, state pulls and rebuild orders: small, latency-bound messages.
     let controlPool = WorkerPool(name: "snapshotd.control", threads: Limits.controlPoolThreads)
     /// Fragment streams to parity holders: one per step in flight, bounded.

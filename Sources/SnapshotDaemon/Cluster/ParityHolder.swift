@@ -49,10 +49,11 @@ extension ClusterNode {
     /// The parity buffer for `key`, created zeroed on first use (nil when
     /// `unlessCommitted` and the step is already committed here). The store
     /// reserves its bytes under the state lock; the file is created outside
-    /// it, one creator at a time, and installed if the reservation still
-    /// stands (retention may have dropped the step meanwhile).
+    /// it, by the key's owner, and installed if the reservation still stands
+    /// (retention may have dropped the step meanwhile); a failure anywhere
+    /// gives back the reservation and the file.
     private func ensureParity(_ key: ParityKey, row: Int, fragmentSizeBytes: UInt64, unlessCommitted: Bool = false) throws -> (ParityRecord, MappedSegment)? {
-        try parityAllocationLock.withLock {
+        try parityOwners.withExclusive(key) {
             let reserved = try state.withLock { state throws -> (ParityRecord, MappedSegment?)? in
                 if unlessCommitted, state.store.isCommitted(job: key.job, step: key.step) { return nil }
                 if let record = state.store.parity(key) {
@@ -71,22 +72,24 @@ extension ClusterNode {
             }
             guard let (record, existing) = reserved else { return nil }
             if let existing { return (record, existing) }
+            var reservation = Reservation()
+            reservation.took { [self] in state.withLock { _ = storeEffects.apply($0.store.releaseParity(key), to: &$0) } }
             let segment: MappedSegment
             do {
                 segment = try arena.createParitySegment(key, sizeBytes: record.segmentSizeBytes)
             } catch {
-                state.withLock { _ = storeEffects.apply($0.store.releaseParity(key), to: &$0) }
                 throw StoreError(.overBudget, "cannot allocate parity for \(key): \(error)")
             }
+            reservation.took { [arena] in arena.releaseParity(key, segment: segment, poolLimitBytes: 0) }
             let installed = state.withLock { state -> ParityRecord? in
                 guard let record = state.store.parity(key), state.paritySegments[key] == nil else { return nil }
                 state.paritySegments[key] = segment
                 return record
             }
             guard let installed else {
-                arena.releaseParity(key, segment: segment, poolLimitBytes: 0)
                 throw StoreError(.unknownStep, "\(key) was dropped while its parity was allocated")
             }
+            reservation.installed()
             return (installed, segment)
         }
     }
@@ -151,7 +154,7 @@ extension ClusterNode {
     /// every source reports protected has all its parity sealed).
     private func fold(_ put: FragmentPut, key: ParityKey, row: Int, from buffer: UnsafeMutableRawPointer, into segment: MappedSegment) throws {
         let slot = Int(put.fragment.index)
-        let actions: [ProtectionMachine.Action] = try accumulateLock.withLock {
+        let actions: [ProtectionMachine.Action] = try parityOwners.withExclusive(key) {
             // Admission again: another session may have folded this slot meanwhile.
             let admission = state.withLock { $0.cluster!.protection.admit(put, record: $0.store.parity(key), store: $0.store) }
             switch admission {

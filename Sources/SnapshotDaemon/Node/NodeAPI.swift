@@ -65,17 +65,21 @@ extension SnapshotServer {
             apply(effects, to: &state)
             return (record, state.store.freeBytes)
         }
+        var reservation = Reservation()
+        reservation.took { [self] in
+            state.withLock { state in
+                if let effects = try? state.store.abort(session: session, key: key) { apply(effects, to: &state) }
+            }
+        }
         // The pool is memory too: keep held + pooled within the budget.
         arena.trimPool(toBytes: freeBytes)
         let segment: MappedSegment
         do {
             segment = try arena.createSegment(key, sizeBytes: record.segmentSizeBytes)
         } catch {
-            state.withLock { state in
-                if let effects = try? state.store.abort(session: session, key: key) { apply(effects, to: &state) }
-            }
             throw StoreError(.overBudget, "cannot allocate \(record.segmentSizeBytes) bytes in the arena: \(error)")
         }
+        reservation.took { [arena] in arena.release(key, segment: segment, poolLimitBytes: 0) }
         let installed = state.withLock { state -> Bool in
             guard let shard = state.store.jobs[key.job]?.steps[key.step]?[key.rank], shard.writer == session,
                 shard.state == .receiving, state.segments[key] == nil
@@ -84,9 +88,9 @@ extension SnapshotServer {
             return true
         }
         guard installed else {
-            arena.release(key, segment: segment, poolLimitBytes: 0)
             throw StoreError(.unknownStep, "the save of \(key) was dropped while its memory was allocated (the step was superseded or interrupted); save a newer step")
         }
+        reservation.installed()
         return (record, segment)
     }
 
