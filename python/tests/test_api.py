@@ -86,6 +86,13 @@ def test_kinds_dtypes_and_codes_are_int_enums() -> None:
     assert ErrorCode(8) is ErrorCode.OVER_BUDGET
 
 
+def test_a_kind_that_is_not_a_kind_is_refused_before_anything_is_sent(daemon) -> None:
+    with Client("kinds-job", 0, 1, socket=daemon.socket) as client:
+        with pytest.raises(ValueError, match=r"kinds\['w'\]: 9 is not a snapshotd.Kind"):
+            client.save(1, {"w": np.ones(2)}, kinds={"w": 9})
+        client.save(1, {"w": np.ones(2)}, kinds={"w": 3})  # a plain int of a real kind is fine
+
+
 def test_a_restored_shard_reports_kinds_and_dtypes_as_saved(daemon) -> None:
     state = {"w": np.ones(2, dtype=np.float16), "m": np.zeros(2), "seed": np.arange(3, dtype=np.uint8)}
     with Client("kinds-job", 0, 1, socket=daemon.socket) as client:
@@ -178,9 +185,10 @@ def test_a_save_handle_block_waits_for_the_save(daemon) -> None:
             pass
         assert handle.done() and handle.staging_seconds is not None
         handle.close()  # idempotent
+        assert client.wait_committed(1) == 1
         with pytest.raises(SnapshotdError) as caught:
-            with client.save_async(1, {"w": np.ones(2)}):  # step 1 again, after it committed: refused
-                client.wait_committed(1)
+            with client.save_async(1, {"w": np.ones(2)}):  # step 1 again, after it committed: refused on leaving
+                pass
         assert caught.value.code == ErrorCode.INVALID_REQUEST
         with pytest.raises(KeyError):  # the block's own error wins; the save's is left to its handle
             with client.save_async(2, {"w": np.ones(2)}) as failing:

@@ -88,15 +88,19 @@ class _Tensor:
 
     @staticmethod
     def of(name: str, value: Any, kind: int) -> _Tensor:
+        try:
+            tensor_kind = Kind(kind)
+        except ValueError:
+            raise ValueError(f"kinds[{name!r}]: {kind!r} is not a snapshotd.Kind ({', '.join(f'{k.name}={k.value}' for k in Kind)})") from None
         if isinstance(value, np.ndarray):
-            return _Tensor(name, value, _dtypes.from_numpy(value.dtype, name), tuple(value.shape), Kind(kind))
+            return _Tensor(name, value, _dtypes.from_numpy(value.dtype, name), tuple(value.shape), tensor_kind)
         if isinstance(value, np.generic):
             array = np.asarray(value)
-            return _Tensor(name, array, _dtypes.from_numpy(array.dtype, name), (), Kind(kind))
+            return _Tensor(name, array, _dtypes.from_numpy(array.dtype, name), (), tensor_kind)
         if type(value).__module__.startswith("torch") and hasattr(value, "dtype") and hasattr(value, "shape"):
             if value.is_sparse or getattr(value, "is_quantized", False):
                 raise TypeError(f"tensor {name!r}: sparse and quantized tensors are not supported; save a dense copy")
-            return _Tensor(name, value, _dtypes.from_torch(value.dtype, name), tuple(value.shape), Kind(kind))
+            return _Tensor(name, value, _dtypes.from_torch(value.dtype, name), tuple(value.shape), tensor_kind)
         raise TypeError(
             f"state[{name!r}]: {type(value).__name__} is not a numpy array or torch tensor "
             "(snapshotd.torch.snapshot saves whole training state, objects included)"
@@ -524,7 +528,7 @@ class Client:
             shape = tuple(info.shape[d] for d in range(info.ndim))
             arrays[name] = _view(info.data, shape, _dtypes.to_numpy(dtype), True, owner)
             dtypes[name] = dtype.type_name
-            kinds[name] = Kind(info.kind) if info.kind in Kind._value2member_map_ else info.kind
+            kinds[name] = _kind(info.kind)
         length = ctypes.c_size_t()
         address = lib.snapshotd_restore_metadata(owner.handle, ctypes.byref(length))
         norm = lib.snapshotd_restore_gradient_norm(owner.handle)
@@ -551,10 +555,13 @@ class Client:
 
     def close(self) -> None:
         """Closes the connection once pending asynchronous saves are done. Idempotent."""
+        self._close(wait=True)
+
+    def _close(self, wait: bool) -> None:
         handle, self._handle = self._handle, None
         if handle is not None:
-            self._worker.shutdown(wait=True)
-            lib.snapshotd_client_close(handle)
+            self._worker.shutdown(wait=wait)
+            lib.snapshotd_client_close(handle)  # a save still running keeps the library's client alive until it ends
 
     def __enter__(self) -> Client:
         return self
@@ -564,7 +571,7 @@ class Client:
 
     def __del__(self) -> None:  # a safety net only: close() or `with` closes the client
         try:
-            self.close()
+            self._close(wait=False)  # possibly on the worker thread itself, which cannot wait for itself
         except Exception:  # noqa: S110 - never raise from a finalizer (e.g. at interpreter exit)
             pass
 
@@ -575,6 +582,14 @@ class Client:
         if self._handle is None:
             raise SnapshotdError(ErrorCode.INVALID_ARGUMENT, "client is closed")
         return self._handle
+
+
+def _kind(value: int) -> Kind | int:
+    """The :class:`Kind` of a restored tensor; the plain int for a kind of a newer daemon."""
+    try:
+        return Kind(value)
+    except ValueError:
+        return value
 
 
 def _reconstruction(handle: int) -> Reconstruction | None:
