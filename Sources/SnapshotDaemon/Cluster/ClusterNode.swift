@@ -146,7 +146,7 @@ final class ClusterNode: Sendable {
             case .sendFragments(let job, let step, let size):
                 dataPool.submit { [self] in protect(job: job, step: step, fragmentSizeBytes: size) }
             case .commit(let job, let step, let world):
-                state.withLock { state in commit(job: job, step: step, world: world, state: &state) }
+                withClusterState { cluster, state in commit(job: job, step: step, world: world, cluster: &cluster, state: &state) }
                 state.broadcast()
             case .discardShare(let job, let step, let reason):
                 logger.error("dropping this node's share of a step", metadata: ["job": "\(job)", "step": "\(step)", "reason": "\(reason)"])
@@ -163,17 +163,23 @@ final class ClusterNode: Sendable {
         }
     }
 
+    /// A transaction on this node's state: its cluster part and the rest,
+    /// under the state lock.
+    func withClusterState<Result>(_ body: (inout ClusterState, inout NodeState) throws -> Result) rethrows -> Result {
+        try state.withLock { try $0.withClusterPart(body) }
+    }
+
     /// Runs `body` on the node's state and its cluster part, then the
     /// machine's actions it returns (outside the lock).
     func decide(_ body: (inout ClusterState, SnapshotStore) -> [ProtectionMachine.Action]) {
-        execute(state.withLock { state in body(&state.cluster!, state.store) })
+        execute(withClusterState { cluster, state in body(&cluster, state.store) })
     }
 
     /// The machine found the step held and committed cluster-wide.
-    private func commit(job: JobID, step: Step, world: UInt32, state: inout NodeState) {
+    private func commit(job: JobID, step: Step, world: UInt32, cluster: inout ClusterState, state: inout NodeState) {
         storeEffects.apply(state.store.markCommitted(job: job, step: step, world: world), to: &state)
         metrics.protectionFinished(job: job, step: step)
-        if let oldest = state.store.jobs[job]?.committedSteps.first { state.cluster!.protection.forget(job: job, olderThan: oldest) }
-        state.cluster!.refreshRebuildNeed(store: state.store)
+        if let oldest = state.store.jobs[job]?.committedSteps.first { cluster.protection.forget(job: job, olderThan: oldest) }
+        cluster.refreshRebuildNeed(store: state.store)
     }
 }

@@ -39,12 +39,12 @@ extension ClusterNode {
             if waitedMilliseconds % Limits.discoveryWarningIntervalMilliseconds == 0 { logger.warning("still waiting for a peer to share the cluster's state") }
             usleep(useconds_t(Limits.discoveryPollMilliseconds * 1000))
         }
-        let (missing, rebuildActions) = state.withLock { state in
-            state.cluster!.discovered = true
-            for share in state.cluster!.sealedBeforeDiscovery { shareSealed(job: share.job, step: share.step, state: &state) }
-            state.cluster!.sealedBeforeDiscovery = []
-            let missing = state.cluster!.refreshRebuildNeed(store: state.store)
-            return (missing, state.cluster!.rebuild.discovered(rebuildable: state.cluster!.rebuildableSteps(store: state.store)))
+        let (missing, rebuildActions) = withClusterState { cluster, state in
+            cluster.discovered = true
+            for share in cluster.sealedBeforeDiscovery { shareSealed(job: share.job, step: share.step, cluster: &cluster, state: &state) }
+            cluster.sealedBeforeDiscovery = []
+            let missing = cluster.refreshRebuildNeed(store: state.store)
+            return (missing, cluster.rebuild.discovered(rebuildable: cluster.rebuildableSteps(store: state.store)))
         }
         state.broadcast()
         executeRebuild(rebuildActions)
@@ -69,7 +69,7 @@ extension ClusterNode {
         // page brings something new, so the pull always ends.
         var received: [ReportID] = []
         for _ in 0..<Limits.maximumClusterStatePages {
-            let request = ClusterStateRequest(known: Array(Set(state.withLock { $0.cluster!.protection.ledger.knownReports } + received)))
+            let request = ClusterStateRequest(known: Array(Set(withClusterState { cluster, _ in cluster.protection.ledger.knownReports } + received)))
             guard case .clusterStateReply(let reply) = try mesh.request(peer, .control, .clusterStateRequest(request), timeoutMilliseconds: heartbeatTimeoutMilliseconds) else { return false }
             merge(reply)
             if reply.complete { return true }
@@ -99,9 +99,9 @@ extension ClusterNode {
     /// tell a joining peer that nothing was committed.
     func handleClusterState(_ request: ClusterStateRequest) -> Message {
         let known = Set(request.known)
-        return state.withLock { state in
-            guard state.cluster!.discovered else { return .error(ErrorReply(code: .unavailable, message: "node \(selfID) is joining the cluster itself")) }
-            return .clusterStateReply(state.cluster!.protection.ledger.clusterState(omitting: known, pageBytes: Limits.clusterStatePageBytes))
+        return withClusterState { cluster, _ in
+            guard cluster.discovered else { return .error(ErrorReply(code: .unavailable, message: "node \(selfID) is joining the cluster itself")) }
+            return .clusterStateReply(cluster.protection.ledger.clusterState(omitting: known, pageBytes: Limits.clusterStatePageBytes))
         }
     }
 
@@ -135,12 +135,11 @@ extension ClusterNode {
     }
 
     func recoverPicture() -> RecoverReply {
-        state.withLock { state in
-            var rebuilding = state.cluster!.monitor.needsRebuild
-            if !state.cluster!.discovered || state.cluster!.rebuild.isRunning || state.cluster!.refreshRebuildNeed(store: state.store) > 0 {
+        withClusterState { cluster, state in
+            var rebuilding = cluster.monitor.needsRebuild
+            if !cluster.discovered || cluster.rebuild.isRunning || cluster.refreshRebuildNeed(store: state.store) > 0 {
                 rebuilding.insert(selfID)
             }
-            let cluster = state.cluster!
             return RecoverReply(
                 coordinator: cluster.monitor.coordinator, deadNodes: cluster.monitor.deadNodes,
                 rebuildingNodes: rebuilding.sorted(), jobs: cluster.protection.recovery(lostNodes: cluster.lostNodes.union(rebuilding)))

@@ -36,8 +36,8 @@ extension ClusterNode {
             return try localDataFragment(id, fragment: fragment)
         }
         let key = ParityKey(job: id.job, step: id.step, stripe: stripe)
-        let found: LocalFragment? = state.withLock { state in
-            guard state.cluster!.discovered, let record = state.store.parity(key), record.isComplete, record.row == index - k,
+        let found: LocalFragment? = withClusterState { cluster, state in
+            guard cluster.discovered, let record = state.store.parity(key), record.isComplete, record.row == index - k,
                 let segment = state.paritySegments[key]
             else { return nil }
             return LocalFragment(bytes: NodeStepData(segments: [segment]), offsetBytes: 0, sizeBytes: Int(record.fragmentSizeBytes), storedCRC32C: record.crc32c)
@@ -53,9 +53,9 @@ extension ClusterNode {
     private func localDataFragment(_ id: FragmentID, fragment: Int) throws -> LocalFragment {
         let share = ProtectionMachine.StepID(job: id.job, step: id.step)
         let now = monotonicMilliseconds()
-        let held: (LocalFragment, [(ShardRecord, MappedSegment)], verified: Bool)? = state.withLock { state in
-            guard state.cluster!.discovered, state.store.isCommitted(job: id.job, step: id.step),
-                let size = state.cluster!.protection.ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group)
+        let held: (LocalFragment, [(ShardRecord, MappedSegment)], verified: Bool)? = withClusterState { cluster, state in
+            guard cluster.discovered, state.store.isCommitted(job: id.job, step: id.step),
+                let size = cluster.protection.ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group)
             else { return nil }
             let shards = state.store.localShards(job: id.job, step: id.step)
             // A share CheckFree rebuilt is no longer what the group's parity encodes.
@@ -63,7 +63,7 @@ extension ClusterNode {
             let segments = shards.compactMap { state.segments[ShardKey(job: id.job, step: id.step, rank: $0.rank)] }
             guard segments.count == shards.count else { return nil }
             let local = LocalFragment(bytes: NodeStepData(segments: segments), offsetBytes: fragment * Int(size), sizeBytes: Int(size), storedCRC32C: nil)
-            let verified = state.cluster!.verifiedShares[share].map { now - $0 < Self.shareVerificationValidMilliseconds } ?? false
+            let verified = cluster.verifiedShares[share].map { now - $0 < Self.shareVerificationValidMilliseconds } ?? false
             return (local, Array(zip(shards.map(\.shard), segments)), verified)
         }
         guard let (local, shards, verified) = held else { throw StoreError(.unavailable, "node \(selfID) does not hold step \(id.step) of \(id.job)") }
@@ -74,9 +74,9 @@ extension ClusterNode {
                 logger.error("refusing to serve a data fragment: tensors fail their sealed CRCs", metadata: ["fragment": "\(id)", "tensors": "\(corrupted)"])
                 throw StoreError(.checksumMismatch, "node \(selfID): data fragment \(id) covers tensor(s) \(corrupted) that fail their sealed CRCs")
             }
-            state.withLock { state in
-                state.cluster!.verifiedShares = state.cluster!.verifiedShares.filter { now - $0.value < Self.shareVerificationValidMilliseconds }
-                state.cluster!.verifiedShares[share] = now
+            withClusterState { cluster, _ in
+                cluster.verifiedShares = cluster.verifiedShares.filter { now - $0.value < Self.shareVerificationValidMilliseconds }
+                cluster.verifiedShares[share] = now
             }
         }
         return local

@@ -19,10 +19,10 @@ extension ClusterNode {
         }
         while !isStopping {
             let started = monotonicMilliseconds()
-            let (monitorActions, protectionActions) = state.withLock { state in
-                state.cluster!.lastClockTickMilliseconds = started  // the systemd watchdog's proof that the clock runs
-                return (state.cluster!.monitor.handle(.tick(nowMilliseconds: started)),
-                        state.cluster!.protection.tick(nowMilliseconds: started, liveNodes: Set(state.cluster!.monitor.liveNodes), store: state.store))
+            let (monitorActions, protectionActions) = withClusterState { cluster, state in
+                cluster.lastClockTickMilliseconds = started  // the systemd watchdog's proof that the clock runs
+                return (cluster.monitor.handle(.tick(nowMilliseconds: started)),
+                        cluster.protection.tick(nowMilliseconds: started, liveNodes: Set(cluster.monitor.liveNodes), store: state.store))
             }
             perform(monitorActions)
             execute(protectionActions)
@@ -33,7 +33,7 @@ extension ClusterNode {
     private func peerHeartbeatLoop(_ peer: NodeID) {
         while !isStopping {
             let started = monotonicMilliseconds()
-            let beat = state.withLock { ownHeartbeat(&$0) }
+            let beat = withClusterState { cluster, state in ownHeartbeat(&cluster, state.store) }
             if case .heartbeat(let reply)? = try? mesh.request(peer, .heartbeat, .heartbeat(beat), timeoutMilliseconds: heartbeatTimeoutMilliseconds) {
                 observe(reply)
             }
@@ -48,18 +48,18 @@ extension ClusterNode {
 
     func handleHeartbeat(_ beat: Heartbeat) -> Message {
         observe(beat)
-        return .heartbeat(state.withLock { ownHeartbeat(&$0) })
+        return .heartbeat(withClusterState { cluster, state in ownHeartbeat(&cluster, state.store) })
     }
 
-    private func ownHeartbeat(_ state: inout NodeState) -> Heartbeat {
-        let needsRebuild = !state.cluster!.discovered || state.cluster!.refreshRebuildNeed(store: state.store) > 0
-        return Heartbeat(nodeID: selfID, incarnation: incarnation, liveNodes: state.cluster!.monitor.liveNodes, needsRebuild: needsRebuild)
+    private func ownHeartbeat(_ cluster: inout ClusterState, _ store: SnapshotStore) -> Heartbeat {
+        let needsRebuild = !cluster.discovered || cluster.refreshRebuildNeed(store: store) > 0
+        return Heartbeat(nodeID: selfID, incarnation: incarnation, liveNodes: cluster.monitor.liveNodes, needsRebuild: needsRebuild)
     }
 
     private func observe(_ beat: Heartbeat) {
         let now = monotonicMilliseconds()
-        let actions = state.withLock { state in
-            state.cluster!.monitor.handle(.heartbeat(from: beat.nodeID, incarnation: beat.incarnation, needsRebuild: beat.needsRebuild, nowMilliseconds: now))
+        let actions = withClusterState { cluster, _ in
+            cluster.monitor.handle(.heartbeat(from: beat.nodeID, incarnation: beat.incarnation, needsRebuild: beat.needsRebuild, nowMilliseconds: now))
         }
         perform(actions)
     }
@@ -90,7 +90,7 @@ extension ClusterNode {
                     }
                 }
             case .beyondTolerance(let groupIndex, let lost, let tolerated):
-                let report = state.withLock { $0.cluster!.protection.recovery(lostNodes: $0.cluster!.lostNodes) }
+                let report = withClusterState { cluster, _ in cluster.protection.recovery(lostNodes: cluster.lostNodes) }
                 logger.critical("group beyond tolerance: nodes lost exceed its parity", metadata: [
                     "group": "\(groupIndex)", "lost": "\(lost)", "tolerated": "\(tolerated)",
                     "report": "\(report.map { "\($0.job): \($0.summary)" }.joined(separator: " | "))",

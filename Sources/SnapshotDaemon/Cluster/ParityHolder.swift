@@ -19,9 +19,9 @@ extension ClusterNode {
             for (stripe, row) in try layout.parityStripes(node: position) {
                 let key = ParityKey(job: job, step: step, stripe: stripe)
                 guard try ensureParity(key, row: row, fragmentSizeBytes: size, unlessCommitted: true) != nil else { return [] }
-                let isComplete = state.withLock { state -> Bool in
+                let isComplete = withClusterState { cluster, state -> Bool in
                     guard let record = state.store.parity(key), !record.isComplete else { return false }
-                    return state.cluster!.protection.isParityComplete(job: job, step: step, stripe: stripe, record: record)
+                    return cluster.protection.isParityComplete(job: job, step: step, stripe: stripe, record: record)
                 }
                 if isComplete { complete.append(key) }
             }
@@ -40,9 +40,9 @@ extension ClusterNode {
             return (segment, Int(record.fragmentSizeBytes))
         }) else { return [] }
         let crc = CRC32C.checksum(UnsafeRawBufferPointer(segment.bytes(offset: 0, count: size)))
-        return state.withLock { state in
+        return withClusterState { cluster, state in
             state.store.updateParity(key) { $0.crc32c = crc }
-            return state.cluster!.protection.paritySealed(job: key.job, step: key.step, store: state.store)
+            return cluster.protection.paritySealed(job: key.job, step: key.step, store: state.store)
         }
     }
 
@@ -54,7 +54,7 @@ extension ClusterNode {
     /// gives back the reservation and the file.
     private func ensureParity(_ key: ParityKey, row: Int, fragmentSizeBytes: UInt64, unlessCommitted: Bool = false) throws -> (ParityRecord, MappedSegment)? {
         try parityOwners.withExclusive(key) {
-            let reserved = try state.withLock { state throws -> (ParityRecord, MappedSegment?)? in
+            let reserved = try withClusterState { cluster, state throws -> (ParityRecord, MappedSegment?)? in
                 if unlessCommitted, state.store.isCommitted(job: key.job, step: key.step) { return nil }
                 if let record = state.store.parity(key) {
                     guard record.fragmentSizeBytes == fragmentSizeBytes else {
@@ -65,7 +65,7 @@ extension ClusterNode {
                 // The job's world comes from the step's reports (or the job this node
                 // already knows); it is never guessed: a store job created with a
                 // wrong world would refuse the job's trainers (`wrongJob`) for good.
-                guard let world = state.cluster!.protection.ledger.entry(job: key.job, step: key.step)?.world ?? state.store.jobs[key.job]?.world else {
+                guard let world = cluster.protection.ledger.entry(job: key.job, step: key.step)?.world ?? state.store.jobs[key.job]?.world else {
                     throw StoreError(.unavailable, "node \(selfID) has no report of \(key.job) step \(key.step) yet; retry")
                 }
                 return (try state.store.reserveParity(key, row: row, fragmentSizeBytes: fragmentSizeBytes, world: world), nil)
@@ -109,7 +109,7 @@ extension ClusterNode {
             throw SessionEnd(reason: "fragment \(id) from node \(put.sourceNode) does not belong on this node")
         }
         let key = ParityKey(job: id.job, step: id.step, stripe: stripe)
-        let admission = state.withLock { $0.cluster!.protection.admit(put, record: $0.store.parity(key), store: $0.store) }
+        let admission = withClusterState { cluster, state in cluster.protection.admit(put, record: state.store.parity(key), store: state.store) }
         let admitted: Result<MappedSegment?, StoreError>
         switch admission {
         case .refuse(let error): admitted = .failure(error)
@@ -156,7 +156,7 @@ extension ClusterNode {
         let slot = Int(put.fragment.index)
         let actions: [ProtectionMachine.Action] = try parityOwners.withExclusive(key) {
             // Admission again: another session may have folded this slot meanwhile.
-            let admission = state.withLock { $0.cluster!.protection.admit(put, record: $0.store.parity(key), store: $0.store) }
+            let admission = withClusterState { cluster, state in cluster.protection.admit(put, record: state.store.parity(key), store: state.store) }
             switch admission {
             case .refuse(let error): throw error
             case .duplicate: return []
@@ -165,10 +165,10 @@ extension ClusterNode {
             try [segment.base!].withUnsafeBufferPointer {
                 try code.accumulate(dataIndex: slot, data: buffer, intoParityRowsFrom: row, parity: $0, fragmentSizeBytes: Int(put.fragmentSizeBytes))
             }
-            let complete = state.withLock { state -> Bool in
+            let complete = withClusterState { cluster, state -> Bool in
                 state.store.updateParity(key) { $0.foldedSlots[slot] = put.crc32c }
                 guard let record = state.store.parity(key) else { return false }
-                return state.cluster!.protection.isParityComplete(job: key.job, step: key.step, stripe: key.stripe, record: record)
+                return cluster.protection.isParityComplete(job: key.job, step: key.step, stripe: key.stripe, record: record)
             }
             return complete ? seal(key) : []
         }

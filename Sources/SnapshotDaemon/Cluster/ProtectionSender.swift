@@ -11,18 +11,23 @@ import SnapshotCore
 extension ClusterNode {
     /// Inside state.withLock, when this node's share of a step is sealed.
     func shareSealed(job: JobID, step: Step, state: inout NodeState) {
+        state.withClusterPart { cluster, state in shareSealed(job: job, step: step, cluster: &cluster, state: &state) }
+    }
+
+    /// The same, inside a transaction that holds the cluster part already.
+    func shareSealed(job: JobID, step: Step, cluster: inout ClusterState, state: inout NodeState) {
         guard !state.stopping, let world = state.store.jobs[job]?.world else { return }
         // Timed from now even while joining: the share is local-complete, the wait for discovery is part of its protection.
         metrics.protectionStarted(job: job, step: step)
-        guard state.cluster!.discovered else {
-            state.cluster!.sealedBeforeDiscovery.append(.init(job: job, step: step))
+        guard cluster.discovered else {
+            cluster.sealedBeforeDiscovery.append(.init(job: job, step: step))
             return
         }
         let shards = state.store.localShards(job: job, step: step)
         let manifests = shards.map { ManifestFile(key: ShardKey(job: job, step: step, rank: $0.rank), world: world, shard: $0.shard).encoded() }
         let dataBytes = shards.reduce(UInt64(0)) { $0 + $1.shard.segmentSizeBytes }
         let ready = StepReady(job: job, step: step, nodeID: selfID, world: world, dataSizeBytes: dataBytes, manifests: manifests)
-        var actions = state.cluster!.protection.shareSealed(ready, store: state.store, nowMilliseconds: monotonicMilliseconds())
+        var actions = cluster.protection.shareSealed(ready, store: state.store, nowMilliseconds: monotonicMilliseconds())
         // A share the cluster already has from an earlier incarnation is dropped
         // now, under this lock: a rebuild may be about to adopt the same step.
         actions.removeAll { action in

@@ -246,8 +246,8 @@ extension SnapshotServer {
 extension ClusterNode {
     /// The cluster's reports of a committed step, by rank.
     func reportedRanks(job: JobID, step: Step) throws -> [Rank: ReportedShard] {
-        let entry = try state.withLock { state throws -> ClusterLedger.StepEntry in
-            guard let entry = state.cluster!.protection.ledger.entry(job: job, step: step), entry.committed else {
+        let entry = try withClusterState { cluster, _ throws -> ClusterLedger.StepEntry in
+            guard let entry = cluster.protection.ledger.entry(job: job, step: step), entry.committed else {
                 throw StoreError(.unknownStep, "the cluster holds no committed step \(step) of \(job)")
             }
             return entry
@@ -259,7 +259,7 @@ extension ClusterNode {
     /// peer's failure is an error reply to the operator, not the end of
     /// the operator's session.
     func fetchForExport(job: JobID, step: Step, rank: Rank, reported: ReportedShard) throws -> SnapshotServer.RankToWrite {
-        if state.withLock({ $0.cluster!.monitor.deadNodes.contains(reported.node) }) {
+        if withClusterState({ cluster, _ in cluster.monitor.deadNodes.contains(reported.node) }) {
             throw StoreError(.unavailable, "rank \(rank) of step \(step) is held by node \(reported.node), which is dead: rebuild it first")
         }
         do {

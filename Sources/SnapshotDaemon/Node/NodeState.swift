@@ -21,8 +21,31 @@ struct NodeState: Sendable {
     var stopping = false
     /// `snapshotctl drain`: new saves are refused (restores and protection go on).
     var draining = false
-    /// Cluster mode (a cluster file was given).
+    /// Cluster mode (a cluster file was given). Cluster-only code reaches it
+    /// through ``withClusterPart(_:)``, never by unwrapping.
     var cluster: ClusterState?
+    /// Set while ``withClusterPart(_:)`` has lent the cluster part out.
+    private(set) var clusterPartLent = false
+
+    /// Runs `body` with the cluster part beside the rest of the state, so a
+    /// transaction changes both (the part is lent out while `body` runs: no
+    /// copy, and no overlapping access to `self`). Code called from `body`
+    /// takes the part as a parameter.
+    ///
+    /// Preconditions (programming errors, never input): this is a cluster
+    /// node's state (a ``ClusterNode`` exists only beside a state built with
+    /// its cluster part) and the part is not already lent out.
+    mutating func withClusterPart<Result>(_ body: (inout ClusterState, inout NodeState) throws -> Result) rethrows -> Result {
+        precondition(!clusterPartLent, "withClusterPart called inside itself: pass the cluster part down instead")
+        guard var part = cluster else { preconditionFailure("cluster-only code ran on a node without a cluster part") }
+        cluster = nil
+        clusterPartLent = true
+        defer {
+            cluster = part
+            clusterPartLent = false
+        }
+        return try body(&part, &self)
+    }
 }
 
 /// Which pool of connection slots a session occupies. Remote strangers can

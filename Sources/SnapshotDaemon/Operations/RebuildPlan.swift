@@ -33,8 +33,8 @@ extension SnapshotServer {
             held = (picture.rebuildingNodes.contains(node) ? .rebuilding : .alive, steps)
         }
         let (k, m) = (group.layout.dataFragmentCount, group.parity)
-        let steps = state.withLock { state -> [PlannedStep] in
-            let ledger = state.cluster!.protection.ledger
+        let steps = cluster.withClusterState { clusterState, _ -> [PlannedStep] in
+            let ledger = clusterState.protection.ledger
             return ledger.steps.filter { $0.value.committed && $0.value.ready[node] != nil }.sorted { ($0.key.job, $0.key.step) < ($1.key.job, $1.key.step) }
                 .map { id, entry in
                     let fragment = ledger.fragmentSizeBytes(job: id.job, step: id.step, group: group) ?? 0

@@ -14,9 +14,9 @@ import SnapshotCore
 extension ClusterNode {
     /// The coordinator ordered this node to rebuild.
     func beginRebuild() {
-        let actions = state.withLock { state -> [RebuildMachine.Action] in
+        let actions = withClusterState { cluster, state -> [RebuildMachine.Action] in
             guard !state.stopping else { return [] }
-            return state.cluster!.rebuild.ordered(discovered: state.cluster!.discovered, rebuildable: state.cluster!.rebuildableSteps(store: state.store))
+            return cluster.rebuild.ordered(discovered: cluster.discovered, rebuildable: cluster.rebuildableSteps(store: state.store))
         }
         executeRebuild(actions)
     }
@@ -42,10 +42,10 @@ extension ClusterNode {
         switch action {
         case .pullState:
             pullState(from: mesh.peers)  // fresh knowledge of committed steps
-            return state.withLock { state in
-                let steps = state.cluster!.rebuildableSteps(store: state.store)
+            return withClusterState { cluster, state in
+                let steps = cluster.rebuildableSteps(store: state.store)
                 logger.notice("rebuild started", metadata: ["steps": "\(steps.map { "\($0.job)/\($0.step)" })"])
-                return state.cluster!.rebuild.statePulled(rebuildable: steps)
+                return cluster.rebuild.statePulled(rebuildable: steps)
             }
         case .rebuild(let id):
             let outcome: RebuildMachine.Outcome
@@ -59,9 +59,9 @@ extension ClusterNode {
                 logger.error("rebuild of a step failed; it is retried on the coordinator's next order", metadata: ["job": "\(id.job)", "step": "\(id.step)", "error": "\(error)"])
                 outcome = .failed(reason: "\(error)")
             }
-            return state.withLock { state in
-                if case .notRebuildable(let reason) = outcome { state.cluster!.protection.stepLost(job: id.job, step: id.step, reason: reason) }
-                return state.cluster!.rebuild.stepFinished(id, outcome, rebuildable: state.cluster!.rebuildableSteps(store: state.store))
+            return withClusterState { cluster, state in
+                if case .notRebuildable(let reason) = outcome { cluster.protection.stepLost(job: id.job, step: id.step, reason: reason) }
+                return cluster.rebuild.stepFinished(id, outcome, rebuildable: cluster.rebuildableSteps(store: state.store))
             }
         case .finished(let summary):
             let seconds = Double(monotonicMilliseconds() - started) / 1000
@@ -79,9 +79,9 @@ extension ClusterNode {
                     "failedSteps": "\(summary.retryLater.keys.sorted().map { "\($0.job)/\($0.step)" })", "lostSteps": "\(lost)",
                 ])
             }
-            state.withLock { state in
-                state.cluster!.rebuild.reported()
-                _ = state.cluster!.refreshRebuildNeed(store: state.store)
+            withClusterState { cluster, state in
+                cluster.rebuild.reported()
+                _ = cluster.refreshRebuildNeed(store: state.store)
             }
             state.broadcast()
             return []
@@ -90,8 +90,8 @@ extension ClusterNode {
 
     /// The cluster's reports of a step and its fragment size.
     func stepEntry(job: JobID, step: Step) throws -> (ClusterLedger.StepEntry, UInt64) {
-        try state.withLock { state throws -> (ClusterLedger.StepEntry, UInt64) in
-            let ledger = state.cluster!.protection.ledger
+        try withClusterState { cluster, _ throws -> (ClusterLedger.StepEntry, UInt64) in
+            let ledger = cluster.protection.ledger
             guard let entry = ledger.entry(job: job, step: step), let size = ledger.fragmentSizeBytes(job: job, step: step, group: group) else {
                 throw StoreError(.unrecoverable, "the cluster state for \(job)/\(step) is incomplete")
             }
@@ -171,7 +171,7 @@ extension ClusterNode {
         try arena.writeCommitMarker(job: job, step: step, world: entry.world, ranks: rebuiltRanks, parity: parity)
         reservation.took { [arena] in arena.removeCommitMarker(job: job, step: step) }
         try Failpoints.hit("rebuild.beforeAdoption")
-        let actions = state.withLock { state in
+        let actions = withClusterState { cluster, state in
             // Parity this node folded from late fragments before the rebuild is replaced.
             for stripe in (state.store.jobs[job]?.parity[step] ?? [:]).keys.sorted() {
                 storeEffects.apply(state.store.releaseParity(ParityKey(job: job, step: step, stripe: stripe)), to: &state)
@@ -184,8 +184,8 @@ extension ClusterNode {
             // Counted with the adoption, under the same lock: whoever sees the node no longer missing the step sees it counted.
             counters.increment(.rebuilds)
             counters.increment(.rebuiltBytes, by: UInt64(data.totalBytes) + parity.values.reduce(0) { $0 + $1.segmentSizeBytes })
-            state.cluster!.protection.stepRebuilt(job: job, step: step)
-            return state.cluster!.protection.paritySealed(job: job, step: step, store: state.store)
+            cluster.protection.stepRebuilt(job: job, step: step)
+            return cluster.protection.paritySealed(job: job, step: step, store: state.store)
         }
         reservation.installed()
         execute(actions)
@@ -220,7 +220,7 @@ extension ClusterNode {
     /// rebuilding or not yet heard from come last.
     private func repairSources(stripe: Int, target: Int, entry: ClusterLedger.StepEntry, fragmentSizeBytes: UInt64) throws -> RepairSources {
         let k = layout.dataFragmentCount
-        let doubtful = state.withLock { $0.cluster!.lostNodes.union($0.cluster!.monitor.unheardNodes) }
+        let doubtful = withClusterState { cluster, _ in cluster.lostNodes.union(cluster.monitor.unheardNodes) }
         var zeroSlots: [Int] = []
         var remote: [(index: Int, node: NodeID)] = []
         for index in 0..<layout.groupSize where index != target {
