@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import Logging
 import SnapshotIO
 import SnapshotProtocol
@@ -93,5 +94,30 @@ struct NodeAPITests {
         segment.bytes(offset: 100, count: 1)[0] ^= 0xFF
         #expect(code { _ = try server.pinForRestore(job: job, rank: 0, step: 1) } == .checksumMismatch)
         #expect(server.state.withLock { $0.store.restorePins[key] } == nil, "the refused restore released its pin")
+    }
+
+    /// A rank's holder whose client is gone hands the rank over at once; a
+    /// live holder keeps it (duplicateRank).
+    @Test func aRankWhoseHolderIsGoneIsHandedOverAndALiveHolderKeepsIt() throws {
+        let (server, directory) = try server()
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        func session() throws -> (id: SessionID, client: Socket) {
+            var fds: [Int32] = [-1, -1]
+            #expect(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0)
+            let served = Socket(fd: fds[0])
+            let admitted = try #require(server.state.withLock { $0.admit(served, to: .local, limit: 16) })
+            return (admitted.id, Socket(fd: fds[1]))
+        }
+        let first = try session()
+        let second = try session()
+        defer { second.client.close() }
+        try server.attachTrainer(session: first.id, job: job, rank: 0, world: 2, localWorld: 2)
+        #expect(code { try server.attachTrainer(session: second.id, job: job, rank: 0, world: 2, localWorld: 2) } == .duplicateRank)
+        first.client.close()  // the first trainer dies; its session has not noticed
+        try server.attachTrainer(session: second.id, job: job, rank: 0, world: 2, localWorld: 2)
+        #expect(server.state.withLock { $0.store.jobs[job]?.sessions[0] } == second.id)
+        // The taken-over session's stream was shut down, so its thread ends.
+        let ended = server.state.withLock { $0.sessions[first.id]?.stream }
+        #expect(ended?.peerHasClosed() == true)
     }
 }

@@ -48,8 +48,10 @@ struct WaitingTrainerTests {
         // attempt gets the rank, with no retry (before the fix, 1 run in 2
         // was refused as a duplicate by the dead trainer's waiting session).
         trainer.kill9()
+        // (Either the attach found the holder's socket closed and took the
+        // rank over, logging "rank handed over", or the holder's wait had
+        // looked at its socket first and ended: both leave the rank free.)
         let client = try daemon.unixClient(job: job, rank: 0, world: 2)
-        #expect(daemon.log().contains("rank handed over: its previous session's client is gone"))
         // The dead trainer's wait ends because its client went away, not by a timeout.
         let deadline = monotonicMilliseconds() + Self.reconnectLimitMilliseconds
         while !daemon.log().contains("client closed the connection while waiting for step 1"), monotonicMilliseconds() < deadline { usleep(10_000) }

@@ -62,6 +62,7 @@ extension SnapshotServer {
             }
             if let refusal = cluster?.refusalOfSave(job: key.job, step: key.step, state: state) { throw refusal }
             let (record, effects) = try state.store.beginSave(session: session, key: key, specs: specs, topology: topology)
+            state.sealTickets[key] = nil  // a seal of the shard this save replaces, still running, no longer applies
             apply(effects, to: &state)
             return (record, state.store.freeBytes)
         }
@@ -109,8 +110,14 @@ extension SnapshotServer {
     /// The bytes are in: the shard is sealed off the caller's thread.
     /// `received`: when the commitSave arrived (the commit latency starts there).
     func commitSave(session: SessionID, key: ShardKey, checksums: [UInt32]?, gradientNorm: Double?, metadata: [UInt8], received: ContinuousClock.Instant = .now) throws {
-        _ = try state.withLock { try $0.store.commit(session: session, key: key, clientChecksums: checksums, gradientNorm: gradientNorm, metadata: metadata) }
-        seal(key, clientChecksums: checksums, commitReceived: received)
+        let ticket = try state.withLock { state throws -> UInt64 in
+            _ = try state.store.commit(session: session, key: key, clientChecksums: checksums, gradientNorm: gradientNorm, metadata: metadata)
+            let ticket = state.nextSealTicket
+            state.nextSealTicket += 1
+            state.sealTickets[key] = ticket
+            return ticket
+        }
+        seal(key, ticket: ticket, clientChecksums: checksums, commitReceived: received)
     }
 
     func abortSave(session: SessionID, key: ShardKey) throws {

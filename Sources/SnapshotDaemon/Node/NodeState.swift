@@ -17,6 +17,14 @@ struct NodeState: Sendable {
     var paritySegments: [ParityKey: MappedSegment] = [:]
     var sessions: [SessionID: OpenSession] = [:]
     var nextSessionID: SessionID = 1
+    /// The seal each shard awaits, by the ticket its commitSave was given: a
+    /// rank that saves the same uncommitted step again replaces the shard, and
+    /// the first save's seal, still running, must neither write its manifest
+    /// over the new one nor apply its checksums (or its failure) to it. A new
+    /// save of the key withdraws the ticket; otherwise each ticket is removed
+    /// by its own seal.
+    var sealTickets: [ShardKey: UInt64] = [:]
+    var nextSealTicket: UInt64 = 1
     var listeners: [Socket] = []
     var stopping = false
     /// `snapshotctl drain`: new saves are refused (restores and protection go on).

@@ -50,6 +50,8 @@ public final class SnapshotServer: Service, Sendable {
     private let boundMetricsPortValue = Mutex<UInt16?>(nil)
 
     let sealQueue = DispatchQueue(label: "snapshotd.seal", attributes: .concurrent)
+    /// One seal per shard key at a time writes the manifest and applies its outcome.
+    let sealOwners = KeyedExclusion<ShardKey>()
     /// Bounds concurrent sealing to the core count: CRC work is CPU-bound.
     let sealSlots = DispatchSemaphore(value: max(1, ProcessInfo.processInfo.activeProcessorCount))
 
@@ -476,41 +478,58 @@ public final class SnapshotServer: Service, Sendable {
     /// manifest, and marks it local-complete (which may commit the step).
     /// `commitReceived`: when the commitSave arrived, the start of the
     /// commit latency this seal ends.
-    func seal(_ key: ShardKey, clientChecksums: [UInt32]?, commitReceived: ContinuousClock.Instant) {
+    /// `ticket`: the one ``commitSave`` gave this seal (``NodeState/sealTickets``);
+    /// a seal whose ticket was replaced by a newer save of the key stops.
+    func seal(_ key: ShardKey, ticket: UInt64, clientChecksums: [UInt32]?, commitReceived: ContinuousClock.Instant) {
         sealQueue.async { [self] in
             sealSlots.wait()
             defer { sealSlots.signal() }
             guard let (shard, segment, world) = state.withLock({ state -> (ShardRecord, MappedSegment, UInt32)? in
+                guard state.sealTickets[key] == ticket else { return nil }  // a newer save of the key took over
                 guard let shard = state.store.jobs[key.job]?.steps[key.step]?[key.rank], shard.state == .sealing,
                     let segment = state.segments[key], let world = state.store.jobs[key.job]?.world
-                else { return nil }
+                else {
+                    state.sealTickets[key] = nil  // the shard went (its step was dropped): nothing to seal
+                    return nil
+                }
                 return (shard, segment, world)
             }) else { return }
             let started = monotonicMilliseconds()
             let checksums = tensorChecksums(shard, in: segment)
-            if let clientChecksums, clientChecksums != checksums {
-                counters.increment(.crcFailures)
-                let bad = zip(shard.specs, zip(checksums, clientChecksums)).filter { $1.0 != $1.1 }.map(\.0.name)
-                logger.error("client checksums do not match the bytes received; shard refused", metadata: ["shard": "\(key)", "tensors": "\(bad)"])
-                state.withLock { $0.store.sealFailed(key: key) }
-                state.broadcast()
-                return
+            // One sealer per key writes its manifest and applies its outcome:
+            // a replaced seal's late manifest is overwritten by the newer one's.
+            sealOwners.withExclusive(key) {
+                /// Applies the outcome if this seal still owns the key.
+                func finish(_ outcome: (inout NodeState) -> Void) {
+                    state.withLock { state in
+                        guard state.sealTickets[key] == ticket else { return }
+                        state.sealTickets[key] = nil
+                        outcome(&state)
+                    }
+                    state.broadcast()
+                }
+                guard state.withLock({ $0.sealTickets[key] == ticket }) else { return }
+                if let clientChecksums, clientChecksums != checksums {
+                    counters.increment(.crcFailures)
+                    let bad = zip(shard.specs, zip(checksums, clientChecksums)).filter { $1.0 != $1.1 }.map(\.0.name)
+                    logger.error("client checksums do not match the bytes received; shard refused", metadata: ["shard": "\(key)", "tensors": "\(bad)"])
+                    finish { $0.store.sealFailed(key: key) }
+                    return
+                }
+                var sealed = shard
+                sealed.checksums = checksums
+                do {
+                    try arena.writeManifest(ManifestFile(key: key, world: world, shard: sealed))
+                } catch {
+                    logger.error("cannot write manifest; shard not sealed", metadata: ["shard": "\(key)", "error": "\(error)"])
+                    finish { $0.store.sealFailed(key: key) }
+                    return
+                }
+                // Observed before the seal is applied: a trainer that sees its step committed sees this save counted.
+                metrics.saveCommit.observe(since: commitReceived)
+                finish { state in apply(state.store.sealed(key: key, checksums: checksums), to: &state) }
+                logger.debug("shard sealed", metadata: ["shard": "\(key)", "bytes": "\(shard.segmentSizeBytes)", "milliseconds": "\(monotonicMilliseconds() - started)"])
             }
-            var sealed = shard
-            sealed.checksums = checksums
-            do {
-                try arena.writeManifest(ManifestFile(key: key, world: world, shard: sealed))
-            } catch {
-                logger.error("cannot write manifest; shard not sealed", metadata: ["shard": "\(key)", "error": "\(error)"])
-                state.withLock { $0.store.sealFailed(key: key) }
-                state.broadcast()
-                return
-            }
-            // Observed before the seal is applied: a trainer that sees its step committed sees this save counted.
-            metrics.saveCommit.observe(since: commitReceived)
-            state.withLock { state in apply(state.store.sealed(key: key, checksums: checksums), to: &state) }
-            state.broadcast()
-            logger.debug("shard sealed", metadata: ["shard": "\(key)", "bytes": "\(shard.segmentSizeBytes)", "milliseconds": "\(monotonicMilliseconds() - started)"])
         }
     }
 }
