@@ -206,8 +206,6 @@ def run_dcp(block: Block, daemon: Daemon, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch", reason="torch is not installed: the DCP block needs it")
     import torch.distributed.checkpoint as dcp
 
-    from torch.distributed.checkpoint.api import CheckpointException
-
     import snapshotd
     from snapshotd.dcp import SnapshotdReader, SnapshotdWriter
 
@@ -223,26 +221,15 @@ def run_dcp(block: Block, daemon: Daemon, tmp_path: Path) -> None:
         writers_for.append(step)
         make_writer(writer, client, step)
 
-    def refused_by_snapshotd(error: BaseException) -> bool:
-        if isinstance(error, CheckpointException):
-            return any(refused_by_snapshotd(failure) for failure, _ in error.failures.values())
-        return isinstance(error, snapshotd.SnapshotdError)
-
     with snapshotd.Client("doc-dcp", 0, 1, socket=daemon.socket) as client:
         names = {"client": client, "step": 12, "state_dict": state_dict}
-        try:
-            with mock.patch.object(SnapshotdWriter, "__init__", recording):
-                exec(compile(block.code, block.where, "exec"), names)  # noqa: S102 - the documentation's own code
-                future = names.get("future")
-                if future is not None:
-                    future.result()
-        except BaseException as error:
-            if refused_by_snapshotd(error) and len(writers_for) != len(set(writers_for)):
-                pytest.xfail(f"{block.where}: the block saves step {names['step']} twice (writers for steps {writers_for}: "
-                             f"dcp.save, then dcp.async_save of the same step), which the daemon refuses: {error}. The "
-                             "documentation needs the change proposed with the resume fix (the two saves as alternatives, "
-                             "or the second of another step)")
-            raise
+        with mock.patch.object(SnapshotdWriter, "__init__", recording):
+            exec(compile(block.code, block.where, "exec"), names)  # noqa: S102 - the documentation's own code
+            future = names.get("future")
+            if future is not None:
+                future.result()
+        # Each save of the block is of its own step (a second save of a committed step is refused).
+        assert writers_for and len(writers_for) == len(set(writers_for)), writers_for
         # What the block's load left in state_dict is what it saved.
         for name, tensor in saved["model"].items():
             assert torch.equal(state_dict["model"][name], tensor), name
