@@ -1,6 +1,6 @@
 // swift-tools-version: 6.0
 // snapshotd: in-memory fault tolerance for large distributed training jobs.
-// Module map and the reasons for each module's boundaries: README.md ("Layout").
+// Module map and the reasons for each module's boundaries: docs/architecture.md ("Modules and what each may touch").
 import PackageDescription
 
 /// Swift 6 language mode is the default for tools 6.0; strict concurrency comes with it.

@@ -17,7 +17,10 @@ fi
 install -m 0644 deploy/snapshotd.tmpfiles /etc/tmpfiles.d/snapshotd.conf
 systemd-tmpfiles --create /etc/tmpfiles.d/snapshotd.conf
 install -d -m 0755 /etc/snapshotd "$prefix/share/doc/snapshotd"
-install -m 0644 README.md "$prefix/share/doc/snapshotd/"
+install -m 0644 README.md CHANGELOG.md "$prefix/share/doc/snapshotd/"
+install -d -m 0755 "$prefix/share/doc/snapshotd/docs" "$prefix/share/doc/snapshotd/docs/decisions"
+install -m 0644 docs/*.md docs/*.svg "$prefix/share/doc/snapshotd/docs/"
+install -m 0644 docs/decisions/*.md "$prefix/share/doc/snapshotd/docs/decisions/"
 if [ ! -f /etc/snapshotd/snapshotd.toml ]; then install -m 0644 deploy/snapshotd.toml /etc/snapshotd/; fi
 # Two secrets: one for trainers and operators, one for peers (cluster mode).
 # Copy both to every node of the cluster.

@@ -41,7 +41,7 @@ struct SnapshotctlCommand: ParsableCommand {
     }
 }
 
-/// snapshotctl's exit codes (README, "Exit codes").
+/// snapshotctl's exit codes (docs/operations.md, "Exit codes").
 enum ExitStatus: Int32 {
     case ok = 0
     case failed = 1

@@ -16,7 +16,7 @@ public protocol MembershipBackend: Sendable {
     var source: String { get }
 }
 
-/// The membership is a TOML file every node is given (README, "A cluster").
+/// The membership is a TOML file every node is given (docs/operations.md, "A cluster").
 public struct StaticClusterFile: MembershipBackend {
     public let path: String
 

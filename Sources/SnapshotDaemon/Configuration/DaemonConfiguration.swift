@@ -31,7 +31,7 @@ public struct DaemonConfiguration: Sendable, Equatable {
     /// The cluster file (nodes, addresses, protection groups). nil: a single
     /// node, whose steps commit when its own shards are sealed.
     public var clusterFile: String?
-    /// The durable tier (README, "The durable tier"): committed steps are
+    /// The durable tier (docs/operations.md, "The durable tier"): committed steps are
     /// written here in the export format, in the background. Off when nil.
     /// A shared file system gives every node the whole step; a local disk
     /// holds this node's ranks.

@@ -32,7 +32,7 @@ struct FlushPolicy: Sendable {
     }
 }
 
-/// The durable tier (README, "The durable tier"): a background thread
+/// The durable tier (docs/operations.md, "The durable tier"): a background thread
 /// writes this node's ranks of due committed steps to `flush_directory` in
 /// the export format, at most `flush_bandwidth`; a restore that memory
 /// cannot serve is served from there; `snapshotctl export` writes a whole

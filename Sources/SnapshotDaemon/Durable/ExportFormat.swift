@@ -4,7 +4,7 @@ public import SnapshotProtocol
 import SnapshotCore
 
 /// The export format, shared by `snapshotctl export` and the durable tier
-/// (README, "The durable tier"): a step is a directory
+/// (docs/operations.md, "The durable tier"): a step is a directory
 ///
 ///     <root>/<job>/step-<step, 20 digits>/
 ///         rank-<rank, 5 digits>.safetensors   the rank's tensors

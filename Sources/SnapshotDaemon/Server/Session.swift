@@ -330,7 +330,7 @@ final class Session {
             (step, shard, segment) = try server.pinForRestore(job: job!, rank: rank, step: wanted)
         } catch let error as StoreError where [.unrecoverable, .unknownStep, .notCommitted, .unavailable].contains(error.code) {
             // What memory cannot serve for good (lost beyond tolerance, or not
-            // held), the durable tier may (README, "The durable tier"); not
+            // held), the durable tier may (docs/operations.md, "The durable tier"); not
             // while a rebuild that will serve the step is still possible.
             let memory = server.memoryLoss(job: job!, rank: rank, step: m.step)
             guard error.code != .unavailable || memory.lost,
