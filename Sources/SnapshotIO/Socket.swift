@@ -323,7 +323,6 @@ public struct Socket: Sendable {
     /// A numeric IPv4 or IPv6 address (`localhost` is 127.0.0.1; no name
     /// lookups: a lookup could block without a deadline).
     private static func inetAddress(host: String, port: UInt16) throws -> (sockaddr_storage, socklen_t) {
-        var storage = sockaddr_storage()
         let resolved = host == "localhost" ? "127.0.0.1" : host
         if resolved.contains(":") {
             var address = sockaddr_in6()
@@ -332,8 +331,7 @@ public struct Socket: Sendable {
             guard inet_pton(AF_INET6, resolved, &address.sin6_addr) == 1 else {
                 throw IOError("'\(host)' is not an IPv6 address", errno: EINVAL)
             }
-            withUnsafeMutableBytes(of: &storage) { $0.copyMemory(from: UnsafeRawBufferPointer(start: &address, count: MemoryLayout<sockaddr_in6>.size)) }
-            return (storage, socklen_t(MemoryLayout<sockaddr_in6>.size))
+            return stored(address)
         }
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
@@ -341,8 +339,14 @@ public struct Socket: Sendable {
         guard inet_pton(AF_INET, resolved, &address.sin_addr) == 1 else {
             throw IOError("'\(host)' is not an IPv4 or IPv6 address", errno: EINVAL)
         }
-        withUnsafeMutableBytes(of: &storage) { $0.copyMemory(from: UnsafeRawBufferPointer(start: &address, count: MemoryLayout<sockaddr_in>.size)) }
-        return (storage, socklen_t(MemoryLayout<sockaddr_in>.size))
+        return stored(address)
+    }
+
+    /// `address` (a sockaddr_in or sockaddr_in6) in storage that fits either, and its length.
+    private static func stored<Address>(_ address: Address) -> (sockaddr_storage, socklen_t) {
+        var storage = sockaddr_storage()
+        withUnsafeBytes(of: address) { source in withUnsafeMutableBytes(of: &storage) { $0.copyMemory(from: source) } }
+        return (storage, socklen_t(MemoryLayout<Address>.size))
     }
 }
 
