@@ -84,6 +84,7 @@ extension ClusterNode {
                 _ = state.cluster!.refreshRebuildNeed(store: state.store)
             }
             state.broadcast()
+            checkFreeExactRebuildStopped()
             return []
         }
     }
