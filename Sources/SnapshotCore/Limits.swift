@@ -100,10 +100,8 @@ public enum Limits {
     /// How long a CheckFree order waits for the node's own exact rebuild
     /// (which retries a step beyond tolerance) to stop before it is refused.
     public static let checkFreeClaimTimeoutMilliseconds: Int64 = 30_000
-    /// How often that wait looks again.
-    public static let checkFreeClaimPollMilliseconds: Int64 = 50
     /// A computed CheckFree share whose planner never committed or aborted
-    /// it is dropped by the next rebuild of the step after this long.
+    /// it is dropped this long after it was computed (``CheckFreeMachine``).
     public static let checkFreeShareLifetimeMilliseconds: Int64 = 600_000
     /// What the background scrub reads per second at most: it must not take
     /// memory bandwidth a trainer's save or a rebuild needs.
@@ -214,7 +212,6 @@ public enum Limits {
              "a fragment send's quick retries and one slow attempt fit the protection timeout"),
             (protectionRetryIntervalMilliseconds < protectionTimeoutMilliseconds, "protection is retried before it is given up"),
             (discoveryPollMilliseconds < discoveryWarningIntervalMilliseconds, "discovery asks before it warns"),
-            (checkFreeClaimPollMilliseconds < checkFreeClaimTimeoutMilliseconds, "a CheckFree claim looks again before it gives up"),
             (checkFreeClaimTimeoutMilliseconds < checkFreeShareLifetimeMilliseconds, "a claimed CheckFree share outlives the claim's wait"),
             (commitWaitSliceMilliseconds * 10 <= Int64(longestCommitWaitMilliseconds), "a commit wait is many slices"),
             (maximumNodes >= ReedSolomon.maximumTotalFragments, "a cluster holds at least one full group"),

@@ -40,8 +40,8 @@ extension ClusterNode {
     /// the newest committed step whose lost ranks CheckFree can rebuild. A
     /// refusal names the reason for the newest step with lost ranks.
     func checkFreePlan(job: JobID, step requested: Step? = nil) throws -> (CheckFreePlan, [Rank: ReportedShard]) {
-        let candidates: [(Step, ClusterLedger.StepEntry, [Rank])] = state.withLock { state in
-            let cluster = state.cluster!
+        let candidates: [(Step, ClusterLedger.StepEntry, [Rank])] = try state.withLock { state in
+            guard let cluster = state.cluster else { throw StoreError(.internalError, "node \(selfID) has no cluster state: CheckFree plans across a cluster") }
             let ledger = cluster.protection.ledger
             var lostNodes = cluster.lostNodes
             if !cluster.discovered || cluster.rebuild.isRunning || cluster.protection.missingSteps(store: state.store).contains(where: { $0.job == job }) {
@@ -67,7 +67,7 @@ extension ClusterNode {
                 firstRefusal = firstRefusal ?? error
             }
         }
-        throw StoreError(.unrecoverable, "CheckFree refuses step \(newest.0) of \(job): \(firstRefusal!)")
+        throw StoreError(.unrecoverable, "CheckFree refuses step \(newest.0) of \(job): \(firstRefusal.map { "\($0)" } ?? "no plan")")
     }
 
     /// One line for the recovery report: what CheckFree could rebuild, or why not.
@@ -97,7 +97,7 @@ extension ClusterNode {
     func handleCheckFreeRequest(_ request: CheckFreeRequest) throws -> Message {
         let (plan, _) = try checkFreePlan(job: request.job)
         let targets = Set(plan.ranks.map(\.target.node)).sorted()
-        let dead = state.withLock { Set($0.cluster!.monitor.deadNodes) }
+        let dead = state.withLock { Set($0.cluster?.monitor.deadNodes ?? []) }  // none without a cluster state: the plan above needs one
         if let down = targets.first(where: dead.contains) {
             throw StoreError(.unavailable, "node \(down), which hosts ranks \(plan.ranks.filter { $0.target.node == down }.map(\.target.rank)) of the lost stages, is down: start its replacement (same id, empty arena) first")
         }
@@ -145,116 +145,170 @@ extension ClusterNode {
 
     // MARK: A node hosting lost ranks
 
-    /// One phase of rebuilding this node's lost ranks of `order.step`.
+    /// One phase of rebuilding this node's lost ranks of `order.step`. What
+    /// happens is the node's ``CheckFreeMachine``'s to decide: the order's
+    /// thread feeds it the order, carries out what it says (compute, install)
+    /// and answers as it says.
     func handleCheckFreeOrder(_ order: CheckFreeRequest) throws -> Message {
         guard let step = order.step else { throw StoreError(.invalidRequest, "a CheckFree order names its step") }
         let id = ProtectionMachine.StepID(job: order.job, step: step)
+        let token = order.token
         switch order.phase {
         case .request:
             throw StoreError(.invalidRequest, "an operator's CheckFree request is not an order")
         case .prepare:
-            try claimForCheckFree(id, token: order.token)
+            let claimed = try checkFreeEvent { machine, node in
+                machine.claim(id, token: token, holdsStep: node.holds(id), exactRebuildRunning: node.exactRebuildRunning, nowMilliseconds: node.nowMilliseconds)
+            }
+            if case .refused(let refusal)? = claimed.reply { throw refusal.error(node: selfID, step: id) }
+            try awaitCheckFreeClaim(CheckFreeClaim(id: id, token: token))
             let prepared: PreparedCheckFree
             do {
-                let (plan, reported) = try checkFreePlan(job: order.job, step: step)
-                let mine = plan.ranks.filter { $0.target.node == selfID }
-                guard !mine.isEmpty else {
-                    throw StoreError(.unavailable, "node \(selfID)'s view of step \(step) has none of the lost ranks here: the nodes' views disagree; try again when the cluster has settled")
-                }
-                prepared = try prepare(mine, job: order.job, step: step, reported: reported)
+                prepared = try computeCheckFreeShare(job: order.job, step: step)
             } catch {
-                finishCheckFree(id, token: order.token, releasing: nil)
+                _ = try? checkFreeEvent { $0.computeFailed(id, token: token, nowMilliseconds: $1.nowMilliseconds) }
                 logger.error("CheckFree share could not be computed", metadata: ["job": "\(order.job)", "step": "\(step)", "error": "\(error)"])
                 throw error
             }
-            let parked = state.withLock { state -> Bool in
-                guard var work = state.cluster!.checkFree[id], work.token == order.token, !work.aborted else { return false }
-                work.prepared = prepared
-                state.cluster!.checkFree[id] = work
-                return true
-            }
-            guard parked else {
-                finishCheckFree(id, token: order.token, releasing: prepared)
-                throw StoreError(.unavailable, "the CheckFree rebuild of step \(step) was abandoned while this node computed its share")
-            }
-            return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: prepared.ranks, summary: "prepared"))
-        case .commit:
-            let prepared = state.withLock { state -> PreparedCheckFree? in
-                guard let work = state.cluster!.checkFree[id], work.token == order.token, !work.aborted else { return nil }
-                return work.prepared
-            }
-            guard let prepared else {
-                throw StoreError(.invalidRequest, "node \(selfID) has no prepared CheckFree share of step \(step) of \(order.job) for this rebuild")
-            }
+            let kept: CheckFreeOutcome
             do {
-                try install(prepared, id: id)
+                kept = try checkFreeEvent { $0.computeFinished(id, token: token, share: prepared, nowMilliseconds: $1.nowMilliseconds) }
             } catch {
-                finishCheckFree(id, token: order.token, releasing: prepared)
+                releaseCheckFreeShards(prepared.shards)  // no machine took it
+                throw error
+            }
+            return try checkFreeAnswer(kept.reply, id: id, ranks: prepared.ranks)
+        case .commit:
+            let committed = try checkFreeEvent { $0.commit(id, token: token, nowMilliseconds: $1.nowMilliseconds) }
+            guard let share = committed.install else { return try checkFreeAnswer(committed.reply, id: id, ranks: []) }
+            let installed: CheckFreeOutcome
+            do {
+                installed = try install(share, id: id, token: token)
+            } catch {
+                _ = try? checkFreeEvent { $0.installFailed(id, token: token, nowMilliseconds: $1.nowMilliseconds) }
                 logger.error("CheckFree share could not be installed", metadata: ["job": "\(order.job)", "step": "\(step)", "error": "\(error)"])
                 throw error
             }
-            return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: prepared.ranks, summary: "installed"))
+            return try checkFreeAnswer(installed.reply, id: id, ranks: share.ranks)
         case .abort:
-            let computed: PreparedCheckFree? = state.withLock { state in
-                guard var work = state.cluster!.checkFree[id], work.token == order.token else { return nil }
-                if work.prepared == nil {
-                    work.aborted = true  // still computing: its prepare cleans up when it ends
-                    state.cluster!.checkFree[id] = work
-                }
-                return work.prepared
+            return try checkFreeAnswer(checkFreeEvent { $0.abort(id, token: token, nowMilliseconds: $1.nowMilliseconds) }.reply, id: id, ranks: [])
+        }
+    }
+
+    /// This node's exact rebuild stopped (its executor reported the run):
+    /// CheckFree claims that waited for it are answered now.
+    func checkFreeExactRebuildStopped() {
+        do {
+            try checkFreeEvent { machine, node in
+                // Another order may have started the exact rebuild again meanwhile: then the claims wait on.
+                node.exactRebuildRunning ? [] : machine.exactRebuildStopped(nowMilliseconds: node.nowMilliseconds, holds: node.holds)
             }
-            if let computed { finishCheckFree(id, token: order.token, releasing: computed) }
-            return .checkFreeReply(CheckFreeReply(job: order.job, step: step, ranks: [], summary: "aborted"))
+        } catch {
+            logger.error("CheckFree claims could not be answered", metadata: ["error": "\(error)"])
         }
     }
 
-    /// Ends this node's part in rebuild `token` without installing: frees
-    /// what it computed and gives the step back to the exact rebuild.
-    private func finishCheckFree(_ id: ProtectionMachine.StepID, token: UInt64, releasing prepared: PreparedCheckFree?) {
-        for shard in prepared?.shards ?? [] { arena.release(shard.manifest.key, segment: shard.segment, poolLimitBytes: 0) }
-        state.withLock { state in
-            guard state.cluster!.checkFree[id]?.token == token else { return }
-            state.cluster!.checkFree[id] = nil
-        }
+    /// The clock: claims past their deadline are refused, shares past their lifetime freed.
+    func checkFreeTick() {
+        _ = try? checkFreeEvent { $0.tick(nowMilliseconds: $1.nowMilliseconds, exactRebuildRunning: $1.exactRebuildRunning, holds: $1.holds) }
     }
 
-    /// Waits for this node's exact rebuild to stop (it may be retrying the
-    /// same step), then claims the step for rebuild `token`: the exact rebuild
-    /// leaves a claimed step alone (``ClusterState/rebuildableSteps(store:)``),
-    /// while the node still counts it as missing. One rebuild of a step at a
-    /// time; one abandoned for longer than
-    /// ``Limits/checkFreeShareLifetimeMilliseconds`` is dropped.
-    private func claimForCheckFree(_ id: ProtectionMachine.StepID, token: UInt64) throws {
-        let deadline = monotonicMilliseconds() + Limits.checkFreeClaimTimeoutMilliseconds
+    /// Feeds one event to this node's CheckFree machine under the state lock,
+    /// with what the machine asks of the node (the time, whether the exact
+    /// rebuild runs, whether it holds a step); files the answers to claims
+    /// for the orders that wait on them; frees and logs outside the lock.
+    /// Returns what is the caller's: the answer to its order, a share to
+    /// install. `alongside` changes the state under the same lock first.
+    @discardableResult
+    private func checkFreeEvent(
+        alongside: (inout NodeState) -> Void = { _ in },
+        _ event: (inout CheckFreeMachine<PreparedCheckFree>, CheckFreeNodeView) -> [CheckFreeState.Action]
+    ) throws -> CheckFreeOutcome {
+        let actions = try state.withLock { state -> [CheckFreeState.Action] in
+            guard state.cluster != nil else { throw StoreError(.internalError, "node \(selfID) has no cluster state: CheckFree runs across a cluster") }
+            alongside(&state)
+            let node = CheckFreeNodeView(nowMilliseconds: monotonicMilliseconds(), exactRebuildRunning: state.cluster?.rebuild.isRunning ?? false, store: state.store)
+            return state.cluster?.checkFree.handle(event, node) ?? []
+        }
+        var outcome = CheckFreeOutcome()
+        for action in actions {
+            switch action {
+            case .answerClaim:
+                outcome.answeredClaims = true
+            case .reply(_, _, let reply):
+                outcome.reply = reply
+            case .installShare(_, _, let share):
+                outcome.install = share
+            case .freeShare(_, _, let share):
+                releaseCheckFreeShards(share.shards)
+            case .log(let level, let message, let id):
+                let metadata: Logger.Metadata = ["job": "\(id.job)", "step": "\(id.step)"]
+                switch level {
+                case .info: logger.info("\(message)", metadata: metadata)
+                case .warning: logger.warning("\(message)", metadata: metadata)
+                case .error: logger.error("\(message)", metadata: metadata)
+                }
+            }
+        }
+        if outcome.answeredClaims { state.broadcast() }  // filed under the lock; the claims' orders wait on the condition
+        return outcome
+    }
+
+    /// Waits for the machine's answer to a claim: there at once unless the
+    /// exact rebuild runs, else filed when it stops or at the claim's
+    /// deadline. The wait sleeps on the state's condition (no polling); at
+    /// the deadline this thread ticks the machine itself, so the refusal
+    /// comes on time whatever the clock does.
+    private func awaitCheckFreeClaim(_ claim: CheckFreeClaim) throws {
         while true {
-            let now = monotonicMilliseconds()
-            let (claimed, stale): (Bool, PreparedCheckFree?) = try state.withLock { state in
-                guard !(state.store.isCommitted(job: id.job, step: id.step) && !state.store.localShards(job: id.job, step: id.step).isEmpty) else {
-                    throw StoreError(.invalidRequest, "node \(selfID) already holds step \(id.step) of \(id.job): nothing for CheckFree to rebuild here")
-                }
-                var stale: PreparedCheckFree? = nil
-                if let work = state.cluster!.checkFree[id] {
-                    guard work.prepared != nil, now - work.startedMilliseconds > Limits.checkFreeShareLifetimeMilliseconds else {
-                        throw StoreError(.unavailable, "a CheckFree rebuild of step \(id.step) of \(id.job) is already in progress on node \(selfID)")
-                    }
-                    stale = work.prepared  // its planner never committed or aborted
-                    state.cluster!.checkFree[id] = nil
-                }
-                guard !state.cluster!.rebuild.isRunning else { return (false, stale) }
-                state.cluster!.checkFree[id] = CheckFreeWork(token: token, startedMilliseconds: now)
-                return (true, stale)
+            let deadline = state.withLock { $0.cluster?.checkFree.machine.deadlineMilliseconds(claim.id, token: claim.token) }
+            let seconds = Double(max(0, (deadline ?? 0) - monotonicMilliseconds())) / 1000
+            let answer = state.withLock(waitingUntil: Date(timeIntervalSinceNow: seconds)) { state in
+                state.cluster?.checkFree.claimAnswers.removeValue(forKey: claim)
             }
-            for shard in stale?.shards ?? [] { arena.release(shard.manifest.key, segment: shard.segment, poolLimitBytes: 0) }
-            if claimed { return }
-            guard monotonicMilliseconds() < deadline else {
-                throw StoreError(.unavailable, "node \(selfID) is still running its exact rebuild; try again")
+            switch answer {
+            case .granted?:
+                return
+            case .refused(let refusal)?:
+                throw refusal.error(node: selfID, step: claim.id)
+            case nil:
+                // Neither waiting nor answered: an order repeating this one's token took the answer.
+                guard deadline != nil else { throw CheckFreeState.Refusal.inProgress.error(node: selfID, step: claim.id) }
+                checkFreeTick()  // the clock may not have ticked at the deadline yet
             }
-            usleep(useconds_t(Limits.checkFreeClaimPollMilliseconds * 1000))
         }
+    }
+
+    /// The order's answer as the machine gave it.
+    private func checkFreeAnswer(_ reply: CheckFreeState.Reply?, id: ProtectionMachine.StepID, ranks: [RankReconstruction]) throws -> Message {
+        let summary: String
+        switch reply {
+        case .prepared?: summary = "prepared"
+        case .installed?: summary = "installed"
+        case .aborted?: return .checkFreeReply(CheckFreeReply(job: id.job, step: id.step, ranks: [], summary: "aborted"))
+        case .refused(let refusal)?: throw refusal.error(node: selfID, step: id)
+        case nil: throw StoreError(.internalError, "node \(selfID)'s CheckFree machine gave no answer for step \(id.step) of \(id.job)")
+        }
+        return .checkFreeReply(CheckFreeReply(job: id.job, step: id.step, ranks: ranks, summary: summary))
+    }
+
+    /// This node's share of the step's rebuild, planned from its own view of the cluster.
+    private func computeCheckFreeShare(job: JobID, step: Step) throws -> PreparedCheckFree {
+        let (plan, reported) = try checkFreePlan(job: job, step: step)
+        let mine = plan.ranks.filter { $0.target.node == selfID }
+        guard !mine.isEmpty else {
+            throw StoreError(.unavailable, "node \(selfID)'s view of step \(step) has none of the lost ranks here: the nodes' views disagree; try again when the cluster has settled")
+        }
+        return try prepare(mine, job: job, step: step, reported: reported)
+    }
+
+    /// Gives back the segments (and any manifest written) of a share that will not be installed.
+    private func releaseCheckFreeShards(_ shards: [PreparedCheckFree.Shard]) {
+        for shard in shards { arena.release(shard.manifest.key, segment: shard.segment, poolLimitBytes: 0) }
     }
 
     /// Fetches the sources and computes each rank's tensors into a fresh
-    /// segment; nothing is served until ``install(_:id:)``.
+    /// segment; nothing is served until ``install(_:id:token:)``.
     private func prepare(_ plans: [RankPlan], job: JobID, step: Step, reported: [Rank: ReportedShard]) throws -> PreparedCheckFree {
         let started = monotonicMilliseconds()
         // The neighbours' shards and the rebuilt ones all live in this node's memory for a while.
@@ -284,28 +338,29 @@ extension ClusterNode {
                 prepared.ranks.append(RankReconstruction(rank: plan.target.rank, stage: plan.target.stage, node: selfID, reconstruction: plan.reconstruction))
             }
         } catch {
-            for shard in prepared.shards { arena.release(shard.manifest.key, segment: shard.segment, poolLimitBytes: 0) }
+            releaseCheckFreeShards(prepared.shards)
             throw error
         }
         prepared.computeMilliseconds = monotonicMilliseconds() - started
         return prepared
     }
 
-    /// Adopts a prepared share as this node's copy of the committed step:
+    /// Adopts a computed share as this node's copy of the committed step:
     /// manifests and the commit marker first (a restart finds the share
-    /// whole), then the store.
-    private func install(_ prepared: PreparedCheckFree, id: ProtectionMachine.StepID) throws {
+    /// whole), then the store; the machine hears of it under the same lock,
+    /// so the step is never seen neither claimed nor held.
+    private func install(_ prepared: PreparedCheckFree, id: ProtectionMachine.StepID, token: UInt64) throws -> CheckFreeOutcome {
         let (job, step) = (id.job, id.step)
         guard let world = prepared.shards.first?.manifest.world else { throw StoreError(.internalError, "an empty CheckFree share") }
         for shard in prepared.shards { try arena.writeManifest(shard.manifest) }
         try arena.writeCommitMarker(job: job, step: step, world: world, ranks: prepared.shards.map(\.manifest.key.rank), parity: [:])
-        state.withLock { state in
+        let adopt = { (state: inout NodeState) in
             for shard in prepared.shards { state.segments[shard.manifest.key] = shard.segment }
             state.store.adoptCommitted(job: job, step: step, world: world, shards: Dictionary(uniqueKeysWithValues: prepared.shards.map { ($0.manifest.key.rank, $0.manifest.shard) }))
-            state.cluster!.checkFree[id] = nil
-            state.cluster!.protection.stepRebuilt(job: job, step: step)
-            _ = state.cluster!.refreshRebuildNeed(store: state.store)
+            state.cluster?.protection.stepRebuilt(job: job, step: step)
+            _ = state.cluster?.refreshRebuildNeed(store: state.store)
         }
+        let outcome = try checkFreeEvent(alongside: adopt) { $0.installFinished(id, token: token, nowMilliseconds: $1.nowMilliseconds) }
         state.broadcast()
         for rank in prepared.ranks {
             logger.warning("rank rebuilt approximately by CheckFree: restores of it say so", metadata: [
@@ -317,6 +372,7 @@ extension ClusterNode {
             "job": "\(job)", "step": "\(step)", "ranks": "\(prepared.ranks.map(\.rank))", "bytes": "\(bytes)",
             "computeSeconds": "\(Double(prepared.computeMilliseconds) / 1000)",
         ])
+        return outcome
     }
 
     /// Writes every tensor of `plan` into `segment` (laid out as `layout`
@@ -407,13 +463,49 @@ extension ClusterNode {
     }
 }
 
-/// This node's part in one CheckFree rebuild of a step.
-struct CheckFreeWork: Sendable {
+/// This node's part in CheckFree rebuilds (``ClusterState/checkFree``): the
+/// machine that decides, and its answers to claims until the orders that
+/// wait for them collect them (a claim that waited for the exact rebuild is
+/// answered on another thread).
+struct CheckFreeState: Sendable {
+    typealias Action = CheckFreeMachine<PreparedCheckFree>.Action
+    typealias Reply = CheckFreeMachine<PreparedCheckFree>.Reply
+    typealias Refusal = CheckFreeMachine<PreparedCheckFree>.Refusal
+
+    var machine = CheckFreeMachine<PreparedCheckFree>()
+    var claimAnswers: [CheckFreeClaim: CheckFreeMachine<PreparedCheckFree>.ClaimAnswer] = [:]
+
+    /// Runs one event and files its answers to claims.
+    mutating func handle(_ event: (inout CheckFreeMachine<PreparedCheckFree>, CheckFreeNodeView) -> [Action], _ node: CheckFreeNodeView) -> [Action] {
+        let actions = event(&machine, node)
+        for case .answerClaim(let id, let token, let answer) in actions { claimAnswers[CheckFreeClaim(id: id, token: token)] = answer }
+        return actions
+    }
+}
+
+/// One planner's claim of a step: the rebuild's token and the step.
+struct CheckFreeClaim: Hashable, Sendable {
+    let id: ProtectionMachine.StepID
     let token: UInt64
-    let startedMilliseconds: Int64
-    var prepared: PreparedCheckFree? = nil
-    /// The planner abandoned the rebuild while this node was still computing.
-    var aborted = false
+}
+
+/// What the CheckFree machine asks of the node with an event, read under the state lock.
+struct CheckFreeNodeView {
+    let nowMilliseconds: Int64
+    let exactRebuildRunning: Bool
+    let store: SnapshotStore
+
+    /// The node holds a committed share of the step: nothing for CheckFree to rebuild here.
+    func holds(_ id: ProtectionMachine.StepID) -> Bool {
+        store.isCommitted(job: id.job, step: id.step) && !store.localShards(job: id.job, step: id.step).isEmpty
+    }
+}
+
+/// What an event left to the thread that fed it.
+struct CheckFreeOutcome {
+    var reply: CheckFreeState.Reply?
+    var install: PreparedCheckFree?
+    var answeredClaims = false
 }
 
 /// A node's CheckFree share, computed and waiting for the commit.

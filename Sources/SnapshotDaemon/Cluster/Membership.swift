@@ -26,6 +26,7 @@ extension ClusterNode {
             }
             perform(monitorActions)
             execute(protectionActions)
+            checkFreeTick()  // CheckFree claims past their deadline refused, shares past their lifetime freed
             sleepRestOfInterval(since: started)
         }
     }

@@ -113,9 +113,9 @@ struct ClusterState: Sendable {
     /// serving, and when: a rebuild asks for every fragment of a share, and
     /// checking the whole share once serves them all.
     var verifiedShares: [ProtectionMachine.StepID: Int64] = [:]
-    /// CheckFree rebuilds this node takes part in: claimed, computing, or
-    /// computed and awaiting the planner's commit or abort.
-    var checkFree: [ProtectionMachine.StepID: CheckFreeWork] = [:]
+    /// CheckFree rebuilds this node takes part in: waiting for the exact
+    /// rebuild, computing, or computed and awaiting the planner's commit or abort.
+    var checkFree = CheckFreeState()
     /// When the membership clock last ticked (monotonic ms; 0 before its first tick).
     var lastClockTickMilliseconds: Int64 = 0
     /// Shares sealed while the node was still joining: reported once it knows
@@ -130,7 +130,7 @@ struct ClusterState: Sendable {
     /// Missing committed steps the exact rebuild may work on: not those a
     /// CheckFree rebuild has claimed (they still count as missing).
     func rebuildableSteps(store: SnapshotStore) -> [ProtectionMachine.StepID] {
-        protection.rebuildableSteps(store: store).filter { checkFree[$0] == nil }
+        protection.rebuildableSteps(store: store).filter { !checkFree.machine.claims($0) }
     }
 
     /// Tells the monitor whether this node needs a rebuild; returns how many steps it misses.

@@ -84,6 +84,7 @@ extension ClusterNode {
                 _ = cluster.refreshRebuildNeed(store: state.store)
             }
             state.broadcast()
+            checkFreeExactRebuildStopped()
             return []
         }
     }
