@@ -40,8 +40,7 @@ extension ClusterNode {
     /// the newest committed step whose lost ranks CheckFree can rebuild. A
     /// refusal names the reason for the newest step with lost ranks.
     func checkFreePlan(job: JobID, step requested: Step? = nil) throws -> (CheckFreePlan, [Rank: ReportedShard]) {
-        let candidates: [(Step, ClusterLedger.StepEntry, [Rank])] = try state.withLock { state in
-            guard let cluster = state.cluster else { throw StoreError(.internalError, "node \(selfID) has no cluster state: CheckFree plans across a cluster") }
+        let candidates: [(Step, ClusterLedger.StepEntry, [Rank])] = withClusterState { cluster, state in
             let ledger = cluster.protection.ledger
             var lostNodes = cluster.lostNodes
             if !cluster.discovered || cluster.rebuild.isRunning || cluster.protection.missingSteps(store: state.store).contains(where: { $0.job == job }) {
@@ -97,7 +96,7 @@ extension ClusterNode {
     func handleCheckFreeRequest(_ request: CheckFreeRequest) throws -> Message {
         let (plan, _) = try checkFreePlan(job: request.job)
         let targets = Set(plan.ranks.map(\.target.node)).sorted()
-        let dead = state.withLock { Set($0.cluster?.monitor.deadNodes ?? []) }  // none without a cluster state: the plan above needs one
+        let dead = withClusterState { cluster, _ in Set(cluster.monitor.deadNodes) }
         if let down = targets.first(where: dead.contains) {
             throw StoreError(.unavailable, "node \(down), which hosts ranks \(plan.ranks.filter { $0.target.node == down }.map(\.target.rank)) of the lost stages, is down: start its replacement (same id, empty arena) first")
         }
@@ -221,14 +220,13 @@ extension ClusterNode {
     /// install. `alongside` changes the state under the same lock first.
     @discardableResult
     private func checkFreeEvent(
-        alongside: (inout NodeState) -> Void = { _ in },
+        alongside: (inout ClusterState, inout NodeState) -> Void = { _, _ in },
         _ event: (inout CheckFreeMachine<PreparedCheckFree>, CheckFreeNodeView) -> [CheckFreeState.Action]
     ) throws -> CheckFreeOutcome {
-        let actions = try state.withLock { state -> [CheckFreeState.Action] in
-            guard state.cluster != nil else { throw StoreError(.internalError, "node \(selfID) has no cluster state: CheckFree runs across a cluster") }
-            alongside(&state)
-            let node = CheckFreeNodeView(nowMilliseconds: monotonicMilliseconds(), exactRebuildRunning: state.cluster?.rebuild.isRunning ?? false, store: state.store)
-            return state.cluster?.checkFree.handle(event, node) ?? []
+        let actions = withClusterState { cluster, state -> [CheckFreeState.Action] in
+            alongside(&cluster, &state)
+            let node = CheckFreeNodeView(nowMilliseconds: monotonicMilliseconds(), exactRebuildRunning: cluster.rebuild.isRunning, store: state.store)
+            return cluster.checkFree.handle(event, node)
         }
         var outcome = CheckFreeOutcome()
         for action in actions {
@@ -261,10 +259,10 @@ extension ClusterNode {
     /// comes on time whatever the clock does.
     private func awaitCheckFreeClaim(_ claim: CheckFreeClaim) throws {
         while true {
-            let deadline = state.withLock { $0.cluster?.checkFree.machine.deadlineMilliseconds(claim.id, token: claim.token) }
+            let deadline = withClusterState { cluster, _ in cluster.checkFree.machine.deadlineMilliseconds(claim.id, token: claim.token) }
             let seconds = Double(max(0, (deadline ?? 0) - monotonicMilliseconds())) / 1000
             let answer = state.withLock(waitingUntil: Date(timeIntervalSinceNow: seconds)) { state in
-                state.cluster?.checkFree.claimAnswers.removeValue(forKey: claim)
+                state.withClusterPart { cluster, _ in cluster.checkFree.claimAnswers.removeValue(forKey: claim) }
             }
             switch answer {
             case .granted?:
@@ -354,11 +352,11 @@ extension ClusterNode {
         guard let world = prepared.shards.first?.manifest.world else { throw StoreError(.internalError, "an empty CheckFree share") }
         for shard in prepared.shards { try arena.writeManifest(shard.manifest) }
         try arena.writeCommitMarker(job: job, step: step, world: world, ranks: prepared.shards.map(\.manifest.key.rank), parity: [:])
-        let adopt = { (state: inout NodeState) in
+        let adopt = { (cluster: inout ClusterState, state: inout NodeState) in
             for shard in prepared.shards { state.segments[shard.manifest.key] = shard.segment }
             state.store.adoptCommitted(job: job, step: step, world: world, shards: Dictionary(uniqueKeysWithValues: prepared.shards.map { ($0.manifest.key.rank, $0.manifest.shard) }))
-            state.cluster?.protection.stepRebuilt(job: job, step: step)
-            _ = state.cluster?.refreshRebuildNeed(store: state.store)
+            cluster.protection.stepRebuilt(job: job, step: step)
+            _ = cluster.refreshRebuildNeed(store: state.store)
         }
         let outcome = try checkFreeEvent(alongside: adopt) { $0.installFinished(id, token: token, nowMilliseconds: $1.nowMilliseconds) }
         state.broadcast()
