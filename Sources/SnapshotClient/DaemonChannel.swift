@@ -3,14 +3,26 @@ import Glibc
 import RDMATransport
 import SnapshotIO
 public import SnapshotProtocol
+import Synchronization
 
 /// One authenticated connection to a daemon with request/reply plumbing,
-/// shared by the trainer client and the operator client. Calls are serialized.
-final class DaemonChannel: @unchecked Sendable {
+/// shared by the trainer client and the operator client. Calls are
+/// serialized: each holds the channel's ``Turn`` from its request to its reply.
+final class DaemonChannel: Sendable {
     let endpoint: Endpoint
     let connection: FramedConnection
-    let lock = NSLock()
-    private var nextRequestID: UInt64 = 1
+    /// The right to talk on the connection, held for a whole request and its
+    /// reply so the stream stays in step. Request IDs come from it, so only
+    /// its holder can send a request or read a reply.
+    struct Turn: Sendable {
+        private var nextRequestID: UInt64 = 1
+
+        mutating func takeRequestID() -> UInt64 {
+            defer { nextRequestID += 1 }
+            return nextRequestID
+        }
+    }
+    private let turn = Mutex(Turn())
     /// How long a reply may take to start, unless a call says otherwise.
     let replyTimeoutMilliseconds: Int64
     static let defaultReplyTimeoutMilliseconds: Int64 = 60_000
@@ -44,11 +56,15 @@ final class DaemonChannel: @unchecked Sendable {
     /// A remote daemon's challenge, answered before anything else.
     private func answerChallenge(secret: [UInt8]) throws {
         do {
-            try connection.stream.waitReadable(until: monotonicMilliseconds() + replyTimeoutMilliseconds)
-            let (_, challenge) = try receiveFrame()
-            guard case .challenge(let c) = challenge else { throw unexpected(challenge) }
-            let reply = try call(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: c.nonce))))
-            guard case .ok = reply else { throw unexpected(reply) }
+            try serialized { turn in
+                try connection.stream.waitReadable(until: monotonicMilliseconds() + replyTimeoutMilliseconds)
+                let (_, challenge) = try receiveFrame()
+                guard case .challenge(let c) = challenge else { throw unexpected(challenge) }
+                var descriptors: [Int32] = []
+                let reply = try call(.authenticate(Authenticate(tag: Authentication.tag(secret: secret, nonce: c.nonce))), in: &turn, collecting: &descriptors)
+                descriptors.forEach { _ = close($0) }
+                guard case .ok = reply else { throw unexpected(reply) }
+            }
         } catch {
             connection.close()
             throw error
@@ -57,34 +73,37 @@ final class DaemonChannel: @unchecked Sendable {
 
     deinit { connection.close() }
 
-    func takeRequestID() -> UInt64 {
-        defer { nextRequestID += 1 }
-        return nextRequestID
+    /// Runs `body` holding the channel's turn: calls from several threads run one at a time.
+    func serialized<Result>(_ body: (inout Turn) throws -> Result) rethrows -> Result {
+        try turn.withLock { turn in try body(&turn) }
     }
 
     func call(_ message: Message) throws -> Message {
-        try lock.withLock {
+        try serialized { turn in
             var descriptors: [Int32] = []
-            let reply = try callLocked(message, collecting: &descriptors)
+            let reply = try call(message, in: &turn, collecting: &descriptors)
             descriptors.forEach { _ = close($0) }
             return reply
         }
     }
 
-    /// With `lock` held: sends a request and returns its reply.
-    func callLocked(_ message: Message, collecting descriptors: inout [Int32], timeoutMilliseconds: Int64? = nil) throws -> Message {
-        let requestID = takeRequestID()
-        try send(message, requestID: requestID)
-        return try receiveReply(to: requestID, collecting: &descriptors, timeoutMilliseconds: timeoutMilliseconds).message
+    /// Sends a request and returns its reply.
+    func call(_ message: Message, in turn: inout Turn, collecting descriptors: inout [Int32], timeoutMilliseconds: Int64? = nil) throws -> Message {
+        let requestID = try send(message, in: &turn)
+        return try receiveReply(to: requestID, in: &turn, collecting: &descriptors, timeoutMilliseconds: timeoutMilliseconds).message
     }
 
-    func send(_ message: Message, requestID: UInt64, bulkLength: UInt64 = 0) throws {
+    /// Sends a request (its bulk bytes, if any, follow); returns its request ID.
+    @discardableResult
+    func send(_ message: Message, in turn: inout Turn, bulkLength: UInt64 = 0) throws -> UInt64 {
+        let requestID = turn.takeRequestID()
         do {
             try connection.send(message, requestID: requestID, bulkLength: bulkLength)
         } catch {
             connection.close()
             throw SnapshotClientError(code: nil, message: "connection to snapshotd lost while sending \(message.type): \(error)")
         }
+        return requestID
     }
 
     /// The reply to `requestID`, which must start within `timeoutMilliseconds`
@@ -93,7 +112,9 @@ final class DaemonChannel: @unchecked Sendable {
     /// way: the first is thrown once this request's reply is in, so the
     /// stream stays in step. A timeout or a reply to a request never made
     /// closes the connection: it can no longer be trusted to be in step.
-    func receiveReply(to requestID: UInt64, collecting descriptors: inout [Int32], timeoutMilliseconds: Int64? = nil) throws -> (header: FrameHeader, message: Message) {
+    func receiveReply(
+        to requestID: UInt64, in turn: inout Turn, collecting descriptors: inout [Int32], timeoutMilliseconds: Int64? = nil
+    ) throws -> (header: FrameHeader, message: Message) {
         let deadline = monotonicMilliseconds() + (timeoutMilliseconds ?? replyTimeoutMilliseconds)
         var earlierRefusal: SnapshotClientError?
         while true {
@@ -151,14 +172,15 @@ func unexpected(_ message: Message) -> SnapshotClientError {
 }
 
 /// An operator's session (snapshotctl): sees every job on the daemon.
-public final class OperatorClient: @unchecked Sendable {
+public final class OperatorClient: Sendable {
     let channel: DaemonChannel
-    public private(set) var daemonNodeID: NodeID = 0
+    public let daemonNodeID: NodeID
 
     /// - Parameter replyTimeoutMilliseconds: how long a reply may take to
     ///   start before the call fails with ``ErrorCode/timeout``.
     public init(endpoint: Endpoint, replyTimeoutMilliseconds: Int64 = 60_000) throws {
-        channel = try DaemonChannel(endpoint: endpoint, replyTimeoutMilliseconds: replyTimeoutMilliseconds)
+        let channel = try DaemonChannel(endpoint: endpoint, replyTimeoutMilliseconds: replyTimeoutMilliseconds)
+        self.channel = channel
         let welcome = try channel.call(.hello(Hello(role: .operatorTool, job: nil)))
         guard case .welcome(let w) = welcome else { throw unexpected(welcome) }
         daemonNodeID = w.nodeID

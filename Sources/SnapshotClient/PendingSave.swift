@@ -2,19 +2,19 @@ import ErasureCoding
 import Glibc
 import SnapshotIO
 public import SnapshotProtocol
+import Synchronization
 
 /// A save in progress: write every tensor, then commit.
-public final class PendingSave: @unchecked Sendable {
+public final class PendingSave: Sendable {
     public let step: Step
     public let specs: [TensorSpec]
     let client: SnapshotClient
     let offsets: [UInt64]
     let segment: MappedSegment?
-    var committed = false
-    /// Over TCP: each tensor's CRC-32C, computed chunk by chunk while it was
-    /// sent (cache-hot, no second pass); the commit carries them so the
-    /// daemon verifies the bytes that arrived.
-    var streamedChecksums: [UInt32?]
+    /// Whether the commit went through, and over TCP each tensor's CRC-32C,
+    /// computed chunk by chunk while it was sent (cache-hot, no second pass);
+    /// the commit carries them so the daemon verifies the bytes that arrived.
+    private let progress: Mutex<(committed: Bool, streamedChecksums: [UInt32?])>
     /// Chunk size for TCP puts: large enough to amortize the frame header,
     /// small enough that a refused put costs little.
     static let streamChunkBytes = 16 << 20
@@ -25,7 +25,7 @@ public final class PendingSave: @unchecked Sendable {
         self.specs = specs
         self.offsets = offsets
         self.segment = segment
-        streamedChecksums = Array(repeating: nil, count: specs.count)
+        progress = Mutex((false, Array(repeating: nil, count: specs.count)))
     }
 
     /// True over shared memory: tensors are written straight into the
@@ -56,16 +56,19 @@ public final class PendingSave: @unchecked Sendable {
             try client.put(step: step, tensorIndex: tensorIndex, offsetBytes: UInt64(offset), bytes: chunk)
             offset += count
         } while offset < bytes.count
-        streamedChecksums[tensorIndex] = crc
+        progress.withLock { $0.streamedChecksums[tensorIndex] = crc }
     }
 
     /// Commits the save. Over TCP, without `checksums`, the CRCs computed
     /// while streaming are sent, so the daemon checks what arrived (a tensor
     /// never written leaves the daemon to compute its own).
     public func commit(gradientNorm: Double? = nil, metadata: [UInt8] = [], checksums: [UInt32]? = nil) throws {
-        precondition(!committed, "save of step \(step) committed twice")
-        let streamed = streamedChecksums.allSatisfy { $0 != nil } && segment == nil ? streamedChecksums.compactMap { $0 } : nil
+        let streamed = progress.withLock { progress -> [UInt32]? in
+            precondition(!progress.committed, "save of step \(step) committed twice")
+            let crcs = progress.streamedChecksums
+            return crcs.allSatisfy { $0 != nil } && segment == nil ? crcs.compactMap { $0 } : nil
+        }
         try client.commit(step: step, checksums: checksums ?? streamed, gradientNorm: gradientNorm, metadata: metadata)
-        committed = true
+        progress.withLock { $0.committed = true }
     }
 }

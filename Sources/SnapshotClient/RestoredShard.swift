@@ -1,10 +1,11 @@
 import SnapshotIO
 public import SnapshotProtocol
+import Synchronization
 
 /// A restored shard. Over shared memory the tensors are read-only views of the
 /// daemon's arena: keep the shard alive while reading, then ``release()`` (or
 /// drop it) so the daemon may reuse that memory.
-public final class RestoredShard: @unchecked Sendable {
+public final class RestoredShard: Sendable {
     public let step: Step
     public let entries: [ManifestEntry]
     public let gradientNorm: Double?
@@ -21,8 +22,8 @@ public final class RestoredShard: @unchecked Sendable {
     let segment: MappedSegment?
     /// Stream restores: the client's own copy, tensors back to back.
     let owned: MappedSegment?
-    weak var client: SnapshotClient?
-    var released = false
+    weak let client: SnapshotClient?
+    private let released = Atomic(false)
 
     /// Checks that a shared-memory restore's layout fits its segment.
     static func validate(_ ready: RestoreReady) throws {
@@ -66,8 +67,7 @@ public final class RestoredShard: @unchecked Sendable {
 
     /// Tells the daemon this client no longer reads the shard.
     public func release() {
-        guard !released else { return }
-        released = true
+        guard !released.exchange(true, ordering: .relaxed) else { return }
         if segment != nil { client?.releaseRestore(step: step) }
     }
 

@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import SnapshotIO
 public import SnapshotProtocol
+import Synchronization
 
 /// Where the daemon is.
 public enum Endpoint: Sendable {
@@ -35,7 +36,7 @@ public struct SnapshotClientError: Error, Equatable, CustomStringConvertible {
 
 /// One tensor to save: its description and where its bytes are (host memory
 /// the caller keeps valid for the duration of the call).
-public struct TensorData: @unchecked Sendable {
+public struct TensorData: @unchecked Sendable {  // a read-only view: the client only reads the caller's bytes, kept valid and unchanged for the call
     public var spec: TensorSpec
     public var bytes: UnsafeRawBufferPointer
 
@@ -48,20 +49,20 @@ public struct TensorData: @unchecked Sendable {
 
 /// A trainer rank's connection to its snapshot daemon. Calls are serialized;
 /// one client per rank.
-public final class SnapshotClient: @unchecked Sendable {
+public final class SnapshotClient: Sendable {
     public let job: JobID
     public let rank: Rank
     public let world: UInt32
     public let endpoint: Endpoint
-    public private(set) var daemonNodeID: NodeID = 0
+    public let daemonNodeID: NodeID
 
     let channel: DaemonChannel
     var connection: FramedConnection { channel.connection }
-    var lock: NSLock { channel.lock }
-    /// Segments this client has mapped, by file identity: when the daemon hands
-    /// back a pooled segment this client used before, the mapping (and its page
-    /// tables) is reused, so steady-state saves are a plain memcpy.
-    var mappings: [(identity: FileIdentity, segment: MappedSegment)] = []
+    /// Segments this client has mapped, by file identity, newest use last:
+    /// when the daemon hands back a pooled segment this client used before,
+    /// the mapping (and its page tables) is reused, so steady-state saves are
+    /// a plain memcpy.
+    private let mappings = Mutex<[(identity: FileIdentity, segment: MappedSegment)]>([])
     static let mappingCacheLimit = 4
 
     public var usesSharedMemory: Bool { channel.usesSharedMemory }
@@ -83,8 +84,9 @@ public final class SnapshotClient: @unchecked Sendable {
         self.rank = rank
         self.world = world
         self.endpoint = endpoint
-        channel = try DaemonChannel(endpoint: endpoint, replyTimeoutMilliseconds: replyTimeoutMilliseconds)
-        let welcome = try call(.hello(Hello(role: .trainer, job: job, rank: rank, world: world, topology: topology, localWorld: localWorld)))
+        let channel = try DaemonChannel(endpoint: endpoint, replyTimeoutMilliseconds: replyTimeoutMilliseconds)
+        self.channel = channel
+        let welcome = try channel.call(.hello(Hello(role: .trainer, job: job, rank: rank, world: world, topology: topology, localWorld: localWorld)))
         guard case .welcome(let w) = welcome else { throw unexpected(welcome) }
         daemonNodeID = w.nodeID
     }
@@ -109,10 +111,10 @@ public final class SnapshotClient: @unchecked Sendable {
     /// Starts a save; write each tensor (or fill ``PendingSave/destination(tensorIndex:)``
     /// directly, e.g. with a device-to-host copy), then commit.
     public func beginSave(step: Step, specs: [TensorSpec]) throws -> PendingSave {
-        try lock.withLock {
+        try channel.serialized { turn in
             var descriptors: [Int32] = []
             let transport: DataTransport = usesSharedMemory ? .sharedMemory : .stream
-            let reply = try callLocked(.beginSave(BeginSave(step: step, transport: transport, tensors: specs)), collecting: &descriptors)
+            let reply = try channel.call(.beginSave(BeginSave(step: step, transport: transport, tensors: specs)), in: &turn, collecting: &descriptors)
             guard case .saveReady(let ready) = reply, ready.tensorOffsets.count == specs.count else {
                 descriptors.forEach { _ = close($0) }
                 throw unexpected(reply)
@@ -130,25 +132,34 @@ public final class SnapshotClient: @unchecked Sendable {
     }
 
     private func mapping(for fd: Int32, sizeBytes: Int) throws -> MappedSegment {
-        if let identity = FileIdentity(fd: fd), let index = mappings.firstIndex(where: { $0.identity == identity && $0.segment.sizeBytes == sizeBytes }) {
+        let identity = FileIdentity(fd: fd)
+        let cached = identity.flatMap { identity in
+            mappings.withLock { mappings -> MappedSegment? in
+                guard let index = mappings.firstIndex(where: { $0.identity == identity && $0.segment.sizeBytes == sizeBytes }) else { return nil }
+                let entry = mappings.remove(at: index)
+                mappings.append(entry)
+                return entry.segment
+            }
+        }
+        if let cached {
             close(fd)
-            let entry = mappings.remove(at: index)
-            mappings.append(entry)
-            return entry.segment
+            return cached
         }
         let segment = try MappedSegment(fd: fd, sizeBytes: sizeBytes, writable: true, populate: true)
-        if let identity = FileIdentity(fd: fd) {
-            mappings.append((identity, segment))
-            if mappings.count > Self.mappingCacheLimit { mappings.removeFirst() }
+        if let identity {
+            mappings.withLock { mappings in
+                mappings.append((identity, segment))
+                if mappings.count > Self.mappingCacheLimit { mappings.removeFirst() }
+            }
         }
         return segment
     }
 
     func put(step: Step, tensorIndex: Int, offsetBytes: UInt64, bytes: UnsafeRawBufferPointer) throws {
-        try lock.withLock {
+        try channel.serialized { turn in
             let message = PutTensor(step: step, tensorIndex: UInt32(tensorIndex), offsetBytes: offsetBytes)
             // No reply unless refused: a refusal is read with the next call's reply.
-            try channel.send(.putTensor(message), requestID: takeRequestID(), bulkLength: UInt64(bytes.count))
+            try channel.send(.putTensor(message), in: &turn, bulkLength: UInt64(bytes.count))
             do {
                 if let base = bytes.baseAddress { try connection.sendBulk(base, count: bytes.count) }
             } catch {
@@ -179,11 +190,11 @@ public final class SnapshotClient: @unchecked Sendable {
     /// Blocks until `step` (or a newer one) is committed for the whole job.
     @discardableResult
     public func waitCommitted(step: Step, timeoutMilliseconds: UInt32 = 60_000) throws -> Step {
-        let reply = try lock.withLock {
+        let reply = try channel.serialized { turn in
             var descriptors: [Int32] = []
             // The daemon answers at its timeout at the latest; allow it the usual reply time beyond.
-            return try channel.callLocked(
-                .waitCommitted(WaitCommitted(step: step, timeoutMilliseconds: timeoutMilliseconds)), collecting: &descriptors,
+            return try channel.call(
+                .waitCommitted(WaitCommitted(step: step, timeoutMilliseconds: timeoutMilliseconds)), in: &turn, collecting: &descriptors,
                 timeoutMilliseconds: Int64(timeoutMilliseconds) + channel.replyTimeoutMilliseconds)
         }
         guard case .latestCommittedReply(let r) = reply, let committed = r.step else { throw unexpected(reply) }
@@ -202,12 +213,11 @@ public final class SnapshotClient: @unchecked Sendable {
     /// Locally the tensors are read-only views of the daemon's memory (zero
     /// copy); remotely they arrive over TCP and are checked against their CRCs.
     public func restore(step: Step? = nil) throws -> RestoredShard {
-        try lock.withLock {
+        try channel.serialized { turn in
             var descriptors: [Int32] = []
             let transport: DataTransport = usesSharedMemory ? .sharedMemory : .stream
-            let requestID = takeRequestID()
-            try channel.send(.restore(Restore(step: step, transport: transport)), requestID: requestID)
-            let (header, reply) = try channel.receiveReply(to: requestID, collecting: &descriptors)
+            let requestID = try channel.send(.restore(Restore(step: step, transport: transport)), in: &turn)
+            let (header, reply) = try channel.receiveReply(to: requestID, in: &turn, collecting: &descriptors)
             guard case .restoreReady(let ready) = reply else {
                 descriptors.forEach { _ = close($0) }
                 throw unexpected(reply)
@@ -226,14 +236,14 @@ public final class SnapshotClient: @unchecked Sendable {
                 throw SnapshotClientError(code: nil, message: "restore carries \(header.bulkLength) bytes, manifest says \(expected)")
             }
             let owned = try MappedSegment.anonymous(sizeBytes: Int(expected))
-            try receiveVerified(ready.entries, into: owned)
+            try receiveVerified(ready.entries, into: owned, in: &turn)
             return RestoredShard(client: self, ready: ready, segment: nil, owned: owned)
         }
     }
 
     /// Streams the tensors into `buffer`, checking each chunk's CRC while it is
     /// still in cache (one pass over memory instead of two).
-    private func receiveVerified(_ entries: [ManifestEntry], into buffer: MappedSegment) throws {
+    private func receiveVerified(_ entries: [ManifestEntry], into buffer: MappedSegment, in turn: inout DaemonChannel.Turn) throws {
         let chunkBytes = 4 << 20
         var cursor = 0
         for entry in entries {
@@ -258,11 +268,5 @@ public final class SnapshotClient: @unchecked Sendable {
 
     // MARK: Plumbing
 
-    private func takeRequestID() -> UInt64 { channel.takeRequestID() }
-
     func call(_ message: Message) throws -> Message { try channel.call(message) }
-
-    private func callLocked(_ message: Message, collecting descriptors: inout [Int32]) throws -> Message {
-        try channel.callLocked(message, collecting: &descriptors)
-    }
 }
