@@ -68,3 +68,17 @@ extension ByteReader {
             dataParallelIndex: try read(UInt32.self, "topology.dataParallelIndex"))
     }
 }
+
+extension ByteWriter {
+    /// A presence flag (the reader's field `hasJob`), then the job.
+    public mutating func writeOptional(_ job: JobID?) {
+        write(job != nil)
+        if let job { write(job) }
+    }
+}
+
+extension ByteReader {
+    public mutating func readOptionalJobID() throws(ProtocolError) -> JobID? {
+        try readBool("hasJob") ? try readJobID() : nil
+    }
+}
