@@ -102,13 +102,14 @@ public enum Frame {
     /// a message over its type's limit: the sender fails that one message
     /// (and says so) instead of trapping.
     public static func encode(_ message: Message, requestID: UInt64, bulkLength: UInt64 = 0) throws(ProtocolError) -> [UInt8] {
-        precondition(bulkLength == 0 || message.type.carriesBulk, "\(message.type) carries no bulk bytes")
+        let type = message.type
+        precondition(bulkLength == 0 || type.carriesBulk, "\(type) carries no bulk bytes")
         let payload = message.encodedPayload()
-        guard payload.count <= message.type.maximumPayloadBytes else {
-            throw .payloadTooLarge(claimedBytes: UInt64(payload.count), limitBytes: UInt64(message.type.maximumPayloadBytes))
+        guard payload.count <= type.maximumPayloadBytes else {
+            throw .payloadTooLarge(claimedBytes: UInt64(payload.count), limitBytes: UInt64(type.maximumPayloadBytes))
         }
         let header = FrameHeader(
-            type: message.type, requestID: requestID, payloadLength: UInt32(payload.count),
+            type: type, requestID: requestID, payloadLength: UInt32(payload.count),
             payloadChecksum: CRC32C.checksum(payload), bulkLength: bulkLength)
         return header.encoded() + payload
     }
