@@ -7,7 +7,10 @@ public enum ProtocolLimits {
     /// Version 3: the durable tier (flushed steps in status and recovery
     /// reports, a restore's durable source, the export messages) and the
     /// operator's cluster-wide requests (status, drain, verify, rebuild plan).
-    public static let version: UInt8 = 3
+    /// Version 4: fields no receiver read are gone (a heartbeat's live nodes,
+    /// a welcome's daemon version, a save acceptance's shard state, a fragment
+    /// acknowledgement's holder, a rebuild order's incarnation).
+    public static let version: UInt8 = 4
     /// Control payload of one frame (manifests, status). Bulk bytes are separate.
     public static let maximumControlPayloadBytes = 8 << 20
     /// Control payload of the peer messages that carry manifests (see

@@ -73,7 +73,7 @@ struct RDMAGuestTest {
             }
             let held = CRC32C.checksum(UnsafeRawBufferPointer(start: arena, count: payloadBytes))
             let verdict: Message = held == claimed
-                ? .saveAccepted(SaveAccepted(step: commit.step, state: .localComplete))
+                ? .saveAccepted(SaveAccepted(step: commit.step))
                 : .error(ErrorReply(code: .checksumMismatch, message: String(format: "payload CRC-32C %08x, the commit says %08x", held, claimed)))
             try connection.send(try frame(verdict), timeoutMilliseconds: timeoutMilliseconds)
             switch (scenario, held == claimed) {

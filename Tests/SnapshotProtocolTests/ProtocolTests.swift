@@ -15,13 +15,13 @@ let samples: [Message] = [
     .authenticate(Authenticate(tag: Array(repeating: 0xAB, count: 32))),
     .hello(Hello(role: .trainer, job: job, rank: 7, world: 16, topology: Topology(pipelineStage: 1, tensorParallelIndex: 3, dataParallelIndex: 0), nodeID: 0, localWorld: 8)),
     .hello(Hello(role: .peer, job: nil, nodeID: 4)),
-    .welcome(Welcome(nodeID: 2, daemonVersion: "0.1.0")),
+    .welcome(Welcome(nodeID: 2)),
     .beginSave(BeginSave(step: 1200, transport: .sharedMemory, tensors: [weights, moments, rngState])),
     .saveReady(SaveReady(step: 1200, segmentSizeBytes: 1 << 30, tensorOffsets: [0, 33_554_432, 100_663_296])),
     .putTensor(PutTensor(step: 1200, tensorIndex: 2, offsetBytes: 512)),
     .commitSave(CommitSave(step: 1200, checksums: [1, 2, 3], gradientNorm: 0.731, metadata: Array("loader=5512".utf8))),
     .commitSave(CommitSave(step: 1201)),
-    .saveAccepted(SaveAccepted(step: 1200, state: .sealing)),
+    .saveAccepted(SaveAccepted(step: 1200)),
     .abortSave(StepRequest(step: 1201)),
     .latestCommitted,
     .latestCommittedReply(LatestCommittedReply(step: 1199)),
@@ -40,10 +40,10 @@ let samples: [Message] = [
         jobs: [JobStatus(job: job, world: 16, localRanks: 8, steps: [StepStatus(step: 1199, committed: true, completeRanks: 8, bytes: 1 << 32)])],
         counters: [StatusCounter(name: "peers_declared_dead", value: 3), StatusCounter(name: "connections_refused", value: 1 << 40)])),
     .fragmentPut(FragmentPut(fragment: fragment, sourceNode: 1, fragmentSizeBytes: 1 << 20, crc32c: 99)),
-    .fragmentAck(FragmentAck(fragment: fragment, holderNode: 2)),
+    .fragmentAck(FragmentAck(fragment: fragment)),
     .fragmentGet(FragmentGet(fragment: fragment)),
     .fragmentData(FragmentData(fragment: fragment, fragmentSizeBytes: 1 << 20, crc32c: 98)),
-    .heartbeat(Heartbeat(nodeID: 0, incarnation: 0x1234_5678_9ABC, liveNodes: [0, 1, 2, 5], needsRebuild: true)),
+    .heartbeat(Heartbeat(nodeID: 0, incarnation: 0x1234_5678_9ABC, needsRebuild: true)),
     .stepReady(StepReady(job: job, step: 7, nodeID: 2, world: 12, dataSizeBytes: 1 << 30, manifests: [[1, 2, 3], []])),
     .stepProtected(StepProtected(job: job, step: 7, nodeID: 2)),
     .stepProtected(StepProtected(job: job, step: 7, nodeID: 2, stable: true)),
@@ -52,7 +52,7 @@ let samples: [Message] = [
     .clusterStateReply(ClusterStateReply(steps: [ClusterStepState(
         job: job, step: 7, committed: true, ready: [StepReady(job: job, step: 7, nodeID: 1, world: 12, dataSizeBytes: 5, manifests: [[9]])],
         protectedNodes: [0, 1])])),
-    .rebuildOrder(RebuildOrder(nodeID: 3, incarnation: 99, coordinator: 0)),
+    .rebuildOrder(RebuildOrder(nodeID: 3, coordinator: 0)),
     .repairRequest(RepairRequest(
         fragment: fragment, fragmentSizeBytes: 64 << 20, sliceSizeBytes: 1 << 20,
         chain: [RepairHop(nodeID: 4, index: 0, coefficient: 0x8E), RepairHop(nodeID: 1, index: 4, coefficient: 1)])),
@@ -234,7 +234,8 @@ struct MalformedInputTests {
     @Test func unknownVersionTypeFlagsReserved() {
         #expect(throws: ProtocolError.unsupportedVersion(1)) { try Frame.decode(resealed(valid) { $0[4] = 1 }) }  // before CheckFree
         #expect(throws: ProtocolError.unsupportedVersion(2)) { try Frame.decode(resealed(valid) { $0[4] = 2 }) }  // before the durable tier
-        #expect(throws: ProtocolError.unsupportedVersion(4)) { try Frame.decode(resealed(valid) { $0[4] = 4 }) }
+        #expect(throws: ProtocolError.unsupportedVersion(3)) { try Frame.decode(resealed(valid) { $0[4] = 3 }) }  // before the dead fields went
+        #expect(throws: ProtocolError.unsupportedVersion(5)) { try Frame.decode(resealed(valid) { $0[4] = 5 }) }
         #expect(throws: ProtocolError.unknownMessageType(200)) { try Frame.decode(resealed(valid) { $0[5] = 200 }) }
         #expect(throws: ProtocolError.unknownFlags(0x8000)) { try Frame.decode(resealed(valid) { put(UInt16(0x8000), at: 6, in: &$0) }) }
         #expect(throws: ProtocolError.nonZeroReserved) { try Frame.decode(resealed(valid) { $0[33] = 1 }) }

@@ -13,6 +13,37 @@ struct WireEncodingTests {
         "\(message.type.rawValue) " + message.encodedPayload().map { String($0, radix: 16).leftPadded(to: 2) }.joined()
     }
 
+    /// Every message type is carried by exactly one payload struct, a
+    /// ``WirePayload`` that names that type, or by none; the two that share
+    /// one (``StepRequest``) and the four without one are the known ones; no
+    /// two types share a code.
+    @Test func everyMessageTypeHasOnePayloadMapping() {
+        #expect(Set(MessageType.allCases.map(\.rawValue)).count == MessageType.allCases.count, "type codes are unique")
+        var payloadTypes: [MessageType: Set<ObjectIdentifier>] = [:]
+        var typesOfPayload: [ObjectIdentifier: Set<MessageType>] = [:]
+        var payloadless: Set<MessageType> = []
+        for message in samples {
+            guard let payload = message.payload else {
+                payloadless.insert(message.type)
+                payloadTypes[message.type, default: []].insert(ObjectIdentifier(Void.self))
+                continue
+            }
+            let swiftType = ObjectIdentifier(Swift.type(of: payload))
+            payloadTypes[message.type, default: []].insert(swiftType)
+            typesOfPayload[swiftType, default: []].insert(message.type)
+            if let wirePayload = payload as? any WirePayload {
+                #expect(Swift.type(of: wirePayload).type == message.type, "\(message.type) carries \(Swift.type(of: payload))")
+            } else {
+                #expect(payload is StepRequest, "\(message.type) carries \(Swift.type(of: payload)), which names no type")
+            }
+        }
+        #expect(Set(payloadTypes.keys) == Set(MessageType.allCases), "every type has a sample")
+        for (type, kinds) in payloadTypes { #expect(kinds.count == 1, "\(type) is carried by \(kinds.count) payload types") }
+        #expect(typesOfPayload[ObjectIdentifier(StepRequest.self)] == [.abortSave, .releaseRestore])
+        for (kind, types) in typesOfPayload where kind != ObjectIdentifier(StepRequest.self) { #expect(types.count == 1, "\(types)") }
+        #expect(payloadless == [.latestCommitted, .recover, .clusterStatus, .ok])
+    }
+
     @Test func everySampleEncodesAsRecorded() {
         #expect(recordedPayloads.count == samples.count)
         for (index, (message, recorded)) in zip(samples, recordedPayloads).enumerated() {

@@ -54,7 +54,7 @@ extension ClusterNode {
 
     private func ownHeartbeat(_ cluster: inout ClusterState, _ store: SnapshotStore) -> Heartbeat {
         let needsRebuild = !cluster.discovered || cluster.refreshRebuildNeed(store: store) > 0
-        return Heartbeat(nodeID: selfID, incarnation: incarnation, liveNodes: cluster.monitor.liveNodes, needsRebuild: needsRebuild)
+        return Heartbeat(nodeID: selfID, incarnation: incarnation, needsRebuild: needsRebuild)
     }
 
     private func observe(_ beat: Heartbeat) {
@@ -80,12 +80,12 @@ extension ClusterNode {
                 logger.notice("this node is now the coordinator (lowest live node id)")
             case .coordinatorChanged(let node):
                 logger.notice("coordinator changed", metadata: ["coordinator": "\(node)"])
-            case .orderRebuild(let node, let incarnation):
+            case .orderRebuild(let node, _):
                 logger.notice("coordinator orders a rebuild", metadata: ["target": "\(node)"])
                 if node == selfID {
                     beginRebuild()
                 } else {
-                    let order = RebuildOrder(nodeID: node, incarnation: incarnation, coordinator: selfID)
+                    let order = RebuildOrder(nodeID: node, coordinator: selfID)
                     controlPool.submit { [self] in
                         _ = try? mesh.request(node, .control, .rebuildOrder(order), timeoutMilliseconds: heartbeatTimeoutMilliseconds)
                     }

@@ -146,7 +146,7 @@ extension ClusterNode {
         if let segment {
             try fold(put, key: key, row: row, from: buffer.baseAddress!, into: segment)
         }
-        return .fragmentAck(FragmentAck(fragment: id, holderNode: selfID))
+        return .fragmentAck(FragmentAck(fragment: id))
     }
 
     /// Folds a checked fragment into its parity, once; seals the parity when

@@ -231,7 +231,7 @@ final class Session {
             logger.debug("peer connected")
         }
         role = hello.role
-        reply(.welcome(Welcome(nodeID: server.configuration.nodeID, daemonVersion: SnapshotServer.version)), to: requestID)
+        reply(.welcome(Welcome(nodeID: server.configuration.nodeID)), to: requestID)
     }
 
     // MARK: Saving
@@ -271,7 +271,7 @@ final class Session {
         let key = ShardKey(job: job!, step: m.step, rank: rank)
         try server.commitSave(session: id, key: key, checksums: m.checksums, gradientNorm: m.gradientNorm, metadata: m.metadata, received: received)
         if let started = stagingStarts.removeValue(forKey: key) { server.metrics.recordSaveStaging(seconds: (received - started).seconds) }
-        reply(.saveAccepted(SaveAccepted(step: m.step, state: .sealing)), to: requestID)
+        reply(.saveAccepted(SaveAccepted(step: m.step)), to: requestID)
     }
 
     /// A save begun: its staging is timed from when its beginSave arrived

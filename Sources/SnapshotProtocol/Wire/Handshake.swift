@@ -81,22 +81,14 @@ public struct Hello: WirePayload {
     }
 }
 
+/// The daemon's node id (a peer checks it is the node it dialled). Its
+/// version is in ``StatusReply``.
 public struct Welcome: WirePayload {
     public static let type = MessageType.welcome
     public var nodeID: NodeID
-    public var daemonVersion: String
-    public init(nodeID: NodeID, daemonVersion: String) {
-        self.nodeID = nodeID
-        self.daemonVersion = daemonVersion
-    }
+    public init(nodeID: NodeID) { self.nodeID = nodeID }
 
-    public func encode(into w: inout ByteWriter) {
-        w.write(nodeID)
-        w.write(daemonVersion)
-    }
+    public func encode(into w: inout ByteWriter) { w.write(nodeID) }
 
-    public init(from r: inout ByteReader) throws(ProtocolError) {
-        nodeID = try r.read(NodeID.self, "nodeID")
-        daemonVersion = try r.readString("daemonVersion", limitBytes: ProtocolLimits.maximumNameBytes)
-    }
+    public init(from r: inout ByteReader) throws(ProtocolError) { nodeID = try r.read(NodeID.self, "nodeID") }
 }

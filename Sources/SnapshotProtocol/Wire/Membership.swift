@@ -8,28 +8,24 @@ public struct Heartbeat: WirePayload {
     /// Incarnation of the sender: changes on every daemon start, so a node that
     /// came back is told apart from one that never left.
     public var incarnation: UInt64
-    public var liveNodes: [NodeID]
     /// The sender holds less than the cluster committed for it (a replacement
     /// or a node restarted on an empty arena) and waits for a rebuild order.
     public var needsRebuild: Bool
-    public init(nodeID: NodeID, incarnation: UInt64, liveNodes: [NodeID], needsRebuild: Bool = false) {
+    public init(nodeID: NodeID, incarnation: UInt64, needsRebuild: Bool = false) {
         self.nodeID = nodeID
         self.incarnation = incarnation
-        self.liveNodes = liveNodes
         self.needsRebuild = needsRebuild
     }
 
     public func encode(into w: inout ByteWriter) {
         w.write(nodeID)
         w.write(incarnation)
-        w.write(list: liveNodes)
         w.write(needsRebuild)
     }
 
     public init(from r: inout ByteReader) throws(ProtocolError) {
         nodeID = try r.read(NodeID.self, "nodeID")
         incarnation = try r.read(UInt64.self, "incarnation")
-        liveNodes = try r.readNodeList("liveNodes")
         needsRebuild = try r.readBool("needsRebuild")
     }
 }

@@ -61,24 +61,15 @@ public struct FragmentPut: WirePayload {
     }
 }
 
+/// A parity holder has folded `fragment` in (the reply to its fragmentPut).
 public struct FragmentAck: WirePayload {
     public static let type = MessageType.fragmentAck
     public var fragment: FragmentID
-    public var holderNode: NodeID
-    public init(fragment: FragmentID, holderNode: NodeID) {
-        self.fragment = fragment
-        self.holderNode = holderNode
-    }
+    public init(fragment: FragmentID) { self.fragment = fragment }
 
-    public func encode(into w: inout ByteWriter) {
-        w.write(fragment)
-        w.write(holderNode)
-    }
+    public func encode(into w: inout ByteWriter) { w.write(fragment) }
 
-    public init(from r: inout ByteReader) throws(ProtocolError) {
-        fragment = try FragmentID(from: &r)
-        holderNode = try r.read(NodeID.self, "holderNode")
-    }
+    public init(from r: inout ByteReader) throws(ProtocolError) { fragment = try FragmentID(from: &r) }
 }
 
 public struct FragmentGet: WirePayload {

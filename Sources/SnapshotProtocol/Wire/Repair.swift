@@ -6,23 +6,19 @@
 public struct RebuildOrder: WirePayload {
     public static let type = MessageType.rebuildOrder
     public var nodeID: NodeID
-    public var incarnation: UInt64
     public var coordinator: NodeID
-    public init(nodeID: NodeID, incarnation: UInt64, coordinator: NodeID) {
+    public init(nodeID: NodeID, coordinator: NodeID) {
         self.nodeID = nodeID
-        self.incarnation = incarnation
         self.coordinator = coordinator
     }
 
     public func encode(into w: inout ByteWriter) {
         w.write(nodeID)
-        w.write(incarnation)
         w.write(coordinator)
     }
 
     public init(from r: inout ByteReader) throws(ProtocolError) {
         nodeID = try r.read(NodeID.self, "nodeID")
-        incarnation = try r.read(UInt64.self, "incarnation")
         coordinator = try r.read(NodeID.self, "coordinator")
     }
 }

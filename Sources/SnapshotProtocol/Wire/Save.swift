@@ -109,24 +109,16 @@ public struct CommitSave: WirePayload {
     }
 }
 
+/// The shard's bytes are the daemon's: sealing (checksums, protection) goes
+/// on in the background, and status reports how far it got.
 public struct SaveAccepted: WirePayload {
     public static let type = MessageType.saveAccepted
     public var step: Step
-    public var state: ShardState
-    public init(step: Step, state: ShardState) {
-        self.step = step
-        self.state = state
-    }
+    public init(step: Step) { self.step = step }
 
-    public func encode(into w: inout ByteWriter) {
-        w.write(step)
-        w.write(state.rawValue)
-    }
+    public func encode(into w: inout ByteWriter) { w.write(step) }
 
-    public init(from r: inout ByteReader) throws(ProtocolError) {
-        step = try r.read(Step.self, "step")
-        state = try r.readEnum(ShardState.self, "state")
-    }
+    public init(from r: inout ByteReader) throws(ProtocolError) { step = try r.read(Step.self, "step") }
 }
 
 /// The payload of two messages: abortSave and releaseRestore (``Message``

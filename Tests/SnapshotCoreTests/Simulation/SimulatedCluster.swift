@@ -309,7 +309,7 @@ final class SimulatedCluster {
     private func tick(_ id: NodeID) {
         let index = Int(id)
         refreshNeed(id)
-        let beat = Heartbeat(nodeID: id, incarnation: nodes[index].incarnation, liveNodes: nodes[index].monitor.liveNodes, needsRebuild: nodes[index].needsRebuild)
+        let beat = Heartbeat(nodeID: id, incarnation: nodes[index].incarnation, needsRebuild: nodes[index].needsRebuild)
         for peer in configuration.nodeIDs where peer != id { send(.control(.heartbeat(beat)), from: id, to: peer) }
         perform(nodes[index].monitor.handle(.tick(nowMilliseconds: now)), at: id)
         execute(nodes[index].machine.tick(nowMilliseconds: now, liveNodes: Set(nodes[index].monitor.liveNodes), store: nodes[index].store), at: id)
@@ -332,7 +332,7 @@ final class SimulatedCluster {
                 // Invariant: only the coordinator (the lowest node id that is really up) decides.
                 let lower = configuration.nodeIDs.filter { $0 < id && nodes[Int($0)].isUp && !nodes[Int($0)].isFrozen(at: now) && (lastUnavailableMilliseconds[$0] ?? -1) < now - configuration.failureTimeoutMilliseconds - 200 }
                 if !lower.isEmpty { violations.append("node \(id) ordered a rebuild of node \(target) at \(now) ms while node \(lower[0]) was up throughout") }
-                if target == id { orderRebuild(id) } else { send(.control(.rebuildOrder(RebuildOrder(nodeID: target, incarnation: 0, coordinator: id))), from: id, to: target) }
+                if target == id { orderRebuild(id) } else { send(.control(.rebuildOrder(RebuildOrder(nodeID: target, coordinator: id))), from: id, to: target) }
             case .declaredAlive, .becameCoordinator, .coordinatorChanged, .beyondTolerance, .resumedAfterPause:
                 break
             }
