@@ -403,3 +403,22 @@ struct RandomizedInputTests {
         try Data([message.type.rawValue] + message.encodedPayload()).write(to: URL(fileURLWithPath: "\(directory)/payload-\(index)-\(message.type.rawValue)"))
     }
 }
+
+/// The smallest valid encodings decode: a list's minimum element size is what
+/// its element takes when every variable part is empty, never more (a larger
+/// minimum refused real replies: a node with an empty note, a verify note "").
+@Suite("Smallest valid messages")
+struct SmallestValidMessageTests {
+    @Test(arguments: [
+        Message.clusterStatusReply(ClusterStatusReply(coordinator: 0, nodes: (0..<3).map {
+            NodeSummary(node: $0, state: .alive, isCoordinator: $0 == 0, usedBytes: 0, budgetBytes: 0, quarantinedFiles: 0, note: "")
+        }, groups: [])),
+        Message.verifyReply(VerifyReply(nodes: [NodeVerification(node: 1, answered: true, problems: [""], notes: ["", ""])])),
+    ])
+    func roundTrips(message: Message) throws {
+        let bytes = try Frame.encode(message, requestID: 7)
+        let (_, decoded, consumed) = try Frame.decode(bytes)
+        #expect(decoded == message)
+        #expect(consumed == bytes.count)
+    }
+}

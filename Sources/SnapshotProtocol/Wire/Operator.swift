@@ -275,7 +275,7 @@ public struct ClusterStatusReply: WirePayload {
 
     public init(from r: inout ByteReader) throws(ProtocolError) {
         coordinator = try r.read(NodeID.self, "coordinator")
-        nodes = try r.readList("nodes", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 34)
+        nodes = try r.readList("nodes", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 32)  // 4 + 1 + 1 + 8 + 8 + 8, and an empty note's length
         groups = try r.readList("groups", limit: ProtocolLimits.maximumListEntries, minimumElementBytes: 20)
     }
 }

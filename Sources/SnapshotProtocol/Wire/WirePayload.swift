@@ -67,7 +67,7 @@ extension ByteReader {
     /// ``ProtocolLimits/maximumProblemsPerNode``, each up to
     /// ``ProtocolLimits/maximumMessageBytes``, empty allowed.
     public mutating func readStrings(_ field: String) throws(ProtocolError) -> [String] {
-        let count = try readCount(field, limit: ProtocolLimits.maximumProblemsPerNode, minimumElementBytes: 4)
+        let count = try readCount(field, limit: ProtocolLimits.maximumProblemsPerNode, minimumElementBytes: 2)  // a UInt16 length and no bytes: an empty string
         var strings: [String] = []
         for _ in 0..<count { strings.append(try readString(field, limitBytes: ProtocolLimits.maximumMessageBytes, allowEmpty: true)) }
         return strings
