@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed")
 if not torch.cuda.is_available():
-    pytest.skip("no CUDA device: the CUDA path is checked on a GPU machine (docs/python.md, "CUDA")", allow_module_level=True)
+    pytest.skip("no CUDA device: the CUDA path is checked on a GPU machine (docs/python.md, 'CUDA tensors')", allow_module_level=True)
 
 import snapshotd.torch as snapshot_torch  # noqa: E402
 from snapshotd import Client  # noqa: E402
